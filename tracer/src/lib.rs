@@ -1,0 +1,12 @@
+//! tracer: which native call stacks hold the memory a process allocated and did not free.
+//!
+//! The flow is one way: `probe` (backends that attach to a process and produce snapshots)
+//! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
+//! (text, JSON). `record` runs it; `target` finds and launches processes.
+pub mod aggregate;
+pub mod options;
+pub mod probe;
+pub mod record;
+pub mod report;
+pub mod symbolize;
+pub mod target;

@@ -1,0 +1,319 @@
+//! The eBPF backend: loads the programs of tracer-ebpf, attaches them to one process's C
+//! library, and reads the in-kernel totals back as [`Snapshot`]s.
+use std::{
+    collections::HashMap as StdHashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use tracer_common::{AllocKind, STACK_LOST, StackBuf, StackStats, cookie, counter};
+
+use super::{Counters, Snapshot, StackSample, libc, placement};
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+
+/// Allocating functions, by the symbol we look for, and what the probe must read for each.
+const ALLOCATORS: &[(&str, AllocKind)] = &[
+    ("malloc", AllocKind::Malloc),
+    ("calloc", AllocKind::Calloc),
+    ("realloc", AllocKind::Realloc),
+    ("reallocarray", AllocKind::Reallocarray),
+    ("posix_memalign", AllocKind::PosixMemalign),
+    ("aligned_alloc", AllocKind::Memalign),
+    ("memalign", AllocKind::Memalign),
+    ("valloc", AllocKind::Valloc),
+    ("pvalloc", AllocKind::Pvalloc),
+];
+const REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "free"];
+const OPTIONAL: &[&str] = &[
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("load BPF programs")]
+    Load(#[source] aya::EbpfError),
+    #[error("load BPF program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attach uprobe {what} at {path}+{offset:#x}")]
+    Attach {
+        what: String,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Libc(#[from] libc::LibcError),
+}
+
+/// Sizes of the kernel-side tables.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Live blocks tracked at once.
+    pub max_live: u32,
+    /// Distinct stacks kept.
+    pub max_stacks: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_live: 512 * 1024,
+            max_stacks: 64 * 1024,
+        }
+    }
+}
+
+/// One attached probe, for the record.
+#[derive(Clone, Debug)]
+pub struct ProbeSite {
+    pub function: &'static str,
+    pub offset: u64,
+    pub emulated: bool,
+    pub returns: bool,
+}
+
+pub struct EbpfProbes {
+    ebpf: Ebpf,
+    stacks: StdHashMap<u64, Vec<u64>>,
+    pub sites: Vec<ProbeSite>,
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, EbpfError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+    prog.try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+impl EbpfProbes {
+    /// Loads the programs and attaches them to the C library at `libc_path` (a path this
+    /// process can open, e.g. through /proc/PID/root) for process `pid` only.
+    pub fn attach(pid: NonZeroU32, libc_path: &Path, limits: Limits) -> Result<Self, EbpfError> {
+        let functions = libc::functions(libc_path, REQUIRED, OPTIONAL)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("LIVE", limits.max_live)
+            .map_max_entries("STATS", limits.max_stacks)
+            .map_max_entries("STACKS", limits.max_stacks)
+            .load(PROGRAMS)
+            .map_err(EbpfError::Load)?;
+
+        {
+            // Allocations whose stack is lost still count, under this key; it must exist
+            // before the first probe fires, since the kernel side cannot create it when the
+            // stats map is full.
+            let map = ebpf.map_mut("STATS").ok_or(EbpfError::Map {
+                name: "STATS",
+                source: aya::maps::MapError::InvalidName { name: "STATS".into() },
+            })?;
+            let mut stats: HashMap<&mut MapData, u64, StackStats> =
+                HashMap::try_from(map).map_err(|source| EbpfError::Map { name: "STATS", source })?;
+            stats
+                .insert(STACK_LOST, StackStats::default(), 0)
+                .map_err(|source| EbpfError::Map { name: "STATS", source })?;
+        }
+
+        for name in ["tr_alloc_exit", "tr_alloc_enter", "tr_free"] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+
+        // One probe per address: aligned_alloc and memalign are one function in glibc.
+        let mut sites: Vec<(&'static str, AllocKind, u64)> = Vec::new();
+        for &(name, kind) in ALLOCATORS {
+            if let Some(f) = functions.get(name) {
+                if !sites.iter().any(|s| s.2 == f.file_offset) {
+                    sites.push((name, kind, f.file_offset));
+                }
+            }
+        }
+        let scope = UProbeScope::OneProcess(pid);
+        let mut attached = Vec::new();
+        let attach_err = |what: &str, offset: u64| {
+            let path = libc_path.to_owned();
+            let what = what.to_owned();
+            move |source| EbpfError::Attach { what, path, offset, source }
+        };
+
+        // Return probes first: a return seen without its entry is harmless (counted as an
+        // orphan), an entry without its return would leave a thread's call pending.
+        // Entry and return probes share the function's first instruction, where the return
+        // address is on top of the stack, so each call takes one trap, not two.
+        for &(name, _, offset) in &sites {
+            program(&mut ebpf, "tr_alloc_exit")?
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), libc_path, scope)
+                .map_err(attach_err(&format!("{name} (return)"), offset))?;
+        }
+        let free = &functions["free"];
+        let free_at = placement::entry_placement(&free.prologue);
+        program(&mut ebpf, "tr_free")?
+            .attach(
+                UProbeAttachLocation::AbsoluteOffset(free.file_offset + free_at.offset),
+                libc_path,
+                scope,
+            )
+            .map_err(attach_err("free", free.file_offset + free_at.offset))?;
+        attached.push(ProbeSite {
+            function: "free",
+            offset: free_at.offset,
+            emulated: free_at.emulated,
+            returns: false,
+        });
+        for &(name, kind, offset) in &sites {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(cookie(kind, 0)),
+            };
+            program(&mut ebpf, "tr_alloc_enter")?
+                .attach(point, libc_path, scope)
+                .map_err(attach_err(name, offset))?;
+            attached.push(ProbeSite {
+                function: name,
+                offset: 0,
+                emulated: placement::is_emulated(&functions[name].prologue),
+                returns: true,
+            });
+        }
+        Ok(EbpfProbes {
+            ebpf,
+            stacks: StdHashMap::new(),
+            sites: attached,
+        })
+    }
+
+    /// Reads the current per-stack totals and counters.
+    pub fn snapshot(&mut self) -> Result<Snapshot, EbpfError> {
+        let map_err = |name: &'static str| move |source| EbpfError::Map { name, source };
+        let missing = |name: &'static str| EbpfError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        };
+
+        let stats: HashMap<&MapData, u64, StackStats> =
+            HashMap::try_from(self.ebpf.map("STATS").ok_or_else(|| missing("STATS"))?)
+                .map_err(map_err("STATS"))?;
+        let mut rows = Vec::new();
+        for item in stats.iter() {
+            let (id, s) = item.map_err(map_err("STATS"))?;
+            rows.push((id, s));
+        }
+
+        let stack_map: HashMap<&MapData, u64, StackBuf> =
+            HashMap::try_from(self.ebpf.map("STACKS").ok_or_else(|| missing("STACKS"))?)
+                .map_err(map_err("STACKS"))?;
+        let mut stacks = Vec::with_capacity(rows.len());
+        for (id, s) in rows {
+            if id != STACK_LOST && !self.stacks.contains_key(&id) {
+                if let Ok(buf) = stack_map.get(&id, 0) {
+                    self.stacks.insert(id, clean_frames(&buf));
+                }
+            }
+            stacks.push(StackSample {
+                id,
+                frames: self.stacks.get(&id).cloned().unwrap_or_default(),
+                live_bytes: s.live_bytes,
+                live_allocs: s.live_allocs,
+                alloc_bytes: s.alloc_bytes,
+                allocs: s.allocs,
+            });
+        }
+
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| missing("COUNTERS"))?)
+                .map_err(map_err("COUNTERS"))?;
+        let mut sums = [0u64; counter::COUNT as usize];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let per_cpu = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
+            *sum = per_cpu.iter().sum();
+        }
+        let c = |i: u32| sums[i as usize];
+        Ok(Snapshot {
+            stacks,
+            counters: Counters {
+                frees: c(counter::FREES),
+                unmatched_frees: c(counter::UNMATCHED_FREES),
+                failed_allocs: c(counter::FAILED_ALLOCS),
+                dropped: vec![
+                    ("pending_map_full", c(counter::DROP_PENDING_FULL)),
+                    ("live_map_full", c(counter::DROP_LIVE_FULL)),
+                    ("stats_map_full", c(counter::DROP_STATS_FULL)),
+                    ("stack_map_full", c(counter::DROP_STACK_MAP_FULL)),
+                    ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
+                    ("missed_frees", c(counter::STALE_LIVE)),
+                    ("orphan_returns", c(counter::ORPHAN_RETURNS)),
+                ],
+            },
+        })
+    }
+}
+
+/// Frames of a kernel stack record, leaf first. Slot 1 holds the return address read at the
+/// probe; when the kernel's own walk already included it (probes on `push %rbp` or
+/// `endbr64`), slot 2 repeats it and one copy goes. A zero slot 1 (unreadable stack) goes too.
+fn clean_frames(buf: &StackBuf) -> Vec<u64> {
+    let len = (buf.len as usize).min(buf.frames.len());
+    let mut frames = buf.frames[..len].to_vec();
+    if frames.len() > 2 && frames[1] == frames[2] {
+        frames.remove(2);
+    }
+    if frames.len() > 1 && frames[1] == 0 {
+        frames.remove(1);
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::MAX_FRAMES;
+
+    fn buf(frames: &[u64]) -> StackBuf {
+        let mut b = StackBuf { len: frames.len() as u64, frames: [0; MAX_FRAMES] };
+        b.frames[..frames.len()].copy_from_slice(frames);
+        b
+    }
+
+    #[test]
+    fn caller_recovered_by_the_probe_is_kept() {
+        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x30])), vec![0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn caller_also_found_by_the_kernel_appears_once() {
+        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x20, 0x30])), vec![0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn unreadable_caller_is_dropped() {
+        assert_eq!(clean_frames(&buf(&[0x10, 0, 0x30])), vec![0x10, 0x30]);
+    }
+}

@@ -1,0 +1,440 @@
+//! The process being traced: checks on a pid given by the user, and launching a command
+//! held at its start until the probes are in place.
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::Command,
+    sync::mpsc::{self, Receiver, Sender},
+    thread,
+    time::Duration,
+};
+
+use nix::{
+    sys::{
+        ptrace,
+        signal::Signal,
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+use object::{Object as _, read::elf::ProgramHeader as _};
+
+use crate::{probe::libc::find_libc, symbolize::maps::ProcMaps};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    #[error("pid {0} is a kernel thread: it has no user memory to trace")]
+    KernelThread(u32),
+    #[error("pid {0} is a zombie: it has exited and has no memory left to trace")]
+    Zombie(u32),
+    #[error("{what} is statically linked: there is no shared C library whose allocator could be probed")]
+    StaticBinary { what: String },
+    #[error("{what} maps no C library (libc.so): nothing to probe")]
+    NoLibc { what: String },
+    #[error("cannot run {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} exited before it loaded its C library (status {status})")]
+    ExitedEarly { command: String, status: i32 },
+    #[error("ptrace {what} on pid {pid}")]
+    Ptrace {
+        what: &'static str,
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(transparent)]
+    Maps(#[from] crate::symbolize::maps::MapsError),
+}
+
+/// What we know of a live process.
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub command: String,
+}
+
+/// `PF_KTHREAD` in the flags field of /proc/PID/stat.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Fields of /proc/PID/stat after the command name: state, then the numbers.
+fn stat_fields(pid: u32) -> Option<(String, Vec<String>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command is in parentheses and may itself contain ") ".
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    let rest = stat[close + 1..].split_whitespace().map(str::to_owned).collect();
+    Some((comm, rest))
+}
+
+/// Checks that `pid` names a live user process and returns its command name.
+pub fn inspect(pid: u32) -> Result<ProcessInfo, TargetError> {
+    let (comm, fields) = stat_fields(pid).ok_or(TargetError::NoSuchProcess(pid))?;
+    let state = fields.first().map(String::as_str).unwrap_or("");
+    if state == "Z" || state == "X" {
+        return Err(TargetError::Zombie(pid));
+    }
+    // After the state: ppid pgrp session tty_nr tpgid flags.
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        return Err(TargetError::KernelThread(pid));
+    }
+    let command = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| {
+            let first = c.split(|b| *b == 0).next()?.to_vec();
+            let first = String::from_utf8_lossy(&first).into_owned();
+            let base = Path::new(&first).file_name()?.to_string_lossy().into_owned();
+            (!base.is_empty()).then_some(base)
+        })
+        .unwrap_or(comm);
+    Ok(ProcessInfo { pid, command })
+}
+
+/// Whether the process is still there and not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|(_, f)| !matches!(f.first().map(String::as_str), Some("Z" | "X")))
+}
+
+/// Whether the ELF file at `path` asks for a dynamic loader (PT_INTERP).
+fn is_dynamic(path: &Path) -> bool {
+    let Ok(data) = std::fs::read(path) else { return true };
+    match object::File::parse(&*data) {
+        Ok(object::File::Elf64(elf)) => elf
+            .elf_program_headers()
+            .iter()
+            .any(|ph| ph.p_type(elf.endian()) == object::elf::PT_INTERP),
+        Ok(file) => file.kind() == object::ObjectKind::Dynamic,
+        Err(_) => true,
+    }
+}
+
+/// The C library `pid` maps, as the process sees its path.
+pub fn libc_of(pid: u32, maps: &ProcMaps, command: &str) -> Result<String, TargetError> {
+    if let Some(libc) = find_libc(maps) {
+        return Ok(libc);
+    }
+    let what = format!("pid {pid} ({command})");
+    if !is_dynamic(Path::new(&format!("/proc/{pid}/exe"))) {
+        return Err(TargetError::StaticBinary { what });
+    }
+    Err(TargetError::NoLibc { what })
+}
+
+/// Exit status of a process as a shell reports it: the code, or 128 + the signal.
+fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// What the launcher thread reports.
+#[derive(Debug)]
+pub enum LaunchEvent {
+    /// The process is exiting; its memory map, read just before it goes.
+    Exiting(String),
+    /// The process is gone, with this exit status.
+    Exited(i32),
+}
+
+enum Control {
+    /// Probes are attached: let the process run.
+    Release,
+    /// Recording is over: stop tracing the process, let it run on by itself.
+    Detach,
+}
+
+/// A command started by the tracer. Its one thread of ptrace control lives in a helper
+/// thread, since ptrace requests must come from the thread that attached.
+pub struct Launched {
+    pub info: ProcessInfo,
+    /// The C library it maps, as the process sees the path.
+    pub libc: String,
+    /// Its memory map when the C library appeared.
+    pub maps: ProcMaps,
+    control: Sender<Control>,
+    pub events: Receiver<LaunchEvent>,
+}
+
+/// Syscalls we let a new process make while waiting for its C library to be mapped.
+const MAX_LOADER_SYSCALLS: usize = 20_000;
+
+impl Launched {
+    /// Starts `argv` stopped at its first instruction, follows the dynamic loader until the
+    /// C library is mapped, and returns with the process stopped there.
+    pub fn start(argv: &[OsString]) -> Result<Launched, TargetError> {
+        let command = argv
+            .first()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (setup_tx, setup_rx) = mpsc::channel();
+        let (control_tx, control_rx) = mpsc::channel();
+        let (event_tx, event_rx) = mpsc::channel();
+        let argv = argv.to_vec();
+        thread::Builder::new()
+            .name("launcher".into())
+            .spawn(move || launcher(argv, setup_tx, control_rx, event_tx))
+            .map_err(|source| TargetError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        let (info, libc, maps) = setup_rx.recv().unwrap_or_else(|_| {
+            Err(TargetError::ExitedEarly {
+                command: command.clone(),
+                status: -1,
+            })
+        })?;
+        Ok(Launched {
+            info,
+            libc,
+            maps,
+            control: control_tx,
+            events: event_rx,
+        })
+    }
+
+    /// Lets the process run; from here on it is traced only to catch its exit.
+    pub fn release(&self) {
+        let _ = self.control.send(Control::Release);
+    }
+
+    /// Stops tracing; the process runs on untouched.
+    pub fn detach(&self) {
+        let _ = self.control.send(Control::Detach);
+    }
+}
+
+type Setup = Result<(ProcessInfo, String, ProcMaps), TargetError>;
+
+fn launcher(
+    argv: Vec<OsString>,
+    setup: Sender<Setup>,
+    control: Receiver<Control>,
+    events: Sender<LaunchEvent>,
+) {
+    let command = argv[0].to_string_lossy().into_owned();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: traceme is a single async-signal-safe syscall.
+    unsafe {
+        cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
+    }
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(source) => {
+            let _ = setup.send(Err(TargetError::Spawn { command, source }));
+            return;
+        }
+    };
+    let pid_u32 = child.id();
+    let pid = Pid::from_raw(pid_u32 as i32);
+    let ptrace_err = |what| move |source| TargetError::Ptrace { what, pid: pid_u32, source };
+    let kill = || {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+    };
+
+    // Stopped at exec: only the program and the dynamic loader are mapped.
+    match waitpid(pid, None) {
+        Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => {}
+        Ok(status) => {
+            let _ = setup.send(Err(TargetError::ExitedEarly {
+                command,
+                status: exit_code(status).unwrap_or(-1),
+            }));
+            return;
+        }
+        Err(e) => {
+            let _ = setup.send(Err(ptrace_err("wait for exec")(e)));
+            kill();
+            return;
+        }
+    }
+    if !is_dynamic(Path::new(&format!("/proc/{pid_u32}/exe"))) {
+        let _ = setup.send(Err(TargetError::StaticBinary { what: command }));
+        kill();
+        return;
+    }
+    // EXITKILL: should the tracer die during set-up, the half-started command goes too.
+    if let Err(e) = ptrace::setoptions(
+        pid,
+        ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+    ) {
+        let _ = setup.send(Err(ptrace_err("set options")(e)));
+        kill();
+        return;
+    }
+
+    // Follow the loader's system calls until the C library is mapped. Uprobes placed on
+    // its file then reach every later mapping of it in this process, before any of its
+    // code runs.
+    let mut found = None;
+    for _ in 0..MAX_LOADER_SYSCALLS {
+        if let Err(e) = ptrace::syscall(pid, None) {
+            let _ = setup.send(Err(ptrace_err("syscall")(e)));
+            kill();
+            return;
+        }
+        match waitpid(pid, None) {
+            Ok(WaitStatus::PtraceSyscall(_)) => {
+                let Ok(regs) = ptrace::getregs(pid) else { continue };
+                let is_exit = regs.rax as i64 != -(libc::ENOSYS as i64);
+                if regs.orig_rax == libc::SYS_mmap as u64 && is_exit {
+                    let Ok(maps) = ProcMaps::read(pid_u32) else { continue };
+                    if let Some(libc) = find_libc(&maps) {
+                        found = Some((libc, maps));
+                        break;
+                    }
+                }
+            }
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                // A signal before main: deliver it on the next resume.
+                let _ = ptrace::syscall(pid, sig);
+                let _ = waitpid(pid, None);
+            }
+            Ok(status) => {
+                let _ = setup.send(Err(TargetError::ExitedEarly {
+                    command,
+                    status: exit_code(status).unwrap_or(-1),
+                }));
+                return;
+            }
+            Err(e) => {
+                let _ = setup.send(Err(ptrace_err("wait")(e)));
+                kill();
+                return;
+            }
+        }
+    }
+    let Some((libc, maps)) = found else {
+        let _ = setup.send(Err(TargetError::NoLibc { what: command }));
+        kill();
+        return;
+    };
+    let info = inspect(pid_u32).unwrap_or(ProcessInfo {
+        pid: pid_u32,
+        command: command.clone(),
+    });
+    if setup.send(Ok((info, libc, maps))).is_err() {
+        kill();
+        return;
+    }
+
+    // Wait for the probes. If the tracer gives up instead, the command goes.
+    match control.recv() {
+        Ok(Control::Release) => {}
+        _ => {
+            kill();
+            return;
+        }
+    }
+    if ptrace::detach(pid, None).is_err() {
+        follow_untraced(pid, &events);
+        return;
+    }
+    // Seize again, only to be told when it exits, while its memory map can still be read.
+    // Seizing does not stop it; signals pass through `follow_traced` unchanged.
+    if ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT).is_err() {
+        follow_untraced(pid, &events);
+        return;
+    }
+    follow_traced(pid, &control, &events);
+}
+
+/// Waits for a child we no longer trace.
+fn follow_untraced(pid: Pid, events: &Sender<LaunchEvent>) {
+    loop {
+        match waitpid(pid, None) {
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    let _ = events.send(LaunchEvent::Exited(code));
+                    return;
+                }
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(_) => {
+                let _ = events.send(LaunchEvent::Exited(-1));
+                return;
+            }
+        }
+    }
+}
+
+const PTRACE_LISTEN: libc::c_uint = 0x4208;
+
+/// Relays the seized process's stops until it exits or we are told to detach.
+fn follow_traced(pid: Pid, control: &Receiver<Control>, events: &Sender<LaunchEvent>) {
+    let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+    loop {
+        if let Ok(Control::Detach) = control.try_recv() {
+            detach_running(pid);
+            follow_untraced(pid, events);
+            return;
+        }
+        let status = match waitpid(pid, Some(flags)) {
+            Ok(WaitStatus::StillAlive) | Err(nix::Error::EINTR) => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Ok(status) => status,
+            Err(_) => {
+                let _ = events.send(LaunchEvent::Exited(-1));
+                return;
+            }
+        };
+        if let Some(code) = exit_code(status) {
+            let _ = events.send(LaunchEvent::Exited(code));
+            return;
+        }
+        match status {
+            WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_EXIT => {
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                let _ = events.send(LaunchEvent::Exiting(maps));
+                let _ = ptrace::cont(pid, None);
+            }
+            WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
+                // Group stop (SIGSTOP and friends): stay stopped, as untraced, until SIGCONT.
+                unsafe { libc::ptrace(PTRACE_LISTEN, pid.as_raw(), 0, 0) };
+            }
+            WaitStatus::Stopped(_, sig) => {
+                // A signal on its way to the process: pass it on unchanged.
+                let _ = ptrace::cont(pid, sig);
+            }
+            _ => {
+                let _ = ptrace::cont(pid, None);
+            }
+        }
+    }
+}
+
+/// Detaches from a seized process that may be running: interrupt, then detach at the stop,
+/// handing back any signal that was being delivered.
+fn detach_running(pid: Pid) {
+    if ptrace::interrupt(pid).is_err() {
+        return;
+    }
+    for _ in 0..100 {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                // A signal-delivery stop came first; detach with the signal.
+                let _ = ptrace::detach(pid, sig);
+                return;
+            }
+            Ok(WaitStatus::PtraceEvent(..)) => {
+                let _ = ptrace::detach(pid, None);
+                return;
+            }
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
