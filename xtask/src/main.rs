@@ -1,0 +1,90 @@
+//! `cargo xtask <command>`: installs the prerequisites, then builds, demos, tests or benchmarks
+//! tracer. Every command needs root: each one starts by installing what is missing.
+
+mod bench;
+mod build;
+mod demo;
+mod prereqs;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands (all need root):
+  prereqs         install what is missing: rust-src (nightly), bpf-linker 0.10.1, gcc, bpftool
+  build           prereqs, then cargo build --release -p tracer; prints the binary's path
+  demo            build, then trace examples/leaky.c with `tracer record --top 10`
+  test            build, then cargo test --release --workspace with TRACER_BIN set
+  bench [PAIRS]   build, then time malloc+free pairs untraced vs traced (target/bench/malloc.md)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = parse(&args) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    if !is_root() {
+        eprintln!(
+            "xtask: `cargo xtask {}` must run as root (it installs packages and loads BPF programs)",
+            args[0]
+        );
+        return ExitCode::from(2);
+    }
+    match run(command) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Command {
+    Prereqs,
+    Build,
+    Demo,
+    Test,
+    Bench { pairs: Option<u64> },
+}
+
+/// `None` means the arguments are not a command we know: print the usage.
+fn parse(args: &[String]) -> Option<Command> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["prereqs"] => Some(Command::Prereqs),
+        ["build"] => Some(Command::Build),
+        ["demo"] => Some(Command::Demo),
+        ["test"] => Some(Command::Test),
+        ["bench"] => Some(Command::Bench { pairs: None }),
+        ["bench", pairs] => Some(Command::Bench {
+            pairs: Some(pairs.parse().ok()?),
+        }),
+        _ => None,
+    }
+}
+
+/// Runs one command; returns the exit code to pass through (demo and test forward the
+/// status of the program they run).
+fn run(command: Command) -> Result<u8> {
+    match command {
+        Command::Prereqs => prereqs::prereqs().map(|()| 0),
+        Command::Build => {
+            let tracer = build::build()?;
+            println!("{}", tracer.display());
+            Ok(0)
+        }
+        Command::Demo => demo::demo(),
+        Command::Test => test::test(),
+        Command::Bench { pairs } => bench::bench(pairs).map(|()| 0),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
