@@ -34,7 +34,7 @@ pub enum TargetError {
     StaticBinary { what: String },
     #[error("{what} maps no C library (libc.so): nothing to probe")]
     NoLibc { what: String },
-    #[error("cannot run {command}: {source}")]
+    #[error("cannot run {command}")]
     Spawn {
         command: String,
         #[source]
@@ -376,8 +376,12 @@ fn follow_traced(pid: Pid, control: &Receiver<Control>, events: &Sender<LaunchEv
     let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
     loop {
         if let Ok(Control::Detach) = control.try_recv() {
-            detach_running(pid);
-            follow_untraced(pid, events);
+            match detach_running(pid) {
+                Some(code) => {
+                    let _ = events.send(LaunchEvent::Exited(code));
+                }
+                None => follow_untraced(pid, events),
+            }
             return;
         }
         let status = match waitpid(pid, Some(flags)) {
@@ -417,24 +421,29 @@ fn follow_traced(pid: Pid, control: &Receiver<Control>, events: &Sender<LaunchEv
 }
 
 /// Detaches from a seized process that may be running: interrupt, then detach at the stop,
-/// handing back any signal that was being delivered.
-fn detach_running(pid: Pid) {
+/// handing back any signal that was being delivered. Returns the exit status instead if the
+/// process exited meanwhile.
+fn detach_running(pid: Pid) -> Option<i32> {
     if ptrace::interrupt(pid).is_err() {
-        return;
+        return None;
     }
     for _ in 0..100 {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
             Ok(WaitStatus::Stopped(_, sig)) => {
                 // A signal-delivery stop came first; detach with the signal.
                 let _ = ptrace::detach(pid, sig);
-                return;
+                return None;
             }
             Ok(WaitStatus::PtraceEvent(..)) => {
                 let _ = ptrace::detach(pid, None);
-                return;
+                return None;
             }
-            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => return,
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                return exit_code(status);
+            }
+            Err(_) => return None,
             Ok(_) => {}
         }
     }
+    None
 }
