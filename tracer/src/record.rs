@@ -14,7 +14,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use crate::{
     aggregate::aggregate,
     options::{Format, RecordOptions, TargetSpec},
-    probe::ebpf::EbpfProbes,
+    probe::{Backend, ebpf::EbpfProbes},
     report::{self, Meta},
     symbolize::{Symbolizer, maps::ProcMaps},
     target::{self, LaunchEvent, Launched},
@@ -117,10 +117,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     };
     warm(&mut symbolizer, &maps);
 
-    let mut probes = EbpfProbes::attach(nz_pid, &libc_host, opts.limits)
-        .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+    let mut probes: Box<dyn Backend> = Box::new(
+        EbpfProbes::attach(nz_pid, &libc_host, opts.limits)
+            .with_context(|| format!("attach to pid {pid} ({})", info.command))?,
+    );
     let slow: Vec<String> = probes
-        .sites
+        .sites()
         .iter()
         .filter(|s| !s.emulated)
         .map(|s| format!("{}+{:#x}", s.function, s.offset))
@@ -128,7 +130,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     eprintln!(
         "tracer: recording pid {pid} ({}): {} probes on {libc}{}",
         info.command,
-        probes.sites.len(),
+        probes.sites().len(),
         if slow.is_empty() {
             String::new()
         } else {
@@ -181,7 +183,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         }
         if let Some(due) = next_interval {
             if Instant::now() >= due {
-                let snapshot = probes.snapshot()?;
+                let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
                 let profile = aggregate(&snapshot, &maps);
                 let meta = Meta {
                     pid,
@@ -199,7 +201,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let duration_ms = start.elapsed().as_millis() as u64;
 
     // Final numbers first, then let the target go before the slower symbolization.
-    let snapshot = probes.snapshot()?;
+    let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
     if exit_code.is_none() {
         if let Ok(m) = ProcMaps::read(pid) {
             maps.update(m);

@@ -16,7 +16,7 @@ use aya::{
 };
 use tracer_common::{AllocKind, STACK_LOST, StackBuf, StackStats, cookie, counter};
 
-use super::{Counters, Snapshot, StackSample, libc, placement};
+use super::{Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement};
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -86,15 +86,6 @@ impl Default for Limits {
             max_stacks: 64 * 1024,
         }
     }
-}
-
-/// One attached probe, for the record.
-#[derive(Clone, Debug)]
-pub struct ProbeSite {
-    pub function: &'static str,
-    pub offset: u64,
-    pub emulated: bool,
-    pub returns: bool,
 }
 
 pub struct EbpfProbes {
@@ -211,7 +202,7 @@ impl EbpfProbes {
     }
 
     /// Reads the current per-stack totals and counters.
-    pub fn snapshot(&mut self) -> Result<Snapshot, EbpfError> {
+    pub fn read(&mut self) -> Result<Snapshot, EbpfError> {
         let map_err = |name: &'static str| move |source| EbpfError::Map { name, source };
         let missing = |name: &'static str| EbpfError::Map {
             name,
@@ -273,6 +264,20 @@ impl EbpfProbes {
                 ],
             },
         })
+    }
+}
+
+impl Backend for EbpfProbes {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sites(&self) -> &[ProbeSite] {
+        &self.sites
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
+        Ok(self.read()?)
     }
 }
 

@@ -35,3 +35,27 @@ pub struct Snapshot {
     pub stacks: Vec<StackSample>,
     pub counters: Counters,
 }
+
+/// Where a probe sits, for the line the tracer prints when it starts.
+#[derive(Clone, Debug)]
+pub struct ProbeSite {
+    pub function: &'static str,
+    /// Bytes from the function's start.
+    pub offset: u64,
+    /// Whether a hit is cheap (emulated by the kernel) or single-stepped.
+    pub emulated: bool,
+    /// Whether the function's return is probed too.
+    pub returns: bool,
+}
+
+pub type ProbeError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A probe backend attached to one process. Dropping it detaches every probe and leaves the
+/// process as it was.
+pub trait Backend {
+    /// Short name for messages: "ebpf", "ptrace".
+    fn name(&self) -> &'static str;
+    fn sites(&self) -> &[ProbeSite];
+    /// The totals so far.
+    fn snapshot(&mut self) -> Result<Snapshot, ProbeError>;
+}

@@ -2,14 +2,17 @@
 //! shape is documented in the README and kept stable.
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::{aggregate::Profile, symbolize::Symbolizer};
+use crate::{
+    aggregate::Profile,
+    symbolize::{FrameKind, Symbolizer},
+};
 
 pub mod json;
 pub mod text;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub pid: u32,
     pub command: String,
@@ -21,7 +24,7 @@ pub struct Report {
     pub stacks_total: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Totals {
     pub live_bytes: u64,
     pub live_allocs: u64,
@@ -33,7 +36,7 @@ pub struct Totals {
     pub dropped: BTreeMap<String, u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stack {
     pub live_bytes: u64,
     pub live_allocs: u64,
@@ -42,12 +45,17 @@ pub struct Stack {
     pub frames: Vec<Frame>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Frame {
     pub address: u64,
     pub module: Option<String>,
     pub offset: u64,
     pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// An inlined function: it shares `address` with the frame that follows it.
+    pub inlined: bool,
+    pub kind: FrameKind,
 }
 
 /// Who was recorded, and for how long.
@@ -71,14 +79,20 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
             frames: s
                 .frames
                 .iter()
-                .map(|f| Frame {
-                    address: f.address,
-                    module: f.module.clone(),
-                    offset: f.offset,
-                    function: f
-                        .module
-                        .as_deref()
-                        .and_then(|m| symbolizer.function(m, f.offset)),
+                .flat_map(|f| {
+                    symbolizer
+                        .symbolize(f.module.as_deref(), f.offset)
+                        .into_iter()
+                        .map(|sym| Frame {
+                            address: f.address,
+                            module: f.module.clone(),
+                            offset: f.offset,
+                            function: sym.function,
+                            file: sym.file,
+                            line: sym.line,
+                            inlined: sym.inlined,
+                            kind: sym.kind,
+                        })
                 })
                 .collect(),
         })

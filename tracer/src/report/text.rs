@@ -100,7 +100,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::report::{Stack, Totals};
+    use crate::{
+        report::{Stack, Totals},
+        symbolize::FrameKind,
+    };
 
     #[test]
     fn human_bytes_uses_binary_units() {
@@ -137,8 +140,21 @@ mod tests {
                         module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
                         offset: 0x98930,
                         function: Some("malloc".into()),
+                        file: None,
+                        line: None,
+                        inlined: false,
+                        kind: FrameKind::Native,
                     },
-                    Frame { address: 0x401000, module: Some("/app".into()), offset: 0x1000, function: None },
+                    Frame {
+                        address: 0x401000,
+                        module: Some("/app".into()),
+                        offset: 0x1000,
+                        function: None,
+                        file: None,
+                        line: None,
+                        inlined: false,
+                        kind: FrameKind::Native,
+                    },
                 ],
             }],
             stacks_total: 7,

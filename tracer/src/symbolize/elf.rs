@@ -43,6 +43,42 @@ impl Symbolizer {
             .as_mut()?
             .function(file_offset)
     }
+
+    /// Everything known of one normalized frame, outermost function last: inlined functions
+    /// (when debug information says so) come first, each with `inlined` set.
+    pub fn symbolize(&mut self, module: Option<&str>, file_offset: u64) -> Vec<SymFrame> {
+        let function = module.and_then(|m| self.function(m, file_offset));
+        let kind = if module.is_some() { FrameKind::Native } else { FrameKind::Unknown };
+        vec![SymFrame {
+            function,
+            file: None,
+            line: None,
+            inlined: false,
+            kind,
+        }]
+    }
+}
+
+/// Where a frame's code came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    /// Code from a file: an executable or a shared library.
+    Native,
+    /// Code generated at run time (V8's JIT), named from a perf map when there is one.
+    Jit,
+    /// Neither: no mapping covers the address, or nothing names it.
+    Unknown,
+}
+
+/// One function at a frame: a real call frame, or a function inlined into it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymFrame {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined: bool,
+    pub kind: FrameKind,
 }
 
 /// Demangles C++ (Itanium) and Rust (legacy and v0, without the hash) names; anything else is

@@ -5,5 +5,5 @@
 pub mod elf;
 pub mod maps;
 
-pub use elf::{Symbolizer, demangle};
+pub use elf::{FrameKind, SymFrame, Symbolizer, demangle};
 pub use maps::{Mapping, MapsError, NormalizedAddr, ProcMaps};
