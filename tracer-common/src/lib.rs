@@ -150,3 +150,56 @@ mod user {
     unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::StackBuf {}
 }
+
+/// The mmap family, traced at the syscall level. Values of `SyscallEvent::sys`.
+pub mod sys {
+    pub const MMAP: u32 = 9;
+    pub const MPROTECT: u32 = 10;
+    pub const MUNMAP: u32 = 11;
+    pub const BRK: u32 = 12;
+    pub const MREMAP: u32 = 25;
+    pub const MADVISE: u32 = 28;
+}
+
+/// A mmap-family syscall between its entry and exit. Key: pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SyscallPending {
+    pub args: [u64; 6],
+    pub stack: u64,
+    pub sys: u32,
+    /// 1 when the thread was inside a malloc-family call (glibc mapping memory for malloc).
+    pub in_allocator: u32,
+}
+
+/// One completed mmap-family syscall of the target, streamed to user space (they are rare,
+/// and their address-range bookkeeping needs every one, in order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SyscallEvent {
+    pub args: [u64; 6],
+    /// The syscall's return value (negative errno on failure).
+    pub ret: i64,
+    pub stack: u64,
+    pub timestamp_ns: u64,
+    pub tid: u32,
+    pub sys: u32,
+    pub in_allocator: u32,
+    pub _pad: u32,
+}
+
+/// Indices into the per-CPU `SYSCALL_COUNTERS` array.
+pub mod syscall_counter {
+    /// Events lost because the ring buffer was full: the address-range bookkeeping missed them.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Pending-syscall map full: the syscall was not seen.
+    pub const PENDING_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod user_syscalls {
+    // SAFETY: repr(C), u64/i64/u32 fields only, no padding (SyscallEvent pads explicitly).
+    unsafe impl aya::Pod for super::SyscallPending {}
+    unsafe impl aya::Pod for super::SyscallEvent {}
+}

@@ -11,6 +11,8 @@ mod allocator;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mmap;
+#[cfg(target_arch = "bpf")]
 mod stack;
 
 #[cfg(target_arch = "bpf")]

@@ -22,6 +22,15 @@ const E2BIG: i32 = -7;
 /// Captures the user stack at an entry probe and returns its hash, or [`STACK_LOST`].
 #[inline(always)]
 pub fn capture(ctx: &ProbeContext, ret_sp_offset: u64) -> u64 {
+    let sp = unsafe { (*ctx.regs).rsp };
+    let caller = unsafe { bpf_probe_read_user((sp + ret_sp_offset) as *const u64) }.unwrap_or(0);
+    capture_with_caller(ctx.as_ptr(), caller)
+}
+
+/// Captures the user stack of the current task with `caller` (0 when unknown; user space
+/// drops it) in slot 1, from any program type that `bpf_get_stack` accepts.
+#[inline(always)]
+pub fn capture_with_caller(ctx: *mut core::ffi::c_void, caller: u64) -> u64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return STACK_LOST;
     };
@@ -31,7 +40,7 @@ pub fn capture(ctx: &ProbeContext, ret_sp_offset: u64) -> u64 {
     // Frames go to slots 1.., so that slot 0 can take the ip and slot 1 the caller.
     let got = unsafe {
         bpf_get_stack(
-            ctx.as_ptr(),
+            ctx,
             (&raw mut buf.frames[1]).cast(),
             size,
             BPF_F_USER_STACK,
@@ -42,8 +51,6 @@ pub fn capture(ctx: &ProbeContext, ret_sp_offset: u64) -> u64 {
         return STACK_LOST;
     }
     let frames = (got as usize / 8).min(MAX_FRAMES - 1);
-    let sp = unsafe { (*ctx.regs).rsp };
-    let caller = unsafe { bpf_probe_read_user((sp + ret_sp_offset) as *const u64) }.unwrap_or(0);
     buf.frames[0] = buf.frames[1];
     buf.frames[1] = caller;
     let len = frames + 1;

@@ -4,9 +4,11 @@
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
 //! (text, JSON). `record` runs it; `target` finds and launches processes.
 pub mod aggregate;
+pub mod memmap;
 pub mod options;
 pub mod probe;
 pub mod record;
+pub mod regions;
 pub mod report;
 pub mod symbolize;
 pub mod target;

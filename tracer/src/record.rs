@@ -14,7 +14,10 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use crate::{
     aggregate::aggregate,
     options::{Format, RecordOptions, TargetSpec},
-    probe::{Backend, ebpf::EbpfProbes},
+    probe::{
+        Backend,
+        ebpf::{EbpfProbes, SyscallTarget},
+    },
     report::{self, Meta},
     symbolize::{Symbolizer, maps::ProcMaps},
     target::{self, LaunchEvent, Launched},
@@ -117,10 +120,20 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     };
     warm(&mut symbolizer, &maps);
 
-    let mut probes: Box<dyn Backend> = Box::new(
-        EbpfProbes::attach(nz_pid, &libc_host, opts.limits)
-            .with_context(|| format!("attach to pid {pid} ({})", info.command))?,
-    );
+    let ebpf = EbpfProbes::attach(
+        nz_pid,
+        &libc_host,
+        opts.limits,
+        Some(SyscallTarget {
+            libc: &libc,
+            maps: &maps,
+        }),
+    )
+    .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+    for warning in &ebpf.warnings {
+        eprintln!("tracer: {warning}");
+    }
+    let mut probes: Box<dyn Backend> = Box::new(ebpf);
     let slow: Vec<String> = probes
         .sites()
         .iter()

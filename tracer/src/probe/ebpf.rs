@@ -4,6 +4,7 @@ use std::{
     collections::HashMap as StdHashMap,
     num::NonZeroU32,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -14,9 +15,16 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use tracer_common::{AllocKind, STACK_LOST, StackBuf, StackStats, cookie, counter};
+use tracer_common::{
+    AllocKind, LiveAlloc, STACK_LOST, StackBuf, StackStats, SyscallEvent, cookie, counter,
+    syscall_counter,
+};
 
-use super::{Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement};
+use super::{
+    Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement,
+    syscalls::{self, SyscallTracing},
+};
+use crate::symbolize::maps::ProcMaps;
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -92,6 +100,17 @@ pub struct EbpfProbes {
     ebpf: Ebpf,
     stacks: StdHashMap<u64, Vec<u64>>,
     pub sites: Vec<ProbeSite>,
+    /// mmap-family tracing, when tracefs and the tracepoints could be had.
+    syscalls: Option<SyscallTracing>,
+    /// Said once on stderr by the caller: what could not be traced, and why.
+    pub warnings: Vec<String>,
+}
+
+/// What the mmap-family tracing needs to know of the target.
+pub struct SyscallTarget<'a> {
+    /// The C library's path as the target sees it.
+    pub libc: &'a str,
+    pub maps: &'a ProcMaps,
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, EbpfError> {
@@ -108,9 +127,16 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
 impl EbpfProbes {
     /// Loads the programs and attaches them to the C library at `libc_path` (a path this
     /// process can open, e.g. through /proc/PID/root) for process `pid` only.
-    pub fn attach(pid: NonZeroU32, libc_path: &Path, limits: Limits) -> Result<Self, EbpfError> {
+    pub fn attach(
+        pid: NonZeroU32,
+        libc_path: &Path,
+        limits: Limits,
+        syscall_target: Option<SyscallTarget<'_>>,
+    ) -> Result<Self, EbpfError> {
         let functions = libc::functions(libc_path, REQUIRED, OPTIONAL)?;
+        let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
+            .override_global("TARGET_TGID", &tgid, true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
@@ -194,10 +220,38 @@ impl EbpfProbes {
                 returns: true,
             });
         }
+        let mut warnings = Vec::new();
+        let syscalls = match syscall_target {
+            None => None,
+            Some(t) => {
+                let attached = syscalls::ensure_tracefs().and_then(|mounted| {
+                    if mounted {
+                        warnings.push("mounted tracefs at /sys/kernel/tracing for the syscall tracepoints".to_owned());
+                    }
+                    SyscallTracing::attach(&mut ebpf, libc_path, t.libc, t.maps)
+                });
+                match attached {
+                    Ok(tracing) => Some(tracing),
+                    Err(e) => {
+                        let mut message = format!("cannot trace the mmap family ({e}");
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(cause) = source {
+                            message.push_str(&format!(": {cause}"));
+                            source = cause.source();
+                        }
+                        message.push_str("); malloc tracing goes on without it");
+                        warnings.push(message);
+                        None
+                    }
+                }
+            }
+        };
         Ok(EbpfProbes {
             ebpf,
             stacks: StdHashMap::new(),
             sites: attached,
+            syscalls,
+            warnings,
         })
     }
 
@@ -247,6 +301,18 @@ impl EbpfProbes {
             *sum = per_cpu.iter().sum();
         }
         let c = |i: u32| sums[i as usize];
+        let mut syscall_sums = [0u64; syscall_counter::COUNT as usize];
+        if let Some(map) = self.ebpf.map("SYSCALL_COUNTERS") {
+            let per_cpu: PerCpuArray<&MapData, u64> =
+                PerCpuArray::try_from(map).map_err(map_err("SYSCALL_COUNTERS"))?;
+            for (i, sum) in syscall_sums.iter_mut().enumerate() {
+                *sum = per_cpu
+                    .get(&(i as u32), 0)
+                    .map_err(map_err("SYSCALL_COUNTERS"))?
+                    .iter()
+                    .sum();
+            }
+        }
         Ok(Snapshot {
             stacks,
             counters: Counters {
@@ -261,6 +327,14 @@ impl EbpfProbes {
                     ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
                     ("missed_frees", c(counter::STALE_LIVE)),
                     ("orphan_returns", c(counter::ORPHAN_RETURNS)),
+                    (
+                        "syscall_events_lost",
+                        syscall_sums[syscall_counter::EVENTS_LOST as usize],
+                    ),
+                    (
+                        "syscall_pending_full",
+                        syscall_sums[syscall_counter::PENDING_FULL as usize],
+                    ),
                 ],
             },
         })
@@ -279,6 +353,51 @@ impl Backend for EbpfProbes {
     fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         Ok(self.read()?)
     }
+
+    fn traces_syscalls(&self) -> bool {
+        self.syscalls.is_some()
+    }
+
+    fn drain_syscalls(&mut self) -> Vec<SyscallEvent> {
+        self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
+    }
+
+    fn stack_frames(&mut self, id: u64) -> Option<Vec<u64>> {
+        if let Some(frames) = self.stacks.get(&id) {
+            return Some(frames.clone());
+        }
+        let map: HashMap<&MapData, u64, StackBuf> =
+            HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
+        let frames = clean_frames(&map.get(&id, 0).ok()?);
+        self.stacks.insert(id, frames.clone());
+        Some(frames)
+    }
+
+    fn live_older_than(&mut self, min_age: Duration) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
+        let now = monotonic_ns();
+        let cutoff = now.saturating_sub(min_age.as_nanos() as u64);
+        let live: HashMap<&MapData, u64, LiveAlloc> = HashMap::try_from(
+            self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")?,
+        )?;
+        let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
+        for item in live.iter() {
+            let (_, block) = item?;
+            if block.timestamp_ns <= cutoff {
+                let e = out.entry(block.stack).or_default();
+                e.0 += block.size;
+                e.1 += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = ::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { ::libc::clock_gettime(::libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Frames of a kernel stack record, leaf first. Slot 1 holds the return address read at the

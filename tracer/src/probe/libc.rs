@@ -8,8 +8,9 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::symbolize::maps::ProcMaps;
 
-/// Bytes of each function kept for deciding where to place its probe.
-const PROLOGUE_BYTES: usize = 32;
+/// Bytes of each function kept for decoding its start.
+/// Enough for the probe placement and to find the `syscall` in the mmap-family wrappers.
+const PROLOGUE_BYTES: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibcError {

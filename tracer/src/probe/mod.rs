@@ -4,6 +4,7 @@
 pub mod ebpf;
 pub mod libc;
 pub mod placement;
+pub mod syscalls;
 
 /// Loss and event counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,4 +59,27 @@ pub trait Backend {
     fn sites(&self) -> &[ProbeSite];
     /// The totals so far.
     fn snapshot(&mut self) -> Result<Snapshot, ProbeError>;
+
+    /// Whether the mmap family is traced (else `drain_syscalls` stays empty).
+    fn traces_syscalls(&self) -> bool {
+        false
+    }
+
+    /// mmap-family syscalls completed since the last call, in order.
+    fn drain_syscalls(&mut self) -> Vec<tracer_common::SyscallEvent> {
+        Vec::new()
+    }
+
+    /// Frames of a stack by id (leaf first), for stacks that reach us outside snapshots.
+    fn stack_frames(&mut self, _id: u64) -> Option<Vec<u64>> {
+        None
+    }
+
+    /// Per stack id, the (bytes, count) of live blocks allocated at least `min_age` ago.
+    fn live_older_than(
+        &mut self,
+        _min_age: std::time::Duration,
+    ) -> Result<std::collections::HashMap<u64, (u64, u64)>, ProbeError> {
+        Err(format!("--min-age is not supported by the {} backend", self.name()).into())
+    }
 }

@@ -1,0 +1,342 @@
+//! The memory model of a process seen from outside: every mapping of /proc/PID/smaps put
+//! in one owner class (V8 heap, malloc, thread stacks, code, JIT, files, other anonymous
+//! memory), with its reserved size and resident set.
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::regions::Regions;
+
+/// glibc's non-main arenas are heaps of at most this size, aligned to it (64-bit).
+const ARENA_HEAP_MAX: u64 = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    V8Heap,
+    Malloc,
+    ThreadStacks,
+    Code,
+    Jit,
+    File,
+    AnonOther,
+}
+
+impl Class {
+    pub const ALL: [Class; 7] = [
+        Class::V8Heap,
+        Class::Malloc,
+        Class::ThreadStacks,
+        Class::Code,
+        Class::Jit,
+        Class::File,
+        Class::AnonOther,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::V8Heap => "v8-heap",
+            Class::Malloc => "malloc",
+            Class::ThreadStacks => "thread-stacks",
+            Class::Code => "code",
+            Class::Jit => "jit",
+            Class::File => "file",
+            Class::AnonOther => "anon-other",
+        }
+    }
+}
+
+/// One mapping of smaps, with what classification needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub path: Option<String>,
+    pub rss: u64,
+    pub vm_flags: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SmapsError {
+    #[error("read /proc/{pid}/smaps")]
+    Read {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("smaps line {line}: {text:?}")]
+    Parse { line: usize, text: String },
+}
+
+fn parse_range(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.split_once('-')?;
+    Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+}
+
+pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>, SmapsError> {
+    let mut entries: Vec<SmapsEntry> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = || SmapsError::Parse {
+            line: i + 1,
+            text: line.to_owned(),
+        };
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = parse_range(first).filter(|_| !first.ends_with(':')) {
+            let mut fields = line.split_whitespace();
+            let _range = fields.next();
+            let perms = fields.next().ok_or_else(bad)?.to_owned();
+            // offset, dev, inode, then the path (which may contain spaces).
+            let rest: Vec<&str> = fields.collect();
+            let path = if rest.len() > 3 {
+                let joined = rest[3..].join(" ");
+                Some(joined.trim_end_matches(" (deleted)").to_owned())
+            } else {
+                None
+            };
+            entries.push(SmapsEntry {
+                start,
+                end,
+                perms,
+                path,
+                rss: 0,
+                vm_flags: Vec::new(),
+            });
+        } else if let Some(value) = line.strip_prefix("Rss:") {
+            let kb: u64 = value.trim().trim_end_matches("kB").trim().parse().map_err(|_| bad())?;
+            entries.last_mut().ok_or_else(bad)?.rss = kb * 1024;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            entries.last_mut().ok_or_else(bad)?.vm_flags =
+                flags.split_whitespace().map(str::to_owned).collect();
+        }
+    }
+    Ok(entries)
+}
+
+pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, SmapsError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|source| SmapsError::Read { pid, source })?;
+    parse_smaps(&text)
+}
+
+/// Stack pointers of the threads of `pid` that are blocked in a system call (running
+/// threads show none), from /proc/PID/task/TID/syscall.
+pub fn thread_stack_pointers(pid: u32) -> Vec<u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(|t| {
+            let text = std::fs::read_to_string(t.ok()?.path().join("syscall")).ok()?;
+            // "nr arg1 .. arg6 sp pc"
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            (fields.len() == 9).then(|| u64::from_str_radix(fields[7].trim_start_matches("0x"), 16).ok())?
+        })
+        .collect()
+}
+
+/// What besides smaps decides a class: the thread stack pointers we could read, and the
+/// ranges glibc mapped for malloc while we watched.
+#[derive(Clone, Debug, Default)]
+pub struct Hints {
+    pub stack_pointers: Vec<u64>,
+    /// Starts of ranges known to be malloc's (from the mmap-family tracing).
+    pub malloc_ranges: Vec<(u64, u64)>,
+}
+
+impl Hints {
+    pub fn from_regions(regions: &Regions, stack_pointers: Vec<u64>) -> Hints {
+        Hints {
+            stack_pointers,
+            malloc_ranges: regions
+                .ranges()
+                .filter(|(_, r)| r.for_malloc)
+                .map(|(s, r)| (s, r.end))
+                .collect(),
+        }
+    }
+}
+
+/// Puts every mapping in its class.
+pub fn classify(entries: &[SmapsEntry], hints: &Hints) -> Vec<Class> {
+    // glibc arena heaps: an anonymous mapping starting on a 64 MiB boundary, and the
+    // reserved (---p) rest of the same heap right after it.
+    let mut arena_blocks = HashSet::new();
+    for e in entries {
+        if e.path.is_none() && e.start % ARENA_HEAP_MAX == 0 && e.end - e.start <= ARENA_HEAP_MAX {
+            arena_blocks.insert(e.start);
+        }
+    }
+    let stack_hit = |e: &SmapsEntry| hints.stack_pointers.iter().any(|&sp| e.start <= sp && sp < e.end);
+    let malloc_hit = |e: &SmapsEntry| {
+        hints.malloc_ranges.iter().any(|&(s, end)| s < e.end && e.start < end)
+    };
+    entries
+        .iter()
+        .map(|e| {
+            let anon = e.path.is_none();
+            let exec = e.perms.contains('x');
+            if e.path.as_deref() == Some("[stack]") || (anon && stack_hit(e)) {
+                Class::ThreadStacks
+            } else if e.vm_flags.iter().any(|f| f == "dc") {
+                // V8 marks its heap MADV_DONTFORK; glibc never does.
+                Class::V8Heap
+            } else if e.path.as_deref() == Some("[heap]")
+                || (anon && !exec && (malloc_hit(e) || is_arena(e, &arena_blocks)))
+            {
+                Class::Malloc
+            } else if anon && exec {
+                Class::Jit
+            } else if exec && e.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+                Class::Code
+            } else if e.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+                Class::File
+            } else {
+                Class::AnonOther
+            }
+        })
+        .collect()
+}
+
+fn is_arena(e: &SmapsEntry, arena_blocks: &HashSet<u64>) -> bool {
+    let block = e.start - e.start % ARENA_HEAP_MAX;
+    arena_blocks.contains(&block) && e.end <= block + ARENA_HEAP_MAX
+}
+
+/// One class's share of the address space.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassTotals {
+    pub class: String,
+    pub mappings: u64,
+    pub reserved_bytes: u64,
+    pub rss_bytes: u64,
+    pub rss_delta_bytes: i64,
+}
+
+/// Totals per class, in [`Class::ALL`] order, with the RSS change against `before` (the
+/// same view taken when recording started) when given.
+pub fn totals(entries: &[SmapsEntry], classes: &[Class], before: Option<&[ClassTotals]>) -> Vec<ClassTotals> {
+    Class::ALL
+        .iter()
+        .map(|&c| {
+            let mut t = ClassTotals {
+                class: c.name().to_owned(),
+                ..ClassTotals::default()
+            };
+            for (e, _) in entries.iter().zip(classes).filter(|(_, k)| **k == c) {
+                t.mappings += 1;
+                t.reserved_bytes += e.end - e.start;
+                t.rss_bytes += e.rss;
+            }
+            if let Some(b) = before.and_then(|b| b.iter().find(|b| b.class == t.class)) {
+                t.rss_delta_bytes = t.rss_bytes as i64 - b.rss_bytes as i64;
+            }
+            t
+        })
+        .collect()
+}
+
+/// The memory map of `pid` now.
+pub fn memory_map(pid: u32, regions: &Regions, before: Option<&[ClassTotals]>) -> Result<Vec<ClassTotals>, SmapsError> {
+    let entries = read_smaps(pid)?;
+    let hints = Hints::from_regions(regions, thread_stack_pointers(pid));
+    let classes = classify(&entries, &hints);
+    Ok(totals(&entries, &classes, before))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/node
+Size:                328 kB
+Rss:                 300 kB
+VmFlags: rd ex mr mw me dw
+01000000-01021000 rw-p 00000000 00:00 0 [heap]
+Rss:                 132 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+VmFlags: rd wr mr mw me nr
+7f0000021000-7f0004000000 ---p 00000000 00:00 0
+Rss:                   0 kB
+VmFlags: mr mw me nr
+7f1000000000-7f1000040000 rw-p 00000000 00:00 0
+Rss:                 256 kB
+VmFlags: rd wr mr mw me ac dc
+7f2000000000-7f2000001000 rwxp 00000000 00:00 0
+Rss:                   4 kB
+VmFlags: rd wr ex mr mw me ac
+7f3000000000-7f3000800000 rw-p 00000000 00:00 0
+Rss:                  16 kB
+VmFlags: rd wr mr mw me ac
+7f4000000000-7f4000100000 r--p 00000000 08:02 99 /usr/share/data file.bin
+Rss:                  40 kB
+VmFlags: rd mr mw me
+7f5000001000-7f5000002000 rw-p 00000000 00:00 0
+Rss:                   8 kB
+VmFlags: rd wr mr mw me ac
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  24 kB
+VmFlags: rd wr mr mw me gd ac
+";
+
+    #[test]
+    fn every_owner_class_is_recognized() {
+        let entries = parse_smaps(SAMPLE).unwrap();
+        assert_eq!(entries.len(), 10);
+        assert_eq!(entries[7].path.as_deref(), Some("/usr/share/data file.bin"));
+        let hints = Hints {
+            stack_pointers: vec![0x7f30007fff00],
+            malloc_ranges: vec![],
+        };
+        let classes = classify(&entries, &hints);
+        assert_eq!(
+            classes,
+            vec![
+                Class::Code,
+                Class::Malloc,       // [heap]
+                Class::Malloc,       // arena heap at a 64 MiB boundary
+                Class::Malloc,       // its reserved rest
+                Class::V8Heap,       // dc
+                Class::Jit,          // anonymous, executable
+                Class::ThreadStacks, // a thread's sp is in it
+                Class::File,
+                Class::AnonOther,
+                Class::ThreadStacks, // [stack]
+            ]
+        );
+        let t = totals(&entries, &classes, None);
+        let malloc = t.iter().find(|c| c.class == "malloc").unwrap();
+        assert_eq!(malloc.mappings, 3);
+        assert_eq!(malloc.rss_bytes, (132 + 100) * 1024);
+        assert_eq!(malloc.reserved_bytes, 0x21000 + 0x4000000);
+    }
+
+    #[test]
+    fn ranges_glibc_mapped_for_malloc_are_malloc() {
+        let entries = parse_smaps(SAMPLE).unwrap();
+        let hints = Hints {
+            stack_pointers: vec![],
+            malloc_ranges: vec![(0x7f5000001000, 0x7f5000002000)],
+        };
+        assert_eq!(classify(&entries, &hints)[8], Class::Malloc);
+    }
+
+    #[test]
+    fn rss_delta_is_against_the_first_view() {
+        let entries = parse_smaps(SAMPLE).unwrap();
+        let classes = classify(&entries, &Hints::default());
+        let before = totals(&entries, &classes, None);
+        let mut grown = entries.clone();
+        grown[1].rss += 4096;
+        let after = totals(&grown, &classes, Some(&before));
+        assert_eq!(after.iter().find(|c| c.class == "malloc").unwrap().rss_delta_bytes, 4096);
+    }
+
+    #[test]
+    fn reads_own_smaps() {
+        let entries = read_smaps(std::process::id()).unwrap();
+        assert!(entries.iter().any(|e| e.rss > 0));
+        assert!(thread_stack_pointers(std::process::id()).len() <= 64);
+    }
+}

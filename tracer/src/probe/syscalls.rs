@@ -1,0 +1,198 @@
+//! The mmap family at the syscall level: tracefs, the syscall tracepoints, the libc wrapper
+//! sites whose callers the BPF side recovers, and the event stream.
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, RingBuf},
+    programs::TracePoint,
+};
+use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use tracer_common::SyscallEvent;
+
+use super::libc;
+use crate::symbolize::maps::ProcMaps;
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "madvise", "mprotect"];
+/// glibc's wrappers for them (mmap64 is mmap's other name; `__brk` is internal).
+const WRAPPERS: [&str; 6] = ["mmap64", "munmap", "mremap", "brk", "madvise", "mprotect"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyscallsError {
+    #[error("mount tracefs at {TRACEFS}")]
+    Mount(#[source] std::io::Error),
+    #[error("attach tracepoint syscalls/{name}")]
+    Attach {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {0}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+/// Makes sure tracefs is mounted where aya looks for it. Returns whether we mounted it.
+pub fn ensure_tracefs() -> Result<bool, SyscallsError> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return Ok(false);
+    }
+    let source = c"tracefs";
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: plain mount(2) with NUL-terminated strings and no data.
+    let rc = unsafe {
+        ::libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(SyscallsError::Mount(std::io::Error::last_os_error()));
+    }
+    Ok(true)
+}
+
+/// Where, in each wrapper's first bytes, a `syscall` instruction is, and how far the stack
+/// pointer is from the return address there: (offset just past `syscall`, sp offset).
+/// Follows the straight-line path from the entry until the first return or jump.
+pub fn syscall_sites(code: &[u8]) -> Vec<(u64, u64)> {
+    let mut sites = Vec::new();
+    let mut depth: u64 = 0;
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        match insn.mnemonic() {
+            Mnemonic::Syscall => sites.push((insn.next_ip(), depth)),
+            Mnemonic::Push => depth += 8,
+            Mnemonic::Pop => depth = depth.saturating_sub(8),
+            Mnemonic::Sub | Mnemonic::Add
+                if insn.op0_register() == Register::RSP && insn.op1_kind() != OpKind::Register =>
+            {
+                let imm = insn.immediate(1);
+                if insn.mnemonic() == Mnemonic::Sub {
+                    depth += imm;
+                } else {
+                    depth = depth.saturating_sub(imm);
+                }
+            }
+            Mnemonic::Ret | Mnemonic::Jmp => break,
+            _ if insn.code() == Code::INVALID => break,
+            _ => {}
+        }
+    }
+    sites
+}
+
+/// Syscall tracing attached to one process.
+pub struct SyscallTracing {
+    events: RingBuf<MapData>,
+}
+
+impl SyscallTracing {
+    /// Fills the wrapper sites for the target's libc and attaches the tracepoints. The
+    /// programs are loaded already, with TARGET_TGID set.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        libc_host_path: &Path,
+        libc_target_path: &str,
+        maps: &ProcMaps,
+    ) -> Result<SyscallTracing, SyscallsError> {
+        // Wrapper sites: a missing wrapper only costs the caller frame of its stacks.
+        if let Ok(functions) = libc::functions(libc_host_path, &[], &WRAPPERS) {
+            let mut sites: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
+                ebpf.map_mut("SYSCALL_SITES")
+                    .ok_or(SyscallsError::Map("SYSCALL_SITES", aya::maps::MapError::InvalidName {
+                        name: "SYSCALL_SITES".into(),
+                    }))?,
+            )
+            .map_err(|e| SyscallsError::Map("SYSCALL_SITES", e))?;
+            for f in functions.values() {
+                for (after, sp_offset) in syscall_sites(&f.prologue) {
+                    if let Some(addr) = address_of(maps, libc_target_path, f.file_offset + after) {
+                        sites
+                            .insert(addr, sp_offset, 0)
+                            .map_err(|e| SyscallsError::Map("SYSCALL_SITES", e))?;
+                    }
+                }
+            }
+        }
+        for (program, phase) in [("tr_sys_exit", "exit"), ("tr_sys_enter", "enter")] {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| SyscallsError::Attach {
+                    name: program.into(),
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?;
+            prog.load().map_err(|source| SyscallsError::Attach {
+                name: program.into(),
+                source,
+            })?;
+            for name in SYSCALLS {
+                let tp = format!("sys_{phase}_{name}");
+                prog.attach("syscalls", &tp)
+                    .map_err(|source| SyscallsError::Attach { name: tp, source })?;
+            }
+        }
+        let events = RingBuf::try_from(ebpf.take_map("SYSCALL_EVENTS").ok_or(
+            SyscallsError::Map("SYSCALL_EVENTS", aya::maps::MapError::InvalidName {
+                name: "SYSCALL_EVENTS".into(),
+            }),
+        )?)
+        .map_err(|e| SyscallsError::Map("SYSCALL_EVENTS", e))?;
+        Ok(SyscallTracing { events })
+    }
+
+    /// Every event produced since the last call, in order.
+    pub fn drain(&mut self) -> Vec<SyscallEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<SyscallEvent>() {
+                // SAFETY: the BPF side writes whole SyscallEvents; read unaligned to be safe.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SyscallEvent>()) });
+            }
+        }
+        out
+    }
+}
+
+/// Address in the target of `file_offset` in the file mapped at `path`.
+fn address_of(maps: &ProcMaps, path: &str, file_offset: u64) -> Option<u64> {
+    maps.mappings().iter().find_map(|m| {
+        let len = m.end - m.start;
+        (m.path.as_deref() == Some(path) && m.offset <= file_offset && file_offset < m.offset + len)
+            .then(|| m.start + (file_offset - m.offset))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_wrapper_has_its_return_address_on_top() {
+        // glibc munmap: mov $0xb,%eax; syscall; cmp ...; jae; ret
+        let code = [0xb8, 0x0b, 0, 0, 0, 0x0f, 0x05, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0xc3];
+        assert_eq!(syscall_sites(&code), vec![(7, 0)]);
+    }
+
+    #[test]
+    fn stack_frame_of_the_wrapper_is_counted() {
+        // glibc mremap: sub $0x58,%rsp; mov %r8,0x40(%rsp); ...; mov $0x19,%eax; syscall
+        let code = [
+            0x48, 0x83, 0xec, 0x58, 0x4c, 0x89, 0x44, 0x24, 0x40, 0xb8, 0x19, 0, 0, 0, 0x0f, 0x05,
+        ];
+        assert_eq!(syscall_sites(&code), vec![(16, 0x58)]);
+    }
+
+    #[test]
+    fn glibc_wrappers_all_have_a_site() {
+        let path = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        let functions = libc::functions(path, &[], &WRAPPERS).unwrap();
+        for name in WRAPPERS {
+            let f = functions.get(name).unwrap_or_else(|| panic!("{name} not in libc"));
+            assert!(!syscall_sites(&f.prologue).is_empty(), "{name}: no syscall found");
+        }
+    }
+}
