@@ -33,6 +33,12 @@ static SYSCALL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static SYSCALL_SITES: HashMap<u64, u64> = HashMap::with_max_entries(64, 0);
 
+/// Return addresses inside frameless libc functions that call a wrapper (sbrk calls brk) ->
+/// that function's frame size there, so the return address into *its* caller is read
+/// instead: the program's function, not libc's intermediary.
+#[map]
+static CALL_SITES: HashMap<u64, u64> = HashMap::with_max_entries(64, 0);
+
 #[map]
 static SYSCALL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(syscall_counter::COUNT, 0);
 
@@ -78,9 +84,13 @@ fn wrapper_caller() -> u64 {
     }) else {
         return 0;
     };
-    match SYSCALL_SITES.get_ptr(ip) {
-        Some(offset) => unsafe { bpf_probe_read_user((sp + *offset) as *const u64) }.unwrap_or(0),
-        None => 0,
+    let Some(offset) = SYSCALL_SITES.get_ptr(ip) else { return 0 };
+    let at = sp + unsafe { *offset };
+    let caller = unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0);
+    match CALL_SITES.get_ptr(caller) {
+        // Past the return address itself, then the intermediary's frame.
+        Some(frame) => unsafe { bpf_probe_read_user((at + 8 + *frame) as *const u64) }.unwrap_or(caller),
+        None => caller,
     }
 }
 

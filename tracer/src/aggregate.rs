@@ -1,9 +1,26 @@
 //! From a backend's snapshot to a profile: stacks normalized to module + file offset while
 //! the process's memory map is at hand, ranked, and totalled.
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
 use crate::{
     probe::{Counters, Snapshot},
+    regions::{Origin, StackRanges},
     symbolize::maps::ProcMaps,
 };
+
+/// What kind of call made a stack's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The malloc family.
+    Malloc,
+    /// mmap and mremap.
+    Mmap,
+    /// Growth of the program break.
+    Brk,
+}
 
 /// One frame, normalized: enough to name it later, even after the process is gone.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,12 +35,19 @@ pub struct Frame {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StackProfile {
     pub id: u64,
+    pub source: Source,
     /// Leaf first; empty for allocations whose stack was lost.
     pub frames: Vec<Frame>,
     pub live_bytes: u64,
     pub live_allocs: u64,
     pub alloc_bytes: u64,
     pub allocs: u64,
+    /// mmap/brk: bytes mapped and still mapped, committed or not (live_bytes is committed).
+    pub reserved_bytes: Option<u64>,
+    /// Live bytes at each snapshot of the recording (with --interval), the last at its end.
+    pub series: Vec<u64>,
+    /// Live bytes at the last point of `series` less at the first.
+    pub growth_bytes: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,27 +79,18 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
         .filter(|s| s.allocs > 0 || s.live_allocs != 0)
         .map(|s| StackProfile {
             id: s.id,
-            frames: s
-                .frames
-                .iter()
-                .map(|&a| {
-                    let n = maps.normalize(a);
-                    Frame {
-                        address: n.address,
-                        module: n.module,
-                        offset: n.offset,
-                    }
-                })
-                .collect(),
+            source: Source::Malloc,
+            frames: normalize(&s.frames, maps),
             live_bytes: clamp(s.live_bytes),
             live_allocs: clamp(s.live_allocs),
             alloc_bytes: s.alloc_bytes,
             allocs: s.allocs,
+            reserved_bytes: None,
+            series: Vec::new(),
+            growth_bytes: 0,
         })
         .collect();
-    stacks.sort_by(|a, b| {
-        (b.live_bytes, b.alloc_bytes, b.allocs, a.id).cmp(&(a.live_bytes, a.alloc_bytes, a.allocs, b.id))
-    });
+    sort_by_live(&mut stacks);
     let mut totals = Totals {
         counters: snapshot.counters.clone(),
         ..Totals::default()
@@ -89,6 +104,103 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
     Profile { totals, stacks }
 }
 
+fn normalize(frames: &[u64], maps: &ProcMaps) -> Vec<Frame> {
+    frames
+        .iter()
+        .map(|&a| {
+            let n = maps.normalize(a);
+            Frame {
+                address: n.address,
+                module: n.module,
+                offset: n.offset,
+            }
+        })
+        .collect()
+}
+
+fn sort_by_live(stacks: &mut [StackProfile]) {
+    stacks.sort_by(|a, b| {
+        (b.live_bytes, b.alloc_bytes, b.allocs, a.id).cmp(&(a.live_bytes, a.alloc_bytes, a.allocs, b.id))
+    });
+}
+
+/// Adds the stacks that mapped memory themselves (mmap, mremap, brk) and still hold it or
+/// held it while recording. Totals stay the malloc family's: glibc's own mappings are
+/// already counted there, and the memory map shows the rest.
+pub fn add_mapped(
+    profile: &mut Profile,
+    by_stack: &HashMap<(u64, Origin), StackRanges>,
+    mut frames: impl FnMut(u64) -> Vec<u64>,
+    maps: &ProcMaps,
+) {
+    for (&(id, origin), r) in by_stack {
+        let source = match origin {
+            Origin::Mmap => Source::Mmap,
+            Origin::Brk => Source::Brk,
+            Origin::BeforeAttach => continue,
+        };
+        profile.stacks.push(StackProfile {
+            id,
+            source,
+            frames: normalize(&frames(id), maps),
+            live_bytes: r.committed_bytes,
+            live_allocs: r.regions,
+            alloc_bytes: r.mapped_bytes,
+            allocs: r.maps,
+            reserved_bytes: Some(r.reserved_bytes),
+            series: Vec::new(),
+            growth_bytes: 0,
+        });
+    }
+    sort_by_live(&mut profile.stacks);
+}
+
+/// Live bytes per stack at each snapshot taken while recording.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    points: Vec<HashMap<(Source, u64), u64>>,
+}
+
+impl History {
+    pub fn push(&mut self, profile: &Profile) {
+        self.points.push(
+            profile
+                .stacks
+                .iter()
+                .map(|s| ((s.source, s.id), s.live_bytes))
+                .collect(),
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// Gives every stack its series and growth, and ranks the stacks by growth (then live
+    /// bytes): with two points or more, what grows is what a leak hunt wants first.
+    pub fn apply(&self, profile: &mut Profile) {
+        if self.points.len() < 2 {
+            return;
+        }
+        for s in &mut profile.stacks {
+            s.series = self
+                .points
+                .iter()
+                .map(|p| p.get(&(s.source, s.id)).copied().unwrap_or(0))
+                .collect();
+            let first = s.series[0] as i64;
+            let last = *s.series.last().expect("two points or more") as i64;
+            s.growth_bytes = last - first;
+        }
+        profile.stacks.sort_by(|a, b| {
+            (b.growth_bytes, b.live_bytes, a.id).cmp(&(a.growth_bytes, a.live_bytes, b.id))
+        });
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +255,48 @@ mod tests {
         assert_eq!(f[1].module.as_deref(), Some("/usr/bin/app"));
         assert_eq!(f[1].offset, 0x1123);
         assert_eq!((f[2].module.clone(), f[2].offset), (None, 0x1234));
+    }
+
+    #[test]
+    fn growth_ranks_first_and_series_fill_missing_points_with_zero() {
+        let at = |live_a: i64, live_b: i64| Snapshot {
+            stacks: vec![
+                sample(1, &[0x400100], live_a, 1, 100, 1),
+                sample(2, &[0x400200], live_b, 1, 100, 1),
+            ],
+            counters: Counters::default(),
+        };
+        let mut history = History::default();
+        history.push(&aggregate(&at(5000, 0), &maps()));
+        history.push(&aggregate(&at(5000, 100), &maps()));
+        let mut last = aggregate(&at(5000, 300), &maps());
+        history.push(&last);
+        history.apply(&mut last);
+        // Stack 2 holds less but grows; stack 1 is flat.
+        assert_eq!(last.stacks[0].id, 2);
+        assert_eq!(last.stacks[0].series, vec![0, 100, 300]);
+        assert_eq!(last.stacks[0].growth_bytes, 300);
+        assert_eq!((last.stacks[1].series.clone(), last.stacks[1].growth_bytes), (vec![5000, 5000, 5000], 0));
+    }
+
+    #[test]
+    fn mapped_stacks_join_without_changing_malloc_totals() {
+        let mut p = aggregate(
+            &Snapshot {
+                stacks: vec![sample(1, &[0x400100], 64, 1, 64, 1)],
+                counters: Counters::default(),
+            },
+            &maps(),
+        );
+        let mut by_stack = HashMap::new();
+        by_stack.insert(
+            (9, Origin::Mmap),
+            StackRanges { committed_bytes: 8192, reserved_bytes: 16384, regions: 2, mapped_bytes: 20480, maps: 3 },
+        );
+        add_mapped(&mut p, &by_stack, |_| vec![0x400300], &maps());
+        assert_eq!(p.stacks[0].source, Source::Mmap);
+        assert_eq!((p.stacks[0].live_bytes, p.stacks[0].reserved_bytes), (8192, Some(16384)));
+        assert_eq!(p.totals.live_bytes, 64);
     }
 
     #[test]

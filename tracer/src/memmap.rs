@@ -157,11 +157,21 @@ impl Hints {
 
 /// Puts every mapping in its class.
 pub fn classify(entries: &[SmapsEntry], hints: &Hints) -> Vec<Class> {
-    // glibc arena heaps: an anonymous mapping starting on a 64 MiB boundary, and the
-    // reserved (---p) rest of the same heap right after it.
+    // glibc arena heaps: glibc maps each as one 64 MiB-aligned, 64 MiB reservation and makes
+    // the used part read-write, so contiguous anonymous mappings cover exactly the block.
     let mut arena_blocks = HashSet::new();
-    for e in entries {
-        if e.path.is_none() && e.start % ARENA_HEAP_MAX == 0 && e.end - e.start <= ARENA_HEAP_MAX {
+    for (i, e) in entries.iter().enumerate() {
+        if e.path.is_some() || e.start % ARENA_HEAP_MAX != 0 {
+            continue;
+        }
+        let mut end = e.end;
+        for next in &entries[i + 1..] {
+            if next.start != end || next.path.is_some() || end >= e.start + ARENA_HEAP_MAX {
+                break;
+            }
+            end = next.end;
+        }
+        if end == e.start + ARENA_HEAP_MAX {
             arena_blocks.insert(e.start);
         }
     }
@@ -176,7 +186,7 @@ pub fn classify(entries: &[SmapsEntry], hints: &Hints) -> Vec<Class> {
             let exec = e.perms.contains('x');
             if e.path.as_deref() == Some("[stack]") || (anon && stack_hit(e)) {
                 Class::ThreadStacks
-            } else if e.vm_flags.iter().any(|f| f == "dc") {
+            } else if anon && e.vm_flags.iter().any(|f| f == "dc") {
                 // V8 marks its heap MADV_DONTFORK; glibc never does.
                 Class::V8Heap
             } else if e.path.as_deref() == Some("[heap]")
@@ -310,6 +320,13 @@ VmFlags: rd wr mr mw me gd ac
         assert_eq!(malloc.mappings, 3);
         assert_eq!(malloc.rss_bytes, (132 + 100) * 1024);
         assert_eq!(malloc.reserved_bytes, 0x21000 + 0x4000000);
+    }
+
+    #[test]
+    fn a_lone_mapping_on_a_64_mib_boundary_is_not_an_arena() {
+        let text = "7f0000000000-7f0000021000 rw-p 00000000 00:00 0\nRss: 4 kB\n";
+        let entries = parse_smaps(text).unwrap();
+        assert_eq!(classify(&entries, &Hints::default()), vec![Class::AnonOther]);
     }
 
     #[test]

@@ -55,8 +55,8 @@ pub struct StackRanges {
 pub struct Regions {
     ranges: BTreeMap<u64, Region>,
     brk: Option<u64>,
-    /// Cumulative mapped bytes and calls per (stack, origin).
-    mapped: HashMap<(u64, Origin), (u64, u64)>,
+    /// Cumulative mapped bytes and calls per (stack, origin, made for malloc).
+    mapped: HashMap<(u64, Origin, bool), (u64, u64)>,
     /// Calls that failed, or that we could not make sense of.
     pub failed: u64,
 }
@@ -94,6 +94,12 @@ impl Regions {
             }
         }
         regions
+    }
+
+    /// Where the program break is when recording starts, if no [heap] mapping said so:
+    /// the heap's start, when it has not grown yet.
+    pub fn set_initial_break(&mut self, brk: u64) {
+        self.brk.get_or_insert(brk);
     }
 
     pub fn ranges(&self) -> impl Iterator<Item = (u64, &Region)> {
@@ -139,8 +145,8 @@ impl Regions {
         }
     }
 
-    fn count_mapped(&mut self, stack: u64, origin: Origin, bytes: u64) {
-        let e = self.mapped.entry((stack, origin)).or_default();
+    fn count_mapped(&mut self, stack: u64, origin: Origin, for_malloc: bool, bytes: u64) {
+        let e = self.mapped.entry((stack, origin, for_malloc)).or_default();
         e.0 += bytes;
         e.1 += 1;
     }
@@ -166,7 +172,7 @@ impl Regions {
                         file_backed: flags & MAP_ANONYMOUS == 0,
                     },
                 );
-                self.count_mapped(ev.stack, Origin::Mmap, len);
+                self.count_mapped(ev.stack, Origin::Mmap, for_malloc, len);
             }
             sys::MUNMAP => self.remove(a[0], a[0] + page_up(a[1])),
             sys::MREMAP => {
@@ -194,10 +200,15 @@ impl Regions {
                         file_backed: template.as_ref().is_some_and(|t| t.file_backed),
                     },
                 );
-                self.count_mapped(ev.stack, Origin::Mmap, new_len.saturating_sub(old_len));
+                self.count_mapped(ev.stack, Origin::Mmap, for_malloc, new_len.saturating_sub(old_len));
             }
             sys::BRK => {
                 let new = ev.ret as u64;
+                if a[0] == 0 {
+                    // brk(0) asks where the break is: the exact answer, no change.
+                    self.brk = Some(new);
+                    return;
+                }
                 let Some(old) = self.brk else {
                     // The first break we learn of: nothing grew yet.
                     self.brk = Some(new);
@@ -215,7 +226,7 @@ impl Regions {
                             file_backed: false,
                         },
                     );
-                    self.count_mapped(ev.stack, Origin::Brk, new - old);
+                    self.count_mapped(ev.stack, Origin::Brk, for_malloc, new - old);
                 } else if new < old {
                     self.remove(new, old);
                 }
@@ -235,13 +246,16 @@ impl Regions {
     /// mapped for malloc are left out: the malloc stacks account for that memory.
     pub fn by_stack(&self) -> HashMap<(u64, Origin), StackRanges> {
         let mut out: HashMap<(u64, Origin), StackRanges> = HashMap::new();
-        for (&(stack, origin), &(bytes, calls)) in &self.mapped {
+        for (&(stack, origin, for_malloc), &(bytes, calls)) in &self.mapped {
+            if for_malloc {
+                continue;
+            }
             let e = out.entry((stack, origin)).or_default();
             e.mapped_bytes = bytes;
             e.maps = calls;
         }
         for (start, r) in &self.ranges {
-            if r.origin == Origin::BeforeAttach {
+            if r.origin == Origin::BeforeAttach || r.for_malloc {
                 continue;
             }
             let e = out.entry((r.stack, r.origin)).or_default();
@@ -251,15 +265,6 @@ impl Regions {
                 e.committed_bytes += len;
             }
             e.regions += 1;
-        }
-        let malloc_stacks: Vec<(u64, Origin)> = self
-            .ranges
-            .values()
-            .filter(|r| r.for_malloc && r.origin != Origin::BeforeAttach)
-            .map(|r| (r.stack, r.origin))
-            .collect();
-        for key in malloc_stacks {
-            out.remove(&key);
         }
         out
     }
@@ -343,6 +348,17 @@ mod tests {
         r.apply(&ev(sys::BRK, &[0x5000_1000], 0x5000_1000, 8));
         let s = r.by_stack()[&(7, Origin::Brk)].clone();
         assert_eq!((s.committed_bytes, s.regions, s.mapped_bytes), (0x1000, 1, 0x3000));
+    }
+
+    #[test]
+    fn brk_query_resyncs_the_break_without_growth() {
+        let mut r = Regions::default();
+        r.set_initial_break(0x5000_0000);
+        r.apply(&ev(sys::BRK, &[0], 0x5000_0010, 1));
+        r.apply(&ev(sys::BRK, &[0x5000_5010], 0x5000_5010, 7));
+        let s = r.by_stack()[&(7, Origin::Brk)].clone();
+        assert_eq!(s.committed_bytes, 0x5000);
+        assert!(!r.by_stack().contains_key(&(1, Origin::Brk)));
     }
 
     #[test]

@@ -84,6 +84,44 @@ pub fn syscall_sites(code: &[u8]) -> Vec<(u64, u64)> {
     sites
 }
 
+/// Frameless libc functions that call the wrappers, whose own caller is the one worth naming.
+const INTERMEDIARIES: [&str; 1] = ["sbrk"];
+
+/// Calls in a function and its frame size at them: (offset just past the call, bytes pushed
+/// or reserved by the prologue). The frame is taken as the prologue leaves it, which holds
+/// for glibc's small functions that keep one frame throughout.
+pub fn call_sites(code: &[u8]) -> Vec<(u64, u64)> {
+    let mut sites = Vec::new();
+    let mut frame: u64 = 0;
+    let mut in_prologue = true;
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        match insn.mnemonic() {
+            Mnemonic::Push if in_prologue => frame += 8,
+            Mnemonic::Sub
+                if in_prologue
+                    && insn.op0_register() == Register::RSP
+                    && insn.op1_kind() != OpKind::Register =>
+            {
+                frame += insn.immediate(1)
+            }
+            Mnemonic::Call => {
+                in_prologue = false;
+                sites.push((insn.next_ip(), frame));
+            }
+            m if insn.is_jcc_short_or_near() || m == Mnemonic::Jmp || m == Mnemonic::Ret => {
+                in_prologue = false;
+            }
+            _ => {}
+        }
+    }
+    sites
+}
+
 /// Syscall tracing attached to one process.
 pub struct SyscallTracing {
     events: RingBuf<MapData>,
@@ -99,6 +137,24 @@ impl SyscallTracing {
         maps: &ProcMaps,
     ) -> Result<SyscallTracing, SyscallsError> {
         // Wrapper sites: a missing wrapper only costs the caller frame of its stacks.
+        if let Ok(functions) = libc::functions(libc_host_path, &[], &INTERMEDIARIES) {
+            let mut calls: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
+                ebpf.map_mut("CALL_SITES")
+                    .ok_or(SyscallsError::Map("CALL_SITES", aya::maps::MapError::InvalidName {
+                        name: "CALL_SITES".into(),
+                    }))?,
+            )
+            .map_err(|e| SyscallsError::Map("CALL_SITES", e))?;
+            for f in functions.values() {
+                for (after, frame) in call_sites(&f.prologue) {
+                    if let Some(addr) = address_of(maps, libc_target_path, f.file_offset + after) {
+                        calls
+                            .insert(addr, frame, 0)
+                            .map_err(|e| SyscallsError::Map("CALL_SITES", e))?;
+                    }
+                }
+            }
+        }
         if let Ok(functions) = libc::functions(libc_host_path, &[], &WRAPPERS) {
             let mut sites: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
                 ebpf.map_mut("SYSCALL_SITES")
@@ -184,6 +240,16 @@ mod tests {
             0x48, 0x83, 0xec, 0x58, 0x4c, 0x89, 0x44, 0x24, 0x40, 0xb8, 0x19, 0, 0, 0, 0x0f, 0x05,
         ];
         assert_eq!(syscall_sites(&code), vec![(16, 0x58)]);
+    }
+
+    #[test]
+    fn glibc_sbrk_calls_brk_with_three_registers_pushed() {
+        let path = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        let functions = libc::functions(path, &[], &INTERMEDIARIES).unwrap();
+        let sites = call_sites(&functions["sbrk"].prologue);
+        // Two calls to brk within the first 128 bytes, both with push r12, rbp, rbx done.
+        assert!(sites.len() >= 2, "{sites:?}");
+        assert!(sites.iter().all(|&(_, frame)| frame == 24), "{sites:?}");
     }
 
     #[test]

@@ -1,0 +1,50 @@
+//! --min-age: only blocks at least that old count as live, which separates a leak from a
+//! working set. Allocation times come from the kernel's monotonic clock at each allocation.
+
+mod support;
+
+use support::{TempDir, build_fixture, describe_top, record_launch, setup, usage_by_caller};
+
+#[test]
+fn min_age_counts_only_blocks_older_than_it() {
+    setup();
+    let dir = TempDir::new("min_age");
+    let fixture = build_fixture(&dir, "ages");
+
+    let plain = record_launch(&dir, &[&fixture]);
+    assert!(plain.finished.status.success(), "{}", plain.finished.describe());
+    let (old, new) = (usage_by_caller(&plain.report, "old_blocks"), usage_by_caller(&plain.report, "new_blocks"));
+    assert_eq!((old.live_bytes, new.live_bytes), (10_000, 20_000), "{}", describe_top(&plain.report, 5));
+
+    let launch = {
+        let report_path = dir.join("aged.json");
+        let finished = support::run_tracer(
+            &[
+                "record".as_ref(),
+                "--min-age".as_ref(),
+                "1s".as_ref(),
+                "--top".as_ref(),
+                "0".as_ref(),
+                "--format".as_ref(),
+                "json".as_ref(),
+                "-o".as_ref(),
+                report_path.as_os_str(),
+                "--".as_ref(),
+                fixture.as_os_str(),
+            ],
+            support::EXIT_TIMEOUT,
+        );
+        assert!(finished.status.success(), "{}", finished.describe());
+        support::parse_report(&std::fs::read_to_string(&report_path).expect("report"), &finished)
+    };
+    let (old, new) = (usage_by_caller(&launch, "old_blocks"), usage_by_caller(&launch, "new_blocks"));
+    assert_eq!(
+        (old.live_bytes, old.live_allocs, new.live_bytes, new.live_allocs),
+        (10_000, 10, 0, 0),
+        "with --min-age 1s only the blocks from 2 s before exit are live\n{}",
+        describe_top(&launch, 5)
+    );
+    // Allocated totals do not depend on age.
+    assert_eq!((new.alloc_bytes, new.allocs), (20_000, 10));
+    assert_eq!(launch["min_age_ms"].as_u64(), Some(1000));
+}
