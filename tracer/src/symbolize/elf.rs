@@ -1,61 +1,319 @@
-//! Function names for (module, file offset) pairs, read from ELF `.symtab` and `.dynsym`, and
-//! demangling of C++ and Rust names.
+//! Names for (module, file offset) pairs: function names from ELF `.symtab`/`.dynsym`, file,
+//! line and inlined functions from DWARF (in the module or its separate debug file), JIT names
+//! from perf maps; and demangling of C++ and Rust names. [`Symbolizer::symbolize_frame`] is the
+//! one entry point reports use.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, FileKind};
 
-/// Resolves file offsets in modules to function names, parsing each module once.
+use super::debuglink::{DebugRefs, DebugSearch, hex};
+use super::dwarf::Dwarf;
+use super::maps::ProcMaps;
+use super::mmap::Mmap;
+use super::perfmap::{PerfMapFile, split_jit_name};
+
+/// Resolves frames to names, parsing each module once.
 #[derive(Debug)]
 pub struct Symbolizer {
     root: PathBuf,
+    search: DebugSearch,
     /// `None` caches a module that could not be opened or parsed, so it is not retried for every
     /// address.
-    modules: HashMap<String, Option<SymbolTable>>,
+    modules: HashMap<String, Option<Module>>,
+    jit: Jit,
+}
+
+/// Everything kept of one module.
+#[derive(Debug)]
+struct Module {
+    /// Program headers and symbols of the module file itself.
+    table: SymbolTable,
+    /// Symbols of its separate debug file, for a stripped module.
+    debug_table: Option<SymbolTable>,
+    /// From the separate debug file when there is one, else from the module.
+    dwarf: Option<Dwarf>,
+    build_id: Option<Vec<u8>>,
+}
+
+impl Module {
+    fn load(root: &Path, module: &str, search: &DebugSearch) -> Option<Module> {
+        let path = root.join(module.trim_start_matches('/'));
+        let map = Mmap::open(&path)?;
+        let table = SymbolTable::build_from(map.as_slice())?;
+        let refs = object::File::parse(map.as_slice())
+            .map(|f| DebugRefs::of(&f))
+            .unwrap_or_default();
+        let (dwarf, debug_table) = match search.find(root, module, &refs) {
+            Some(debug) => {
+                let debug_table = SymbolTable::build_from(debug.map.as_slice());
+                // A debug file without DWARF (symbols only) still names functions; the
+                // module's own DWARF, if any, is then the better source of lines.
+                match Dwarf::load(debug.map) {
+                    Some(dwarf) => (Some(dwarf), debug_table),
+                    None if refs.has_dwarf => (Dwarf::load(map), debug_table),
+                    None => (None, debug_table),
+                }
+            }
+            None if refs.has_dwarf => (Dwarf::load(map), None),
+            None => (None, None),
+        };
+        Some(Module {
+            table,
+            debug_table,
+            dwarf,
+            build_id: refs.build_id,
+        })
+    }
+
+    /// Everything known at file offset `offset`; `return_address` says the offset is where a
+    /// call returns to, so the call itself (one byte before) is what gets named.
+    fn frames(&mut self, offset: u64, return_address: bool) -> Vec<SymFrame> {
+        let Some(vaddr) = self.table.vaddr(offset) else {
+            return vec![SymFrame::native(None)];
+        };
+        let probe = if return_address {
+            vaddr.saturating_sub(1)
+        } else {
+            vaddr
+        };
+        let symbol = self
+            .table
+            .function_at(probe)
+            .or_else(|| self.debug_table.as_mut().and_then(|t| t.function_at(probe)));
+        let dwarf = self
+            .dwarf
+            .as_ref()
+            .map(|d| d.frames(probe))
+            .unwrap_or_default();
+        if dwarf.is_empty() {
+            return vec![SymFrame::native(symbol)];
+        }
+        let last = dwarf.len() - 1;
+        dwarf
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| SymFrame {
+                // The symbol table's name is the one the rest of the report uses for the real
+                // frame (DWARF may only have a short name); DWARF names the inlined ones.
+                function: if i == last {
+                    symbol.clone().or(d.function)
+                } else {
+                    d.function
+                },
+                file: d.file,
+                line: d.line,
+                inlined: i != last,
+                kind: FrameKind::Native,
+            })
+            .collect()
+    }
+}
+
+/// JIT code of the one process being recorded.
+#[derive(Debug, Default)]
+struct Jit {
+    perf_map: Option<PerfMapFile>,
+    /// Anonymous executable memory ever seen in the process, sorted and merged: code that no
+    /// file backs, which is what a JIT writes.
+    exec_ranges: Vec<(u64, u64)>,
+    /// Frames in such memory that no perf map named.
+    unnamed: u64,
+}
+
+impl Jit {
+    fn in_exec_range(&self, addr: u64) -> bool {
+        let i = self.exec_ranges.partition_point(|&(s, _)| s <= addr);
+        i > 0 && addr < self.exec_ranges[i - 1].1
+    }
+
+    fn add_exec_ranges(&mut self, maps: &ProcMaps) {
+        let before = self.exec_ranges.len();
+        for m in maps.mappings() {
+            let anonymous = m.path.as_deref().is_none_or(|p| p.starts_with("[anon"));
+            if anonymous && m.perms.contains('x') {
+                self.exec_ranges.push((m.start, m.end));
+            }
+        }
+        if self.exec_ranges.len() == before {
+            return;
+        }
+        self.exec_ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.exec_ranges.len());
+        for &(s, e) in &self.exec_ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.exec_ranges = merged;
+    }
 }
 
 impl Symbolizer {
     /// `root` is the directory the target's paths are relative to, e.g. `/proc/1234/root` so
     /// that a process in another mount namespace is read through its own view, or `/`.
+    /// Separate debug files are looked for under `ROOT/usr/lib/debug`.
     pub fn new(root: impl Into<PathBuf>) -> Symbolizer {
         Symbolizer {
             root: root.into(),
+            search: DebugSearch::default(),
             modules: HashMap::new(),
+            jit: Jit::default(),
         }
+    }
+
+    /// Also looks for separate debug files (`.build-id/xx/yyyy.debug`, debuglink names) in these
+    /// directories, given as paths of this host, before the standard one.
+    pub fn with_debug_dirs(mut self, dirs: Vec<PathBuf>) -> Symbolizer {
+        self.search.dirs = dirs;
+        self
+    }
+
+    /// Names JIT frames of process `pid` (as this host sees it) from its perf map,
+    /// `/tmp/perf-<pid in its own namespace>.map` under the root. Call while it is alive.
+    pub fn set_jit_pid(&mut self, pid: u32) {
+        let ns_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|ids| ids.split_whitespace().last()?.parse::<u32>().ok())
+            })
+            .unwrap_or(pid);
+        let path = self.root.join(format!("tmp/perf-{ns_pid}.map"));
+        let mut file = PerfMapFile::new(path);
+        file.refresh();
+        self.jit.perf_map = Some(file);
+    }
+
+    /// Takes in what changed in the process since the last call: JIT code regions from its
+    /// memory map, and entries appended to its perf map. Call at each maps refresh and before
+    /// each report; a perf map can only be read through the root while the process lives.
+    pub fn refresh(&mut self, maps: &ProcMaps) {
+        self.jit.add_exec_ranges(maps);
+        if let Some(file) = &mut self.jit.perf_map {
+            file.refresh();
+        }
+    }
+
+    fn module(&mut self, module: &str) -> Option<&mut Module> {
+        if !self.modules.contains_key(module) {
+            let loaded = Module::load(&self.root, module, &self.search);
+            self.modules.insert(module.to_owned(), loaded);
+        }
+        self.modules.get_mut(module)?.as_mut()
     }
 
     /// Function containing `file_offset` in module `module` (a path as the target sees it; it is
     /// opened as root.join(path without leading '/')), demangled. None when the module cannot be
     /// read or no symbol covers it.
     pub fn function(&mut self, module: &str, file_offset: u64) -> Option<String> {
-        if !self.modules.contains_key(module) {
-            let path = self.root.join(module.trim_start_matches('/'));
-            self.modules
-                .insert(module.to_owned(), SymbolTable::load(&path));
-        }
-        self.modules
-            .get_mut(module)?
-            .as_mut()?
-            .function(file_offset)
+        let m = self.module(module)?;
+        let vaddr = m.table.vaddr(file_offset)?;
+        m.table
+            .function_at(vaddr)
+            .or_else(|| m.debug_table.as_mut()?.function_at(vaddr))
+    }
+
+    /// Hex build id of a module, when it has one.
+    pub fn build_id(&mut self, module: &str) -> Option<String> {
+        self.module(module)?.build_id.as_deref().map(hex)
+    }
+
+    /// [`Symbolizer::symbolize_frame`] for an exact code address (not a return address), with
+    /// the address unknown beyond the offset.
+    pub fn symbolize(&mut self, module: Option<&str>, file_offset: u64) -> Vec<SymFrame> {
+        self.symbolize_frame(module, file_offset, file_offset, false)
     }
 
     /// Everything known of one normalized frame, outermost function last: inlined functions
-    /// (when debug information says so) come first, each with `inlined` set.
-    pub fn symbolize(&mut self, module: Option<&str>, file_offset: u64) -> Vec<SymFrame> {
-        let function = module.and_then(|m| self.function(m, file_offset));
-        let kind = if module.is_some() { FrameKind::Native } else { FrameKind::Unknown };
+    /// (when DWARF says so) come first, each with `inlined` set. `address` is the runtime
+    /// address (JIT code is named by it); `return_address` is true for every frame but the
+    /// leaf, whose call instruction is what should be named.
+    pub fn symbolize_frame(
+        &mut self,
+        module: Option<&str>,
+        file_offset: u64,
+        address: u64,
+        return_address: bool,
+    ) -> Vec<SymFrame> {
+        let probe = if return_address {
+            address.saturating_sub(1)
+        } else {
+            address
+        };
+        if let Some(m) = module {
+            let frames = match self.module(m) {
+                Some(loaded) => loaded.frames(file_offset, return_address),
+                None => vec![SymFrame::native(None)],
+            };
+            let named = frames.iter().any(|f| f.function.is_some());
+            if !named && let Some(jit) = self.jit_frame(probe) {
+                // Code in a file mapping that a JIT wrote (a memfd) and its perf map names.
+                return vec![jit];
+            }
+            return frames;
+        }
+        if let Some(jit) = self.jit_frame(probe) {
+            return vec![jit];
+        }
+        if self.jit.in_exec_range(address) {
+            self.jit.unnamed += 1;
+            return vec![SymFrame {
+                function: None,
+                file: None,
+                line: None,
+                inlined: false,
+                kind: FrameKind::Jit,
+            }];
+        }
         vec![SymFrame {
-            function,
+            function: None,
             file: None,
             line: None,
             inlined: false,
-            kind,
+            kind: FrameKind::Unknown,
         }]
+    }
+
+    fn jit_frame(&self, probe: u64) -> Option<SymFrame> {
+        let name = self.jit.perf_map.as_ref()?.map.lookup(probe)?;
+        let split = split_jit_name(name);
+        Some(SymFrame {
+            function: Some(split.function),
+            file: split.file,
+            line: split.line,
+            inlined: false,
+            kind: FrameKind::Jit,
+        })
+    }
+
+    /// Deletes the process's perf map (when the tracer made node write it and node is gone).
+    pub fn remove_perf_map(&self) {
+        if let Some(file) = &self.jit.perf_map {
+            let _ = std::fs::remove_file(file.path());
+        }
+    }
+
+    /// One line for the user when JIT frames went unnamed because the process has no perf map.
+    pub fn jit_hint(&self) -> Option<String> {
+        let file = self.jit.perf_map.as_ref()?;
+        if self.jit.unnamed == 0 || file.found {
+            return None;
+        }
+        Some(format!(
+            "{} JIT frames are unnamed ([jit] 0x...): {} does not exist; for node, start it \
+             with --perf-basic-prof-only-functions --interpreted-frames-native-stack \
+             (`tracer record -- node ...` adds them)",
+            self.jit.unnamed,
+            file.path().display()
+        ))
     }
 }
 
@@ -79,6 +337,18 @@ pub struct SymFrame {
     pub line: Option<u32>,
     pub inlined: bool,
     pub kind: FrameKind,
+}
+
+impl SymFrame {
+    fn native(function: Option<String>) -> SymFrame {
+        SymFrame {
+            function,
+            file: None,
+            line: None,
+            inlined: false,
+            kind: FrameKind::Native,
+        }
+    }
 }
 
 /// Demangles C++ (Itanium) and Rust (legacy and v0, without the hash) names; anything else is
@@ -148,19 +418,16 @@ struct SymbolTable {
 const MAX_BACKWARD_SCAN: usize = 1024;
 
 impl SymbolTable {
-    fn load(path: &Path) -> Option<SymbolTable> {
-        let map = Mmap::open(path)?;
-        let data: &[u8] = map.as_slice();
+    fn build_from(data: &[u8]) -> Option<SymbolTable> {
         match FileKind::parse(data).ok()? {
             FileKind::Elf32 => build::<elf::FileHeader32<Endianness>>(data),
             FileKind::Elf64 => build::<elf::FileHeader64<Endianness>>(data),
             _ => None,
         }
-        // `map` is dropped here: only the compact table outlives the parse.
     }
 
-    fn function(&mut self, file_offset: u64) -> Option<String> {
-        let vaddr = self.vaddr(file_offset)?;
+    /// Demangled name of the function at virtual address `vaddr`.
+    fn function_at(&mut self, vaddr: u64) -> Option<String> {
         let idx = self.lookup(vaddr)?;
         let entry = self.entries[idx];
         let key = u32::try_from(idx).ok()?;
@@ -348,61 +615,12 @@ fn build<Elf: FileHeader<Endian = Endianness>>(data: &[u8]) -> Option<SymbolTabl
     })
 }
 
-/// A read-only private mapping of a whole file. Mapping rather than reading means only the pages
-/// of the headers and symbol tables are touched: a fraction of node's 98 MB.
-struct Mmap {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mmap {
-    fn open(path: &Path) -> Option<Mmap> {
-        let file = File::open(path).ok()?;
-        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
-        if len == 0 {
-            // mmap rejects a zero length, and an empty file has no symbols anyway.
-            return None;
-        }
-        // SAFETY: a fresh read-only private mapping of a file we opened; no Rust object aliases
-        // it. The descriptor may be closed afterwards: the mapping keeps its own reference.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        Some(Mmap { ptr, len })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live PROT_READ mapping of `len` bytes until `drop`. A file
-        // truncated by someone else while mapped would fault (SIGBUS) on access; the mapping is
-        // only held for the duration of one table build, which keeps that window short.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `open` mapped; no slice of it outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr, self.len);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::maps::ProcMaps;
     use super::*;
     use object::{Object, ObjectSegment, ObjectSymbol};
+    use std::fs::File;
     use std::time::Instant;
 
     const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
@@ -452,7 +670,10 @@ mod tests {
     #[test]
     fn node_array_buffer_allocator_resolves_by_file_offset() {
         // Node 20 is part of this project's machines (`cargo xtask prereqs` checks it).
-        assert!(Path::new(NODE).exists(), "{NODE} is missing: run `cargo xtask prereqs`");
+        assert!(
+            Path::new(NODE).exists(),
+            "{NODE} is missing: run `cargo xtask prereqs`"
+        );
         let mangled = "_ZN4node24NodeArrayBufferAllocator8AllocateEm";
         let off = file_offset_of(NODE, mangled);
         let mut s = Symbolizer::new("/");
@@ -543,6 +764,68 @@ mod tests {
         }
         assert_eq!(s.function("/does/not/exist", 0), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn jit_frames_are_named_from_the_perf_map_or_marked_as_jit() {
+        let root = std::env::temp_dir().join(format!("symbolize-jit-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let maps = ProcMaps::parse(
+            "7f0000000000-7f0000100000 rwxp 00000000 00:00 0\n\
+             7f0000200000-7f0000300000 rw-p 00000000 00:00 0\n",
+        )
+        .unwrap();
+
+        // No perf map: JIT code is marked, unnamed, and the hint says how to get names.
+        let mut s = Symbolizer::new(&root);
+        s.set_jit_pid(std::process::id());
+        s.refresh(&maps);
+        let f = s.symbolize_frame(None, 0x10, 0x7f0000000010, true);
+        assert_eq!(
+            (f[0].kind, f[0].function.as_deref()),
+            (FrameKind::Jit, None)
+        );
+        let hint = s.jit_hint().expect("a hint");
+        assert!(
+            hint.starts_with("1 JIT frames are unnamed") && hint.contains("perf-"),
+            "{hint}"
+        );
+        // Anonymous memory that is not executable, and unmapped memory, are unknown.
+        assert_eq!(
+            s.symbolize_frame(None, 0x10, 0x7f0000200010, true)[0].kind,
+            FrameKind::Unknown
+        );
+        assert_eq!(
+            s.symbolize_frame(None, 0x1234, 0x1234, true)[0].kind,
+            FrameKind::Unknown
+        );
+
+        // The perf map appears (the process wrote it later): the next refresh reads it.
+        let map = root.join(format!("tmp/perf-{}.map", std::process::id()));
+        std::fs::write(&map, "7f0000000000 10 JS:~retain /srv/a.js:3:1\n").unwrap();
+        let mut s = Symbolizer::new(&root);
+        s.set_jit_pid(std::process::id());
+        s.refresh(&maps);
+        // A return address just past the entry's end names the call inside it.
+        let f = s.symbolize_frame(None, 0x10, 0x7f0000000010, true);
+        assert_eq!(
+            f,
+            vec![SymFrame {
+                function: Some("retain".into()),
+                file: Some("/srv/a.js".into()),
+                line: Some(3),
+                inlined: false,
+                kind: FrameKind::Jit
+            }]
+        );
+        // As an exact address it is past the entry: JIT code without a name.
+        let f = s.symbolize_frame(None, 0x10, 0x7f0000000010, false);
+        assert_eq!(
+            (f[0].kind, f[0].function.as_deref()),
+            (FrameKind::Jit, None)
+        );
+        assert_eq!(s.jit_hint(), None, "the map exists: no hint");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -1,0 +1,421 @@
+//! `tracer diff`: what grew and what shrank between two saved JSON reports, stack by stack.
+//! Stacks are matched by their names (root to leaf), not addresses, so two runs of one program
+//! compare even though its libraries were loaded at other addresses.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::report::{
+    Report,
+    folded::{Metric, mixed_sources, stack_key},
+    svg,
+    text::human_bytes,
+};
+
+#[derive(Debug, Error)]
+pub enum DiffError {
+    #[error("read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a tracer JSON report", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// How `tracer diff` shows its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffFormat {
+    /// Stacks that grew and shrank, largest change first.
+    Text,
+    /// `stack BEFORE AFTER` lines.
+    Folded,
+    /// A differential flamegraph.
+    Svg,
+}
+
+/// What `tracer diff` is asked to do.
+#[derive(Clone, Debug)]
+pub struct DiffOptions {
+    pub before: PathBuf,
+    pub after: PathBuf,
+    pub format: DiffFormat,
+    pub metric: Metric,
+    /// stdout when None.
+    pub output: Option<PathBuf>,
+}
+
+/// Renders a diff in `format`.
+pub fn write(d: &Diff, format: DiffFormat, out: &mut dyn Write) -> std::io::Result<()> {
+    match format {
+        DiffFormat::Text => write_text(d, out),
+        DiffFormat::Folded => write_folded(d, out),
+        DiffFormat::Svg => write_svg(d, out),
+    }
+}
+
+/// Reads a report written by `tracer record --format json`.
+pub fn read_report(path: &Path) -> Result<Report, DiffError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DiffError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| DiffError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// One stack, by name, in both reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackDiff {
+    /// Folded form, root first.
+    pub key: String,
+    pub before: u64,
+    pub after: u64,
+}
+
+impl StackDiff {
+    pub fn change(&self) -> i128 {
+        i128::from(self.after) - i128::from(self.before)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Diff {
+    pub metric: Metric,
+    pub before: Side,
+    pub after: Side,
+    /// Every stack present in either report, largest change first (growth before shrink at
+    /// equal size), then by name.
+    pub stacks: Vec<StackDiff>,
+}
+
+/// What is said about one report.
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub pid: u32,
+    pub command: String,
+    pub duration_ms: u64,
+    /// The metric over every stack recorded (from the totals where they have it).
+    pub total: u64,
+    pub stacks_shown: usize,
+    pub stacks_total: usize,
+}
+
+fn side(report: &Report, metric: Metric) -> Side {
+    let total = match metric {
+        Metric::Live => report.totals.live_bytes,
+        Metric::Allocated => report.totals.alloc_bytes,
+        Metric::Growth => report.stacks.iter().map(|s| metric.of(s)).sum(),
+    };
+    Side {
+        pid: report.pid,
+        command: report.command.clone(),
+        duration_ms: report.duration_ms,
+        total,
+        stacks_shown: report.stacks.len(),
+        stacks_total: report.stacks_total,
+    }
+}
+
+pub fn diff(before: &Report, after: &Report, metric: Metric) -> Diff {
+    let with_source = mixed_sources(before) || mixed_sources(after);
+    let mut merged: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for s in &before.stacks {
+        merged.entry(stack_key(s, with_source)).or_default().0 += metric.of(s);
+    }
+    for s in &after.stacks {
+        merged.entry(stack_key(s, with_source)).or_default().1 += metric.of(s);
+    }
+    let mut stacks: Vec<StackDiff> = merged
+        .into_iter()
+        .filter(|(_, (b, a))| *b > 0 || *a > 0)
+        .map(|(key, (before, after))| StackDiff { key, before, after })
+        .collect();
+    stacks.sort_by(|x, y| {
+        (y.change().abs(), y.change() > 0, &x.key).cmp(&(x.change().abs(), x.change() > 0, &y.key))
+    });
+    Diff {
+        metric,
+        before: side(before, metric),
+        after: side(after, metric),
+        stacks,
+    }
+}
+
+fn signed_bytes(change: i128) -> String {
+    let sign = if change < 0 { '-' } else { '+' };
+    let abs = change.unsigned_abs();
+    let abs64 = u64::try_from(abs).unwrap_or(u64::MAX);
+    format!("{sign}{} ({sign}{abs} B)", human_bytes(abs64))
+}
+
+fn describe_side(label: &str, s: &Side, metric: Metric) -> String {
+    format!(
+        "{label} pid {} ({}), recorded {:.1} s: {} {} ({} B), {} of {} stacks in the report",
+        s.pid,
+        s.command,
+        s.duration_ms as f64 / 1000.0,
+        metric.describe(),
+        human_bytes(s.total),
+        s.total,
+        s.stacks_shown,
+        s.stacks_total
+    )
+}
+
+pub fn write_text(d: &Diff, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "{}", describe_side("before:", &d.before, d.metric))?;
+    writeln!(out, "{}", describe_side("after: ", &d.after, d.metric))?;
+    writeln!(
+        out,
+        "change: {}",
+        signed_bytes(i128::from(d.after.total) - i128::from(d.before.total))
+    )?;
+    for (label, s) in [("before", &d.before), ("after", &d.after)] {
+        if s.stacks_shown < s.stacks_total {
+            writeln!(
+                out,
+                "note: the {label} report holds {} of its {} stacks; the others count as 0 here \
+                 (record with --top 0 for a complete diff)",
+                s.stacks_shown, s.stacks_total
+            )?;
+        }
+    }
+    let grew: Vec<&StackDiff> = d.stacks.iter().filter(|s| s.change() > 0).collect();
+    let shrank: Vec<&StackDiff> = d.stacks.iter().filter(|s| s.change() < 0).collect();
+    let unchanged = d.stacks.len() - grew.len() - shrank.len();
+    for (title, list) in [("grew", &grew), ("shrank", &shrank)] {
+        writeln!(
+            out,
+            "\n{title}: {} stack{} (leaf first)",
+            list.len(),
+            if list.len() == 1 { "" } else { "s" }
+        )?;
+        for s in list {
+            writeln!(
+                out,
+                "\n{}: {} B -> {} B",
+                signed_bytes(s.change()),
+                s.before,
+                s.after
+            )?;
+            for frame in s.key.rsplit(';') {
+                writeln!(out, "      {frame}")?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "\nunchanged: {unchanged} stack{}",
+        if unchanged == 1 { "" } else { "s" }
+    )?;
+    Ok(())
+}
+
+/// `stack BEFORE AFTER` lines, the differential folded format of difffolded.pl and inferno.
+pub fn folded_lines(d: &Diff) -> Vec<String> {
+    let mut lines: Vec<&StackDiff> = d.stacks.iter().collect();
+    lines.sort_by(|a, b| a.key.cmp(&b.key));
+    lines
+        .into_iter()
+        .map(|s| format!("{} {} {}", s.key, s.before, s.after))
+        .collect()
+}
+
+pub fn write_folded(d: &Diff, out: &mut dyn Write) -> std::io::Result<()> {
+    for line in folded_lines(d) {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+pub fn write_svg(d: &Diff, out: &mut dyn Write) -> std::io::Result<()> {
+    let title = format!(
+        "{}: {}, pid {} -> pid {}",
+        d.after.command,
+        d.metric.describe(),
+        d.before.pid,
+        d.after.pid
+    );
+    let subtitle = format!(
+        "widths: after ({} B); red grew, blue shrank; change {}",
+        d.after.total,
+        signed_bytes(i128::from(d.after.total) - i128::from(d.before.total))
+    );
+    svg::write_diff(&title, subtitle, &folded_lines(d), out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::folded::tests::{frame, report, stack};
+
+    fn reports() -> (Report, Report) {
+        let libc = Some("/lib/libc.so.6");
+        let app = Some("/bin/app");
+        let before = report(vec![
+            stack(
+                1000,
+                1000,
+                vec![
+                    frame(Some("malloc"), libc, 1),
+                    frame(Some("cache_put"), app, 2),
+                ],
+            ),
+            stack(
+                500,
+                500,
+                vec![
+                    frame(Some("malloc"), libc, 1),
+                    frame(Some("session_new"), app, 3),
+                ],
+            ),
+            stack(
+                64,
+                64,
+                vec![
+                    frame(Some("malloc"), libc, 1),
+                    frame(Some("steady"), app, 4),
+                ],
+            ),
+        ]);
+        // Other addresses (another run), same names.
+        let mut after = report(vec![
+            stack(
+                3000,
+                3000,
+                vec![
+                    frame(Some("malloc"), libc, 11),
+                    frame(Some("cache_put"), app, 12),
+                ],
+            ),
+            stack(
+                64,
+                64,
+                vec![
+                    frame(Some("malloc"), libc, 11),
+                    frame(Some("steady"), app, 14),
+                ],
+            ),
+            stack(
+                200,
+                200,
+                vec![
+                    frame(Some("malloc"), libc, 11),
+                    frame(Some("new_path"), app, 15),
+                ],
+            ),
+        ]);
+        after.pid = 8;
+        (before, after)
+    }
+
+    #[test]
+    fn stacks_match_by_name_and_sort_by_change() {
+        let (before, after) = reports();
+        let d = diff(&before, &after, Metric::Live);
+        let got: Vec<(&str, u64, u64)> = d
+            .stacks
+            .iter()
+            .map(|s| (s.key.as_str(), s.before, s.after))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("cache_put;malloc", 1000, 3000),
+                ("session_new;malloc", 500, 0),
+                ("new_path;malloc", 0, 200),
+                ("steady;malloc", 64, 64),
+            ]
+        );
+        assert_eq!((d.before.total, d.after.total), (1564, 3264));
+    }
+
+    #[test]
+    fn text_folded_and_svg() {
+        let (before, after) = reports();
+        let d = diff(&before, &after, Metric::Live);
+        let mut text = Vec::new();
+        write_text(&d, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let expected = "\
+before: pid 7 (app), recorded 1.0 s: live bytes 1.5 KiB (1564 B), 3 of 3 stacks in the report
+after:  pid 8 (app), recorded 1.0 s: live bytes 3.2 KiB (3264 B), 3 of 3 stacks in the report
+change: +1.7 KiB (+1700 B)
+
+grew: 2 stacks (leaf first)
+
++2.0 KiB (+2000 B): 1000 B -> 3000 B
+      malloc
+      cache_put
+
++200 B (+200 B): 0 B -> 200 B
+      malloc
+      new_path
+
+shrank: 1 stack (leaf first)
+
+-500 B (-500 B): 500 B -> 0 B
+      malloc
+      session_new
+
+unchanged: 1 stack
+";
+        assert_eq!(text, expected);
+
+        let mut folded = Vec::new();
+        write_folded(&d, &mut folded).unwrap();
+        assert_eq!(
+            String::from_utf8(folded).unwrap(),
+            "cache_put;malloc 1000 3000\nnew_path;malloc 0 200\nsession_new;malloc 500 0\nsteady;malloc 64 64\n"
+        );
+
+        let mut svg = Vec::new();
+        write_svg(&d, &mut svg).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(
+            svg.contains("app: live bytes, pid 7 -&gt; pid 8")
+                || svg.contains("app: live bytes, pid 7 -> pid 8")
+        );
+        // inferno's differential tooltips carry the change in percent.
+        assert!(svg.contains("cache_put (3,000 bytes"), "{svg}");
+        assert!(svg.contains("+"), "growth is marked");
+    }
+
+    #[test]
+    fn an_incomplete_report_is_said_to_be() {
+        let (mut before, after) = reports();
+        before.stacks_total = 10;
+        let d = diff(&before, &after, Metric::Live);
+        let mut text = Vec::new();
+        write_text(&d, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("note: the before report holds 3 of its 10 stacks"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unreadable_and_non_report_files_are_errors_naming_the_file() {
+        let err = read_report(Path::new("/nonexistent/before.json")).unwrap_err();
+        assert_eq!(err.to_string(), "read /nonexistent/before.json");
+        let path = std::env::temp_dir().join(format!("diff-test-{}.json", std::process::id()));
+        std::fs::write(&path, "{\"not\": \"a report\"}").unwrap();
+        let err = read_report(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{} is not a tracer JSON report", path.display())
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}

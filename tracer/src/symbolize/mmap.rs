@@ -1,0 +1,76 @@
+//! Read-only mappings of module and debug files: only the pages a lookup touches are read, a
+//! fraction of a 98 MB node binary.
+
+use std::fs::File;
+use std::path::Path;
+
+/// A read-only private mapping of a whole file.
+#[derive(Debug)]
+pub(crate) struct Mmap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; sharing or moving it between threads
+// is no different from sharing a `&[u8]`.
+unsafe impl Send for Mmap {}
+// SAFETY: as above: nothing ever writes through `ptr`.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    pub(crate) fn open(path: &Path) -> Option<Mmap> {
+        let file = File::open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() {
+            // A directory or a device: nothing to symbolize from, and mmap would fail or block.
+            return None;
+        }
+        let len = usize::try_from(meta.len()).ok()?;
+        if len == 0 {
+            // mmap rejects a zero length, and an empty file has no symbols anyway.
+            return None;
+        }
+        // SAFETY: a fresh read-only private mapping of a file we opened; no Rust object aliases
+        // it. The descriptor may be closed afterwards: the mapping keeps its own reference.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Mmap { ptr, len })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live PROT_READ mapping of `len` bytes until `drop`. A file
+        // truncated by someone else while mapped would fault (SIGBUS) on access; module files
+        // are executables and libraries in use, which are not truncated in place.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+
+    /// The mapped bytes with a lifetime the caller vouches for.
+    ///
+    /// # Safety
+    /// The caller must drop every borrow of the returned slice before this `Mmap` is dropped
+    /// (e.g. by declaring the borrowing field before the `Mmap` in the same struct).
+    pub(crate) unsafe fn as_static_slice(&self) -> &'static [u8] {
+        // SAFETY: as in `as_slice`; the lifetime is the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `open` mapped; no slice of it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
