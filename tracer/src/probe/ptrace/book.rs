@@ -1,0 +1,481 @@
+//! Allocation bookkeeping of the ptrace backend: the rules of the BPF programs
+//! (tracer-ebpf/src/allocator.rs and stack.rs) as plain Rust, fed with what the breakpoints
+//! saw, so that both backends count every call the same way.
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use tracer_common::{AllocKind, STACK_LOST, StackStats, counter};
+
+use crate::probe::{Counters, Snapshot, StackSample, ebpf::Limits};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// A live block: its requested size and the stack that allocated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Live {
+    size: u64,
+    stack: u64,
+    born: Instant,
+}
+
+/// An outermost allocator call between its entry and its return (per thread).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub kind: AllocKind,
+    /// Bytes the call allocates if it succeeds.
+    pub size: u64,
+    /// realloc/reallocarray: the block passed in; posix_memalign: `memptr`.
+    pub ptr_arg: u64,
+    /// Stack key of the call, or [`STACK_LOST`].
+    pub stack: u64,
+    /// realloc: the old block, taken out of the live table at entry.
+    old: Option<Live>,
+    /// calloc/reallocarray/pvalloc whose size overflowed: the call must fail.
+    overflow: bool,
+}
+
+/// Live blocks, per-stack totals, stacks and counters of one recording.
+pub struct Book {
+    limits: Limits,
+    live: HashMap<u64, Live>,
+    stats: HashMap<u64, StackStats>,
+    stacks: HashMap<u64, Vec<u64>>,
+    counters: [u64; counter::COUNT as usize],
+}
+
+/// FNV-1a over the frames, as the BPF side keys its stacks.
+fn stack_hash(frames: &[u64]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &f in frames {
+        hash = (hash ^ f).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if hash == STACK_LOST { 1 } else { hash }
+}
+
+/// What the BPF side keeps of a captured stack (see `clean_frames` in ebpf.rs): the caller in
+/// slot 1 appears once, and an unreadable (zero) caller goes.
+pub fn clean_frames(mut frames: Vec<u64>) -> Vec<u64> {
+    if frames.len() > 2 && frames[1] == frames[2] {
+        frames.remove(2);
+    }
+    if frames.len() > 1 && frames[1] == 0 {
+        frames.remove(1);
+    }
+    frames
+}
+
+impl Book {
+    pub fn new(limits: Limits) -> Book {
+        let mut stats = HashMap::new();
+        // As on the BPF side, allocations whose stack is lost are counted under this key,
+        // which exists from the start and takes one slot of the stats table.
+        stats.insert(STACK_LOST, StackStats::default());
+        Book {
+            limits,
+            live: HashMap::new(),
+            stats,
+            stacks: HashMap::new(),
+            counters: [0; counter::COUNT as usize],
+        }
+    }
+
+    fn count(&mut self, index: u32) {
+        self.counters[index as usize] += 1;
+    }
+
+    /// Counts a reason a stack was lost (the stack could not be read at all).
+    pub fn stack_unavailable(&mut self) {
+        self.count(counter::DROP_STACK_UNAVAILABLE);
+    }
+
+    /// Stores `frames` (leaf first, raw as captured) and returns its key, or [`STACK_LOST`]
+    /// when the stack table is full.
+    pub fn intern_stack(&mut self, frames: &[u64]) -> u64 {
+        let id = stack_hash(frames);
+        if !self.stacks.contains_key(&id) {
+            if self.stacks.len() >= self.limits.max_stacks as usize {
+                self.count(counter::DROP_STACK_MAP_FULL);
+                return STACK_LOST;
+            }
+            self.stacks.insert(id, clean_frames(frames.to_vec()));
+        }
+        id
+    }
+
+    /// An outermost allocator call entered with arguments `args`; `stack` is its key.
+    pub fn enter(&mut self, kind: AllocKind, args: [u64; 3], stack: u64) -> Pending {
+        let [a0, a1, a2] = args;
+        let mut overflow = false;
+        let mut ptr_arg = 0;
+        let mut checked = |v: Option<u64>| {
+            v.unwrap_or_else(|| {
+                overflow = true;
+                0
+            })
+        };
+        let size = match kind {
+            AllocKind::Malloc | AllocKind::Valloc => a0,
+            // glibc returns a whole number of pages (one page for 0).
+            AllocKind::Pvalloc => checked(a0.div_ceil(PAGE_SIZE).max(1).checked_mul(PAGE_SIZE)),
+            AllocKind::Calloc => checked(a0.checked_mul(a1)),
+            AllocKind::Realloc => {
+                ptr_arg = a0;
+                a1
+            }
+            AllocKind::Reallocarray => {
+                ptr_arg = a0;
+                checked(a1.checked_mul(a2))
+            }
+            AllocKind::PosixMemalign => {
+                ptr_arg = a0;
+                a2
+            }
+            AllocKind::Memalign => a1,
+        };
+        let mut old = None;
+        if matches!(kind, AllocKind::Realloc | AllocKind::Reallocarray) && ptr_arg != 0 {
+            // Taken out now, as on the BPF side, where another thread could be handed the
+            // address once realloc released it and before its return was seen.
+            old = self.live.remove(&ptr_arg);
+        }
+        Pending {
+            kind,
+            size,
+            ptr_arg,
+            stack,
+            old,
+            overflow,
+        }
+    }
+
+    /// The outermost call returned `ret`. For posix_memalign, `memptr` is what `*memptr`
+    /// held at the return (None if it could not be read).
+    pub fn exit(&mut self, pending: Pending, ret: u64, memptr: Option<u64>) {
+        let (ok, addr) = if pending.kind == AllocKind::PosixMemalign {
+            // posix_memalign returns 0 or an error number; the block is in *memptr.
+            match (ret as u32, memptr) {
+                (0, Some(addr)) => (addr != 0, addr),
+                _ => (false, 0),
+            }
+        } else {
+            (ret != 0, ret)
+        };
+
+        if pending.ptr_arg != 0
+            && matches!(pending.kind, AllocKind::Realloc | AllocKind::Reallocarray)
+        {
+            // realloc(p, 0) frees p and returns NULL; any other NULL leaves p untouched.
+            let released = !pending.overflow && (ok || pending.size == 0);
+            match (released, pending.old) {
+                (false, Some(old)) => self.restore_old(pending.ptr_arg, old),
+                (false, None) => {}
+                (true, Some(old)) => {
+                    self.add_stats(old.stack, -(old.size as i64), -1, 0, 0);
+                    self.count(counter::FREES);
+                }
+                (true, None) => self.count(counter::UNMATCHED_FREES),
+            }
+        }
+
+        if ok {
+            self.record_alloc(addr, pending.size, pending.stack);
+        } else if !(pending.size == 0 && pending.ptr_arg != 0 && !pending.overflow) {
+            // A NULL from realloc(p, 0) is its success, not a failure.
+            self.count(counter::FAILED_ALLOCS);
+        }
+    }
+
+    /// free(ptr) outside any allocator call of the same thread.
+    pub fn free(&mut self, ptr: u64) {
+        if ptr == 0 {
+            return;
+        }
+        match self.live.remove(&ptr) {
+            Some(live) => {
+                self.add_stats(live.stack, -(live.size as i64), -1, 0, 0);
+                self.count(counter::FREES);
+            }
+            None => self.count(counter::UNMATCHED_FREES),
+        }
+    }
+
+    /// A pending call that will never return where we can see it (its thread exited, or the
+    /// process was detached mid-call): a realloc's old block goes back to being live.
+    pub fn abandon(&mut self, pending: Pending) {
+        if let Some(old) = pending.old {
+            self.restore_old(pending.ptr_arg, old);
+        }
+    }
+
+    fn restore_old(&mut self, ptr: u64, old: Live) {
+        if self.live.len() >= self.limits.max_live as usize {
+            self.count(counter::DROP_LIVE_FULL);
+            self.add_stats(old.stack, -(old.size as i64), -1, 0, 0);
+        } else {
+            self.live.insert(ptr, old);
+        }
+    }
+
+    fn record_alloc(&mut self, addr: u64, size: u64, stack: u64) {
+        if let Some(stale) = self.live.remove(&addr) {
+            // We hold this address as live, yet the allocator handed it out again: its free
+            // went by unseen. Retire it from its stack before reusing the slot.
+            self.add_stats(stale.stack, -(stale.size as i64), -1, 0, 0);
+            self.count(counter::STALE_LIVE);
+        }
+        let stack = self.stats_key(stack);
+        if self.live.len() < self.limits.max_live as usize {
+            self.live.insert(
+                addr,
+                Live {
+                    size,
+                    stack,
+                    born: Instant::now(),
+                },
+            );
+            self.add(stack, size as i64, 1, size, 1);
+        } else {
+            // Not tracked as live (its free could not be matched), but still allocated.
+            self.count(counter::DROP_LIVE_FULL);
+            self.add(stack, 0, 0, size, 1);
+        }
+    }
+
+    /// The key `stack`'s totals are kept under: the lost-stack key when the table is full.
+    fn stats_key(&mut self, stack: u64) -> u64 {
+        if self.stats.contains_key(&stack) {
+            return stack;
+        }
+        if self.stats.len() >= self.limits.max_stacks as usize {
+            self.count(counter::DROP_STATS_FULL);
+            return STACK_LOST;
+        }
+        self.stats.insert(stack, StackStats::default());
+        stack
+    }
+
+    fn add_stats(
+        &mut self,
+        stack: u64,
+        live_bytes: i64,
+        live_allocs: i64,
+        bytes: u64,
+        allocs: u64,
+    ) {
+        let stack = self.stats_key(stack);
+        self.add(stack, live_bytes, live_allocs, bytes, allocs);
+    }
+
+    fn add(&mut self, stack: u64, live_bytes: i64, live_allocs: i64, bytes: u64, allocs: u64) {
+        if let Some(s) = self.stats.get_mut(&stack) {
+            s.live_bytes += live_bytes;
+            s.live_allocs += live_allocs;
+            s.alloc_bytes += bytes;
+            s.allocs += allocs;
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let c = |i: u32| self.counters[i as usize];
+        let mut stacks: Vec<StackSample> = self
+            .stats
+            .iter()
+            .map(|(&id, s)| StackSample {
+                id,
+                frames: self.stacks.get(&id).cloned().unwrap_or_default(),
+                live_bytes: s.live_bytes,
+                live_allocs: s.live_allocs,
+                alloc_bytes: s.alloc_bytes,
+                allocs: s.allocs,
+            })
+            .collect();
+        stacks.sort_by_key(|s| s.id);
+        Snapshot {
+            stacks,
+            counters: Counters {
+                frees: c(counter::FREES),
+                unmatched_frees: c(counter::UNMATCHED_FREES),
+                failed_allocs: c(counter::FAILED_ALLOCS),
+                dropped: vec![
+                    ("pending_map_full", c(counter::DROP_PENDING_FULL)),
+                    ("live_map_full", c(counter::DROP_LIVE_FULL)),
+                    ("stats_map_full", c(counter::DROP_STATS_FULL)),
+                    ("stack_map_full", c(counter::DROP_STACK_MAP_FULL)),
+                    ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
+                    ("missed_frees", c(counter::STALE_LIVE)),
+                    ("orphan_returns", c(counter::ORPHAN_RETURNS)),
+                ],
+            },
+        }
+    }
+
+    /// Frames of stack `id`, leaf first.
+    pub fn stack_frames(&self, id: u64) -> Option<Vec<u64>> {
+        self.stacks.get(&id).cloned()
+    }
+
+    /// Per stack, the bytes and number of live blocks allocated at least `min_age` ago.
+    pub fn live_older_than(&self, min_age: Duration) -> HashMap<u64, (u64, u64)> {
+        let now = Instant::now();
+        let mut by_stack: HashMap<u64, (u64, u64)> = HashMap::new();
+        for live in self.live.values() {
+            if now.duration_since(live.born) >= min_age {
+                let e = by_stack.entry(live.stack).or_default();
+                e.0 += live.size;
+                e.1 += 1;
+            }
+        }
+        by_stack
+    }
+
+    /// A return seen for a call whose entry was not (it cannot happen once breakpoints are in
+    /// before the threads run, but is counted rather than trusted).
+    pub fn orphan_return(&mut self) {
+        self.count(counter::ORPHAN_RETURNS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BIG: Limits = Limits {
+        max_live: 1024,
+        max_stacks: 1024,
+        sample_bytes: None,
+    };
+
+    fn totals(book: &Book, stack: u64) -> (i64, i64, u64, u64) {
+        let s = &book.stats[&stack];
+        (s.live_bytes, s.live_allocs, s.alloc_bytes, s.allocs)
+    }
+
+    fn call(book: &mut Book, kind: AllocKind, args: [u64; 3], stack: u64, ret: u64) {
+        let p = book.enter(kind, args, stack);
+        book.exit(p, ret, None);
+    }
+
+    #[test]
+    fn malloc_then_free_leaves_nothing_live() {
+        let mut b = Book::new(BIG);
+        let s = b.intern_stack(&[0x10, 0x20, 0x30]);
+        call(&mut b, AllocKind::Malloc, [100, 0, 0], s, 0x1000);
+        assert_eq!(totals(&b, s), (100, 1, 100, 1));
+        b.free(0x1000);
+        assert_eq!(totals(&b, s), (0, 0, 100, 1));
+        b.free(0x2000);
+        b.free(0);
+        let snap = b.snapshot();
+        assert_eq!((snap.counters.frees, snap.counters.unmatched_frees), (1, 1));
+    }
+
+    #[test]
+    fn calloc_and_reallocarray_overflow_fail_and_count_nothing() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Calloc, [u64::MAX / 2 + 1, 4, 0], 7, 0);
+        call(&mut b, AllocKind::Reallocarray, [0, u64::MAX, 2], 7, 0);
+        assert_eq!(b.snapshot().counters.failed_allocs, 2);
+        assert!(!b.stats.contains_key(&7));
+    }
+
+    #[test]
+    fn pvalloc_rounds_up_to_whole_pages() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Pvalloc, [5000, 0, 0], 3, 0x5000);
+        call(&mut b, AllocKind::Pvalloc, [0, 0, 0], 4, 0x9000);
+        assert_eq!(totals(&b, 3), (8192, 1, 8192, 1));
+        assert_eq!(totals(&b, 4), (4096, 1, 4096, 1));
+    }
+
+    #[test]
+    fn realloc_moves_the_block_to_its_own_stack_and_failure_restores_it() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Malloc, [100, 0, 0], 1, 0x1000);
+        // A failing realloc: the old block stays live where it was.
+        call(&mut b, AllocKind::Realloc, [0x1000, u64::MAX / 2, 0], 2, 0);
+        assert_eq!(totals(&b, 1), (100, 1, 100, 1));
+        assert!(!b.stats.contains_key(&2));
+        // A moving realloc: the old block leaves stack 1, the new one counts under stack 2.
+        call(&mut b, AllocKind::Realloc, [0x1000, 70_000, 0], 2, 0x8000);
+        assert_eq!(totals(&b, 1), (0, 0, 100, 1));
+        assert_eq!(totals(&b, 2), (70_000, 1, 70_000, 1));
+        // realloc(p, 0) frees p and is not a failure.
+        call(&mut b, AllocKind::Realloc, [0x8000, 0, 0], 3, 0);
+        assert_eq!(totals(&b, 2), (0, 0, 70_000, 1));
+        let c = b.snapshot().counters;
+        assert_eq!((c.frees, c.failed_allocs), (2, 1));
+    }
+
+    #[test]
+    fn realloc_from_null_is_an_allocation() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Realloc, [0, 3000, 0], 5, 0x3000);
+        assert_eq!(totals(&b, 5), (3000, 1, 3000, 1));
+        assert_eq!(b.snapshot().counters.unmatched_frees, 0);
+    }
+
+    #[test]
+    fn posix_memalign_counts_only_on_success_with_the_block_from_memptr() {
+        let mut b = Book::new(BIG);
+        let p = b.enter(AllocKind::PosixMemalign, [0x7ffd0000, 64, 4096], 6);
+        b.exit(p, 0, Some(0x4000));
+        let p = b.enter(AllocKind::PosixMemalign, [0x7ffd0000, 3, 4096], 6);
+        b.exit(p, 22, Some(0x4000));
+        assert_eq!(totals(&b, 6), (4096, 1, 4096, 1));
+        assert_eq!(b.snapshot().counters.failed_allocs, 1);
+        b.free(0x4000);
+        assert_eq!(totals(&b, 6), (0, 0, 4096, 1));
+    }
+
+    #[test]
+    fn an_address_handed_out_twice_retires_the_stale_block() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Malloc, [10, 0, 0], 1, 0x1000);
+        call(&mut b, AllocKind::Malloc, [20, 0, 0], 2, 0x1000);
+        assert_eq!(totals(&b, 1), (0, 0, 10, 1));
+        assert_eq!(totals(&b, 2), (20, 1, 20, 1));
+        let dropped = b.snapshot().counters.dropped;
+        assert!(dropped.contains(&("missed_frees", 1)), "{dropped:?}");
+    }
+
+    #[test]
+    fn full_tables_count_their_losses_and_keep_totals_exact() {
+        let mut b = Book::new(Limits {
+            max_live: 1,
+            max_stacks: 2,
+            sample_bytes: None,
+        });
+        let s1 = b.intern_stack(&[1]);
+        let s2 = b.intern_stack(&[2]);
+        assert_eq!(b.intern_stack(&[3]), STACK_LOST);
+        call(&mut b, AllocKind::Malloc, [10, 0, 0], s1, 0x1000);
+        // The stats table holds the lost-stack key and s1: s2 is counted as lost.
+        call(&mut b, AllocKind::Malloc, [20, 0, 0], s2, 0x2000);
+        assert_eq!(totals(&b, STACK_LOST), (0, 0, 20, 1));
+        let dropped = b.snapshot().counters.dropped;
+        for reason in ["stack_map_full", "stats_map_full", "live_map_full"] {
+            assert!(dropped.contains(&(reason, 1)), "{reason}: {dropped:?}");
+        }
+    }
+
+    #[test]
+    fn abandoned_realloc_puts_its_old_block_back() {
+        let mut b = Book::new(BIG);
+        call(&mut b, AllocKind::Malloc, [100, 0, 0], 1, 0x1000);
+        let p = b.enter(AllocKind::Realloc, [0x1000, 200, 0], 2);
+        b.abandon(p);
+        b.free(0x1000);
+        assert_eq!(totals(&b, 1), (0, 0, 100, 1));
+    }
+
+    #[test]
+    fn stacks_are_cleaned_like_the_bpf_side() {
+        assert_eq!(
+            clean_frames(vec![0x10, 0x20, 0x20, 0x30]),
+            vec![0x10, 0x20, 0x30]
+        );
+        assert_eq!(clean_frames(vec![0x10, 0, 0x30]), vec![0x10, 0x30]);
+    }
+}

@@ -1,0 +1,1113 @@
+//! The ptrace thread: seizes every thread of the target, puts int3 breakpoints on the
+//! allocator entries, runs each displaced instruction out of line (see xol.rs), catches
+//! returns by swapping the return address for a trap of its own, and takes it all back out on
+//! detach. Every ptrace request comes from this one thread, as the kernel requires.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex, atomic::Ordering, mpsc::Sender},
+};
+
+use iced_x86::{Code, Decoder, DecoderOptions};
+use nix::{errno::Errno, sys::ptrace::Options};
+use tracer_common::AllocKind;
+
+use super::{
+    PtraceError, Shared,
+    book::{Book, Pending},
+    guard::Guard,
+    sys::{self, Mem, Regs, SI_KERNEL, Stop},
+    xol::{self, SLOT_SIZE},
+};
+use crate::{
+    probe::{ProbeSite, libc as libc_file},
+    symbolize::maps::ProcMaps,
+    target::LaunchEvent,
+};
+
+/// Allocating functions, by symbol, and how their arguments are read.
+const ALLOCATORS: &[(&str, AllocKind)] = &[
+    ("malloc", AllocKind::Malloc),
+    ("calloc", AllocKind::Calloc),
+    ("realloc", AllocKind::Realloc),
+    ("reallocarray", AllocKind::Reallocarray),
+    ("posix_memalign", AllocKind::PosixMemalign),
+    ("aligned_alloc", AllocKind::Memalign),
+    ("memalign", AllocKind::Memalign),
+    ("valloc", AllocKind::Valloc),
+    ("pvalloc", AllocKind::Pvalloc),
+];
+const REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "free", "syscall"];
+const OPTIONAL: &[&str] = &[
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
+
+const INT3: u8 = 0xcc;
+const PAGE: u64 = 4096;
+/// Offset of the return trap in the out-of-line page; the copies follow it.
+const SLOTS_START: u64 = 64;
+/// Stack bytes read at once at an allocator entry: enough for the frames of most callers, so
+/// that a frame-pointer walk costs one read, not one per frame.
+const STACK_CHUNK: usize = 2048;
+/// Frames the kernel's user stack walk gives a BPF program (ip + 126), plus the caller.
+const MAX_FRAMES: usize = 128;
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const KCMP_VM: i32 = 1;
+
+/// Options every task is seized with: follow new threads and processes, see exec and exit.
+fn seize_options() -> Options {
+    Options::PTRACE_O_TRACECLONE
+        | Options::PTRACE_O_TRACEFORK
+        | Options::PTRACE_O_TRACEVFORK
+        | Options::PTRACE_O_TRACEEXEC
+        | Options::PTRACE_O_TRACEEXIT
+}
+
+fn is_group_stop(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
+}
+
+/// What a traced task is to us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A thread of the target.
+    Thread,
+    /// Another process sharing the target's memory (a vfork child before its exec): it runs
+    /// into the same breakpoints, and its allocations come from the same heap.
+    SharedMm,
+    /// A forked child with a copy of the target's memory, breakpoints included: they are
+    /// taken out of its copy at its first stop, and it is let go.
+    Child,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    /// In a ptrace-stop; `sig` is to be delivered on resume (signal-delivery-stop), `group`
+    /// says the stop is a group-stop (resumed with PTRACE_LISTEN, to stay stopped).
+    Stopped {
+        sig: i32,
+        group: bool,
+    },
+}
+
+/// A return address we swapped for the return trap.
+#[derive(Debug)]
+struct Hijack {
+    /// Where the return address sits (the stack pointer at the allocator's entry).
+    slot: u64,
+    orig: u64,
+    /// The call's bookkeeping; None once it is known never to return normally.
+    pending: Option<Pending>,
+    /// Its entry in the guard's table.
+    guarded: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Task {
+    kind: Kind,
+    state: State,
+    calls: Vec<Hijack>,
+}
+
+impl Task {
+    fn new(kind: Kind, state: State) -> Task {
+        Task {
+            kind,
+            state,
+            calls: Vec::new(),
+        }
+    }
+}
+
+struct Site {
+    function: &'static str,
+    /// None for free.
+    kind: Option<AllocKind>,
+    /// The original instruction.
+    orig: Vec<u8>,
+    slot: u64,
+    back: u64,
+}
+
+pub(super) struct Engine {
+    pid: i32,
+    mem: Mem,
+    shared: Arc<Shared>,
+    book: Arc<Mutex<Book>>,
+    tasks: HashMap<i32, Task>,
+    sites: HashMap<u64, Site>,
+    /// The out-of-line page; its first byte is the return trap.
+    page: u64,
+    syscall_insn: u64,
+    launch: Option<Sender<LaunchEvent>>,
+    /// Puts the target back should this process be killed without cleaning up.
+    guard: Option<Guard>,
+    /// Exit status of the target, once it is gone.
+    pub exit_code: Option<i32>,
+}
+
+fn ptrace_err(pid: i32, tid: i32) -> impl Fn(Errno) -> PtraceError {
+    move |source| PtraceError::Seize { pid, tid, source }
+}
+
+/// The tasks of process `pid` as /proc lists them now.
+fn list_tasks(pid: i32) -> Result<Vec<i32>, PtraceError> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| PtraceError::Gone(pid))?;
+    Ok(dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// Whether task `other` shares process `pid`'s memory.
+fn shares_mm(pid: i32, other: i32) -> bool {
+    // SAFETY: plain syscall; 0 means the two address spaces are the same.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, other, KCMP_VM, 0, 0) };
+    rc == 0
+}
+
+impl Engine {
+    /// Seizes every thread of `pid`, places the breakpoints and lets the threads go.
+    /// `held`: a launched process left in group-stop by the launcher, to be continued.
+    pub(super) fn attach(
+        pid: i32,
+        libc_host: &Path,
+        libc_target: &str,
+        launch: Option<Sender<LaunchEvent>>,
+        shared: Arc<Shared>,
+    ) -> Result<(Engine, Vec<ProbeSite>), PtraceError> {
+        let book = shared.book.clone();
+        let mem = Mem::open(pid).map_err(|_| PtraceError::Gone(pid))?;
+        let mut e = Engine {
+            pid,
+            mem,
+            shared,
+            book,
+            tasks: HashMap::new(),
+            sites: HashMap::new(),
+            page: 0,
+            syscall_insn: 0,
+            launch,
+            guard: None,
+            exit_code: None,
+        };
+        let held = e.launch.is_some();
+        if let Err(err) = e.seize_all(held) {
+            e.release_all();
+            return Err(err);
+        }
+        match e.place(libc_host, libc_target) {
+            Ok(sites) => {
+                let placed: Vec<(u64, Vec<u8>)> =
+                    e.sites.iter().map(|(&a, s)| (a, s.orig.clone())).collect();
+                e.guard = Guard::start(pid, &placed, e.page);
+                e.resume_all();
+                Ok((e, sites))
+            }
+            Err(err) => {
+                e.restore();
+                e.release_all();
+                Err(err)
+            }
+        }
+    }
+
+    fn seize_all(&mut self, held: bool) -> Result<(), PtraceError> {
+        let pid = self.pid;
+        loop {
+            let new: Vec<i32> = list_tasks(pid)?
+                .into_iter()
+                .filter(|t| !self.tasks.contains_key(t))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            for tid in new {
+                match sys::seize(tid, seize_options()) {
+                    Ok(()) => {}
+                    Err(Errno::ESRCH) => continue,
+                    Err(source) => return Err(ptrace_err(pid, tid)(source)),
+                }
+                // A launched process sits in the group-stop the launcher left it in: seizing
+                // makes it report that stop. Anything else is stopped here.
+                if !(held && tid == pid) {
+                    let _ = sys::interrupt(tid);
+                }
+                self.tasks
+                    .insert(tid, Task::new(Kind::Thread, State::Running));
+            }
+            while self.tasks.values().any(|t| t.state == State::Running) {
+                let (tid, stop) = match sys::wait(-1, false) {
+                    Ok(Some(got)) => got,
+                    Ok(None) | Err(Errno::EINTR) => continue,
+                    Err(source) => return Err(ptrace_err(pid, pid)(source)),
+                };
+                self.on_attach_stop(tid, stop)?;
+            }
+            if held {
+                // The launcher stopped it with SIGSTOP to hand it over; undo that group-stop
+                // (nothing in the new process can see it: no code of its own has run).
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                if let Some(t) = self.tasks.get_mut(&pid) {
+                    t.state = State::Stopped {
+                        sig: 0,
+                        group: false,
+                    };
+                }
+            }
+        }
+    }
+
+    fn on_attach_stop(&mut self, tid: i32, stop: Stop) -> Result<(), PtraceError> {
+        if !self.tasks.contains_key(&tid) {
+            if matches!(stop, Stop::Exited(_) | Stop::Killed(_)) {
+                return Ok(());
+            }
+            let kind = self.classify(tid);
+            self.tasks.insert(tid, Task::new(kind, State::Running));
+        }
+        match stop {
+            Stop::Exited(_) | Stop::Killed(_) => {
+                self.tasks.remove(&tid);
+                if tid == self.pid {
+                    return Err(PtraceError::Gone(self.pid));
+                }
+            }
+            Stop::Signal(sig) => self.set_stopped(tid, sig, false),
+            Stop::Event(libc::PTRACE_EVENT_STOP, sig) => {
+                self.set_stopped(tid, 0, is_group_stop(sig))
+            }
+            Stop::Event(libc::PTRACE_EVENT_EXEC, _) => return Err(PtraceError::Exec(self.pid)),
+            Stop::Event(event, _) => {
+                if matches!(
+                    event,
+                    libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK
+                ) {
+                    self.adopt(tid, event);
+                }
+                self.set_stopped(tid, 0, false);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_stopped(&mut self, tid: i32, sig: i32, group: bool) {
+        if let Some(t) = self.tasks.get_mut(&tid) {
+            t.state = State::Stopped { sig, group };
+        }
+    }
+
+    /// What a task we did not seize ourselves (auto-attached at clone, fork or vfork) is.
+    fn classify(&self, tid: i32) -> Kind {
+        if sys::tid_tgid(tid) == self.pid {
+            Kind::Thread
+        } else if shares_mm(self.pid, tid) {
+            Kind::SharedMm
+        } else {
+            Kind::Child
+        }
+    }
+
+    /// Records the task a clone, fork or vfork event of `parent` announced.
+    fn adopt(&mut self, parent: i32, event: i32) {
+        let Ok(child) = sys::event_message(parent) else {
+            return;
+        };
+        let child = child as i32;
+        if self.tasks.contains_key(&child) {
+            return;
+        }
+        let kind = match event {
+            libc::PTRACE_EVENT_VFORK => Kind::SharedMm,
+            libc::PTRACE_EVENT_FORK => Kind::Child,
+            _ => self.classify(child),
+        };
+        self.tasks.insert(child, Task::new(kind, State::Running));
+    }
+
+    /// Finds the allocator, makes the out-of-line page, writes the copies, then the int3s.
+    fn place(
+        &mut self,
+        libc_host: &Path,
+        libc_target: &str,
+    ) -> Result<Vec<ProbeSite>, PtraceError> {
+        let pid = self.pid;
+        let functions = libc_file::functions(libc_host, REQUIRED, OPTIONAL)?;
+        let maps = ProcMaps::read(pid as u32).map_err(|_| PtraceError::Gone(pid))?;
+        let exec_maps: Vec<_> = maps
+            .mappings()
+            .iter()
+            .filter(|m| m.path.as_deref() == Some(libc_target) && m.perms.contains('x'))
+            .collect();
+        let address_of = |file_offset: u64| {
+            exec_maps.iter().find_map(|m| {
+                let within = file_offset.checked_sub(m.offset)?;
+                (within < m.end - m.start).then_some(m.start + within)
+            })
+        };
+        let lowest = maps
+            .mappings()
+            .iter()
+            .filter(|m| m.path.as_deref() == Some(libc_target))
+            .map(|m| m.start)
+            .min()
+            .ok_or_else(|| PtraceError::NotMapped {
+                pid,
+                libc: libc_target.to_owned(),
+            })?;
+
+        // A `syscall` instruction in libc, through which calls are made in the target.
+        let sc = &functions["syscall"];
+        let sc_addr = address_of(sc.file_offset).ok_or_else(|| PtraceError::NotMapped {
+            pid,
+            libc: libc_target.to_owned(),
+        })?;
+        let mut decoder = Decoder::with_ip(64, &sc.prologue, sc_addr, DecoderOptions::NONE);
+        self.syscall_insn = decoder
+            .iter()
+            .find(|i| i.code() == Code::Syscall)
+            .map(|i| i.ip())
+            .ok_or(PtraceError::NoSyscall)?;
+
+        // One site per address: aligned_alloc and memalign are one function in glibc.
+        let mut wanted: Vec<(&'static str, Option<AllocKind>, u64)> = vec![];
+        for &(name, kind) in ALLOCATORS {
+            if let Some(f) = functions.get(name)
+                && !wanted.iter().any(|w| w.2 == f.file_offset)
+            {
+                wanted.push((name, Some(kind), f.file_offset));
+            }
+        }
+        wanted.insert(0, ("free", None, functions["free"].file_offset));
+
+        self.page = self.map_page(lowest)?;
+        let mut page_bytes = vec![0u8; (SLOTS_START + SLOT_SIZE * wanted.len() as u64) as usize];
+        page_bytes[0] = INT3;
+        let mut sites = Vec::new();
+        for (i, &(function, kind, file_offset)) in wanted.iter().enumerate() {
+            let addr = address_of(file_offset).ok_or_else(|| PtraceError::NotMapped {
+                pid,
+                libc: libc_target.to_owned(),
+            })?;
+            let mut code = [0u8; 16];
+            self.mem
+                .read_code(addr, &mut code)
+                .map_err(|source| PtraceError::Mem {
+                    what: "read",
+                    addr,
+                    source,
+                })?;
+            let file = &functions[function].prologue;
+            let slot = self.page + SLOTS_START + SLOT_SIZE * i as u64;
+            // A breakpoint of someone else's (a debugger, a uprobe on every process) shows as
+            // a byte that differs from the file: taking it over would break their tool.
+            if code[0] != file[0] {
+                return Err(PtraceError::Busy { function, addr });
+            }
+            let r = xol::relocate(&code, addr, slot)
+                .map_err(|reason| PtraceError::Site { function, reason })?;
+            if code[..r.len as usize] != file[..r.len as usize] {
+                return Err(PtraceError::Busy { function, addr });
+            }
+            let at = (slot - self.page) as usize;
+            page_bytes[at..at + r.bytes.len()].copy_from_slice(&r.bytes);
+            self.sites.insert(
+                addr,
+                Site {
+                    function,
+                    kind,
+                    orig: code[..r.len as usize].to_vec(),
+                    slot,
+                    back: slot + r.back,
+                },
+            );
+            sites.push(ProbeSite {
+                function,
+                offset: 0,
+                emulated: true,
+                returns: kind.is_some(),
+            });
+        }
+        self.mem
+            .write_code(self.page, &page_bytes)
+            .map_err(|source| PtraceError::Mem {
+                what: "write",
+                addr: self.page,
+                source,
+            })?;
+        for (&addr, site) in &self.sites {
+            self.mem
+                .write_code(addr, &[INT3])
+                .map_err(|source| PtraceError::Mem {
+                    what: "write",
+                    addr,
+                    source,
+                })?;
+            let _ = site.function;
+        }
+        Ok(sites)
+    }
+
+    /// Maps the out-of-line page in the target, within reach of RIP-relative operands and
+    /// 32-bit branches in libc: the first free page below it, in 1 MiB steps.
+    fn map_page(&mut self, below: u64) -> Result<u64, PtraceError> {
+        let prot = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | MAP_FIXED_NOREPLACE;
+        for step in 1..=512u64 {
+            let Some(hint) = below.checked_sub(step << 20) else {
+                break;
+            };
+            if hint < 1 << 20 {
+                break;
+            }
+            let r = self.inject(libc::SYS_mmap, [hint, PAGE, prot, flags, u64::MAX, 0])?;
+            if r == hint as i64 {
+                return Ok(hint);
+            }
+            if r >= 0 {
+                // A kernel without MAP_FIXED_NOREPLACE treats it as a hint: give it back.
+                self.inject(libc::SYS_munmap, [r as u64, PAGE, 0, 0, 0, 0])?;
+            } else if r != -(libc::EEXIST as i64) {
+                return Err(PtraceError::Page(format!(
+                    "mmap in the target failed: {}",
+                    Errno::from_raw(-r as i32)
+                )));
+            }
+        }
+        Err(PtraceError::Page(
+            "no free page within 512 MiB below libc".into(),
+        ))
+    }
+
+    /// Runs a system call in some stopped task of the target (one whose memory is the
+    /// target's), keeping that task's stop exactly as it was.
+    fn inject(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, PtraceError> {
+        let tid = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.kind == Kind::Thread && matches!(t.state, State::Stopped { .. }))
+            .map(|(&tid, t)| (tid, t.state))
+            .min_by_key(|(_, s)| matches!(s, State::Stopped { sig: 0, .. }) as u8 ^ 1)
+            .map(|(tid, _)| tid)
+            .ok_or(PtraceError::NoStoppedThread)?;
+        self.inject_in(tid, nr, args)
+    }
+
+    fn inject_in(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64, PtraceError> {
+        let Some(State::Stopped { sig, group }) = self.tasks.get(&tid).map(|t| t.state) else {
+            return Err(PtraceError::NoStoppedThread);
+        };
+        // A signal-delivery-stop's signal would be lost on the resume: keep its siginfo.
+        let info = if sig != 0 {
+            sys::siginfo(tid).ok()
+        } else {
+            None
+        };
+        let (ret, extra) = sys::inject_syscall(tid, self.syscall_insn, nr, args)?;
+        let mut resume = extra;
+        if let Some(info) = info {
+            if extra != 0 {
+                sys::tgkill(self.pid, tid, extra);
+            }
+            resume = if sys::set_siginfo(tid, &info).is_ok() {
+                sig
+            } else {
+                0
+            };
+        }
+        // The task now sits in a signal-delivery-stop (the step's SIGTRAP): a group-stop
+        // comes back by itself on resume, since the process is still stopped.
+        let _ = group;
+        self.set_stopped(tid, resume, false);
+        Ok(ret)
+    }
+
+    fn resume(&mut self, tid: i32) {
+        let Some(t) = self.tasks.get_mut(&tid) else {
+            return;
+        };
+        if let State::Stopped { sig, group } = t.state {
+            let _ = if group {
+                sys::listen(tid)
+            } else {
+                sys::cont(tid, sig)
+            };
+            t.state = State::Running;
+        }
+    }
+
+    fn resume_all(&mut self) {
+        let tids: Vec<i32> = self.tasks.keys().copied().collect();
+        for tid in tids {
+            self.resume(tid);
+        }
+    }
+
+    /// Lets go of every task, delivering what signal each was stopped with.
+    fn release_all(&mut self) {
+        for (&tid, t) in &self.tasks {
+            if let State::Stopped { sig, .. } = t.state {
+                let _ = sys::detach(tid, sig);
+            }
+        }
+        self.tasks.clear();
+    }
+
+    /// The event loop, until the target is gone or the recording ends.
+    pub(super) fn run(&mut self) {
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                self.detach();
+                return;
+            }
+            match sys::wait(-1, false) {
+                Ok(Some((tid, stop))) => {
+                    if self.on_stop(tid, stop) {
+                        return;
+                    }
+                }
+                Ok(None) | Err(Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Handles one stop while recording; true when the target is gone (or no longer traced).
+    fn on_stop(&mut self, tid: i32, stop: Stop) -> bool {
+        if let Stop::Exited(_) | Stop::Killed(_) = stop {
+            return self.on_gone(tid, stop);
+        }
+        if !self.tasks.contains_key(&tid) {
+            let kind = self.classify(tid);
+            self.tasks.insert(tid, Task::new(kind, State::Running));
+        }
+        let kind = self.tasks[&tid].kind;
+        if kind == Kind::Child {
+            let sig = if let Stop::Signal(sig) = stop { sig } else { 0 };
+            self.release_child(tid, sig);
+            return false;
+        }
+        match stop {
+            Stop::Signal(libc::SIGTRAP) => self.on_sigtrap(tid, false),
+            Stop::Signal(sig) => {
+                let _ = sys::cont(tid, sig);
+            }
+            Stop::Event(libc::PTRACE_EVENT_STOP, sig) => {
+                let _ = if is_group_stop(sig) {
+                    sys::listen(tid)
+                } else {
+                    sys::cont(tid, 0)
+                };
+            }
+            Stop::Event(libc::PTRACE_EVENT_EXEC, _) => return self.on_exec(tid),
+            Stop::Event(libc::PTRACE_EVENT_EXIT, _) => {
+                self.on_exiting(tid);
+                let _ = sys::cont(tid, 0);
+            }
+            Stop::Event(event, _) => {
+                self.adopt(tid, event);
+                let _ = sys::cont(tid, 0);
+            }
+            Stop::Exited(_) | Stop::Killed(_) => {}
+        }
+        false
+    }
+
+    /// A task exited. True when it was the target's last (its thread group leader).
+    fn on_gone(&mut self, tid: i32, stop: Stop) -> bool {
+        if let Some(mut t) = self.tasks.remove(&tid) {
+            self.abandon_calls(&mut t);
+        }
+        if tid != self.pid {
+            return false;
+        }
+        let code = match stop {
+            Stop::Exited(code) => code,
+            Stop::Killed(sig) => 128 + sig,
+            _ => -1,
+        };
+        self.exit_code = Some(code);
+        if let Some(tx) = &self.launch {
+            let _ = tx.send(LaunchEvent::Exited(code));
+        }
+        // Whatever else is still traced (a vfork child) goes its own way.
+        self.release_all();
+        self.dismiss_guard();
+        true
+    }
+
+    fn on_exiting(&mut self, tid: i32) {
+        if let Some(mut t) = self.tasks.remove(&tid) {
+            self.abandon_calls(&mut t);
+            self.tasks.insert(tid, t);
+        }
+        if tid == self.pid {
+            // The leader's memory is still there at its exit stop: its map names the frames
+            // of a program that is about to be gone.
+            if let Some(tx) = &self.launch {
+                let maps = std::fs::read_to_string(format!("/proc/{tid}/maps")).unwrap_or_default();
+                let _ = tx.send(LaunchEvent::Exiting(maps));
+            }
+        }
+    }
+
+    fn abandon_calls(&mut self, task: &mut Task) {
+        let mut book = self.book.lock().expect("book lock");
+        for h in task.calls.drain(..) {
+            if let (Some(g), Some(i)) = (self.guard.as_mut(), h.guarded) {
+                g.untrack(i);
+            }
+            if let Some(p) = h.pending {
+                book.abandon(p);
+            }
+        }
+    }
+
+    /// exec: a vfork child's just leaves our memory; the target's own replaces its program,
+    /// and with it every breakpoint: what was recorded stands, and the new program runs
+    /// untraced.
+    fn on_exec(&mut self, tid: i32) -> bool {
+        if self
+            .tasks
+            .get(&tid)
+            .is_some_and(|t| t.kind == Kind::SharedMm)
+        {
+            self.tasks.remove(&tid);
+            let _ = sys::detach(tid, 0);
+            return false;
+        }
+        eprintln!(
+            "tracer: pid {} called exec; the ptrace backend stops there (the report covers the program before exec)",
+            self.pid
+        );
+        let tids: Vec<i32> = self.tasks.keys().copied().collect();
+        for t in tids {
+            if let Some(mut task) = self.tasks.remove(&t) {
+                self.abandon_calls(&mut task);
+                if task.kind == Kind::Thread {
+                    // After exec only the leader is left; the others' exits are reaped below.
+                    continue;
+                }
+                self.tasks.insert(t, task);
+            }
+        }
+        self.tasks.remove(&self.pid);
+        let _ = sys::detach(self.pid, 0);
+        self.release_all();
+        self.dismiss_guard();
+        self.shared.untraced.store(true, Ordering::Release);
+        true
+    }
+
+    /// A SIGTRAP: ours if the thread stands right after one of our int3s and the kernel sent
+    /// it (not kill(2)). `detaching`: the thread is to stay stopped, and an entry is rewound
+    /// so that it runs the real instruction once the bytes are back.
+    fn on_sigtrap(&mut self, tid: i32, detaching: bool) {
+        let Ok(mut regs) = sys::getregs(tid) else {
+            return;
+        };
+        let at = regs.rip.wrapping_sub(1);
+        let ours = at == self.page || self.sites.contains_key(&at);
+        let from_int3 = ours && sys::siginfo(tid).is_ok_and(|i| i.si_code == SI_KERNEL);
+        if !from_int3 {
+            if detaching {
+                self.set_stopped(tid, libc::SIGTRAP, false);
+            } else {
+                let _ = sys::cont(tid, libc::SIGTRAP);
+            }
+            return;
+        }
+        if at == self.page {
+            if !self.on_return(tid, &mut regs) {
+                // No call of ours returns here: the SIGTRAP is the thread's own fate.
+                if detaching {
+                    self.set_stopped(tid, libc::SIGTRAP, false);
+                } else {
+                    let _ = sys::cont(tid, libc::SIGTRAP);
+                }
+                return;
+            }
+        } else if detaching {
+            regs.rip = at;
+        } else {
+            self.on_entry(tid, at, &mut regs);
+        }
+        let _ = sys::setregs(tid, &regs);
+        if detaching {
+            self.set_stopped(tid, 0, false);
+        } else {
+            let _ = sys::cont(tid, 0);
+        }
+    }
+
+    /// Whether thread `tid`, standing with stack pointer `sp`, is inside an allocator call we
+    /// already follow. A call the stack has unwound past (left by longjmp) no longer counts,
+    /// though its return address stays known in case it does return.
+    fn in_call(&mut self, tid: i32, sp: u64) -> bool {
+        let Some(task) = self.tasks.get_mut(&tid) else {
+            return false;
+        };
+        let Some(last) = task.calls.iter_mut().rev().find(|h| h.pending.is_some()) else {
+            return false;
+        };
+        // At the very slot: a tail call (reallocarray -> realloc, realloc(NULL, n) -> malloc)
+        // reuses the frame, and with it our swapped return address.
+        if sp <= last.slot {
+            return true;
+        }
+        if let Some(p) = last.pending.take() {
+            self.book.lock().expect("book lock").abandon(p);
+        }
+        false
+    }
+
+    fn on_entry(&mut self, tid: i32, at: u64, regs: &mut Regs) {
+        let (kind, slot) = {
+            let site = &self.sites[&at];
+            (site.kind, site.slot)
+        };
+        regs.rip = slot;
+        let sp = regs.rsp;
+        if self.in_call(tid, sp) {
+            // glibc calling itself (realloc -> malloc, reallocarray -> realloc, realloc(p, 0)
+            // -> free): the outer call accounts for it.
+            return;
+        }
+        let Some(kind) = kind else {
+            self.book.lock().expect("book lock").free(regs.rdi);
+            return;
+        };
+        let Some((ret, frames)) = self.capture(at, regs) else {
+            // Not even the return address is readable: the call cannot be followed.
+            self.book.lock().expect("book lock").stack_unavailable();
+            return;
+        };
+        let mut book = self.book.lock().expect("book lock");
+        let stack = book.intern_stack(&frames);
+        let pending = book.enter(kind, [regs.rdi, regs.rsi, regs.rdx], stack);
+        if self.mem.write_data(sp, &self.page.to_le_bytes()) {
+            drop(book);
+            let guarded = self.guard.as_mut().and_then(|g| g.track(sp, ret));
+            if let Some(task) = self.tasks.get_mut(&tid) {
+                task.calls.push(Hijack {
+                    slot: sp,
+                    orig: ret,
+                    pending: Some(pending),
+                    guarded,
+                });
+            }
+        } else {
+            book.stack_unavailable();
+            book.abandon(pending);
+        }
+    }
+
+    /// The return address and the stack as the BPF side records it: the allocator's entry,
+    /// its caller from the top of the stack, then the frame-pointer chain from %rbp.
+    fn capture(&self, at: u64, regs: &Regs) -> Option<(u64, Vec<u64>)> {
+        let sp = regs.rsp;
+        let mut chunk = [0u8; STACK_CHUNK];
+        let got = self.mem.read_some(sp, &mut chunk) as u64;
+        if got < 8 {
+            return None;
+        }
+        let word = |off: u64| {
+            u64::from_le_bytes(chunk[off as usize..off as usize + 8].try_into().unwrap())
+        };
+        let ret = word(0);
+        let mut frames = vec![at, ret];
+        let mut fp = regs.rbp;
+        while frames.len() < MAX_FRAMES {
+            let (next, ra) = if fp >= sp && fp.saturating_add(16) <= sp + got {
+                (word(fp - sp), word(fp - sp + 8))
+            } else {
+                let mut pair = [0u8; 16];
+                if !self.mem.read(fp, &mut pair) {
+                    break;
+                }
+                (
+                    u64::from_le_bytes(pair[..8].try_into().unwrap()),
+                    u64::from_le_bytes(pair[8..].try_into().unwrap()),
+                )
+            };
+            frames.push(ra);
+            fp = next;
+        }
+        Some((ret, frames))
+    }
+
+    /// A thread hit the return trap: finds which of its calls returned (the one whose return
+    /// address slot the stack pointer just passed), accounts for it and sends the thread to the
+    /// real return address. False if no call of the thread returns here.
+    fn on_return(&mut self, tid: i32, regs: &mut Regs) -> bool {
+        let Some(task) = self.tasks.get_mut(&tid) else {
+            return false;
+        };
+        let Some(i) = task.calls.iter().rposition(|h| h.slot + 8 == regs.rsp) else {
+            self.book.lock().expect("book lock").orphan_return();
+            return false;
+        };
+        // Calls made after this one and still listed never returned (a longjmp out of them).
+        let dead: Vec<Hijack> = task.calls.drain(i + 1..).collect();
+        let h = task.calls.pop().expect("index i exists");
+        regs.rip = h.orig;
+        let memptr = match &h.pending {
+            Some(p) if p.kind == AllocKind::PosixMemalign && regs.rax as u32 == 0 => {
+                self.mem.read_u64(p.ptr_arg)
+            }
+            _ => None,
+        };
+        if let Some(g) = self.guard.as_mut() {
+            for i in dead.iter().chain([&h]).filter_map(|h| h.guarded) {
+                g.untrack(i);
+            }
+        }
+        let mut book = self.book.lock().expect("book lock");
+        for d in dead {
+            if let Some(p) = d.pending {
+                book.abandon(p);
+            }
+        }
+        if let Some(p) = h.pending {
+            book.exit(p, regs.rax, memptr);
+        }
+        true
+    }
+
+    /// A forked child: its copy of our breakpoints, trap page and swapped return addresses is
+    /// taken out, and it goes on untraced.
+    fn release_child(&mut self, tid: i32, sig: i32) {
+        self.tasks.remove(&tid);
+        if let Ok(child) = Mem::open(tid) {
+            for (&addr, site) in &self.sites {
+                let _ = child.write_code(addr, &site.orig);
+            }
+            for task in self.tasks.values() {
+                for h in &task.calls {
+                    if child.read_u64(h.slot) == Some(self.page) {
+                        child.write_data(h.slot, &h.orig.to_le_bytes());
+                    }
+                }
+            }
+            let (nr, page) = (libc::SYS_munmap, self.page);
+            self.tasks.insert(
+                tid,
+                Task::new(Kind::Child, State::Stopped { sig, group: false }),
+            );
+            let keep = self.inject_child(tid, nr, page);
+            let sig = match self.tasks.remove(&tid).map(|t| t.state) {
+                Some(State::Stopped { sig, .. }) => sig,
+                _ => sig,
+            };
+            let _ = keep;
+            let _ = sys::detach(tid, sig);
+        } else {
+            let _ = sys::detach(tid, sig);
+        }
+    }
+
+    fn inject_child(&mut self, tid: i32, nr: i64, page: u64) -> bool {
+        let Ok(regs) = sys::getregs(tid) else {
+            return false;
+        };
+        if regs.rip >= page && regs.rip < page + PAGE {
+            // It stands in the page (cannot happen at a fork's return): leave the page.
+            return false;
+        }
+        self.inject_in(tid, nr, [page, PAGE, 0, 0, 0, 0]).is_ok()
+    }
+
+    /// Stops every task, puts every byte back, moves threads out of the page, unmaps it and
+    /// detaches, each task keeping the signal it was about to receive.
+    pub(super) fn detach(&mut self) {
+        let tids: Vec<i32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.state == State::Running)
+            .map(|(&t, _)| t)
+            .collect();
+        for tid in tids {
+            if sys::interrupt(tid) == Err(Errno::ESRCH) {
+                self.tasks.remove(&tid);
+            }
+        }
+        let mut untraced = false;
+        while self.tasks.values().any(|t| t.state == State::Running) {
+            let (tid, stop) = match sys::wait(-1, false) {
+                Ok(Some(got)) => got,
+                Ok(None) | Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            if let Stop::Exited(_) | Stop::Killed(_) = stop {
+                if self.on_gone(tid, stop) {
+                    return;
+                }
+                continue;
+            }
+            if !self.tasks.contains_key(&tid) {
+                let kind = self.classify(tid);
+                self.tasks.insert(tid, Task::new(kind, State::Running));
+            }
+            if self.tasks[&tid].kind == Kind::Child {
+                let sig = if let Stop::Signal(sig) = stop { sig } else { 0 };
+                self.release_child(tid, sig);
+                continue;
+            }
+            match stop {
+                Stop::Signal(libc::SIGTRAP) => self.on_sigtrap(tid, true),
+                Stop::Signal(sig) => self.set_stopped(tid, sig, false),
+                Stop::Event(libc::PTRACE_EVENT_STOP, sig) => {
+                    self.set_stopped(tid, 0, is_group_stop(sig))
+                }
+                Stop::Event(libc::PTRACE_EVENT_EXEC, _) => {
+                    if self.on_exec(tid) {
+                        untraced = true;
+                        break;
+                    }
+                }
+                Stop::Event(event, _) => {
+                    if event != libc::PTRACE_EVENT_EXIT {
+                        self.adopt(tid, event);
+                    }
+                    self.set_stopped(tid, 0, false);
+                }
+                Stop::Exited(_) | Stop::Killed(_) => {}
+            }
+        }
+        if !untraced {
+            self.take_pending_traps();
+            self.restore();
+        }
+        self.release_all();
+        self.dismiss_guard();
+        self.shared.untraced.store(true, Ordering::Release);
+    }
+
+    /// Nothing of ours is left in the target (or the target is gone): the guard goes.
+    fn dismiss_guard(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.done();
+        }
+        self.sites.clear();
+    }
+
+    /// A thread can execute one of our int3s just as it is interrupted: the kernel reports the
+    /// interrupt first and keeps the trap's SIGTRAP queued. Let go untraced, the thread would
+    /// then die of it. Such a thread stands right after the int3: run it into its
+    /// signal-delivery-stop and handle the trap like any other.
+    fn take_pending_traps(&mut self) {
+        let tids: Vec<i32> = self.tasks.keys().copied().collect();
+        for tid in tids {
+            for _ in 0..4 {
+                let Some(State::Stopped { sig: 0, .. }) = self.tasks.get(&tid).map(|t| t.state)
+                else {
+                    break;
+                };
+                let Ok(regs) = sys::getregs(tid) else { break };
+                let at = regs.rip.wrapping_sub(1);
+                if at != self.page && !self.sites.contains_key(&at) {
+                    break;
+                }
+                if sys::cont(tid, 0).is_err() {
+                    break;
+                }
+                match sys::wait(tid, false) {
+                    Ok(Some((_, Stop::Signal(libc::SIGTRAP)))) => self.on_sigtrap(tid, true),
+                    Ok(Some((_, Stop::Signal(sig)))) => self.set_stopped(tid, sig, false),
+                    Ok(Some((_, stop @ (Stop::Exited(_) | Stop::Killed(_))))) => {
+                        self.on_gone(tid, stop);
+                        break;
+                    }
+                    Ok(Some((_, Stop::Event(event, sig)))) => {
+                        if matches!(
+                            event,
+                            libc::PTRACE_EVENT_CLONE
+                                | libc::PTRACE_EVENT_FORK
+                                | libc::PTRACE_EVENT_VFORK
+                        ) {
+                            self.adopt(tid, event);
+                        }
+                        self.set_stopped(
+                            tid,
+                            0,
+                            event == libc::PTRACE_EVENT_STOP && is_group_stop(sig),
+                        );
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// With every task stopped: original bytes back, swapped return addresses back, threads
+    /// standing in the page moved to the matching place in libc, and the page unmapped.
+    fn restore(&mut self) {
+        for (&addr, site) in &self.sites {
+            let _ = self.mem.write_code(addr, &site.orig);
+        }
+        let page = self.page;
+        let mut keep_page = false;
+        let tids: Vec<i32> = self.tasks.keys().copied().collect();
+        for tid in tids {
+            let Some(mut task) = self.tasks.remove(&tid) else {
+                continue;
+            };
+            for h in &task.calls {
+                if self.mem.read_u64(h.slot) == Some(page) {
+                    self.mem.write_data(h.slot, &h.orig.to_le_bytes());
+                }
+            }
+            self.abandon_calls(&mut task);
+            self.tasks.insert(tid, task);
+            if page == 0 {
+                continue;
+            }
+            let Ok(mut regs) = sys::getregs(tid) else {
+                continue;
+            };
+            if regs.rip < page || regs.rip >= page + PAGE {
+                continue;
+            }
+            let back_to = self.sites.iter().find_map(|(&addr, s)| {
+                if regs.rip == s.slot {
+                    Some(addr)
+                } else if regs.rip == s.back {
+                    Some(addr + s.orig.len() as u64)
+                } else {
+                    None
+                }
+            });
+            match back_to {
+                Some(to) => {
+                    regs.rip = to;
+                    let _ = sys::setregs(tid, &regs);
+                }
+                None => keep_page = true,
+            }
+        }
+        if page != 0 && !keep_page {
+            let _ = self.inject(libc::SYS_munmap, [page, PAGE, 0, 0, 0, 0]);
+        }
+        self.sites.clear();
+        self.page = 0;
+    }
+}
+
+impl Drop for Engine {
+    /// The ptrace thread unwinding (a bug) with breakpoints in: the kernel would detach the
+    /// threads as it ends and leave the int3s behind, so take them out first.
+    fn drop(&mut self) {
+        if !self.sites.is_empty() {
+            self.detach();
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Thin wrappers around ptrace, waitpid and a tracee's memory, shared by the ptrace backend
+//! and `malloc-stats`. Signals are raw numbers here: nix's `Signal` cannot hold real-time
+//! signals, which tracees do receive (glibc's own SIGCANCEL and SIGSETXID among them), and a
+//! wait status it cannot convert would be lost.
+use std::{
+    fs::File,
+    io::{IoSlice, IoSliceMut},
+    os::unix::fs::FileExt as _,
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        ptrace,
+        uio::{RemoteIoVec, process_vm_readv, process_vm_writev},
+    },
+    unistd::Pid,
+};
+
+pub type Regs = libc::user_regs_struct;
+
+/// What `waitpid` reported for one task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Signal-delivery-stop: this signal is about to be delivered.
+    Signal(i32),
+    /// A `PTRACE_EVENT_*` stop, with the stop signal (SIGTRAP, or the signal of a group-stop).
+    Event(i32, i32),
+    /// Exited with this status.
+    Exited(i32),
+    /// Killed by this signal.
+    Killed(i32),
+}
+
+fn decode(status: i32) -> Option<Stop> {
+    if libc::WIFEXITED(status) {
+        Some(Stop::Exited(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(Stop::Killed(libc::WTERMSIG(status)))
+    } else if libc::WIFSTOPPED(status) {
+        let event = (status >> 16) & 0xff;
+        let sig = libc::WSTOPSIG(status);
+        Some(if event != 0 {
+            Stop::Event(event, sig)
+        } else {
+            Stop::Signal(sig)
+        })
+    } else {
+        None
+    }
+}
+
+/// `waitpid(pid, __WALL | extra)`: `Ok(None)` when WNOHANG found nothing. EINTR is returned
+/// to the caller, which uses it to be woken.
+pub fn wait(pid: i32, nohang: bool) -> Result<Option<(i32, Stop)>, Errno> {
+    let mut status = 0;
+    let flags = libc::__WALL | if nohang { libc::WNOHANG } else { 0 };
+    loop {
+        // SAFETY: status is a valid out pointer.
+        let got = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if got < 0 {
+            return Err(Errno::last());
+        }
+        if got == 0 {
+            return Ok(None);
+        }
+        if let Some(stop) = decode(status) {
+            return Ok(Some((got, stop)));
+        }
+        // WIFCONTINUED is not asked for; anything else undecodable is skipped.
+    }
+}
+
+fn request(req: libc::c_uint, tid: i32, data: usize) -> Result<(), Errno> {
+    // SAFETY: requests without memory arguments.
+    let rc = unsafe { libc::ptrace(req, tid, 0usize, data) };
+    if rc < 0 { Err(Errno::last()) } else { Ok(()) }
+}
+
+/// Resumes a stopped tracee, delivering `sig` (0: none).
+pub fn cont(tid: i32, sig: i32) -> Result<(), Errno> {
+    request(libc::PTRACE_CONT, tid, sig as usize)
+}
+
+pub fn step(tid: i32, sig: i32) -> Result<(), Errno> {
+    request(libc::PTRACE_SINGLESTEP, tid, sig as usize)
+}
+
+pub fn detach(tid: i32, sig: i32) -> Result<(), Errno> {
+    request(libc::PTRACE_DETACH, tid, sig as usize)
+}
+
+/// Leaves a tracee in group-stop as if it were not traced, until SIGCONT.
+pub fn listen(tid: i32) -> Result<(), Errno> {
+    request(libc::PTRACE_LISTEN, tid, 0)
+}
+
+pub fn interrupt(tid: i32) -> Result<(), Errno> {
+    ptrace::interrupt(Pid::from_raw(tid))
+}
+
+pub fn seize(tid: i32, options: ptrace::Options) -> Result<(), Errno> {
+    ptrace::seize(Pid::from_raw(tid), options)
+}
+
+pub fn getregs(tid: i32) -> Result<Regs, Errno> {
+    ptrace::getregs(Pid::from_raw(tid))
+}
+
+pub fn setregs(tid: i32, regs: &Regs) -> Result<(), Errno> {
+    ptrace::setregs(Pid::from_raw(tid), *regs)
+}
+
+pub fn siginfo(tid: i32) -> Result<libc::siginfo_t, Errno> {
+    ptrace::getsiginfo(Pid::from_raw(tid))
+}
+
+pub fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> Result<(), Errno> {
+    ptrace::setsiginfo(Pid::from_raw(tid), info)
+}
+
+/// The message of the last `PTRACE_EVENT_*` stop (a new task's id, an exit status).
+pub fn event_message(tid: i32) -> Result<u64, Errno> {
+    ptrace::getevent(Pid::from_raw(tid)).map(|m| m as u64)
+}
+
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) };
+}
+
+pub fn gettid() -> i32 {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// `si_code` of the kernel's own traps (int3 among them).
+pub const SI_KERNEL: i32 = 0x80;
+
+/// One process's memory: data through process_vm_readv/writev, code through /proc/PID/mem,
+/// whose writes go through read-only mappings the way a debugger's do.
+pub struct Mem {
+    pub pid: i32,
+    file: File,
+}
+
+impl Mem {
+    pub fn open(pid: i32) -> std::io::Result<Mem> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))?;
+        Ok(Mem { pid, file })
+    }
+
+    /// Reads as much of `buf` as is mapped from `addr` on; returns the bytes read.
+    pub fn read_some(&self, addr: u64, buf: &mut [u8]) -> usize {
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len: buf.len(),
+        }];
+        let mut local = [IoSliceMut::new(buf)];
+        process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote).unwrap_or(0)
+    }
+
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        self.read_some(addr, buf) == buf.len()
+    }
+
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b).then(|| u64::from_le_bytes(b))
+    }
+
+    /// Writes writable memory (a stack slot).
+    pub fn write_data(&self, addr: u64, data: &[u8]) -> bool {
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len: data.len(),
+        }];
+        let local = [IoSlice::new(data)];
+        process_vm_writev(Pid::from_raw(self.pid), &local, &remote) == Ok(data.len())
+    }
+
+    /// Writes any mapped memory, read-only code included (breakpoints).
+    pub fn write_code(&self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, addr)
+    }
+
+    pub fn read_code(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, addr)
+    }
+}
+
+/// Outcome of running something inside a stopped tracee.
+#[derive(Debug)]
+pub struct Injected {
+    pub regs: Regs,
+    /// A signal that arrived meanwhile and is now due at the tracee's current
+    /// signal-delivery-stop (its siginfo put back): resume with it. 0 for none.
+    pub resume_sig: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("task {0} exited while the tracer ran code in it")]
+    Exited(i32),
+    #[error("ptrace on task {tid}")]
+    Ptrace {
+        tid: i32,
+        #[source]
+        source: Errno,
+    },
+}
+
+/// Resumes stopped task `tid` with `regs` (single-stepping when `step` is set) and waits until
+/// `done` says a stop is the end, then puts `saved` back. Signals that arrive in between are
+/// held back and the first is handed to the caller to deliver (the others are sent again).
+/// The task must be in a ptrace-stop that ignores the resume signal (an event stop).
+pub fn run_in(
+    tid: i32,
+    saved: &Regs,
+    regs: &Regs,
+    single_step: bool,
+    deadline: Option<std::time::Instant>,
+    done: impl Fn(Stop, &Regs) -> bool,
+) -> Result<Option<Injected>, InjectError> {
+    let pt = |source| InjectError::Ptrace { tid, source };
+    setregs(tid, regs).map_err(pt)?;
+    let resume = |tid| {
+        if single_step {
+            step(tid, 0)
+        } else {
+            cont(tid, 0)
+        }
+    };
+    resume(tid).map_err(pt)?;
+    let mut held: Vec<(i32, libc::siginfo_t)> = Vec::new();
+    let mut timed_out = false;
+    let end_regs = loop {
+        let got = match deadline {
+            None => wait(tid, false),
+            Some(deadline) => {
+                let now = std::time::Instant::now();
+                match wait(tid, true) {
+                    Ok(None) if now >= deadline && !timed_out => {
+                        // Too slow: stop it where it is and give up the call.
+                        timed_out = true;
+                        interrupt(tid).map_err(pt)?;
+                        continue;
+                    }
+                    Ok(None) => {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        continue;
+                    }
+                    other => other,
+                }
+            }
+        };
+        let (_, stop) = match got {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(source) => return Err(pt(source)),
+        };
+        match stop {
+            Stop::Exited(_) | Stop::Killed(_) => return Err(InjectError::Exited(tid)),
+            _ if timed_out && matches!(stop, Stop::Event(..) | Stop::Signal(_)) => {
+                if let Stop::Signal(sig) = stop
+                    && let Ok(info) = siginfo(tid)
+                {
+                    held.push((sig, info));
+                }
+                break None;
+            }
+            _ => {}
+        }
+        let now_regs = getregs(tid).map_err(pt)?;
+        if done(stop, &now_regs) {
+            break Some(now_regs);
+        }
+        match stop {
+            Stop::Signal(sig) => {
+                if let Ok(info) = siginfo(tid) {
+                    held.push((sig, info));
+                }
+                if single_step {
+                    step(tid, 0)
+                } else {
+                    cont(tid, 0)
+                }
+                .map_err(pt)?;
+            }
+            _ => resume(tid).map_err(pt)?,
+        }
+    };
+    setregs(tid, saved).map_err(pt)?;
+    // The task now sits in a signal-delivery-stop (the step's SIGTRAP, or the return trap's
+    // fault) or, after a timeout, in an event stop: hand the first held signal back with its
+    // own siginfo where the stop allows it, and send any others again.
+    let mut resume_sig = 0;
+    let mut rest = held.into_iter();
+    if let (Some((sig, info)), true) = (rest.next(), end_regs.is_some()) {
+        if set_siginfo(tid, &info).is_ok() {
+            resume_sig = sig;
+        } else {
+            tgkill(tid_tgid(tid), tid, sig);
+        }
+    }
+    for (sig, _) in rest {
+        tgkill(tid_tgid(tid), tid, sig);
+    }
+    Ok(end_regs.map(|regs| Injected { regs, resume_sig }))
+}
+
+/// The thread group of task `tid` (from /proc).
+pub fn tid_tgid(tid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
+
+/// Runs one system call in stopped task `tid`, through a `syscall` instruction at
+/// `syscall_insn`, and restores its registers. Returns the call's result and the signal the
+/// task must be resumed with.
+pub fn inject_syscall(
+    tid: i32,
+    syscall_insn: u64,
+    nr: i64,
+    args: [u64; 6],
+) -> Result<(i64, i32), InjectError> {
+    let saved = getregs(tid).map_err(|source| InjectError::Ptrace { tid, source })?;
+    let mut regs = saved;
+    regs.rax = nr as u64;
+    regs.rdi = args[0];
+    regs.rsi = args[1];
+    regs.rdx = args[2];
+    regs.r10 = args[3];
+    regs.r8 = args[4];
+    regs.r9 = args[5];
+    regs.rip = syscall_insn;
+    // Not inside a system call: the kernel must not restart anything when it resumes.
+    regs.orig_rax = u64::MAX;
+    let after = syscall_insn + 2;
+    let done = run_in(tid, &saved, &regs, true, None, |stop, r| {
+        stop == Stop::Signal(libc::SIGTRAP) && r.rip == after
+    })?;
+    let done = done.expect("no deadline, so no timeout");
+    Ok((done.regs.rax as i64, done.resume_sig))
+}
