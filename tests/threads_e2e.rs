@@ -4,8 +4,8 @@
 mod support;
 
 use support::{
-    TempDir, Usage, build_fixture, describe_stacks, describe_top, frame_function, record_launch,
-    setup, usage_by_caller,
+    TempDir, Usage, build_fixture, describe_stacks, describe_top, frame_function,
+    record_launch_with, setup, usage_by_caller,
 };
 
 /// The `key=value` pairs of the fixture's result line.
@@ -22,11 +22,20 @@ fn field(stdout: &str, key: &str) -> u64 {
 
 #[test]
 fn live_bytes_of_all_threads_match_what_the_threads_kept() {
+    all_threads_counted(&["--backend", "ebpf"]);
+}
+
+#[test]
+fn live_bytes_of_all_threads_match_what_the_threads_kept_with_ptrace() {
+    all_threads_counted(&["--backend", "ptrace"]);
+}
+
+fn all_threads_counted(backend: &[&str]) {
     setup();
     let dir = TempDir::new("threads");
     let threads = build_fixture(&dir, "threads");
 
-    let launch = record_launch(&dir, &[&threads]);
+    let launch = record_launch_with(&dir, backend, &[&threads]);
 
     assert_eq!(
         launch.finished.status.code(),
@@ -53,8 +62,9 @@ fn live_bytes_of_all_threads_match_what_the_threads_kept() {
     assert_eq!(
         got,
         expected,
-        "stacks with frame 1 == thread_worker (Usage = live_bytes, live_allocs, alloc_bytes, \
+        "{}: stacks with frame 1 == thread_worker (Usage = live_bytes, live_allocs, alloc_bytes, \
          allocs): expected what the fixture printed ({stdout:?}), got the sum of\n{}\n{}",
+        backend.join(" "),
         describe_stacks(report, worker),
         describe_top(report, 10)
     );

@@ -442,12 +442,18 @@ pub struct Launch {
 /// only what the command printed. Panics if the report cannot be read; the exit status is
 /// left to the caller.
 pub fn record_launch<S: AsRef<OsStr>>(dir: &TempDir, cmd: &[S]) -> Launch {
+    record_launch_with(dir, &[], cmd)
+}
+
+/// [`record_launch`] with `extra` record options (e.g. `["--backend", "ptrace"]`).
+pub fn record_launch_with<S: AsRef<OsStr>>(dir: &TempDir, extra: &[&str], cmd: &[S]) -> Launch {
     let report_path = dir.join("report.json");
     let mut args: Vec<OsString> = ["record", "--top", "0", "--format", "json", "-o"]
         .iter()
         .map(OsString::from)
         .collect();
     args.push(report_path.clone().into_os_string());
+    args.extend(extra.iter().map(OsString::from));
     args.push("--".into());
     args.extend(cmd.iter().map(|a| a.as_ref().to_owned()));
     let finished = run_tracer(&args, EXIT_TIMEOUT);
@@ -564,7 +570,7 @@ pub fn check_report_shape(report: &Value) {
             .unwrap_or_else(|| panic!("stack {i} has no \"frames\" array: {stack}"));
         for frame in frames {
             num(frame, "address");
-            for key in ["module", "function"] {
+            for key in ["module", "function", "file"] {
                 let v = frame
                     .get(key)
                     .unwrap_or_else(|| panic!("frame without {key:?}: {frame}"));
@@ -573,6 +579,24 @@ pub fn check_report_shape(report: &Value) {
                     "frame {key} is neither string nor null: {frame}"
                 );
             }
+            let line = frame
+                .get("line")
+                .unwrap_or_else(|| panic!("frame without \"line\": {frame}"));
+            assert!(
+                line.is_null() || line.is_u64(),
+                "frame line is neither integer nor null: {frame}"
+            );
+            assert!(
+                frame.get("inlined").is_some_and(Value::is_boolean),
+                "frame \"inlined\" is not a bool: {frame}"
+            );
+            assert!(
+                matches!(
+                    frame.get("kind").and_then(Value::as_str),
+                    Some("native" | "jit" | "unknown")
+                ),
+                "frame \"kind\" is not native, jit or unknown: {frame}"
+            );
         }
     }
 }
@@ -609,11 +633,17 @@ pub fn stacks(report: &Value) -> &[Value] {
         })
 }
 
+/// Function of real frame `i` (leaf first). Inlined functions are listed as extra entries
+/// (`"inlined": true`) before the frame they were inlined into; they do not count here, so
+/// frame 0 is the allocator (or syscall wrapper) and frame 1 its caller whatever debug
+/// information the machine has.
 pub fn frame_function(stack: &Value, i: usize) -> Option<&str> {
     stack
         .get("frames")?
         .as_array()?
-        .get(i)?
+        .iter()
+        .filter(|f| f.get("inlined").and_then(Value::as_bool) != Some(true))
+        .nth(i)?
         .get("function")?
         .as_str()
 }

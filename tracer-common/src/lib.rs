@@ -86,6 +86,12 @@ pub struct Pending {
     pub overflow: u32,
     /// 1 when `old_*` hold a live block taken out at entry.
     pub had_old: u32,
+    /// The address the call returns to: in sampling mode, one program sees both the entry
+    /// and the return of a call, and tells them apart by the instruction pointer.
+    pub ret_addr: u64,
+    /// 1 when the call is recorded (always in full mode; when sampled in sampling mode).
+    pub sampled: u32,
+    pub _pad: u32,
 }
 
 /// A live block. Key: its address.
@@ -203,3 +209,5 @@ mod user_syscalls {
     unsafe impl aya::Pod for super::SyscallPending {}
     unsafe impl aya::Pod for super::SyscallEvent {}
 }
+
+pub mod sampling;

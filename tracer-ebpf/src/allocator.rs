@@ -1,19 +1,30 @@
 //! The malloc family: entry and return probes on every allocating function, and an entry
 //! probe on free. Per-stack totals are updated here, in the kernel; user space only reads them.
+//!
+//! Two modes, chosen by user space before load through `SAMPLE_BYTES` (read-only data, so the
+//! verifier prunes the other mode's branches):
+//! - full (`SAMPLE_BYTES == 0`): `tr_alloc_enter` + `tr_alloc_exit` record every call;
+//! - sampling: `tr_alloc_sample`, a uprobe *session* program run at the entry and, only when
+//!   the entry asks for it, at the return of a call. Unsampled malloc/calloc calls end at the
+//!   entry: no stack, no map insert and no return probe. Sampled blocks are weighted
+//!   (`tracer_common::sampling`), so per-stack totals hold estimates; counts are then kept in
+//!   units of 2^-16 allocation.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
     },
-    macros::{uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
+    maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
     AllocKind, LiveAlloc, Pending, STACK_LOST, StackStats, cookie_kind, cookie_sp_offset, counter,
+    sampling,
 };
 
 use crate::{
@@ -22,6 +33,38 @@ use crate::{
 };
 
 const PAGE_SIZE: u64 = 4096;
+
+/// Mean bytes between samples; 0 records every call. Set by user space before load.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
+
+/// Sampling mode, per thread (pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ThreadState {
+    /// Bytes left before the thread's next sample point.
+    left: u64,
+    /// 1 while a call we track (in PENDING) runs on the thread: only then can an entry be
+    /// nested in it or be its return, so only then is PENDING looked at.
+    tracked: u64,
+}
+
+/// Least recently used threads are evicted first. An evicted thread draws a fresh countdown,
+/// which changes nothing statistically (the exponential distribution has no memory); a
+/// thread without an entry is checked against PENDING, so losing `tracked` is harmless too.
+#[map]
+static SAMPLER: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(8192, 0);
+
+/// Session program return values: run the return probe for this call, or do not.
+const RUN_RETURN: u32 = 0;
+const NO_RETURN: u32 = 1;
+
+#[inline(always)]
+fn sample_bytes() -> u64 {
+    // SAFETY: a plain read of our own global; volatile so that the compiler does not fold
+    // the value it had at build time (user space sets it at load).
+    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+}
 
 #[uprobe]
 pub fn tr_alloc_enter(ctx: ProbeContext) -> u32 {
@@ -33,6 +76,18 @@ pub fn tr_alloc_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn tr_alloc_exit(ctx: RetProbeContext) -> u32 {
     match try_alloc_exit(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+/// Sampling mode. Loaded by user space as a uprobe-multi session program (expected attach
+/// type `BPF_TRACE_UPROBE_SESSION`), which aya cannot do; the `uprobe` section is only how
+/// the program gets into the object file. Written out rather than with `#[uprobe]`, whose
+/// wrapper always returns 0: here the return value decides whether the return probe runs.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn tr_alloc_sample(ctx: *mut core::ffi::c_void) -> u32 {
+    match try_alloc_sample(&ProbeContext::new(ctx)) {
         Ok(ret) | Err(ret) => ret,
     }
 }
@@ -65,19 +120,10 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
 }
 
-fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
-    let tid = bpf_get_current_pid_tgid();
-    if let Some(p) = PENDING.get_ptr_mut(tid) {
-        // realloc -> malloc, reallocarray -> realloc, posix_memalign -> malloc: the outer
-        // call is the one the program made; the inner one is glibc's business.
-        unsafe { (*p).depth += 1 };
-        return Ok(0);
-    }
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let kind = cookie_kind(cookie);
-    let Some(kind) = AllocKind::from_u32(kind) else {
-        return Err(1);
-    };
+/// The call at an allocator's entry, from its arguments: what it will allocate if it
+/// succeeds, and which block it gets (realloc) or where it writes its result (posix_memalign).
+#[inline(always)]
+fn decode_call(ctx: &ProbeContext, kind: AllocKind) -> Pending {
     let (a0, a1, a2) = (arg(ctx, 0), arg(ctx, 1), arg(ctx, 2));
     let mut overflow = 0;
     let mut ptr_arg = 0;
@@ -121,8 +167,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
         }
         AllocKind::Memalign => a1,
     };
-
-    let mut pending = Pending {
+    Pending {
         size,
         ptr_arg,
         stack: STACK_LOST,
@@ -132,20 +177,44 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
         kind: kind as u32,
         overflow,
         had_old: 0,
-    };
-    let resizes = matches!(kind, AllocKind::Realloc | AllocKind::Reallocarray);
-    if resizes && ptr_arg != 0 {
-        // Take the old block out now: once realloc has released it, another thread may be
-        // handed the same address before our return probe runs.
-        if let Some(old) = LIVE.get_ptr(ptr_arg) {
+        ret_addr: 0,
+        sampled: 1,
+        _pad: 0,
+    }
+}
+
+/// realloc/reallocarray: takes the old block out of the live map now. Once realloc has
+/// released it, another thread may be handed the same address before our return probe runs.
+#[inline(always)]
+fn take_old_block(pending: &mut Pending) {
+    let resizes =
+        pending.kind == AllocKind::Realloc as u32 || pending.kind == AllocKind::Reallocarray as u32;
+    if resizes && pending.ptr_arg != 0 {
+        if let Some(old) = LIVE.get_ptr(pending.ptr_arg) {
             let old = unsafe { *old };
-            if LIVE.remove(ptr_arg).is_ok() {
+            if LIVE.remove(pending.ptr_arg).is_ok() {
                 pending.had_old = 1;
                 pending.old_size = old.size;
                 pending.old_stack = old.stack;
             }
         }
     }
+}
+
+fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
+    let tid = bpf_get_current_pid_tgid();
+    if let Some(p) = PENDING.get_ptr_mut(tid) {
+        // realloc -> malloc, reallocarray -> realloc, posix_memalign -> malloc: the outer
+        // call is the one the program made; the inner one is glibc's business.
+        unsafe { (*p).depth += 1 };
+        return Ok(0);
+    }
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(kind) = AllocKind::from_u32(cookie_kind(cookie)) else {
+        return Err(1);
+    };
+    let mut pending = decode_call(ctx, kind);
+    take_old_block(&mut pending);
     pending.stack = stack::capture(ctx, cookie_sp_offset(cookie));
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);
@@ -170,8 +239,135 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<u32, u32> {
         *p
     };
     let _ = PENDING.remove(tid);
-    let ret: u64 = ctx.ret();
+    finish_call(&pending, ctx.ret());
+    Ok(0)
+}
 
+/// Only these allocators never call another public allocator function in glibc, so in
+/// sampling mode only they may skip the return probe: for the others (realloc(NULL, n) and
+/// realloc of an mmapped block call malloc; reallocarray calls realloc; posix_memalign and
+/// memalign call malloc for small alignments) the call stays in PENDING while it runs, so
+/// that the inner call is recognized as glibc's and neither counted nor sampled twice.
+fn is_leaf(kind: AllocKind) -> bool {
+    matches!(
+        kind,
+        AllocKind::Malloc | AllocKind::Calloc | AllocKind::Valloc | AllocKind::Pvalloc
+    )
+}
+
+fn try_alloc_sample(ctx: &ProbeContext) -> Result<u32, u32> {
+    let tid = bpf_get_current_pid_tgid();
+    let regs = ctx.regs;
+    let ip = unsafe { (*regs).rip };
+    let state = SAMPLER.get_ptr_mut(tid);
+    // SAFETY (all uses of `state`): only this thread touches its own entry.
+    let may_be_tracked = state.is_none_or(|s| unsafe { (*s).tracked } != 0);
+    if may_be_tracked {
+        if let Some(p) = PENDING.get_ptr(tid) {
+            let pending = unsafe { *p };
+            if pending.ret_addr != ip {
+                // An allocator called inside a call we track: glibc's business.
+                return Ok(NO_RETURN);
+            }
+            // The return of a call we track: the kernel set the instruction pointer to the
+            // address the call returns to.
+            let _ = PENDING.remove(tid);
+            if let Some(s) = state {
+                unsafe { (*s).tracked = 0 };
+            }
+            finish_call(&pending, unsafe { (*regs).rax });
+            return Ok(NO_RETURN);
+        }
+        if let Some(s) = state {
+            unsafe { (*s).tracked = 0 };
+        }
+    }
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(kind) = AllocKind::from_u32(cookie_kind(cookie)) else {
+        return Err(NO_RETURN);
+    };
+    let mut pending = decode_call(ctx, kind);
+    let sampled = pending.overflow == 0 && take_sample(state, tid, pending.size);
+    if !sampled && is_leaf(kind) {
+        return Ok(NO_RETURN);
+    }
+    let sp_offset = cookie_sp_offset(cookie);
+    let Ok(ret_addr) = (unsafe { bpf_probe_read_user((((*regs).rsp) + sp_offset) as *const u64) })
+    else {
+        // Without it the return cannot be told from an entry: leave this call alone.
+        return Ok(NO_RETURN);
+    };
+    pending.ret_addr = ret_addr;
+    pending.sampled = sampled as u32;
+    take_old_block(&mut pending);
+    if sampled {
+        pending.stack = stack::capture(ctx, sp_offset);
+    }
+    if PENDING.insert(tid, &pending, 0).is_err() {
+        count(counter::DROP_PENDING_FULL);
+        if pending.had_old == 1 {
+            restore_old(&pending);
+        }
+        return Ok(NO_RETURN);
+    }
+    // A thread's first call has its entry only now (take_sample made it).
+    if let Some(s) = state.or_else(|| SAMPLER.get_ptr_mut(tid)) {
+        unsafe { (*s).tracked = 1 };
+    }
+    Ok(RUN_RETURN)
+}
+
+/// Sampling mode: whether a call of `size` bytes on thread `tid` (whose entry is `state`,
+/// if it has one yet) holds a sample point, as tcmalloc and jemalloc decide it: each thread
+/// counts down the bytes to its next point, drawn from an exponential distribution with mean
+/// `SAMPLE_BYTES`.
+#[inline(always)]
+fn take_sample(state: Option<*mut ThreadState>, tid: u64, size: u64) -> bool {
+    if size == 0 {
+        return false;
+    }
+    let mean = sample_bytes();
+    if let Some(s) = state {
+        // SAFETY: only this thread uses its own entry.
+        unsafe {
+            if size < (*s).left {
+                (*s).left -= size;
+                return false;
+            }
+            (*s).left = sampling::next_countdown(bpf_get_prandom_u32(), mean);
+        }
+        return true;
+    }
+    let first = sampling::next_countdown(unsafe { bpf_get_prandom_u32() }, mean);
+    let (sampled, left) = if size < first {
+        (false, first - size)
+    } else {
+        (
+            true,
+            sampling::next_countdown(unsafe { bpf_get_prandom_u32() }, mean),
+        )
+    };
+    let _ = SAMPLER.insert(tid, &ThreadState { left, tracked: 0 }, 0);
+    sampled
+}
+
+/// What a block of `size` bytes adds to its stack's totals: (bytes, allocations). In full
+/// mode the block itself; in sampling mode the estimate it stands for, allocations in units
+/// of 2^-16.
+#[inline(always)]
+fn weight(size: u64) -> (u64, u64) {
+    let mean = sample_bytes();
+    if mean == 0 {
+        (size, 1)
+    } else {
+        let e = sampling::estimate(size, mean);
+        (e.bytes, e.count)
+    }
+}
+
+/// Accounts for a finished allocator call: `ret` is its return value.
+#[inline(always)]
+fn finish_call(pending: &Pending, ret: u64) {
     let (ok, addr) = if pending.kind == AllocKind::PosixMemalign as u32 {
         // posix_memalign returns 0 or an error number; the block is in *memptr.
         if ret as u32 == 0 {
@@ -194,23 +390,26 @@ fn try_alloc_exit(ctx: &RetProbeContext) -> Result<u32, u32> {
         let released = pending.overflow == 0 && (ok || pending.size == 0);
         if !released {
             if pending.had_old == 1 {
-                restore_old(&pending);
+                restore_old(pending);
             }
         } else if pending.had_old == 1 {
-            add_stats(pending.old_stack, -(pending.old_size as i64), -1, 0, 0);
+            retire(pending.old_stack, pending.old_size);
             count(counter::FREES);
-        } else {
+        } else if sample_bytes() == 0 {
+            // (In sampling mode most blocks were never sampled: no news.)
             count(counter::UNMATCHED_FREES);
         }
     }
 
+    if pending.sampled == 0 {
+        return;
+    }
     if ok {
         record_alloc(addr, pending.size, pending.stack);
     } else if !(pending.size == 0 && pending.ptr_arg != 0 && pending.overflow == 0) {
         // A NULL from realloc(p, 0) is its success, not a failure.
         count(counter::FAILED_ALLOCS);
     }
-    Ok(0)
 }
 
 fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
@@ -218,20 +417,29 @@ fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
     if ptr == 0 {
         return Ok(0);
     }
+    let sampling = sample_bytes() != 0;
     let tid = bpf_get_current_pid_tgid();
-    if PENDING.get_ptr(tid).is_some() {
-        // A free inside realloc; the realloc return probe accounts for it.
+    // A free inside realloc: the realloc's return accounts for it. In sampling mode nearly
+    // every free misses the live map, so that lookup goes first.
+    if !sampling && PENDING.get_ptr(tid).is_some() {
         return Ok(0);
     }
     match LIVE.get_ptr(ptr) {
         Some(live) => {
+            if sampling && PENDING.get_ptr(tid).is_some() {
+                return Ok(0);
+            }
             let live = unsafe { *live };
             if LIVE.remove(ptr).is_ok() {
-                add_stats(live.stack, -(live.size as i64), -1, 0, 0);
+                retire(live.stack, live.size);
                 count(counter::FREES);
             }
         }
-        None => count(counter::UNMATCHED_FREES),
+        None => {
+            if !sampling {
+                count(counter::UNMATCHED_FREES);
+            }
+        }
     }
     Ok(0)
 }
@@ -244,8 +452,15 @@ fn restore_old(pending: &Pending) {
     };
     if LIVE.insert(pending.ptr_arg, &old, 0).is_err() {
         count(counter::DROP_LIVE_FULL);
-        add_stats(pending.old_stack, -(pending.old_size as i64), -1, 0, 0);
+        retire(pending.old_stack, pending.old_size);
     }
+}
+
+/// A block of `size` bytes of `stack` is no longer live.
+#[inline(always)]
+fn retire(stack: u64, size: u64) {
+    let (bytes, allocs) = weight(size);
+    add_stats(stack, -(bytes as i64), -(allocs as i64), 0, 0);
 }
 
 fn record_alloc(addr: u64, size: u64, stack: u64) {
@@ -253,7 +468,7 @@ fn record_alloc(addr: u64, size: u64, stack: u64) {
         // We hold this address as live, yet the allocator handed it out again: its free
         // went by unseen. Retire it from its stack before reusing the slot.
         let stale = unsafe { *stale };
-        add_stats(stale.stack, -(stale.size as i64), -1, 0, 0);
+        retire(stale.stack, stale.size);
         count(counter::STALE_LIVE);
     }
     let Some((stack, stats)) = stats_entry(stack) else {
@@ -264,12 +479,13 @@ fn record_alloc(addr: u64, size: u64, stack: u64) {
         stack,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
+    let (bytes, allocs) = weight(size);
     if LIVE.insert(addr, &live, 0).is_ok() {
-        add(stats, size as i64, 1, size, 1);
+        add(stats, bytes as i64, allocs as i64, bytes, allocs);
     } else {
         // Not tracked as live (its free could not be matched), but still allocated.
         count(counter::DROP_LIVE_FULL);
-        add(stats, 0, 0, size, 1);
+        add(stats, 0, 0, bytes, allocs);
     }
 }
 

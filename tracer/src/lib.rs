@@ -4,6 +4,8 @@
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
 //! (text, JSON). `record` runs it; `target` finds and launches processes.
 pub mod aggregate;
+pub mod diff;
+pub mod mallocstats;
 pub mod memmap;
 pub mod options;
 pub mod probe;

@@ -3,8 +3,10 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracer::{
-    options::{Format, RecordOptions, TargetSpec, parse_duration},
+    diff::{DiffFormat, DiffOptions},
+    options::{BackendChoice, Format, RecordOptions, TargetSpec, parse_bytes, parse_duration},
     probe::ebpf::Limits,
+    report::folded::Metric,
 };
 
 /// Native memory allocation tracer: which call stacks hold memory that was allocated and
@@ -20,12 +22,112 @@ struct Cli {
 enum Command {
     /// Record allocations of a running process (--pid) or of a command it starts (-- CMD).
     Record(RecordArgs),
+    /// Print the memory map of a running process by owner class (V8 heap, malloc, stacks, code...).
+    Map(MapArgs),
+    /// Compare two JSON reports: which stacks grew and which shrank.
+    Diff(DiffArgs),
+    /// Render a saved JSON report as text, folded stacks, an SVG flamegraph or pprof.
+    Report(ReportArgs),
+    /// Ask glibc inside a running process how much of its heap is in use and how much is
+    /// free memory it keeps (calls mallinfo2 and malloc_info at a safe moment).
+    MallocStats(MallocStatsArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum FormatArg {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormatArg {
+    Text,
+    Json,
+    Folded,
+    Svg,
+    Pprof,
+}
+
+impl From<ReportFormatArg> for Format {
+    fn from(f: ReportFormatArg) -> Format {
+        match f {
+            ReportFormatArg::Text => Format::Text,
+            ReportFormatArg::Json => Format::Json,
+            ReportFormatArg::Folded => Format::Folded,
+            ReportFormatArg::Svg => Format::Svg,
+            ReportFormatArg::Pprof => Format::Pprof,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MetricArg {
+    Live,
+    Allocated,
+    Growth,
+}
+
+impl From<MetricArg> for Metric {
+    fn from(m: MetricArg) -> Metric {
+        match m {
+            MetricArg::Live => Metric::Live,
+            MetricArg::Allocated => Metric::Allocated,
+            MetricArg::Growth => Metric::Growth,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiffFormatArg {
+    Text,
+    Folded,
+    Svg,
+}
+
+/// `tracer diff BEFORE.json AFTER.json`
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The earlier report (`tracer record --format json`).
+    before: PathBuf,
+    /// The later report.
+    after: PathBuf,
+    /// text: stacks that grew and shrank; folded: `stack BEFORE AFTER` lines; svg: a
+    /// differential flamegraph (growth red, shrink blue).
+    #[arg(long, short = 'f', value_enum, default_value = "text")]
+    format: DiffFormatArg,
+    #[arg(long, value_enum, default_value = "live")]
+    metric: MetricArg,
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+}
+
+/// `tracer report FILE.json`
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// A report saved with `tracer record --format json`.
+    input: PathBuf,
+    #[arg(long, short = 'f', value_enum, default_value = "text")]
+    format: ReportFormatArg,
+    #[arg(long, value_enum, default_value = "live")]
+    metric: MetricArg,
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Name the native frames again from this host's module files (e.g. after installing
+    /// debug files) instead of keeping the names in the report.
+    #[arg(long)]
+    resymbolize: bool,
+    /// Look for separate debug files here too (implies --resymbolize); repeatable.
+    #[arg(long, value_name = "DIR")]
+    debug_dir: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MapArgs {
+    /// Process to look at.
+    #[arg(long, short = 'p')]
+    pid: u32,
+    #[arg(long, short = 'f', value_enum, default_value = "text")]
+    format: FormatArg,
 }
 
 #[derive(clap::Args)]
@@ -39,23 +141,71 @@ struct RecordArgs {
     /// Print a snapshot to stderr this often.
     #[arg(long, short = 'i', value_parser = parse_duration)]
     interval: Option<Duration>,
-    /// Stacks to show, most live bytes first; 0 shows all.
-    #[arg(long, default_value_t = 20)]
-    top: usize,
+    /// Stacks to show, most live bytes first; 0 shows all [default: 20 for text and json, all
+    /// for folded, svg and pprof].
+    #[arg(long)]
+    top: Option<usize>,
     #[arg(long, short = 'f', value_enum, default_value = "text")]
-    format: FormatArg,
+    format: ReportFormatArg,
+    /// What folded and svg reports weigh stacks by (growth: live bytes at the last --interval
+    /// snapshot less at the first).
+    #[arg(long, value_enum, default_value = "live")]
+    metric: MetricArg,
+    /// When launching node, do not add --perf-basic-prof-only-functions
+    /// --interpreted-frames-native-stack (which name JavaScript frames).
+    #[arg(long)]
+    no_jit_symbols: bool,
+    /// Look for separate debug files (.build-id/xx/yyyy.debug, .gnu_debuglink names) here
+    /// too, before /usr/lib/debug; repeatable.
+    #[arg(long, value_name = "DIR")]
+    debug_dir: Vec<PathBuf>,
     /// Write the report here instead of stdout.
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
+    /// Count as live only blocks at least this old when recording ends (e.g. 10s).
+    #[arg(long, value_parser = parse_duration)]
+    min_age: Option<Duration>,
     /// Live blocks tracked at once in the kernel; more are counted as dropped.
     #[arg(long, default_value_t = Limits::default().max_live, value_parser = clap::value_parser!(u32).range(1..))]
     max_live: u32,
     /// Distinct stacks kept in the kernel; more are counted as dropped.
     #[arg(long, default_value_t = Limits::default().max_stacks, value_parser = clap::value_parser!(u32).range(1..))]
     max_stacks: u32,
+    /// Sample one allocation per N bytes on average (e.g. 512KiB) instead of recording every
+    /// call; the report then shows estimates.
+    #[arg(long, value_parser = parse_bytes, value_name = "N")]
+    sample_bytes: Option<u64>,
+    /// Probe backend: ebpf (uprobes), ptrace (breakpoints; where BPF is not allowed, far
+    /// slower), or auto (eBPF, falling back to ptrace when BPF cannot be loaded or attached).
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
+    /// At the end, also ask glibc's allocator for its own figures (mallinfo2, malloc_info),
+    /// called inside the stopped target as `tracer malloc-stats` does.
+    #[arg(long)]
+    malloc_stats: bool,
     /// Command to start and trace from its first instruction.
     #[arg(last = true)]
     command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Ebpf,
+    Ptrace,
+    Auto,
+}
+
+/// `tracer malloc-stats --pid PID`
+#[derive(clap::Args)]
+struct MallocStatsArgs {
+    /// Process to inspect.
+    #[arg(long, short = 'p')]
+    pid: u32,
+    #[arg(long, short = 'f', value_enum, default_value = "text")]
+    format: FormatArg,
+    /// Give up if no safe moment (no thread inside the allocator) is found within this long.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    wait: Duration,
 }
 
 impl RecordArgs {
@@ -67,20 +217,37 @@ impl RecordArgs {
             (None, true) => return Err("say what to trace: --pid PID, or -- CMD [ARGS...]".into()),
             (Some(_), false) => return Err("give --pid or a command, not both".into()),
         };
+        if self.malloc_stats && matches!(target, TargetSpec::Launch(_)) {
+            // A launched command is the tracer's child, waited for by another of its threads,
+            // which would take the ptrace stops malloc-stats needs.
+            return Err("--malloc-stats needs --pid (it cannot inspect a command the tracer launched)".into());
+        }
         Ok(RecordOptions {
             target,
             duration: self.duration,
             interval: self.interval,
-            top: self.top,
-            format: match self.format {
-                FormatArg::Text => Format::Text,
-                FormatArg::Json => Format::Json,
-            },
+            // Flamegraphs and profiles are about the whole picture; a terminal wants the top.
+            top: self.top.unwrap_or(match self.format {
+                ReportFormatArg::Text | ReportFormatArg::Json => 20,
+                _ => 0,
+            }),
+            format: self.format.into(),
             output: self.output,
+            metric: self.metric.into(),
+            jit_symbols: !self.no_jit_symbols,
+            debug_dirs: self.debug_dir,
+            min_age: self.min_age,
             limits: Limits {
                 max_live: self.max_live,
                 max_stacks: self.max_stacks,
+                sample_bytes: self.sample_bytes,
             },
+            backend: match self.backend {
+                BackendArg::Ebpf => BackendChoice::Ebpf,
+                BackendArg::Ptrace => BackendChoice::Ptrace,
+                BackendArg::Auto => BackendChoice::Auto,
+            },
+            malloc_stats: self.malloc_stats,
         })
     }
 }
@@ -109,6 +276,74 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Diff(args) => {
+            let opts = DiffOptions {
+                before: args.before,
+                after: args.after,
+                format: match args.format {
+                    DiffFormatArg::Text => DiffFormat::Text,
+                    DiffFormatArg::Folded => DiffFormat::Folded,
+                    DiffFormatArg::Svg => DiffFormat::Svg,
+                },
+                metric: args.metric.into(),
+                output: args.output,
+            };
+            match tracer::record::diff(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
+        Command::Report(args) => {
+            let written = tracer::record::convert(
+                &args.input,
+                args.format.into(),
+                args.metric.into(),
+                args.output.as_deref(),
+                (args.resymbolize || !args.debug_dir.is_empty()).then_some(args.debug_dir.as_slice()),
+            );
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
+        Command::Map(args) => match tracer::record::map(args.pid) {
+            Ok(classes) => {
+                let mut out = std::io::stdout().lock();
+                let written = match args.format {
+                    FormatArg::Text => tracer::report::text::write_memory_map(&classes, None, &mut out),
+                    FormatArg::Json => serde_json::to_writer_pretty(&mut out, &classes)
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| std::io::Write::write_all(&mut out, b"\n")),
+                };
+                match written {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(e),
+                    _ => ExitCode::SUCCESS,
+                }
+            }
+            Err(e) => fail(format!("{e:#}")),
+        },
+        Command::MallocStats(args) => {
+            let run = || -> anyhow::Result<()> {
+                let info = tracer::target::inspect(args.pid)?;
+                let stats = tracer::mallocstats::inspect(args.pid, args.wait)?;
+                let mut out = std::io::stdout().lock();
+                match args.format {
+                    FormatArg::Text => tracer::mallocstats::write_text(&stats, &info.command, &mut out)?,
+                    FormatArg::Json => {
+                        serde_json::to_writer_pretty(&mut out, &stats)?;
+                        std::io::Write::write_all(&mut out, b"\n")?;
+                    }
+                }
+                Ok(())
+            };
+            match run() {
+                Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("{e:#}")),
+                Ok(()) => ExitCode::SUCCESS,
+            }
+        }
         Command::Record(args) => {
             let opts = match args.into_options() {
                 Ok(opts) => opts,

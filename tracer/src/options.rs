@@ -15,6 +15,12 @@ pub enum TargetSpec {
 pub enum Format {
     Text,
     Json,
+    /// Collapsed stacks for flamegraph tools, weighed by [`RecordOptions::metric`].
+    Folded,
+    /// An interactive flamegraph (inferno).
+    Svg,
+    /// A gzipped pprof heap profile.
+    Pprof,
 }
 
 #[derive(Clone, Debug)]
@@ -29,7 +35,27 @@ pub struct RecordOptions {
     pub format: Format,
     /// Where the final report goes; stdout when None.
     pub output: Option<PathBuf>,
+    /// What folded and SVG reports weigh stacks by.
+    pub metric: crate::report::folded::Metric,
+    /// When launching node, add the flags that make it write a perf map of its JIT code.
+    pub jit_symbols: bool,
+    /// Directories searched for separate debug files before ROOT/usr/lib/debug.
+    pub debug_dirs: Vec<PathBuf>,
+    /// Only blocks at least this old count as live: separates a leak from a working set.
+    pub min_age: Option<Duration>,
     pub limits: Limits,
+    /// Which probe backend records.
+    pub backend: BackendChoice,
+    /// Ask glibc for its own figures (mallinfo2, malloc_info) at the end, next to the map.
+    pub malloc_stats: bool,
+}
+
+/// `--backend`: eBPF uprobes, ptrace breakpoints, or eBPF with ptrace as the fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Ebpf,
+    Ptrace,
+    Auto,
 }
 
 /// Parses `30s`, `500ms`, `2m`, `1h` or a bare number of seconds; zero is refused, since a
@@ -59,9 +85,48 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses a byte count for `--sample-bytes`: `524288`, `512KiB`, `512k`, `1MiB`, `1M`,
+/// `2GiB` (k/M/G and KiB/MiB/GiB are all powers of 1024, as in tcmalloc's settings). The range
+/// is 1 byte to 16 GiB, the largest mean the kernel side's fixed-point arithmetic handles.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a byte count (try 512KiB, 1MiB, 65536)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("'{text}': unknown unit '{unit}' (use KiB, MiB or GiB)")),
+    };
+    let max = tracer_common::sampling::MAX_MEAN;
+    match value.checked_mul(1 << shift) {
+        Some(0) => Err(format!("'{text}': the byte count must be more than zero")),
+        Some(bytes) if bytes <= max => Ok(bytes),
+        _ => Err(format!("'{text}' is too large (at most 16GiB)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("524288"), Ok(524_288));
+        assert_eq!(parse_bytes("512KiB"), Ok(524_288));
+        assert_eq!(parse_bytes("512k"), Ok(524_288));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_bytes("1"), Ok(1));
+        for bad in ["0", "0KiB", "17GiB", "abc", "", "1.5MiB", "-1", "10x", "KiB", "99999999999999999999"] {
+            assert!(parse_bytes(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn durations() {

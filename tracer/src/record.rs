@@ -3,7 +3,7 @@ use std::{
     fs::File,
     io::{BufWriter, Write},
     num::NonZeroU32,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -12,15 +12,21 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::{
-    aggregate::aggregate,
-    options::{Format, RecordOptions, TargetSpec},
+    aggregate::{History, Profile, add_mapped, aggregate},
+    memmap::{self, ClassTotals},
+    regions::Regions,
+    options::{BackendChoice, Format, RecordOptions, TargetSpec},
     probe::{
         Backend,
         ebpf::{EbpfProbes, SyscallTarget},
+        ptrace::{PtraceOptions, PtraceProbes},
     },
-    report::{self, Meta},
-    symbolize::{Symbolizer, maps::ProcMaps},
+    probe::Snapshot,
+    report::{self, AllocatorView, Meta},
+    symbolize::{Symbolizer, maps::ProcMaps, perfmap},
     target::{self, LaunchEvent, Launched},
+    diff::DiffOptions,
+    report::folded::Metric,
 };
 
 /// How often the loop wakes to look at signals, the target and the clock.
@@ -74,9 +80,19 @@ pub struct Outcome {
 }
 
 pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
-    check_privileges()?;
+    // Without BPF privileges, auto goes straight to ptrace (and says why once, below).
+    let bpf_refused = match opts.backend {
+        BackendChoice::Ebpf => {
+            check_privileges()?;
+            None
+        }
+        BackendChoice::Ptrace => None,
+        BackendChoice::Auto => check_privileges().err(),
+    };
     install_signal_handlers()?;
 
+    // Whether node was started with the perf-map flags by us (see the end).
+    let mut added_jit_flags = false;
     let (info, libc, mut maps, launched) = match &opts.target {
         TargetSpec::Pid(pid) => {
             let info = target::inspect(*pid)?;
@@ -85,7 +101,13 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             (info, libc, maps, None)
         }
         TargetSpec::Launch(argv) => {
-            let launched = Launched::start(argv)?;
+            // node names its JIT frames only when started with these flags.
+            let jit_argv = opts
+                .jit_symbols
+                .then(|| perfmap::with_node_jit_flags(argv))
+                .flatten();
+            added_jit_flags = jit_argv.is_some();
+            let launched = Launched::start(jit_argv.as_deref().unwrap_or(argv))?;
             (
                 launched.info.clone(),
                 launched.libc.clone(),
@@ -108,8 +130,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         PathBuf::from(format!("/proc/{pid}/root"))
     } else {
         PathBuf::from("/")
-    });
+    })
+    .with_debug_dirs(opts.debug_dirs.clone());
+    symbolizer.set_jit_pid(pid);
     let warm = |symbolizer: &mut Symbolizer, maps: &ProcMaps| {
+        // JIT code regions and perf-map entries, while the process is there to read them.
+        symbolizer.refresh(maps);
         if in_other_mount_ns {
             for m in maps.mappings() {
                 if let (Some(path), true) = (&m.path, m.perms.contains('x')) {
@@ -120,20 +146,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     };
     warm(&mut symbolizer, &maps);
 
-    let ebpf = EbpfProbes::attach(
-        nz_pid,
-        &libc_host,
-        opts.limits,
-        Some(SyscallTarget {
-            libc: &libc,
-            maps: &maps,
-        }),
-    )
-    .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
-    for warning in &ebpf.warnings {
-        eprintln!("tracer: {warning}");
-    }
-    let mut probes: Box<dyn Backend> = Box::new(ebpf);
+    let mut probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
+        .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
     let slow: Vec<String> = probes
         .sites()
         .iter()
@@ -154,12 +168,24 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         l.release();
     }
 
+    // The mappings that exist now are shown as such; the ones made from here on get stacks.
+    let mut regions = Regions::from_maps(&maps);
+    if let Some(brk) = target::start_brk(pid) {
+        regions.set_initial_break(brk);
+    }
+    let memory_start = memmap::memory_map(pid, &regions, None).ok();
+    let mut memory_last = memory_start.clone();
+    let mut history = History::default();
+
     let start = Instant::now();
     let mut last_maps = Instant::now();
     let mut next_interval = opts.interval.map(|i| start + i);
     let mut exit_code = None;
     loop {
         std::thread::sleep(TICK);
+        for event in probes.drain_syscalls() {
+            regions.apply(&event);
+        }
         if STOP.load(Ordering::Relaxed) {
             break;
         }
@@ -192,18 +218,25 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
                 maps.update(m);
                 warm(&mut symbolizer, &maps);
             }
+            // Kept fresh in case the process exits: its smaps go with it.
+            if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
+                memory_last = Some(m);
+            }
             last_maps = Instant::now();
         }
         if let Some(due) = next_interval {
             if Instant::now() >= due {
                 let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-                let profile = aggregate(&snapshot, &maps);
+                let profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
+                history.push(&profile);
                 let meta = Meta {
                     pid,
                     command: info.command.clone(),
                     duration_ms: start.elapsed().as_millis() as u64,
                 };
-                let rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
+                symbolizer.refresh(&maps);
+                let mut rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
+                rep.sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(err, "--- snapshot at {:.1} s", start.elapsed().as_secs_f64());
                 let _ = report::text::write(&rep, &mut err);
@@ -214,11 +247,30 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let duration_ms = start.elapsed().as_millis() as u64;
 
     // Final numbers first, then let the target go before the slower symbolization.
-    let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
+    for event in probes.drain_syscalls() {
+        regions.apply(&event);
+    }
+    let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(min_age) = opts.min_age {
+        let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
+        for s in &mut snapshot.stacks {
+            let (bytes, count) = old.get(&s.id).copied().unwrap_or((0, 0));
+            s.live_bytes = bytes as i64;
+            s.live_allocs = count as i64;
+        }
+    }
     if exit_code.is_none() {
         if let Ok(m) = ProcMaps::read(pid) {
             maps.update(m);
         }
+        if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
+            memory_last = Some(m);
+        }
+    }
+    let mut profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
+    if opts.interval.is_some() {
+        history.push(&profile);
+        history.apply(&mut profile);
     }
     drop(probes);
     if let Some(l) = &launched {
@@ -226,15 +278,45 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             l.detach();
         }
     }
+    // glibc's own figures, asked once every probe is out: the call needs the threads to itself.
+    let glibc = match (opts.malloc_stats, &opts.target) {
+        (true, TargetSpec::Pid(_)) if target::is_alive(pid) => {
+            match crate::mallocstats::inspect(pid, Duration::from_secs(2)) {
+                Ok(stats) => Some(stats),
+                Err(e) => {
+                    eprintln!("tracer: malloc-stats: {e:#}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
 
-    let profile = aggregate(&snapshot, &maps);
     let meta = Meta {
         pid,
         command: info.command.clone(),
         duration_ms,
     };
-    let rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
-    write_report(&rep, opts)?;
+    // The perf map as the process left it (it stays in /tmp after an exit).
+    symbolizer.refresh(&maps);
+    let mut rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
+    rep.memory_map = memory_last;
+    rep.allocator = Some(AllocatorView {
+        live_malloc_bytes: profile.totals.live_bytes,
+        node_array_buffer_bytes: (info.command == "node").then(|| {
+            report::live_bytes_through(&profile, "node::NodeArrayBufferAllocator::", &mut symbolizer)
+        }),
+        glibc,
+    });
+    rep.interval_ms = opts.interval.map(|i| i.as_millis() as u64);
+    rep.min_age_ms = opts.min_age.map(|a| a.as_millis() as u64);
+    rep.sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
+    write_to(opts.output.as_deref(), |out| {
+        write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out)
+    })?;
+    if let Some(hint) = symbolizer.jit_hint() {
+        eprintln!("tracer: {hint}");
+    }
 
     if let Some(l) = launched {
         // The command runs on after recording stops; its status is ours.
@@ -246,24 +328,166 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             }
         }
     }
+    if added_jit_flags && exit_code.is_some() {
+        // The perf map exists only because we asked node for it, it has been read, and its
+        // writer is gone: leave no file behind.
+        symbolizer.remove_perf_map();
+    }
     Ok(Outcome { exit_code })
 }
 
-fn write_report(rep: &report::Report, opts: &RecordOptions) -> anyhow::Result<()> {
-    let mut out: Box<dyn Write> = match &opts.output {
+/// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
+/// when BPF programs or uprobes cannot be loaded or attached (`bpf_refused`: the privilege
+/// check already said no). The fallback says why, once.
+fn attach_backend(
+    opts: &RecordOptions,
+    bpf_refused: Option<anyhow::Error>,
+    pid: NonZeroU32,
+    libc_host: &Path,
+    libc: &str,
+    maps: &ProcMaps,
+    launched: Option<&Launched>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let why_not_bpf = match (opts.backend, bpf_refused) {
+        (BackendChoice::Ptrace, _) => None,
+        (_, Some(refused)) => Some(format!("{refused:#}")),
+        (choice, None) => {
+            let attached = EbpfProbes::attach(
+                pid,
+                libc_host,
+                opts.limits,
+                Some(SyscallTarget { libc, maps }),
+            );
+            match attached {
+                Ok(ebpf) => {
+                    for warning in &ebpf.warnings {
+                        eprintln!("tracer: {warning}");
+                    }
+                    return Ok(Box::new(ebpf));
+                }
+                // A C library the tracer cannot read fails ptrace just the same.
+                Err(e @ crate::probe::ebpf::EbpfError::Libc(_)) => return Err(e.into()),
+                Err(e) if choice == BackendChoice::Auto => Some(format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if opts.limits.sample_bytes.is_some() {
+        bail!(
+            "--sample-bytes needs the eBPF backend{}",
+            why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
+        );
+    }
+    if let Some(why) = why_not_bpf {
+        eprintln!("tracer: eBPF unavailable ({why}); using the ptrace backend, which is much slower");
+    }
+    let handover = match launched {
+        Some(l) => Some(l.hand_over()?),
+        None => None,
+    };
+    let probes = PtraceProbes::attach(PtraceOptions {
+        pid: pid.get(),
+        libc_host: libc_host.to_owned(),
+        libc: libc.to_owned(),
+        limits: opts.limits,
+        handover,
+    })?;
+    Ok(Box::new(probes))
+}
+
+/// The malloc stacks of a snapshot and the stacks that mapped memory themselves.
+fn profile_of(
+    snapshot: &Snapshot,
+    regions: &Regions,
+    maps: &ProcMaps,
+    probes: &mut dyn Backend,
+) -> Profile {
+    let mut profile = aggregate(snapshot, maps);
+    add_mapped(
+        &mut profile,
+        &regions.by_stack(),
+        |id| probes.stack_frames(id).unwrap_or_default(),
+        maps,
+    );
+    profile
+}
+
+/// The memory map of a process right now, for `tracer map`.
+pub fn map(pid: u32) -> anyhow::Result<Vec<ClassTotals>> {
+    let info = target::inspect(pid)?;
+    let maps = ProcMaps::read(pid)?;
+    let regions = Regions::from_maps(&maps);
+    memmap::memory_map(pid, &regions, None).with_context(|| format!("pid {pid} ({})", info.command))
+}
+
+/// Renders `rep` in `format`; `build_id` names modules' build ids for pprof.
+pub fn write_as(
+    rep: &report::Report,
+    format: Format,
+    metric: Metric,
+    build_id: &mut dyn FnMut(&str) -> Option<String>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    match format {
+        Format::Text => report::text::write(rep, out),
+        Format::Json => report::json::write(rep, out),
+        Format::Folded => report::folded::write(rep, metric, out),
+        Format::Svg => report::svg::write(rep, metric, out),
+        Format::Pprof => report::pprof::write(rep, build_id, out),
+    }
+}
+
+/// Runs `write` on `output` (stdout when None) and flushes.
+pub fn write_to(
+    output: Option<&Path>,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut out: Box<dyn Write> = match output {
         Some(path) => Box::new(BufWriter::new(
             File::create(path).with_context(|| format!("create {}", path.display()))?,
         )),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let result = match opts.format {
-        Format::Text => report::text::write(rep, &mut out),
-        Format::Json => report::json::write(rep, &mut out),
-    }
-    .and_then(|()| out.flush());
+    let result = write(&mut out).and_then(|()| out.flush());
     match result {
         // Piped into `head`: not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("write report"),
     }
+}
+
+/// `tracer report`: a saved JSON report in another format. Its modules may no longer be the
+/// files they were, so no build ids are read for pprof.
+pub fn convert(
+    input: &Path,
+    format: Format,
+    metric: Metric,
+    output: Option<&Path>,
+    resymbolize: Option<&[PathBuf]>,
+) -> anyhow::Result<()> {
+    let mut rep = crate::diff::read_report(input)?;
+    let Some(debug_dirs) = resymbolize else {
+        return write_to(output, |out| write_as(&rep, format, metric, &mut |_| None, out));
+    };
+    // Names from this host's files as they are now (e.g. after debug files were installed).
+    let start = Instant::now();
+    let mut symbolizer = Symbolizer::new("/").with_debug_dirs(debug_dirs.to_vec());
+    let counts = crate::symbolize::resymbolize::resymbolize(&mut rep, &mut symbolizer);
+    eprintln!(
+        "tracer: named {} of {} frames again in {} ms",
+        counts.named,
+        counts.frames,
+        start.elapsed().as_millis()
+    );
+    write_to(output, |out| {
+        write_as(&rep, format, metric, &mut |m| symbolizer.build_id(m), out)
+    })
+}
+
+/// `tracer diff`.
+pub fn diff(opts: &DiffOptions) -> anyhow::Result<()> {
+    let before = crate::diff::read_report(&opts.before)?;
+    let after = crate::diff::read_report(&opts.after)?;
+    let d = crate::diff::diff(&before, &after, opts.metric);
+    write_to(opts.output.as_deref(), |out| crate::diff::write(&d, opts.format, out))
 }

@@ -98,6 +98,13 @@ pub fn inspect(pid: u32) -> Result<ProcessInfo, TargetError> {
     Ok(ProcessInfo { pid, command })
 }
 
+/// Where the process's heap starts (start_brk in /proc/PID/stat): the program break, as
+/// long as the heap has not grown.
+pub fn start_brk(pid: u32) -> Option<u64> {
+    // stat field 47; the fields after the command start at field 3 (the state).
+    stat_fields(pid)?.1.get(44)?.parse().ok()
+}
+
 /// Whether the process is still there and not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|(_, f)| !matches!(f.first().map(String::as_str), Some("Z" | "X")))
@@ -151,6 +158,17 @@ enum Control {
     Release,
     /// Recording is over: stop tracing the process, let it run on by itself.
     Detach,
+    /// Another tracer thread (the ptrace backend) takes the process over: leave it stopped,
+    /// untraced, and hand over the channel its exit is reported on.
+    HandOver(Sender<Result<Sender<LaunchEvent>, TargetError>>),
+}
+
+/// A launched process handed over to another tracer thread: it sits in a group-stop (SIGSTOP)
+/// before any of its own code has run, traced by nobody, and is still this process's child.
+/// The new tracer seizes it, continues it, and reports its exit on `events`.
+pub struct Handover {
+    pub pid: u32,
+    pub events: Sender<LaunchEvent>,
 }
 
 /// A command started by the tracer. Its one thread of ptrace control lives in a helper
@@ -205,6 +223,23 @@ impl Launched {
     /// Lets the process run; from here on it is traced only to catch its exit.
     pub fn release(&self) {
         let _ = self.control.send(Control::Release);
+    }
+
+    /// Hands the process over to a tracer that must own all its threads (ptrace requests come
+    /// only from the thread that attached): the launcher thread lets go of it, leaving it
+    /// stopped, and ends. `release` and `detach` do nothing afterwards.
+    pub fn hand_over(&self) -> Result<Handover, TargetError> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || TargetError::ExitedEarly {
+            command: self.info.command.clone(),
+            status: -1,
+        };
+        self.control.send(Control::HandOver(tx)).map_err(|_| gone())?;
+        let events = rx.recv().map_err(|_| gone())??;
+        Ok(Handover {
+            pid: self.info.pid,
+            events,
+        })
     }
 
     /// Stops tracing; the process runs on untouched.
@@ -324,7 +359,7 @@ fn launcher(
         pid: pid_u32,
         command: command.clone(),
     });
-    if setup.send(Ok((info, libc, maps))).is_err() {
+    if setup.send(Ok((info, libc.clone(), maps))).is_err() {
         kill();
         return;
     }
@@ -332,6 +367,39 @@ fn launcher(
     // Wait for the probes. If the tracer gives up instead, the command goes.
     match control.recv() {
         Ok(Control::Release) => {}
+        Ok(Control::HandOver(reply)) => {
+            // Breakpoints need libc's code mapped, not just the file: follow the loader a
+            // little further, until the executable segment is there (still before any of
+            // libc's code has run).
+            if let Err(e) = follow_until_libc_code(pid, &libc) {
+                let _ = reply.send(Err(e));
+                kill();
+                return;
+            }
+            // SIGSTOP is queued while we still hold it, so it takes effect the moment the
+            // detach lets it go, before it runs an instruction; the new tracer must find it
+            // stopped, so wait for the stop to show.
+            let stopped = nix::sys::signal::kill(pid, Signal::SIGSTOP)
+                .and_then(|()| ptrace::detach(pid, None))
+                .and_then(|()| waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::__WALL)));
+            match stopped {
+                Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {
+                    let _ = reply.send(Ok(events));
+                }
+                Ok(status) => {
+                    let _ = reply.send(Err(TargetError::ExitedEarly {
+                        command,
+                        status: exit_code(status).unwrap_or(-1),
+                    }));
+                    kill();
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(ptrace_err("hand over")(e)));
+                    kill();
+                }
+            }
+            return;
+        }
         _ => {
             kill();
             return;
@@ -348,6 +416,46 @@ fn launcher(
         return;
     }
     follow_traced(pid, &control, &events);
+}
+
+/// Steps a traced process from one system call to the next until `libc` has an executable
+/// mapping.
+fn follow_until_libc_code(pid: Pid, libc: &str) -> Result<(), TargetError> {
+    let pid_u32 = pid.as_raw() as u32;
+    let has_code = || {
+        ProcMaps::read(pid_u32).is_ok_and(|m| {
+            m.mappings()
+                .iter()
+                .any(|m| m.path.as_deref() == Some(libc) && m.perms.contains('x'))
+        })
+    };
+    for _ in 0..MAX_LOADER_SYSCALLS {
+        if has_code() {
+            return Ok(());
+        }
+        ptrace::syscall(pid, None).map_err(|source| TargetError::Ptrace {
+            what: "syscall",
+            pid: pid_u32,
+            source,
+        })?;
+        match waitpid(pid, None) {
+            Ok(WaitStatus::PtraceSyscall(_)) => {}
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                let _ = ptrace::syscall(pid, sig);
+                let _ = waitpid(pid, None);
+            }
+            Ok(status) => {
+                return Err(TargetError::ExitedEarly {
+                    command: format!("pid {pid}"),
+                    status: exit_code(status).unwrap_or(-1),
+                });
+            }
+            Err(source) => {
+                return Err(TargetError::Ptrace { what: "wait", pid: pid_u32, source });
+            }
+        }
+    }
+    Err(TargetError::NoLibc { what: format!("pid {pid}") })
 }
 
 /// Waits for a child we no longer trace.

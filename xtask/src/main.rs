@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod demo;
 mod prereqs;
+mod symbench;
 mod test;
 mod util;
 
@@ -16,11 +17,14 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands (all need root):
-  prereqs         install what is missing: rust-src (nightly), bpf-linker 0.10.1, gcc, bpftool
+  prereqs         install what is missing: rust-src (nightly), bpf-linker 0.10.1, gcc, bpftool,
+                  binutils, golang-go
   build           prereqs, then cargo build --release -p tracer; prints the binary's path
   demo            build, then trace examples/leaky.c with `tracer record --top 10`
   test            build, then cargo test --release --workspace with TRACER_BIN set
-  bench [PAIRS]   build, then time malloc+free pairs untraced vs traced (target/bench/malloc.md)";
+  bench [PAIRS]   build, then time malloc+free pairs untraced vs traced (target/bench/malloc.md)
+  symbench        build, then time naming a node report's frames, cold and warm
+                  (target/bench/symbolize.md; fails above 2 s or 500 MB cold)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +54,7 @@ enum Command {
     Demo,
     Test,
     Bench { pairs: Option<u64> },
+    Symbench,
 }
 
 /// `None` means the arguments are not a command we know: print the usage.
@@ -61,6 +66,7 @@ fn parse(args: &[String]) -> Option<Command> {
         ["demo"] => Some(Command::Demo),
         ["test"] => Some(Command::Test),
         ["bench"] => Some(Command::Bench { pairs: None }),
+        ["symbench"] => Some(Command::Symbench),
         ["bench", pairs] => Some(Command::Bench {
             pairs: Some(pairs.parse().ok()?),
         }),
@@ -81,6 +87,7 @@ fn run(command: Command) -> Result<u8> {
         Command::Demo => demo::demo(),
         Command::Test => test::test(),
         Command::Bench { pairs } => bench::bench(pairs).map(|()| 0),
+        Command::Symbench => symbench::symbench().map(|()| 0),
     }
 }
 

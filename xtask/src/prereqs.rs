@@ -12,8 +12,9 @@ use crate::util::{command, describe, output, run_quiet};
 const BPF_LINKER_VERSION: &str = "0.10.1";
 
 /// Debian packages the tests use: gcc builds their C fixtures, bpftool checks that no BPF
-/// program is left behind.
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "bpftool"];
+/// program is left behind, binutils splits debug files (objcopy, strip), golang-go brings
+/// `go tool pprof`, which reads the pprof export back.
+const DEBIAN_PACKAGES: &[&str] = &["gcc", "bpftool", "binutils", "golang-go"];
 
 /// The tests trace the official Node build at this path.
 const NODE: &str = "/usr/bin/node";

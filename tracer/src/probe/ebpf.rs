@@ -21,7 +21,7 @@ use tracer_common::{
 };
 
 use super::{
-    Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement,
+    Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement, session,
     syscalls::{self, SyscallTracing},
 };
 use crate::symbolize::maps::ProcMaps;
@@ -76,15 +76,20 @@ pub enum EbpfError {
     },
     #[error(transparent)]
     Libc(#[from] libc::LibcError),
+    #[error(transparent)]
+    Session(#[from] super::session::SessionError),
 }
 
-/// Sizes of the kernel-side tables.
+/// Sizes of the kernel-side tables, and the sampling rate.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Live blocks tracked at once.
     pub max_live: u32,
     /// Distinct stacks kept.
     pub max_stacks: u32,
+    /// Sampling mode: one sample per this many allocated bytes on average (Poisson), per-stack
+    /// figures are estimates. None records every call.
+    pub sample_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -92,6 +97,7 @@ impl Default for Limits {
         Limits {
             max_live: 512 * 1024,
             max_stacks: 64 * 1024,
+            sample_bytes: None,
         }
     }
 }
@@ -104,6 +110,9 @@ pub struct EbpfProbes {
     syscalls: Option<SyscallTracing>,
     /// Said once on stderr by the caller: what could not be traced, and why.
     pub warnings: Vec<String>,
+    /// Sampling mode: the mean bytes per sample, and the links of its probes (free, and the
+    /// session on the allocators).
+    sampling: Option<(u64, Vec<super::session::SessionProbe>)>,
 }
 
 /// What the mmap-family tracing needs to know of the target.
@@ -137,6 +146,7 @@ impl EbpfProbes {
         let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
+            .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
@@ -158,7 +168,11 @@ impl EbpfProbes {
                 .map_err(|source| EbpfError::Map { name: "STATS", source })?;
         }
 
-        for name in ["tr_alloc_exit", "tr_alloc_enter", "tr_free"] {
+        // Sampling mode loads and attaches its programs itself (see `session`).
+        let full = limits.sample_bytes.is_none();
+        let names: &[&'static str] =
+            if full { &["tr_alloc_exit", "tr_alloc_enter", "tr_free"] } else { &[] };
+        for &name in names {
             program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| EbpfError::Program { name, source })?;
@@ -185,20 +199,22 @@ impl EbpfProbes {
         // orphan), an entry without its return would leave a thread's call pending.
         // Entry and return probes share the function's first instruction, where the return
         // address is on top of the stack, so each call takes one trap, not two.
-        for &(name, _, offset) in &sites {
+        for &(name, _, offset) in sites.iter().filter(|_| full) {
             program(&mut ebpf, "tr_alloc_exit")?
                 .attach(UProbeAttachLocation::AbsoluteOffset(offset), libc_path, scope)
                 .map_err(attach_err(&format!("{name} (return)"), offset))?;
         }
         let free = &functions["free"];
         let free_at = placement::entry_placement(&free.prologue);
-        program(&mut ebpf, "tr_free")?
-            .attach(
-                UProbeAttachLocation::AbsoluteOffset(free.file_offset + free_at.offset),
-                libc_path,
-                scope,
-            )
-            .map_err(attach_err("free", free.file_offset + free_at.offset))?;
+        if full {
+            program(&mut ebpf, "tr_free")?
+                .attach(
+                    UProbeAttachLocation::AbsoluteOffset(free.file_offset + free_at.offset),
+                    libc_path,
+                    scope,
+                )
+                .map_err(attach_err("free", free.file_offset + free_at.offset))?;
+        }
         attached.push(ProbeSite {
             function: "free",
             offset: free_at.offset,
@@ -210,9 +226,11 @@ impl EbpfProbes {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(cookie(kind, 0)),
             };
-            program(&mut ebpf, "tr_alloc_enter")?
-                .attach(point, libc_path, scope)
-                .map_err(attach_err(name, offset))?;
+            if full {
+                program(&mut ebpf, "tr_alloc_enter")?
+                    .attach(point, libc_path, scope)
+                    .map_err(attach_err(name, offset))?;
+            }
             attached.push(ProbeSite {
                 function: name,
                 offset: 0,
@@ -220,6 +238,30 @@ impl EbpfProbes {
                 returns: true,
             });
         }
+        let sampling = match limits.sample_bytes {
+            None => None,
+            Some(mean) => {
+                use super::session::{LinkKind, attach};
+                // free first, as in full mode: a block must not be seen allocated and then
+                // lose its free.
+                let free_offset = free.file_offset + free_at.offset;
+                let free_probe =
+                    attach(&ebpf, PROGRAMS, "tr_free", LinkKind::Multi, libc_path, &[free_offset], &[0], pid.get())?;
+                let offsets: Vec<u64> = sites.iter().map(|s| s.2).collect();
+                let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
+                let alloc_probe = attach(
+                    &ebpf,
+                    PROGRAMS,
+                    "tr_alloc_sample",
+                    LinkKind::Session,
+                    libc_path,
+                    &offsets,
+                    &cookies,
+                    pid.get(),
+                )?;
+                Some((mean, vec![free_probe, alloc_probe]))
+            }
+        };
         let mut warnings = Vec::new();
         let syscalls = match syscall_target {
             None => None,
@@ -252,6 +294,7 @@ impl EbpfProbes {
             sites: attached,
             syscalls,
             warnings,
+            sampling,
         })
     }
 
@@ -282,15 +325,25 @@ impl EbpfProbes {
                     self.stacks.insert(id, clean_frames(&buf));
                 }
             }
+            // Sampling mode keeps estimated counts in fixed point.
+            let count = |v: i64| if self.sampling.is_some() { session::whole_count(v) } else { v };
             stacks.push(StackSample {
                 id,
                 frames: self.stacks.get(&id).cloned().unwrap_or_default(),
                 live_bytes: s.live_bytes,
-                live_allocs: s.live_allocs,
+                live_allocs: count(s.live_allocs),
                 alloc_bytes: s.alloc_bytes,
-                allocs: s.allocs,
+                allocs: count(s.allocs as i64) as u64,
             });
         }
+        // Sampling mode: frees of sampled blocks stand for many; the estimate is what was
+        // allocated and is no longer live. Unmatched frees cannot be told from frees of
+        // blocks that were not sampled, so they are not counted.
+        let estimated_frees = stacks
+            .iter()
+            .map(|s| s.allocs as i64 - s.live_allocs)
+            .sum::<i64>()
+            .max(0) as u64;
 
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| missing("COUNTERS"))?)
@@ -316,7 +369,7 @@ impl EbpfProbes {
         Ok(Snapshot {
             stacks,
             counters: Counters {
-                frees: c(counter::FREES),
+                frees: if self.sampling.is_some() { estimated_frees } else { c(counter::FREES) },
                 unmatched_frees: c(counter::UNMATCHED_FREES),
                 failed_allocs: c(counter::FAILED_ALLOCS),
                 dropped: vec![
@@ -380,12 +433,28 @@ impl Backend for EbpfProbes {
             self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")?,
         )?;
         let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
+        let mean = self.sampling.as_ref().map(|s| s.0);
         for item in live.iter() {
             let (_, block) = item?;
             if block.timestamp_ns <= cutoff {
                 let e = out.entry(block.stack).or_default();
-                e.0 += block.size;
-                e.1 += 1;
+                match mean {
+                    None => {
+                        e.0 += block.size;
+                        e.1 += 1;
+                    }
+                    // A sampled block stands for more: its estimate (count in fixed point).
+                    Some(mean) => {
+                        let w = tracer_common::sampling::estimate(block.size, mean);
+                        e.0 += w.bytes;
+                        e.1 += w.count;
+                    }
+                }
+            }
+        }
+        if mean.is_some() {
+            for v in out.values_mut() {
+                v.1 = session::whole_count(v.1 as i64) as u64;
             }
         }
         Ok(out)
@@ -402,16 +471,15 @@ fn monotonic_ns() -> u64 {
 
 /// Frames of a kernel stack record, leaf first. Slot 1 holds the return address read at the
 /// probe; when the kernel's own walk already included it (probes on `push %rbp` or
-/// `endbr64`), slot 2 repeats it and one copy goes. A zero slot 1 (unreadable stack) goes too.
+/// `endbr64`), slot 2 repeats it and one copy goes. Zero entries go too.
 fn clean_frames(buf: &StackBuf) -> Vec<u64> {
     let len = (buf.len as usize).min(buf.frames.len());
     let mut frames = buf.frames[..len].to_vec();
     if frames.len() > 2 && frames[1] == frames[2] {
         frames.remove(2);
     }
-    if frames.len() > 1 && frames[1] == 0 {
-        frames.remove(1);
-    }
+    // An unreadable caller in slot 1, or the end marker some walks leave: not frames.
+    frames.retain(|&f| f != 0);
     frames
 }
 

@@ -9,8 +9,8 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use crate::symbolize::maps::ProcMaps;
 
 /// Bytes of each function kept for decoding its start.
-/// Enough for the probe placement and to find the `syscall` in the mmap-family wrappers.
-const PROLOGUE_BYTES: usize = 128;
+/// Enough for the probe placement, the `syscall` in the mmap-family wrappers and the calls in sbrk.
+const PROLOGUE_BYTES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibcError {

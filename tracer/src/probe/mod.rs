@@ -4,6 +4,8 @@
 pub mod ebpf;
 pub mod libc;
 pub mod placement;
+pub mod ptrace;
+pub mod session;
 pub mod syscalls;
 
 /// Loss and event counters, summed over CPUs.

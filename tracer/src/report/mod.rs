@@ -5,11 +5,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::Profile,
+    aggregate::{Profile, Source},
+    memmap::ClassTotals,
     symbolize::{FrameKind, Symbolizer},
 };
 
+pub mod folded;
 pub mod json;
+pub mod pprof;
+pub mod svg;
 pub mod text;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -22,6 +26,42 @@ pub struct Report {
     pub stacks: Vec<Stack>,
     /// Stacks recorded in all, of which `stacks` shows the first.
     pub stacks_total: usize,
+    /// The process's mappings by owner class (absent when the process was gone at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_map: Option<Vec<ClassTotals>>,
+    /// The allocator's view next to the memory map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<AllocatorView>,
+    /// Snapshot spacing when `series` were kept (--interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// With --min-age: only blocks at least this old count as live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_age_ms: Option<u64>,
+    /// With --sample-bytes: malloc-family figures (per stack and in totals) are estimates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
+}
+
+/// How the malloc-family figures were sampled. Each sampled allocation of `s` bytes stands
+/// for `1/(1 - exp(-s/sample_bytes))` allocations and their bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Mean bytes allocated between two samples (Poisson, per thread).
+    pub sample_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AllocatorView {
+    /// Live bytes of the malloc family (the same as totals.live_bytes).
+    pub live_malloc_bytes: u64,
+    /// For node: the part of them allocated under node's ArrayBuffer allocator, which node
+    /// itself reports as `arrayBuffers` (and within `external`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_array_buffer_bytes: Option<u64>,
+    /// glibc's own figures for the `malloc` class (`record --malloc-stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glibc: Option<crate::mallocstats::MallocStats>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,11 +78,26 @@ pub struct Totals {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stack {
+    #[serde(default = "malloc_source")]
+    pub source: Source,
     pub live_bytes: u64,
     pub live_allocs: u64,
     pub alloc_bytes: u64,
     pub allocs: u64,
+    /// mmap/brk stacks: bytes still mapped, committed or only reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_bytes: Option<u64>,
+    /// Live bytes at the last snapshot less at the first (0 without --interval).
+    #[serde(default)]
+    pub growth_bytes: i64,
+    /// Live bytes at each snapshot (--interval), the last at the end of recording.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<u64>,
     pub frames: Vec<Frame>,
+}
+
+fn malloc_source() -> Source {
+    Source::Malloc
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,6 +127,10 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
     let stacks = profile.stacks[..shown]
         .iter()
         .map(|s| Stack {
+            source: s.source,
+            reserved_bytes: s.reserved_bytes,
+            growth_bytes: s.growth_bytes,
+            series: s.series.clone(),
             live_bytes: s.live_bytes,
             live_allocs: s.live_allocs,
             alloc_bytes: s.alloc_bytes,
@@ -79,9 +138,11 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
             frames: s
                 .frames
                 .iter()
-                .flat_map(|f| {
+                .enumerate()
+                .flat_map(|(i, f)| {
+                    // Every frame but the leaf is a return address.
                     symbolizer
-                        .symbolize(f.module.as_deref(), f.offset)
+                        .symbolize_frame(f.module.as_deref(), f.offset, f.address, i > 0)
                         .into_iter()
                         .map(|sym| Frame {
                             address: f.address,
@@ -119,5 +180,30 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
         },
         stacks,
         stacks_total: profile.stacks.len(),
+        memory_map: None,
+        allocator: None,
+        interval_ms: None,
+        min_age_ms: None,
+        sampling: None,
     }
+}
+
+/// Live malloc-family bytes whose stacks pass through a function whose name contains
+/// `needle`: names every frame of every live stack, so it costs a full symbolization.
+pub fn live_bytes_through(profile: &Profile, needle: &str, symbolizer: &mut Symbolizer) -> u64 {
+    profile
+        .stacks
+        .iter()
+        .filter(|s| s.source == Source::Malloc && s.live_bytes > 0)
+        .filter(|s| {
+            s.frames.iter().any(|f| {
+                f.module.as_deref().is_some_and(|m| {
+                    symbolizer
+                        .function(m, f.offset)
+                        .is_some_and(|name| name.contains(needle))
+                })
+            })
+        })
+        .map(|s| s.live_bytes)
+        .sum()
 }

@@ -1,7 +1,8 @@
 //! Text rendering of a report, for a person at a terminal.
 use std::io::Write;
 
-use super::{Frame, Report};
+use super::{AllocatorView, Frame, Report};
+use crate::{aggregate::Source, memmap::ClassTotals, symbolize::FrameKind};
 
 /// `1536` -> `1.5 KiB`; exact bytes are printed next to it where they matter.
 pub fn human_bytes(bytes: u64) -> String {
@@ -25,10 +26,98 @@ fn frame_name(f: &Frame) -> String {
         .as_deref()
         .map(|m| m.rsplit('/').next().unwrap_or(m))
         .unwrap_or("[unknown]");
-    match &f.function {
-        Some(function) => format!("{function}  ({module}+{:#x})", f.offset),
-        None => format!("{module}+{:#x}", f.offset),
+    let place = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(", {file}:{line}"),
+        (Some(file), None) => format!(", {file}"),
+        _ => String::new(),
+    };
+    let inlined = if f.inlined { "[inlined] " } else { "" };
+    match (&f.function, f.kind) {
+        // For JIT code the line is where the function starts: V8 records nothing finer.
+        (Some(function), FrameKind::Jit) => format!("{function}  (jit{place})"),
+        (Some(function), _) => format!("{inlined}{function}  ({module}+{:#x}{place})", f.offset),
+        (None, FrameKind::Jit) => format!("[jit] {:#x}", f.address),
+        (None, _) => format!("{module}+{:#x}", f.offset),
     }
+}
+
+/// `1536` -> `1.5K`: compact, for series.
+fn short_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes}") } else { format!("{value:.1}{}", UNITS[unit]) }
+}
+
+fn signed_bytes(delta: i64) -> String {
+    format!("{}{}", if delta < 0 { "-" } else { "+" }, human_bytes(delta.unsigned_abs()))
+}
+
+/// The memory model: what owns the address space, and how the allocator's view fits in.
+pub fn write_memory_map(
+    classes: &[ClassTotals],
+    allocator: Option<&AllocatorView>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    writeln!(out, "\nmemory map:        mappings     reserved          rss   rss change")?;
+    for c in classes {
+        writeln!(
+            out,
+            "  {:<15} {:>10} {:>12} {:>12} {:>12}",
+            c.class,
+            c.mappings,
+            human_bytes(c.reserved_bytes),
+            human_bytes(c.rss_bytes),
+            signed_bytes(c.rss_delta_bytes)
+        )?;
+    }
+    if let Some(a) = allocator {
+        write!(out, "  malloc's live bytes: {}", human_bytes(a.live_malloc_bytes))?;
+        if let Some(ab) = a.node_array_buffer_bytes {
+            write!(out, ", of which node ArrayBuffers (external): {}", human_bytes(ab))?;
+        }
+        writeln!(out)?;
+        if let Some(g) = &a.glibc {
+            writeln!(
+                out,
+                "  glibc (mallinfo2): in use {}, free retained {} (fastbins {}, bins {}, top {}), \
+                 mmapped {}, {} arenas",
+                human_bytes(g.in_use_bytes),
+                human_bytes(g.free_bytes),
+                human_bytes(g.fastbin_bytes),
+                human_bytes(g.bin_bytes),
+                human_bytes(g.top_bytes),
+                human_bytes(g.mmapped_bytes),
+                g.arenas
+            )?;
+            writeln!(
+                out,
+                "  => {} of RSS is free memory glibc keeps; MALLOC_ARENA_MAX or malloc_trim would return it",
+                human_bytes(g.retained_in_rss())
+            )?;
+        }
+    }
+    let delta = |name: &str| classes.iter().find(|c| c.class == name).map(|c| c.rss_delta_bytes);
+    if let (Some(v8), Some(malloc)) = (delta("v8-heap"), delta("malloc")) {
+        let trend = |d: i64| match d {
+            d if d > 1 << 20 => "growing",
+            d if d < -(1 << 20) => "shrinking",
+            _ => "flat",
+        };
+        writeln!(
+            out,
+            "  V8 heap {} ({}), malloc {} ({})",
+            trend(v8),
+            signed_bytes(v8),
+            trend(malloc),
+            signed_bytes(malloc)
+        )?;
+    }
+    Ok(())
 }
 
 pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
@@ -68,23 +157,64 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     } else {
         writeln!(out, "dropped:   {}", losses.join(", "))?;
     }
+    if let Some(min_age) = report.min_age_ms {
+        writeln!(out, "live counts only blocks at least {:.1} s old (--min-age)", min_age as f64 / 1000.0)?;
+    }
+    if let Some(sampling) = report.sampling {
+        writeln!(
+            out,
+            "sampled:   one allocation per {} allocated, on average: allocation figures are \
+             estimated (unmatched frees are not counted)",
+            human_bytes(sampling.sample_bytes)
+        )?;
+    }
+    if let Some(classes) = &report.memory_map {
+        write_memory_map(classes, report.allocator.as_ref(), out)?;
+    }
+    let ranking = if report.interval_ms.is_some() { "growth" } else { "live bytes" };
     writeln!(
         out,
-        "\ntop {} of {} stacks by live bytes (leaf first):",
+        "\ntop {} of {} stacks by {ranking} (leaf first):",
         report.stacks.len(),
         report.stacks_total
     )?;
     for (i, s) in report.stacks.iter().enumerate() {
-        writeln!(
+        let what = match s.source {
+            Source::Malloc => "allocations",
+            Source::Mmap => "mappings",
+            Source::Brk => "heap extensions",
+        };
+        let source = match s.source {
+            Source::Malloc if report.sampling.is_some() => "estimated ".to_owned(),
+            Source::Malloc => String::new(),
+            Source::Mmap => "[mmap] ".to_owned(),
+            Source::Brk => "[brk] ".to_owned(),
+        };
+        write!(
             out,
-            "\n#{:<3} live {} ({} B) in {} allocations; allocated {} in {}",
+            "\n#{:<3} {source}live {} ({} B) in {} {what}; {} {} in {}",
             i + 1,
             human_bytes(s.live_bytes),
             s.live_bytes,
             s.live_allocs,
+            if s.source == Source::Malloc { "allocated" } else { "mapped" },
             human_bytes(s.alloc_bytes),
             s.allocs
         )?;
+        if let Some(reserved) = s.reserved_bytes {
+            write!(out, "; {} reserved", human_bytes(reserved))?;
+        }
+        writeln!(out)?;
+        if !s.series.is_empty() {
+            let points: Vec<String> = s.series.iter().map(|b| short_bytes(*b)).collect();
+            writeln!(
+                out,
+                "      growth {}{}: {}",
+                if s.growth_bytes >= 0 { "+" } else { "-" },
+                human_bytes(s.growth_bytes.unsigned_abs()),
+                points.join(" ")
+            )?;
+        }
         if s.frames.is_empty() {
             writeln!(out, "      [stack not captured: see dropped]")?;
         }
@@ -130,6 +260,10 @@ mod tests {
                 dropped: BTreeMap::from([("stack_map_full".into(), 3), ("live_map_full".into(), 0)]),
             },
             stacks: vec![Stack {
+                source: Source::Malloc,
+                reserved_bytes: None,
+                growth_bytes: 0,
+                series: Vec::new(),
                 live_bytes: 2048,
                 live_allocs: 2,
                 alloc_bytes: 4096,
@@ -158,6 +292,11 @@ mod tests {
                 ],
             }],
             stacks_total: 7,
+            memory_map: None,
+            allocator: None,
+            interval_ms: None,
+            min_age_ms: None,
+            sampling: None,
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();
@@ -175,5 +314,27 @@ top 1 of 7 stacks by live bytes (leaf first):
       app+0x1000
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn sampled_reports_say_their_figures_are_estimated() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "app", "duration_ms": 1000,
+                "totals": {"live_bytes": 1048576, "live_allocs": 2, "alloc_bytes": 1048576,
+                           "allocs": 2, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "dropped": {}},
+                "stacks": [{"live_bytes": 1048576, "live_allocs": 2, "alloc_bytes": 1048576,
+                            "allocs": 2, "frames": []}],
+                "stacks_total": 1, "sampling": {"sample_bytes": 524288}}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("sampled:   one allocation per 512.0 KiB allocated, on average: allocation figures are estimated"),
+            "{text}"
+        );
+        assert!(text.contains("#1   estimated live 1.0 MiB (1048576 B) in 2 allocations"), "{text}");
     }
 }
