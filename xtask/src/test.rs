@@ -13,6 +13,8 @@ pub fn test() -> Result<u8> {
             .args([
                 "test",
                 "--release",
+                // Every test binary runs even when one fails: one CI run shows every failure.
+                "--no-fail-fast",
                 "--workspace",
                 "--exclude",
                 "tracer-ebpf",
