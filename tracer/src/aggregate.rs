@@ -139,10 +139,20 @@ pub fn add_mapped(
             Origin::Brk => Source::Brk,
             Origin::BeforeAttach => continue,
         };
+        let frames = normalize(&frames(id), maps);
+        if frames
+            .first()
+            .and_then(|f| f.module.as_deref())
+            .is_some_and(is_dynamic_loader)
+        {
+            // The loader mapping shared objects (at start-up, or for dlopen): program images,
+            // which the memory map shows as code and files, not memory the program asked for.
+            continue;
+        }
         profile.stacks.push(StackProfile {
             id,
             source,
-            frames: normalize(&frames(id), maps),
+            frames,
             live_bytes: r.committed_bytes,
             live_allocs: r.regions,
             alloc_bytes: r.mapped_bytes,
@@ -153,6 +163,12 @@ pub fn add_mapped(
         });
     }
     sort_by_live(&mut profile.stacks);
+}
+
+/// glibc's and musl's dynamic loaders, by file name.
+fn is_dynamic_loader(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("ld-linux") || name.starts_with("ld-musl") || name == "ld.so"
 }
 
 /// Live bytes per stack at each snapshot taken while recording.
@@ -294,6 +310,17 @@ mod tests {
             StackRanges { committed_bytes: 8192, reserved_bytes: 16384, regions: 2, mapped_bytes: 20480, maps: 3 },
         );
         add_mapped(&mut p, &by_stack, |_| vec![0x400300], &maps());
+        // The loader's own mappings are images, not allocations.
+        let mut loader = maps();
+        loader.update(
+            ProcMaps::parse("7f1000000000-7f1000030000 r-xp 00001000 08:01 44 /usr/lib64/ld-linux-x86-64.so.2\n")
+                .unwrap(),
+        );
+        let mut by_loader = HashMap::new();
+        by_loader.insert((10, Origin::Mmap), StackRanges { committed_bytes: 4096, ..StackRanges::default() });
+        let before = p.stacks.len();
+        add_mapped(&mut p, &by_loader, |_| vec![0x7f1000000100], &loader);
+        assert_eq!(p.stacks.len(), before);
         assert_eq!(p.stacks[0].source, Source::Mmap);
         assert_eq!((p.stacks[0].live_bytes, p.stacks[0].reserved_bytes), (8192, Some(16384)));
         assert_eq!(p.totals.live_bytes, 64);
