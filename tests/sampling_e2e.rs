@@ -12,11 +12,14 @@ mod support;
 
 use std::ffi::OsString;
 use std::fs;
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    EXIT_TIMEOUT, TempDir, build_fixture, describe_stacks, describe_top, frame_function, num,
-    parse_report, run_tracer, setup, show_args, usage_by_caller, usage_where,
+    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, describe_stacks, describe_top,
+    eventually, frame_function, hex, libc_symbol, num, parse_report, run_tracer, setup, show_args,
+    start_recording, stop_recording, usage_by_caller, usage_where,
 };
 
 const SAMPLE_BYTES: u64 = 512 * 1024;
@@ -289,4 +292,83 @@ fn bad_sample_sizes_are_refused_with_one_line() {
             finished.describe()
         );
     }
+}
+
+/// x86 int3, which a uprobe writes over the probed instruction.
+const BREAKPOINT: u8 = 0xcc;
+
+#[test]
+fn sampling_mode_detaches_and_leaves_the_target_working() {
+    setup();
+    let dir = TempDir::new("sampling-detach");
+    let alloc = build_fixture(&dir, "alloc");
+    let mut fixture = Proc::spawn("alloc --wait", Command::new(&alloc).arg("--wait"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+    let (malloc, free) = (libc_symbol(pid, "malloc"), libc_symbol(pid, "free"));
+
+    // 4 KiB: nearly every block of the fixture (1000 to 70000 bytes) holds a sample point.
+    let mut tracer = start_recording(
+        pid,
+        &["--sample-bytes", "4KiB", "--format", "json", "--top", "0"],
+    );
+    let in_malloc = malloc.process_bytes(pid, 1)[0];
+    let in_free = free.process_bytes(pid, 16);
+    assert!(
+        in_malloc == BREAKPOINT && in_free.contains(&BREAKPOINT),
+        "while sampling, malloc should start with a breakpoint and free hold one near its \
+         start; malloc starts with {in_malloc:#04x}, free is {}",
+        hex(&in_free)
+    );
+    fixture.signal(libc::SIGUSR1);
+    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let (_, report) = stop_recording(&mut tracer);
+
+    assert_eq!(
+        report
+            .pointer("/sampling/sample_bytes")
+            .and_then(Value::as_u64),
+        Some(4096),
+        "the report should say it was sampled at 4096 bytes"
+    );
+    // realloc_grow's block of 70000 bytes holds a sample point but with probability
+    // exp(-70000/4096) = 4e-8, and then weighs 1/p: 70000 bytes to the byte. Its first block
+    // (malloc(100)) was released by the realloc, whether or not it was sampled.
+    let grown = usage_by_caller(&report, "realloc_grow");
+    assert_eq!(
+        (grown.live_bytes, grown.live_allocs),
+        (70000, 1),
+        "realloc_grow holds one block of 70000 bytes\n{}",
+        describe_stacks(&report, |s| frame_function(s, 1) == Some("realloc_grow"))
+    );
+
+    for sym in [&malloc, &free] {
+        let restored = eventually(Duration::from_secs(5), || {
+            let (mem, file) = (sym.process_bytes(pid, 16), sym.file_bytes(16));
+            if mem == file {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} is {} in the process, {} in the file",
+                    sym.name,
+                    hex(&mem),
+                    hex(&file)
+                ))
+            }
+        });
+        if let Err(e) = restored {
+            panic!(
+                "5 s after the sampling tracer exited, its breakpoints are still in the target: {e}"
+            );
+        }
+    }
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+    let status = fixture.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the fixture should exit 0 after the tracer detached, got {status}\nstderr:\n{}",
+        fixture.stderr.text()
+    );
 }

@@ -92,6 +92,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
+    if unit.starts_with(['.', ',']) {
+        return Err(format!("'{text}': use a whole number (512KiB, not 0.5MiB)"));
+    }
     let value: u64 = number
         .parse()
         .map_err(|_| format!("'{text}' is not a byte count (try 512KiB, 1MiB, 65536)"))?;

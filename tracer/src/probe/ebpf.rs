@@ -265,6 +265,17 @@ impl EbpfProbes {
         let mut warnings = Vec::new();
         let syscalls = match syscall_target {
             None => None,
+            // The mmap-family view needs to know which mmaps glibc makes inside malloc, which
+            // only the allocator calls in PENDING tell; sampling leaves most calls out of it.
+            Some(_) if limits.sample_bytes.is_some() => {
+                warnings.push(
+                    "sampling: the mmap family is not traced (unsampled allocator calls leave \
+                     nothing in the kernel, so glibc's own mmaps could not be told from the \
+                     program's)"
+                        .to_owned(),
+                );
+                None
+            }
             Some(t) => {
                 let attached = syscalls::ensure_tracefs().and_then(|mounted| {
                     if mounted {
