@@ -22,7 +22,8 @@ commands (all need root):
   build           prereqs, then cargo build --release -p tracer; prints the binary's path
   demo            build, then trace examples/leaky.c with `tracer record --top 10`
   test            build, then cargo test --release --workspace with TRACER_BIN set
-  bench [PAIRS]   build, then time malloc+free pairs untraced vs traced (target/bench/malloc.md)
+  bench [PAIRS]   build, then measure this tracer's overhead next to bpftrace, heaptrack and
+                  valgrind on a C microbench and a node workload (target/bench/overhead.md)
   symbench        build, then time naming a node report's frames, cold and warm
                   (target/bench/symbolize.md; fails above 2 s or 500 MB cold)";
 

@@ -168,8 +168,15 @@ pub fn profile(report: &Report, build_id: &mut dyn FnMut(&str) -> Option<String>
     ];
     let period_type = Some(value_type(&mut strings, "space", "bytes"));
     let default_sample_type = strings.get("inuse_space");
+    let how = match &report.sampling {
+        Some(sampling) => format!(
+            "sampled every {} bytes on average: the values are estimates (unsampled as pprof does)",
+            sampling.sample_bytes
+        ),
+        None => "every allocation counted, none sampled".to_owned(),
+    };
     let comment = vec![strings.get(&format!(
-        "tracer: pid {} ({}), recorded {} ms; every allocation counted, none sampled",
+        "tracer: pid {} ({}), recorded {} ms; {how}",
         report.pid, report.command, report.duration_ms
     ))];
     let source_key = strings.get("source");
@@ -358,7 +365,8 @@ pub fn profile(report: &Report, build_id: &mut dyn FnMut(&str) -> Option<String>
             .unwrap_or(i64::MAX)
             .saturating_mul(1_000_000),
         period_type,
-        period: 1,
+        // The sampling interval in bytes, as Go's heap profiles give it; 1 when not sampled.
+        period: report.sampling.as_ref().map_or(1, |s| s.sample_bytes as i64),
         comment,
         default_sample_type,
     }
