@@ -21,34 +21,13 @@ use tracer_common::{
 };
 
 use super::{
-    Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, libc, placement, session,
+    Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, allocator_losses, libc,
+    placement, session,
     syscalls::{self, SyscallTracing},
 };
 use crate::symbolize::maps::ProcMaps;
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
-
-/// Allocating functions, by the symbol we look for, and what the probe must read for each.
-const ALLOCATORS: &[(&str, AllocKind)] = &[
-    ("malloc", AllocKind::Malloc),
-    ("calloc", AllocKind::Calloc),
-    ("realloc", AllocKind::Realloc),
-    ("reallocarray", AllocKind::Reallocarray),
-    ("posix_memalign", AllocKind::PosixMemalign),
-    ("aligned_alloc", AllocKind::Memalign),
-    ("memalign", AllocKind::Memalign),
-    ("valloc", AllocKind::Valloc),
-    ("pvalloc", AllocKind::Pvalloc),
-];
-const REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "free"];
-const OPTIONAL: &[&str] = &[
-    "reallocarray",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -142,7 +121,7 @@ impl EbpfProbes {
         limits: Limits,
         syscall_target: Option<SyscallTarget<'_>>,
     ) -> Result<Self, EbpfError> {
-        let functions = libc::functions(libc_path, REQUIRED, OPTIONAL)?;
+        let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
         let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
@@ -180,7 +159,7 @@ impl EbpfProbes {
 
         // One probe per address: aligned_alloc and memalign are one function in glibc.
         let mut sites: Vec<(&'static str, AllocKind, u64)> = Vec::new();
-        for &(name, kind) in ALLOCATORS {
+        for &(name, kind) in libc::ALLOCATORS {
             if let Some(f) = functions.get(name) {
                 if !sites.iter().any(|s| s.2 == f.file_offset) {
                     sites.push((name, kind, f.file_offset));
@@ -383,23 +362,19 @@ impl EbpfProbes {
                 frees: if self.sampling.is_some() { estimated_frees } else { c(counter::FREES) },
                 unmatched_frees: c(counter::UNMATCHED_FREES),
                 failed_allocs: c(counter::FAILED_ALLOCS),
-                dropped: vec![
-                    ("pending_map_full", c(counter::DROP_PENDING_FULL)),
-                    ("live_map_full", c(counter::DROP_LIVE_FULL)),
-                    ("stats_map_full", c(counter::DROP_STATS_FULL)),
-                    ("stack_map_full", c(counter::DROP_STACK_MAP_FULL)),
-                    ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
-                    ("missed_frees", c(counter::STALE_LIVE)),
-                    ("orphan_returns", c(counter::ORPHAN_RETURNS)),
-                    (
-                        "syscall_events_lost",
-                        syscall_sums[syscall_counter::EVENTS_LOST as usize],
-                    ),
-                    (
-                        "syscall_pending_full",
-                        syscall_sums[syscall_counter::PENDING_FULL as usize],
-                    ),
-                ],
+                dropped: allocator_losses(c)
+                    .into_iter()
+                    .chain([
+                        (
+                            "syscall_events_lost",
+                            syscall_sums[syscall_counter::EVENTS_LOST as usize],
+                        ),
+                        (
+                            "syscall_pending_full",
+                            syscall_sums[syscall_counter::PENDING_FULL as usize],
+                        ),
+                    ])
+                    .collect(),
             },
         })
     }

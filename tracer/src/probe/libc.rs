@@ -5,8 +5,34 @@ use std::{
 };
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use tracer_common::AllocKind;
 
 use crate::symbolize::maps::ProcMaps;
+
+/// Allocating functions, by the symbol every backend looks for, and what a probe must read
+/// for each. aligned_alloc and memalign are one function in glibc: probe each address once.
+pub const ALLOCATORS: &[(&str, AllocKind)] = &[
+    ("malloc", AllocKind::Malloc),
+    ("calloc", AllocKind::Calloc),
+    ("realloc", AllocKind::Realloc),
+    ("reallocarray", AllocKind::Reallocarray),
+    ("posix_memalign", AllocKind::PosixMemalign),
+    ("aligned_alloc", AllocKind::Memalign),
+    ("memalign", AllocKind::Memalign),
+    ("valloc", AllocKind::Valloc),
+    ("pvalloc", AllocKind::Pvalloc),
+];
+/// A C library without these is not one the tracer knows.
+pub const REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "free"];
+/// Probed when present.
+pub const OPTIONAL: &[&str] = &[
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
 
 /// Bytes of each function kept for decoding its start.
 /// Enough for the probe placement, the `syscall` in the mmap-family wrappers and the calls in sbrk.

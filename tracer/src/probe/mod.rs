@@ -39,6 +39,21 @@ pub struct Snapshot {
     pub counters: Counters,
 }
 
+/// The allocator losses every backend counts, by the counter indices of tracer-common,
+/// named as reports show them.
+pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
+    use tracer_common::counter;
+    vec![
+        ("pending_map_full", c(counter::DROP_PENDING_FULL)),
+        ("live_map_full", c(counter::DROP_LIVE_FULL)),
+        ("stats_map_full", c(counter::DROP_STATS_FULL)),
+        ("stack_map_full", c(counter::DROP_STACK_MAP_FULL)),
+        ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
+        ("missed_frees", c(counter::STALE_LIVE)),
+        ("orphan_returns", c(counter::ORPHAN_RETURNS)),
+    ]
+}
+
 /// Where a probe sits, for the line the tracer prints when it starts.
 #[derive(Clone, Debug)]
 pub struct ProbeSite {

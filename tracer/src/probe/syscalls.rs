@@ -136,43 +136,14 @@ impl SyscallTracing {
         libc_target_path: &str,
         maps: &ProcMaps,
     ) -> Result<SyscallTracing, SyscallsError> {
-        // Wrapper sites: a missing wrapper only costs the caller frame of its stacks.
-        if let Ok(functions) = libc::functions(libc_host_path, &[], &INTERMEDIARIES) {
-            let mut calls: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
-                ebpf.map_mut("CALL_SITES")
-                    .ok_or(SyscallsError::Map("CALL_SITES", aya::maps::MapError::InvalidName {
-                        name: "CALL_SITES".into(),
-                    }))?,
-            )
-            .map_err(|e| SyscallsError::Map("CALL_SITES", e))?;
-            for f in functions.values() {
-                for (after, frame) in call_sites(&f.prologue) {
-                    if let Some(addr) = address_of(maps, libc_target_path, f.file_offset + after) {
-                        calls
-                            .insert(addr, frame, 0)
-                            .map_err(|e| SyscallsError::Map("CALL_SITES", e))?;
-                    }
-                }
-            }
-        }
-        if let Ok(functions) = libc::functions(libc_host_path, &[], &WRAPPERS) {
-            let mut sites: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
-                ebpf.map_mut("SYSCALL_SITES")
-                    .ok_or(SyscallsError::Map("SYSCALL_SITES", aya::maps::MapError::InvalidName {
-                        name: "SYSCALL_SITES".into(),
-                    }))?,
-            )
-            .map_err(|e| SyscallsError::Map("SYSCALL_SITES", e))?;
-            for f in functions.values() {
-                for (after, sp_offset) in syscall_sites(&f.prologue) {
-                    if let Some(addr) = address_of(maps, libc_target_path, f.file_offset + after) {
-                        sites
-                            .insert(addr, sp_offset, 0)
-                            .map_err(|e| SyscallsError::Map("SYSCALL_SITES", e))?;
-                    }
-                }
-            }
-        }
+        // A missing wrapper or intermediary only costs the caller frame of its stacks.
+        let target = LibcInTarget {
+            host_path: libc_host_path,
+            path: libc_target_path,
+            maps,
+        };
+        target.fill(ebpf, "CALL_SITES", &INTERMEDIARIES, call_sites)?;
+        target.fill(ebpf, "SYSCALL_SITES", &WRAPPERS, syscall_sites)?;
         for (program, phase) in [("tr_sys_exit", "exit"), ("tr_sys_enter", "enter")] {
             let prog: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -210,6 +181,42 @@ impl SyscallTracing {
             }
         }
         out
+    }
+}
+
+/// The target's C library: the file to read, and where the target maps it.
+struct LibcInTarget<'a> {
+    host_path: &'a Path,
+    path: &'a str,
+    maps: &'a ProcMaps,
+}
+
+impl LibcInTarget<'_> {
+    /// Puts, for each of `functions` found, the sites `decode` finds in its first bytes into
+    /// the BPF hash map `map`, keyed by their address in the target.
+    fn fill(
+        &self,
+        ebpf: &mut Ebpf,
+        map: &'static str,
+        functions: &[&'static str],
+        decode: fn(&[u8]) -> Vec<(u64, u64)>,
+    ) -> Result<(), SyscallsError> {
+        let Ok(found) = libc::functions(self.host_path, &[], functions) else {
+            return Ok(());
+        };
+        let mut sites: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
+            ebpf.map_mut(map)
+                .ok_or(SyscallsError::Map(map, aya::maps::MapError::InvalidName { name: map.into() }))?,
+        )
+        .map_err(|e| SyscallsError::Map(map, e))?;
+        for f in found.values() {
+            for (after, value) in decode(&f.prologue) {
+                if let Some(addr) = address_of(self.maps, self.path, f.file_offset + after) {
+                    sites.insert(addr, value, 0).map_err(|e| SyscallsError::Map(map, e))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -298,15 +298,7 @@ impl Book {
                 frees: c(counter::FREES),
                 unmatched_frees: c(counter::UNMATCHED_FREES),
                 failed_allocs: c(counter::FAILED_ALLOCS),
-                dropped: vec![
-                    ("pending_map_full", c(counter::DROP_PENDING_FULL)),
-                    ("live_map_full", c(counter::DROP_LIVE_FULL)),
-                    ("stats_map_full", c(counter::DROP_STATS_FULL)),
-                    ("stack_map_full", c(counter::DROP_STACK_MAP_FULL)),
-                    ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
-                    ("missed_frees", c(counter::STALE_LIVE)),
-                    ("orphan_returns", c(counter::ORPHAN_RETURNS)),
-                ],
+                dropped: crate::probe::allocator_losses(c),
             },
         }
     }

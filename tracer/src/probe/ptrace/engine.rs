@@ -25,27 +25,9 @@ use crate::{
     target::LaunchEvent,
 };
 
-/// Allocating functions, by symbol, and how their arguments are read.
-const ALLOCATORS: &[(&str, AllocKind)] = &[
-    ("malloc", AllocKind::Malloc),
-    ("calloc", AllocKind::Calloc),
-    ("realloc", AllocKind::Realloc),
-    ("reallocarray", AllocKind::Reallocarray),
-    ("posix_memalign", AllocKind::PosixMemalign),
-    ("aligned_alloc", AllocKind::Memalign),
-    ("memalign", AllocKind::Memalign),
-    ("valloc", AllocKind::Valloc),
-    ("pvalloc", AllocKind::Pvalloc),
-];
+/// What the ptrace engine needs of libc beyond the allocators: `syscall`, to make system
+/// calls in the target.
 const REQUIRED: &[&str] = &["malloc", "calloc", "realloc", "free", "syscall"];
-const OPTIONAL: &[&str] = &[
-    "reallocarray",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-];
 
 const INT3: u8 = 0xcc;
 const PAGE: u64 = 4096;
@@ -341,7 +323,7 @@ impl Engine {
         libc_target: &str,
     ) -> Result<Vec<ProbeSite>, PtraceError> {
         let pid = self.pid;
-        let functions = libc_file::functions(libc_host, REQUIRED, OPTIONAL)?;
+        let functions = libc_file::functions(libc_host, REQUIRED, libc_file::OPTIONAL)?;
         let maps = ProcMaps::read(pid as u32).map_err(|_| PtraceError::Gone(pid))?;
         let exec_maps: Vec<_> = maps
             .mappings()
@@ -380,7 +362,7 @@ impl Engine {
 
         // One site per address: aligned_alloc and memalign are one function in glibc.
         let mut wanted: Vec<(&'static str, Option<AllocKind>, u64)> = vec![];
-        for &(name, kind) in ALLOCATORS {
+        for &(name, kind) in libc_file::ALLOCATORS {
             if let Some(f) = functions.get(name)
                 && !wanted.iter().any(|w| w.2 == f.file_offset)
             {
