@@ -102,7 +102,9 @@ pub fn write_memory_map(
         }
     }
     let delta = |name: &str| classes.iter().find(|c| c.class == name).map(|c| c.rss_delta_bytes);
-    if let (Some(v8), Some(malloc)) = (delta("v8-heap"), delta("malloc")) {
+    // The V8-or-not question only arises where there is a V8 heap.
+    let has_v8 = classes.iter().any(|c| c.class == "v8-heap" && c.mappings > 0);
+    if let (true, Some(v8), Some(malloc)) = (has_v8, delta("v8-heap"), delta("malloc")) {
         let trend = |d: i64| match d {
             d if d > 1 << 20 => "growing",
             d if d < -(1 << 20) => "shrinking",
