@@ -4,26 +4,17 @@
 
 mod support;
 
-use std::{fs, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use support::{EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, num, run_tracer, setup};
 
+/// Threads of `pid` that some process still traces.
 fn tracer_pid_of(pid: i32) -> Vec<String> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|t| {
-            let tid = t.ok()?.file_name().to_string_lossy().into_owned();
-            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-            let tracer = status
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))?
-                .trim()
-                .to_owned();
-            (tracer != "0").then(|| format!("thread {tid} traced by {tracer}"))
-        })
+    support::tracer_pids(pid)
+        .into_iter()
+        .filter(|(_, tracer)| tracer != "0")
+        .map(|(tid, tracer)| format!("thread {tid} traced by {tracer}"))
         .collect()
 }
 

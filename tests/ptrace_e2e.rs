@@ -10,7 +10,7 @@ use std::{fs, path::Path, process::Command, time::Duration};
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, Usage, build_fixture, check_alloc_report,
     describe_stacks, describe_top, eventually, frame_function, hex, libc_symbol, num,
-    record_launch_with, run_tracer, setup, start_recording, stop_recording, usage_by_caller,
+    record_launch_with, run_tracer, setup, start_recording, stop_recording, usage_by_caller, tracer_pids,
 };
 
 const PTRACE: &[&str] = &["--backend", "ptrace"];
@@ -127,24 +127,6 @@ fn signals_reach_the_target_unchanged_and_forked_children_run_free() {
     );
 }
 
-/// TracerPid of every thread of `pid`, by thread id.
-fn tracer_pids(pid: i32) -> Vec<(String, String)> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|t| {
-            let tid = t.ok()?.file_name().to_string_lossy().into_owned();
-            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-            let tracer = status
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))?
-                .trim()
-                .to_owned();
-            Some((tid, tracer))
-        })
-        .collect()
-}
 
 /// Anonymous executable mappings (the ptrace backend's out-of-line page is one).
 fn anonymous_code(pid: i32) -> Vec<String> {

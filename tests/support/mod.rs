@@ -1210,3 +1210,22 @@ pub fn truncate(text: &str, max: usize) -> &str {
     }
     &text[..end]
 }
+
+/// TracerPid of every thread of `pid`, by thread id.
+pub fn tracer_pids(pid: i32) -> Vec<(String, String)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name().to_string_lossy().into_owned();
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let tracer = status
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))?
+                .trim()
+                .to_owned();
+            Some((tid, tracer))
+        })
+        .collect()
+}
