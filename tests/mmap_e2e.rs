@@ -67,6 +67,12 @@ fn launch_mode_attributes_every_mapping_pattern_exactly() {
     let launch = record_launch(&dir, &[&fixture]);
     assert!(launch.finished.status.success(), "{}", launch.finished.describe());
     check_table(&launch.report);
+    // The fixture lives a few milliseconds: its memory map is the one read at its exit
+    // stop, so it holds everything the fixture kept (and the few mappings of its start-up).
+    let map = launch.report.get("memory_map").expect("memory map");
+    let anon: u64 = TABLE.iter().filter(|r| r.0 == "mmap").map(|r| r.6).sum();
+    let at_exit = num(class(map, "anon-other"), "reserved_bytes");
+    assert!(at_exit >= anon, "anon-other at exit {at_exit} < the {anon} bytes the fixture keeps\n{map}");
 }
 
 fn memory_map(pid: i32) -> Value {

@@ -246,9 +246,20 @@ pub fn totals(entries: &[SmapsEntry], classes: &[Class], before: Option<&[ClassT
 
 /// The memory map of `pid` now.
 pub fn memory_map(pid: u32, regions: &Regions, before: Option<&[ClassTotals]>) -> Result<Vec<ClassTotals>, SmapsError> {
-    let entries = read_smaps(pid)?;
-    let hints = Hints::from_regions(regions, thread_stack_pointers(pid));
-    let classes = classify(&entries, &hints);
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|source| SmapsError::Read { pid, source })?;
+    memory_map_of(&text, regions, thread_stack_pointers(pid), before)
+}
+
+/// The memory map from smaps text read earlier (at a process's exit stop, say).
+pub fn memory_map_of(
+    smaps: &str,
+    regions: &Regions,
+    stack_pointers: Vec<u64>,
+    before: Option<&[ClassTotals]>,
+) -> Result<Vec<ClassTotals>, SmapsError> {
+    let entries = parse_smaps(smaps)?;
+    let classes = classify(&entries, &Hints::from_regions(regions, stack_pointers));
     Ok(totals(&entries, &classes, before))
 }
 

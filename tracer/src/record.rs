@@ -196,9 +196,20 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             let mut exited = false;
             while let Ok(event) = l.events.try_recv() {
                 match event {
-                    LaunchEvent::Exiting(text) => {
+                    LaunchEvent::Exiting { maps: text, smaps } => {
                         if let Ok(m) = ProcMaps::parse(&text) {
                             maps.update(m);
+                        }
+                        // The last view of the process, at its very end.
+                        if !smaps.is_empty() {
+                            if let Ok(m) = memmap::memory_map_of(
+                                &smaps,
+                                &regions,
+                                Vec::new(),
+                                memory_start.as_deref(),
+                            ) {
+                                memory_last = Some(m);
+                            }
                         }
                     }
                     LaunchEvent::Exited(code) => {
@@ -323,7 +334,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         while exit_code.is_none() {
             match l.events.recv() {
                 Ok(LaunchEvent::Exited(code)) => exit_code = Some(code),
-                Ok(LaunchEvent::Exiting(_)) => {}
+                Ok(LaunchEvent::Exiting { .. }) => {}
                 Err(_) => break,
             }
         }

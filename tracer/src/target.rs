@@ -147,8 +147,8 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
 /// What the launcher thread reports.
 #[derive(Debug)]
 pub enum LaunchEvent {
-    /// The process is exiting; its memory map, read just before it goes.
-    Exiting(String),
+    /// The process is exiting: /proc/PID/maps and /proc/PID/smaps, read just before it goes.
+    Exiting { maps: String, smaps: String },
     /// The process is gone, with this exit status.
     Exited(i32),
 }
@@ -169,6 +169,17 @@ enum Control {
 pub struct Handover {
     pub pid: u32,
     pub events: Sender<LaunchEvent>,
+}
+
+impl LaunchEvent {
+    /// What is worth reading of a process at its exit stop, while its memory is still there.
+    pub fn exiting(pid: u32) -> LaunchEvent {
+        let read = |what: &str| std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
+        LaunchEvent::Exiting {
+            maps: read("maps"),
+            smaps: read("smaps"),
+        }
+    }
 }
 
 /// A command started by the tracer. Its one thread of ptrace control lives in a helper
@@ -509,8 +520,7 @@ fn follow_traced(pid: Pid, control: &Receiver<Control>, events: &Sender<LaunchEv
         }
         match status {
             WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_EXIT => {
-                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-                let _ = events.send(LaunchEvent::Exiting(maps));
+                let _ = events.send(LaunchEvent::exiting(pid.as_raw() as u32));
                 let _ = ptrace::cont(pid, None);
             }
             WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {

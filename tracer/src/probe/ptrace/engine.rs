@@ -636,8 +636,7 @@ impl Engine {
             // The leader's memory is still there at its exit stop: its map names the frames
             // of a program that is about to be gone.
             if let Some(tx) = &self.launch {
-                let maps = std::fs::read_to_string(format!("/proc/{tid}/maps")).unwrap_or_default();
-                let _ = tx.send(LaunchEvent::Exiting(maps));
+                let _ = tx.send(LaunchEvent::exiting(tid as u32));
             }
         }
     }
