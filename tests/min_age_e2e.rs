@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{TempDir, build_fixture, describe_top, record_launch, setup, usage_by_caller};
+use support::{TempDir, build_fixture, describe_top, record_launch_ok, setup, usage_by_caller};
 
 #[test]
 fn min_age_counts_only_blocks_older_than_it() {
@@ -11,32 +11,11 @@ fn min_age_counts_only_blocks_older_than_it() {
     let dir = TempDir::new("min_age");
     let fixture = build_fixture(&dir, "ages");
 
-    let plain = record_launch(&dir, &[&fixture]);
-    assert!(plain.finished.status.success(), "{}", plain.finished.describe());
-    let (old, new) = (usage_by_caller(&plain.report, "old_blocks"), usage_by_caller(&plain.report, "new_blocks"));
-    assert_eq!((old.live_bytes, new.live_bytes), (10_000, 20_000), "{}", describe_top(&plain.report, 5));
+    let plain = record_launch_ok(&dir, &[], &[&fixture]).report;
+    let (old, new) = (usage_by_caller(&plain, "old_blocks"), usage_by_caller(&plain, "new_blocks"));
+    assert_eq!((old.live_bytes, new.live_bytes), (10_000, 20_000), "{}", describe_top(&plain, 5));
 
-    let launch = {
-        let report_path = dir.join("aged.json");
-        let finished = support::run_tracer(
-            &[
-                "record".as_ref(),
-                "--min-age".as_ref(),
-                "1s".as_ref(),
-                "--top".as_ref(),
-                "0".as_ref(),
-                "--format".as_ref(),
-                "json".as_ref(),
-                "-o".as_ref(),
-                report_path.as_os_str(),
-                "--".as_ref(),
-                fixture.as_os_str(),
-            ],
-            support::EXIT_TIMEOUT,
-        );
-        assert!(finished.status.success(), "{}", finished.describe());
-        support::parse_report(&std::fs::read_to_string(&report_path).expect("report"), &finished)
-    };
+    let launch = record_launch_ok(&dir, &["--min-age", "1s"], &[&fixture]).report;
     let (old, new) = (usage_by_caller(&launch, "old_blocks"), usage_by_caller(&launch, "new_blocks"));
     assert_eq!(
         (old.live_bytes, old.live_allocs, new.live_bytes, new.live_allocs),

@@ -10,15 +10,13 @@
 
 mod support;
 
-use std::ffi::OsString;
-use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, describe_stacks, describe_top,
-    eventually, frame_function, hex, libc_symbol, num, parse_report, run_tracer, setup, show_args,
+    eventually, frame_function, hex, libc_symbol, num, run_tracer, setup, show_args,
     start_recording, stop_recording, usage_by_caller, usage_where,
 };
 
@@ -119,41 +117,8 @@ fn false_failure_bound(mix: &[(u64, u64)], mean: f64, tol: f64) -> f64 {
 }
 
 fn record_sampled(dir: &TempDir, fixture: &std::path::Path) -> (support::Finished, Value) {
-    let report_path = dir.join("report.json");
-    let _ = fs::remove_file(&report_path);
-    let mut args: Vec<OsString> = [
-        "record",
-        "--sample-bytes",
-        "512KiB",
-        "--top",
-        "0",
-        "--format",
-        "json",
-        "-o",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    args.push(report_path.clone().into_os_string());
-    args.push("--".into());
-    args.push(fixture.as_os_str().to_owned());
-    let finished = run_tracer(&args, EXIT_TIMEOUT);
-    assert_eq!(
-        finished.status.code(),
-        Some(0),
-        "`tracer {}` should exit with the fixture's status 0\n{}",
-        show_args(&args),
-        finished.describe()
-    );
-    let text = fs::read_to_string(&report_path).unwrap_or_else(|e| {
-        panic!(
-            "`tracer {}` wrote no report ({e})\n{}",
-            show_args(&args),
-            finished.describe()
-        )
-    });
-    let report = parse_report(&text, &finished);
-    (finished, report)
+    let launch = support::record_launch_ok(dir, &["--sample-bytes", "512KiB"], &[fixture]);
+    (launch.finished, launch.report)
 }
 
 #[test]

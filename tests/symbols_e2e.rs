@@ -11,7 +11,7 @@ use std::process::Command;
 use serde_json::Value;
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, describe_top, fixtures_dir, num, parse_report,
-    record_launch, run_tracer, setup, show_args, stacks, start_recording, stop_recording,
+    record_launch, run_tracer, setup, stacks, start_recording, stop_recording,
 };
 
 const RECORDS: u64 = 40;
@@ -203,31 +203,7 @@ fn check_inlined_report(report: &Value, how: &str) {
 }
 
 fn record_json(dir: &TempDir, extra: &[&str], cmd: &[OsString]) -> Value {
-    let report_path = dir.join("report.json");
-    let mut args: Vec<OsString> = ["record", "--top", "0", "--format", "json", "-o"]
-        .iter()
-        .map(OsString::from)
-        .collect();
-    args.push(report_path.clone().into_os_string());
-    args.extend(extra.iter().map(OsString::from));
-    args.push("--".into());
-    args.extend(cmd.iter().cloned());
-    let finished = run_tracer(&args, EXIT_TIMEOUT);
-    assert_eq!(
-        finished.status.code(),
-        Some(0),
-        "`tracer {}` should exit with the fixture's status 0\n{}",
-        show_args(&args),
-        finished.describe()
-    );
-    let text = fs::read_to_string(&report_path).unwrap_or_else(|e| {
-        panic!(
-            "no report at {} ({e})\n{}",
-            report_path.display(),
-            finished.describe()
-        )
-    });
-    parse_report(&text, &finished)
+    support::record_launch_ok(dir, extra, cmd).report
 }
 
 #[test]

@@ -445,9 +445,11 @@ pub fn record_launch<S: AsRef<OsStr>>(dir: &TempDir, cmd: &[S]) -> Launch {
     record_launch_with(dir, &[], cmd)
 }
 
-/// [`record_launch`] with `extra` record options (e.g. `["--backend", "ptrace"]`).
+/// [`record_launch`] with `extra` record options (e.g. `["--backend", "ptrace"]`). A report
+/// left in `dir` by an earlier call is removed first, so it can never be read for this one.
 pub fn record_launch_with<S: AsRef<OsStr>>(dir: &TempDir, extra: &[&str], cmd: &[S]) -> Launch {
     let report_path = dir.join("report.json");
+    let _ = fs::remove_file(&report_path);
     let mut args: Vec<OsString> = ["record", "--top", "0", "--format", "json", "-o"]
         .iter()
         .map(OsString::from)
@@ -467,6 +469,19 @@ pub fn record_launch_with<S: AsRef<OsStr>>(dir: &TempDir, extra: &[&str], cmd: &
     });
     let report = parse_report(&text, &finished);
     Launch { finished, report }
+}
+
+/// [`record_launch_with`] for a command that must exit 0: the tracer passes its status on.
+pub fn record_launch_ok<S: AsRef<OsStr>>(dir: &TempDir, extra: &[&str], cmd: &[S]) -> Launch {
+    let launch = record_launch_with(dir, extra, cmd);
+    assert_eq!(
+        launch.finished.status.code(),
+        Some(0),
+        "`tracer record {}` should exit with the command's status 0\n{}",
+        show_args(extra),
+        launch.finished.describe()
+    );
+    launch
 }
 
 /// Starts `tracer record --pid PID <extra>` and waits until it says it is recording that pid.
