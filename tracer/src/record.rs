@@ -164,11 +164,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             format!("; single-stepped (slower): {}", slow.join(", "))
         }
     );
-    if let Some(l) = &launched {
-        l.release();
-    }
-
     // The mappings that exist now are shown as such; the ones made from here on get stacks.
+    // A launched command is still held here, so this is exactly the state the probes met.
     let mut regions = Regions::from_maps(&maps);
     if let Some(brk) = target::start_brk(pid) {
         regions.set_initial_break(brk);
@@ -176,6 +173,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let memory_start = memmap::memory_map(pid, &regions, None).ok();
     let mut memory_last = memory_start.clone();
     let mut history = History::default();
+    let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
+    if let Some(l) = &launched {
+        l.release();
+    }
 
     let start = Instant::now();
     let mut last_maps = Instant::now();
@@ -244,10 +245,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
                     pid,
                     command: info.command.clone(),
                     duration_ms: start.elapsed().as_millis() as u64,
+                    sampling,
                 };
                 symbolizer.refresh(&maps);
-                let mut rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
-                rep.sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
+                let rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(err, "--- snapshot at {:.1} s", start.elapsed().as_secs_f64());
                 let _ = report::text::write(&rep, &mut err);
@@ -307,6 +308,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         pid,
         command: info.command.clone(),
         duration_ms,
+        sampling,
     };
     // The perf map as the process left it (it stays in /tmp after an exit).
     symbolizer.refresh(&maps);
@@ -321,7 +323,6 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     });
     rep.interval_ms = opts.interval.map(|i| i.as_millis() as u64);
     rep.min_age_ms = opts.min_age.map(|a| a.as_millis() as u64);
-    rep.sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
     write_to(opts.output.as_deref(), |out| {
         write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out)
     })?;

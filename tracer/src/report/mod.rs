@@ -119,6 +119,8 @@ pub struct Meta {
     pub pid: u32,
     pub command: String,
     pub duration_ms: u64,
+    /// How the malloc-family figures were sampled, if they were.
+    pub sampling: Option<Sampling>,
 }
 
 /// Names the frames of the top `top` stacks (0: all) and builds the report.
@@ -184,7 +186,7 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
         allocator: None,
         interval_ms: None,
         min_age_ms: None,
-        sampling: None,
+        sampling: meta.sampling,
     }
 }
 
