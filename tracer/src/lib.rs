@@ -2,7 +2,8 @@
 //!
 //! The flow is one way: `probe` (backends that attach to a process and produce snapshots)
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
-//! (text, JSON). `record` runs it; `target` finds and launches processes.
+//! (text, JSON). `recording` attaches and keeps the session, `record` reports on it;
+//! `target` finds and launches processes.
 pub mod aggregate;
 pub mod diff;
 pub mod mallocstats;
@@ -10,6 +11,7 @@ pub mod memmap;
 pub mod options;
 pub mod probe;
 pub mod record;
+pub mod recording;
 pub mod regions;
 pub mod report;
 pub mod symbolize;

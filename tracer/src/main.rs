@@ -248,6 +248,7 @@ impl RecordArgs {
                 BackendArg::Auto => BackendChoice::Auto,
             },
             malloc_stats: self.malloc_stats,
+            command_output: None,
         })
     }
 }

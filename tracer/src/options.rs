@@ -48,6 +48,8 @@ pub struct RecordOptions {
     pub backend: BackendChoice,
     /// Ask glibc for its own figures (mallinfo2, malloc_info) at the end, next to the map.
     pub malloc_stats: bool,
+    /// A launched command's stdout and stderr go to this file (inherited when None).
+    pub command_output: Option<PathBuf>,
 }
 
 /// `--backend`: eBPF uprobes, ptrace breakpoints, or eBPF with ptrace as the fallback.

@@ -1,77 +1,25 @@
-//! `tracer record`: attach (or launch), poll the probes until told to stop, detach, report.
+//! `tracer record`: a recording (attach or launch) polled until told to stop, then the
+//! report; also `map`, `report` and `diff`, which only read.
 use std::{
     fs::File,
     io::{BufWriter, Write},
-    num::NonZeroU32,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use anyhow::Context as _;
 
 use crate::{
-    aggregate::{History, Profile, add_mapped, aggregate},
-    memmap::{self, ClassTotals},
-    regions::Regions,
-    options::{BackendChoice, Format, RecordOptions, TargetSpec},
-    probe::{
-        Backend,
-        ebpf::{EbpfProbes, SyscallTarget},
-        ptrace::{PtraceOptions, PtraceProbes},
-    },
-    probe::Snapshot,
-    report::{self, AllocatorView, Meta},
-    symbolize::{Symbolizer, maps::ProcMaps, perfmap},
-    target::{self, LaunchEvent, Launched},
+    aggregate::Profile,
     diff::DiffOptions,
-    report::folded::Metric,
+    memmap::{self, ClassTotals},
+    options::{Format, RecordOptions, TargetSpec},
+    recording::{Recording, Status, TICK, stop_requested},
+    regions::Regions,
+    report::{self, AllocatorView, folded::Metric},
+    symbolize::{Symbolizer, maps::ProcMaps},
+    target,
 };
-
-/// How often the loop wakes to look at signals, the target and the clock.
-const TICK: Duration = Duration::from_millis(50);
-/// How often the target's memory map is read again (libraries loaded since).
-const MAPS_REFRESH: Duration = Duration::from_secs(1);
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &action) }.with_context(|| format!("install {sig} handler"))?;
-    }
-    Ok(())
-}
-
-/// Capability bits in /proc/self/status CapEff.
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn check_privileges() -> anyhow::Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let caps = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        bail!("loading BPF programs and uprobes needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
-    }
-}
 
 /// What recording ended with, for the caller's exit status.
 pub struct Outcome {
@@ -80,218 +28,48 @@ pub struct Outcome {
 }
 
 pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
-    // Without BPF privileges, auto goes straight to ptrace (and says why once, below).
-    let bpf_refused = match opts.backend {
-        BackendChoice::Ebpf => {
-            check_privileges()?;
-            None
-        }
-        BackendChoice::Ptrace => None,
-        BackendChoice::Auto => check_privileges().err(),
-    };
-    install_signal_handlers()?;
-
-    // Whether node was started with the perf-map flags by us (see the end).
-    let mut added_jit_flags = false;
-    let (info, libc, mut maps, launched) = match &opts.target {
-        TargetSpec::Pid(pid) => {
-            let info = target::inspect(*pid)?;
-            let maps = ProcMaps::read(*pid)?;
-            let libc = target::libc_of(*pid, &maps, &info.command)?;
-            (info, libc, maps, None)
-        }
-        TargetSpec::Launch(argv) => {
-            // node names its JIT frames only when started with these flags.
-            let jit_argv = opts
-                .jit_symbols
-                .then(|| perfmap::with_node_jit_flags(argv))
-                .flatten();
-            added_jit_flags = jit_argv.is_some();
-            let launched = Launched::start(jit_argv.as_deref().unwrap_or(argv))?;
-            (
-                launched.info.clone(),
-                launched.libc.clone(),
-                launched.maps.clone(),
-                Some(launched),
-            )
-        }
-    };
-    let pid = info.pid;
-    let nz_pid = NonZeroU32::new(pid).context("pid 0")?;
-    let libc_host = PathBuf::from(format!("/proc/{pid}/root{libc}"));
-    let in_other_mount_ns = {
-        let ns = |p: &str| std::fs::read_link(p).ok();
-        ns("/proc/self/ns/mnt") != ns(&format!("/proc/{pid}/ns/mnt"))
-    };
-    // Module paths are as the target sees them. In our own mount namespace "/" serves, and
-    // outlives the target; in a container only /proc/PID/root does, and it goes with the
-    // process, so modules are then read while it is alive (see `warm`).
-    let mut symbolizer = Symbolizer::new(if in_other_mount_ns {
-        PathBuf::from(format!("/proc/{pid}/root"))
-    } else {
-        PathBuf::from("/")
-    })
-    .with_debug_dirs(opts.debug_dirs.clone());
-    symbolizer.set_jit_pid(pid);
-    let warm = |symbolizer: &mut Symbolizer, maps: &ProcMaps| {
-        // JIT code regions and perf-map entries, while the process is there to read them.
-        symbolizer.refresh(maps);
-        if in_other_mount_ns {
-            for m in maps.mappings() {
-                if let (Some(path), true) = (&m.path, m.perms.contains('x')) {
-                    let _ = symbolizer.function(path, m.offset);
-                }
-            }
-        }
-    };
-    warm(&mut symbolizer, &maps);
-
-    let mut probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
-        .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
-    let slow: Vec<String> = probes
-        .sites()
-        .iter()
-        .filter(|s| !s.emulated)
-        .map(|s| format!("{}+{:#x}", s.function, s.offset))
-        .collect();
-    eprintln!(
-        "tracer: recording pid {pid} ({}): {} probes on {libc}{}",
-        info.command,
-        probes.sites().len(),
-        if slow.is_empty() {
-            String::new()
-        } else {
-            format!("; single-stepped (slower): {}", slow.join(", "))
-        }
-    );
-    // The mappings that exist now are shown as such; the ones made from here on get stacks.
-    // A launched command is still held here, so this is exactly the state the probes met.
-    let mut regions = Regions::from_maps(&maps);
-    if let Some(brk) = target::start_brk(pid) {
-        regions.set_initial_break(brk);
-    }
-    let memory_start = memmap::memory_map(pid, &regions, None).ok();
-    let mut memory_last = memory_start.clone();
-    let mut history = History::default();
-    let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
-    if let Some(l) = &launched {
-        l.release();
-    }
-
-    let start = Instant::now();
-    let mut last_maps = Instant::now();
-    let mut next_interval = opts.interval.map(|i| start + i);
-    let mut exit_code = None;
+    let mut recording = Recording::start(opts)?;
+    let mut next_interval = opts.interval.map(|i| Instant::now() + i);
     loop {
         std::thread::sleep(TICK);
-        for event in probes.drain_syscalls() {
-            regions.apply(&event);
-        }
-        if STOP.load(Ordering::Relaxed) {
+        if recording.tick() == Status::Ended {
             break;
         }
-        if opts.duration.is_some_and(|d| start.elapsed() >= d) {
+        if stop_requested() || opts.duration.is_some_and(|d| recording.elapsed() >= d) {
             break;
         }
-        if let Some(l) = &launched {
-            let mut exited = false;
-            while let Ok(event) = l.events.try_recv() {
-                match event {
-                    LaunchEvent::Exiting { maps: text, smaps } => {
-                        if let Ok(m) = ProcMaps::parse(&text) {
-                            maps.update(m);
-                        }
-                        // The last view of the process, at its very end.
-                        if !smaps.is_empty() {
-                            if let Ok(m) = memmap::memory_map_of(
-                                &smaps,
-                                &regions,
-                                Vec::new(),
-                                memory_start.as_deref(),
-                            ) {
-                                memory_last = Some(m);
-                            }
-                        }
-                    }
-                    LaunchEvent::Exited(code) => {
-                        exit_code = Some(code);
-                        exited = true;
-                    }
-                }
-            }
-            if exited {
-                break;
-            }
-        } else if !target::is_alive(pid) {
-            break;
-        }
-        if last_maps.elapsed() >= MAPS_REFRESH {
-            if let Ok(m) = ProcMaps::read(pid) {
-                maps.update(m);
-                warm(&mut symbolizer, &maps);
-            }
-            // Kept fresh in case the process exits: its smaps go with it.
-            if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
-                memory_last = Some(m);
-            }
-            last_maps = Instant::now();
-        }
-        if let Some(due) = next_interval {
-            if Instant::now() >= due {
-                let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-                let profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
-                history.push(&profile);
-                let meta = Meta {
-                    pid,
-                    command: info.command.clone(),
-                    duration_ms: start.elapsed().as_millis() as u64,
-                    sampling,
-                };
-                symbolizer.refresh(&maps);
-                let rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
-                let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "--- snapshot at {:.1} s", start.elapsed().as_secs_f64());
-                let _ = report::text::write(&rep, &mut err);
-                next_interval = opts.interval.map(|i| due + i);
-            }
+        if let Some(due) = next_interval.filter(|due| Instant::now() >= *due) {
+            print_snapshot(&mut recording, opts.top)?;
+            next_interval = opts.interval.map(|i| due + i);
         }
     }
-    let duration_ms = start.elapsed().as_millis() as u64;
+    let profile = recording.finish(opts.min_age)?;
+    let glibc = malloc_stats(opts, recording.pid());
+    let rep = final_report(&mut recording, &profile, opts, glibc);
+    write_to(opts.output.as_deref(), |out| {
+        write_as(&rep, opts.format, opts.metric, &mut |m| recording.symbolizer().build_id(m), out)
+    })?;
+    if let Some(hint) = recording.symbolizer().jit_hint() {
+        eprintln!("tracer: {hint}");
+    }
+    Ok(Outcome {
+        exit_code: recording.end(true),
+    })
+}
 
-    // Final numbers first, then let the target go before the slower symbolization.
-    for event in probes.drain_syscalls() {
-        regions.apply(&event);
-    }
-    let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(min_age) = opts.min_age {
-        let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
-        for s in &mut snapshot.stacks {
-            let (bytes, count) = old.get(&s.id).copied().unwrap_or((0, 0));
-            s.live_bytes = bytes as i64;
-            s.live_allocs = count as i64;
-        }
-    }
-    if exit_code.is_none() {
-        if let Ok(m) = ProcMaps::read(pid) {
-            maps.update(m);
-        }
-        if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
-            memory_last = Some(m);
-        }
-    }
-    let mut profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
-    if opts.interval.is_some() {
-        history.push(&profile);
-        history.apply(&mut profile);
-    }
-    drop(probes);
-    if let Some(l) = &launched {
-        if exit_code.is_none() {
-            l.detach();
-        }
-    }
-    // glibc's own figures, asked once every probe is out: the call needs the threads to itself.
-    let glibc = match (opts.malloc_stats, &opts.target) {
+/// `--interval`: the profile so far, remembered for the growth series, as text on stderr.
+fn print_snapshot(recording: &mut Recording, top: usize) -> anyhow::Result<()> {
+    let profile = recording.snapshot()?;
+    let rep = recording.report(&profile, top);
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "--- snapshot at {:.1} s", recording.elapsed().as_secs_f64());
+    let _ = report::text::write(&rep, &mut err);
+    Ok(())
+}
+
+/// glibc's own figures, asked once every probe is out: the call needs the threads to itself.
+fn malloc_stats(opts: &RecordOptions, pid: u32) -> Option<crate::mallocstats::MallocStats> {
+    match (opts.malloc_stats, &opts.target) {
         (true, TargetSpec::Pid(_)) if target::is_alive(pid) => {
             match crate::mallocstats::inspect(pid, Duration::from_secs(2)) {
                 Ok(stats) => Some(stats),
@@ -302,126 +80,28 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             }
         }
         _ => None,
-    };
+    }
+}
 
-    let meta = Meta {
-        pid,
-        command: info.command.clone(),
-        duration_ms,
-        sampling,
-    };
-    // The perf map as the process left it (it stays in /tmp after an exit).
-    symbolizer.refresh(&maps);
-    let mut rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
-    rep.memory_map = memory_last;
+/// The report at the end: the profile with names, the memory map, the allocator's view.
+fn final_report(
+    recording: &mut Recording,
+    profile: &Profile,
+    opts: &RecordOptions,
+    glibc: Option<crate::mallocstats::MallocStats>,
+) -> report::Report {
+    let mut rep = recording.report(profile, opts.top);
+    rep.memory_map = recording.memory_map().map(<[_]>::to_vec);
     rep.allocator = Some(AllocatorView {
         live_malloc_bytes: profile.totals.live_bytes,
-        node_array_buffer_bytes: (info.command == "node").then(|| {
-            report::live_bytes_through(&profile, "node::NodeArrayBufferAllocator::", &mut symbolizer)
+        node_array_buffer_bytes: (recording.command() == "node").then(|| {
+            report::live_bytes_through(profile, "node::NodeArrayBufferAllocator::", recording.symbolizer())
         }),
         glibc,
     });
     rep.interval_ms = opts.interval.map(|i| i.as_millis() as u64);
     rep.min_age_ms = opts.min_age.map(|a| a.as_millis() as u64);
-    write_to(opts.output.as_deref(), |out| {
-        write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out)
-    })?;
-    if let Some(hint) = symbolizer.jit_hint() {
-        eprintln!("tracer: {hint}");
-    }
-
-    if let Some(l) = launched {
-        // The command runs on after recording stops; its status is ours.
-        while exit_code.is_none() {
-            match l.events.recv() {
-                Ok(LaunchEvent::Exited(code)) => exit_code = Some(code),
-                Ok(LaunchEvent::Exiting { .. }) => {}
-                Err(_) => break,
-            }
-        }
-    }
-    if added_jit_flags && exit_code.is_some() {
-        // The perf map exists only because we asked node for it, it has been read, and its
-        // writer is gone: leave no file behind.
-        symbolizer.remove_perf_map();
-    }
-    Ok(Outcome { exit_code })
-}
-
-/// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
-/// when BPF programs or uprobes cannot be loaded or attached (`bpf_refused`: the privilege
-/// check already said no). The fallback says why, once.
-fn attach_backend(
-    opts: &RecordOptions,
-    bpf_refused: Option<anyhow::Error>,
-    pid: NonZeroU32,
-    libc_host: &Path,
-    libc: &str,
-    maps: &ProcMaps,
-    launched: Option<&Launched>,
-) -> anyhow::Result<Box<dyn Backend>> {
-    let why_not_bpf = match (opts.backend, bpf_refused) {
-        (BackendChoice::Ptrace, _) => None,
-        (_, Some(refused)) => Some(format!("{refused:#}")),
-        (choice, None) => {
-            let attached = EbpfProbes::attach(
-                pid,
-                libc_host,
-                opts.limits,
-                Some(SyscallTarget { libc, maps }),
-            );
-            match attached {
-                Ok(ebpf) => {
-                    for warning in &ebpf.warnings {
-                        eprintln!("tracer: {warning}");
-                    }
-                    return Ok(Box::new(ebpf));
-                }
-                // A C library the tracer cannot read fails ptrace just the same.
-                Err(e @ crate::probe::ebpf::EbpfError::Libc(_)) => return Err(e.into()),
-                Err(e) if choice == BackendChoice::Auto => Some(format!("{:#}", anyhow::Error::from(e))),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
-    if opts.limits.sample_bytes.is_some() {
-        bail!(
-            "--sample-bytes needs the eBPF backend{}",
-            why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
-        );
-    }
-    if let Some(why) = why_not_bpf {
-        eprintln!("tracer: eBPF unavailable ({why}); using the ptrace backend, which is much slower");
-    }
-    let handover = match launched {
-        Some(l) => Some(l.hand_over()?),
-        None => None,
-    };
-    let probes = PtraceProbes::attach(PtraceOptions {
-        pid: pid.get(),
-        libc_host: libc_host.to_owned(),
-        libc: libc.to_owned(),
-        limits: opts.limits,
-        handover,
-    })?;
-    Ok(Box::new(probes))
-}
-
-/// The malloc stacks of a snapshot and the stacks that mapped memory themselves.
-fn profile_of(
-    snapshot: &Snapshot,
-    regions: &Regions,
-    maps: &ProcMaps,
-    probes: &mut dyn Backend,
-) -> Profile {
-    let mut profile = aggregate(snapshot, maps);
-    add_mapped(
-        &mut profile,
-        &regions.by_stack(),
-        |id| probes.stack_frames(id).unwrap_or_default(),
-        maps,
-    );
-    profile
+    rep
 }
 
 /// The memory map of a process right now, for `tracer map`.

@@ -2,9 +2,10 @@
 //! held at its start until the probes are in place.
 use std::{
     ffi::OsString,
+    fs::File,
     os::unix::process::CommandExt as _,
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     sync::mpsc::{self, Receiver, Sender},
     thread,
     time::Duration,
@@ -48,6 +49,12 @@ pub enum TargetError {
         pid: u32,
         #[source]
         source: nix::Error,
+    },
+    #[error("create {}", path.display())]
+    Output {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error(transparent)]
     Maps(#[from] crate::symbolize::maps::MapsError),
@@ -199,8 +206,10 @@ const MAX_LOADER_SYSCALLS: usize = 20_000;
 
 impl Launched {
     /// Starts `argv` stopped at its first instruction, follows the dynamic loader until the
-    /// C library is mapped, and returns with the process stopped there.
-    pub fn start(argv: &[OsString]) -> Result<Launched, TargetError> {
+    /// C library is mapped, and returns with the process stopped there. With `output`, the
+    /// command's stdout and stderr go to that file (created or truncated) and its stdin is
+    /// /dev/null, so that it leaves the terminal to the tracer.
+    pub fn start(argv: &[OsString], output: Option<&Path>) -> Result<Launched, TargetError> {
         let command = argv
             .first()
             .map(|c| c.to_string_lossy().into_owned())
@@ -209,9 +218,22 @@ impl Launched {
         let (control_tx, control_rx) = mpsc::channel();
         let (event_tx, event_rx) = mpsc::channel();
         let argv = argv.to_vec();
+        let stdio = output
+            .map(|path| {
+                let file = File::create(path).map_err(|source| TargetError::Output {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let err = file.try_clone().map_err(|source| TargetError::Output {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Ok::<_, TargetError>((file, err))
+            })
+            .transpose()?;
         thread::Builder::new()
             .name("launcher".into())
-            .spawn(move || launcher(argv, setup_tx, control_rx, event_tx))
+            .spawn(move || launcher(argv, stdio, setup_tx, control_rx, event_tx))
             .map_err(|source| TargetError::Spawn {
                 command: command.clone(),
                 source,
@@ -263,6 +285,7 @@ type Setup = Result<(ProcessInfo, String, ProcMaps), TargetError>;
 
 fn launcher(
     argv: Vec<OsString>,
+    stdio: Option<(File, File)>,
     setup: Sender<Setup>,
     control: Receiver<Control>,
     events: Sender<LaunchEvent>,
@@ -270,6 +293,9 @@ fn launcher(
     let command = argv[0].to_string_lossy().into_owned();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
+    if let Some((out, err)) = stdio {
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    }
     // SAFETY: traceme is a single async-signal-safe syscall.
     unsafe {
         cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));

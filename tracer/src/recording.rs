@@ -1,0 +1,505 @@
+//! One recording session: attach to a process (or launch one), keep the probes' view of it
+//! fresh tick by tick, take profiles, detach. `record` and `top` are its two consumers.
+use std::{
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+use crate::{
+    aggregate::{History, Profile, add_mapped, aggregate},
+    memmap::{self, ClassTotals},
+    options::{BackendChoice, RecordOptions, TargetSpec},
+    probe::{
+        Backend, Snapshot,
+        ebpf::{EbpfProbes, SyscallTarget},
+        ptrace::{PtraceOptions, PtraceProbes},
+    },
+    regions::Regions,
+    report::{self, Meta, Report},
+    symbolize::{Symbolizer, maps::ProcMaps, perfmap},
+    target::{self, LaunchEvent, Launched, ProcessInfo},
+};
+
+/// How often a consumer should call [`Recording::tick`]: the loop wakes this often to look
+/// at signals, the target and the clock.
+pub const TICK: Duration = Duration::from_millis(50);
+/// How often the target's memory map is read again (libraries loaded since).
+const MAPS_REFRESH: Duration = Duration::from_secs(1);
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("install {sig} handler"))?;
+    }
+    Ok(())
+}
+
+/// Whether SIGINT or SIGTERM arrived since the recording started.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Capability bits in /proc/self/status CapEff.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn check_privileges() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        bail!("loading BPF programs and uprobes needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
+    }
+}
+
+/// What a tick found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Running,
+    /// The target has exited (a launched command's status is in [`Recording::exit_code`]).
+    Ended,
+}
+
+/// A process being recorded: the probes on it and everything read of it so far.
+pub struct Recording {
+    info: ProcessInfo,
+    maps: ProcMaps,
+    symbolizer: Symbolizer,
+    /// The target lives in another mount namespace: its modules are read while it is alive.
+    in_other_mount_ns: bool,
+    /// None once detached.
+    probes: Option<Box<dyn Backend>>,
+    regions: Regions,
+    memory_start: Option<Vec<ClassTotals>>,
+    memory_last: Option<Vec<ClassTotals>>,
+    history: History,
+    sampling: Option<report::Sampling>,
+    launched: Option<Launched>,
+    /// Whether node was started with the perf-map flags by us (see [`Recording::end`]).
+    added_jit_flags: bool,
+    start: Instant,
+    last_maps: Instant,
+    /// When recording ended (its length is fixed from then on).
+    ended_at: Option<Instant>,
+    exit_code: Option<i32>,
+    exited: bool,
+}
+
+impl Recording {
+    /// Attaches to (or launches) the target of `opts`, places the probes, and lets a
+    /// launched command run. Prints one line on stderr saying what is recorded.
+    pub fn start(opts: &RecordOptions) -> anyhow::Result<Recording> {
+        // Without BPF privileges, auto goes straight to ptrace (and says why once, below).
+        let bpf_refused = match opts.backend {
+            BackendChoice::Ebpf => {
+                check_privileges()?;
+                None
+            }
+            BackendChoice::Ptrace => None,
+            BackendChoice::Auto => check_privileges().err(),
+        };
+        install_signal_handlers()?;
+
+        let mut added_jit_flags = false;
+        let (info, libc, maps, launched) = match &opts.target {
+            TargetSpec::Pid(pid) => {
+                let info = target::inspect(*pid)?;
+                let maps = ProcMaps::read(*pid)?;
+                let libc = target::libc_of(*pid, &maps, &info.command)?;
+                (info, libc, maps, None)
+            }
+            TargetSpec::Launch(argv) => {
+                // node names its JIT frames only when started with these flags.
+                let jit_argv = opts
+                    .jit_symbols
+                    .then(|| perfmap::with_node_jit_flags(argv))
+                    .flatten();
+                added_jit_flags = jit_argv.is_some();
+                let launched =
+                    Launched::start(jit_argv.as_deref().unwrap_or(argv), opts.command_output.as_deref())?;
+                (
+                    launched.info.clone(),
+                    launched.libc.clone(),
+                    launched.maps.clone(),
+                    Some(launched),
+                )
+            }
+        };
+        let pid = info.pid;
+        let nz_pid = NonZeroU32::new(pid).context("pid 0")?;
+        let libc_host = PathBuf::from(format!("/proc/{pid}/root{libc}"));
+        let in_other_mount_ns = {
+            let ns = |p: &str| std::fs::read_link(p).ok();
+            ns("/proc/self/ns/mnt") != ns(&format!("/proc/{pid}/ns/mnt"))
+        };
+        // Module paths are as the target sees them. In our own mount namespace "/" serves, and
+        // outlives the target; in a container only /proc/PID/root does, and it goes with the
+        // process, so modules are then read while it is alive (see `warm`).
+        let mut symbolizer = Symbolizer::new(if in_other_mount_ns {
+            PathBuf::from(format!("/proc/{pid}/root"))
+        } else {
+            PathBuf::from("/")
+        })
+        .with_debug_dirs(opts.debug_dirs.clone());
+        symbolizer.set_jit_pid(pid);
+        warm(&mut symbolizer, &maps, in_other_mount_ns);
+
+        let probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
+            .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+        let slow: Vec<String> = probes
+            .sites()
+            .iter()
+            .filter(|s| !s.emulated)
+            .map(|s| format!("{}+{:#x}", s.function, s.offset))
+            .collect();
+        eprintln!(
+            "tracer: recording pid {pid} ({}): {} probes on {libc}{}",
+            info.command,
+            probes.sites().len(),
+            if slow.is_empty() {
+                String::new()
+            } else {
+                format!("; single-stepped (slower): {}", slow.join(", "))
+            }
+        );
+        // The mappings that exist now are shown as such; the ones made from here on get stacks.
+        // A launched command is still held here, so this is exactly the state the probes met.
+        let mut regions = Regions::from_maps(&maps);
+        if let Some(brk) = target::start_brk(pid) {
+            regions.set_initial_break(brk);
+        }
+        let memory_start = memmap::memory_map(pid, &regions, None).ok();
+        let memory_last = memory_start.clone();
+        let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
+        if let Some(l) = &launched {
+            l.release();
+        }
+        Ok(Recording {
+            info,
+            maps,
+            symbolizer,
+            in_other_mount_ns,
+            probes: Some(probes),
+            regions,
+            memory_start,
+            memory_last,
+            history: History::default(),
+            sampling,
+            launched,
+            added_jit_flags,
+            start: Instant::now(),
+            last_maps: Instant::now(),
+            ended_at: None,
+            exit_code: None,
+            exited: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.info.pid
+    }
+
+    pub fn command(&self) -> &str {
+        &self.info.command
+    }
+
+    /// Time since the probes were in place (until recording ended).
+    pub fn elapsed(&self) -> Duration {
+        self.ended_at.unwrap_or_else(Instant::now) - self.start
+    }
+
+    /// A launched command's exit status, once it has exited.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit_code
+    }
+
+    /// The memory map by owner class as last read (at most [`MAPS_REFRESH`] old; at a
+    /// launched command's exit, its very end), with changes since the start.
+    pub fn memory_map(&self) -> Option<&[ClassTotals]> {
+        self.memory_last.as_deref()
+    }
+
+    /// Names for frames, kept warm while the target lives.
+    pub fn symbolizer(&mut self) -> &mut Symbolizer {
+        &mut self.symbolizer
+    }
+
+    /// Takes in what happened since the last tick: the mmap family's events, a launched
+    /// command's exit, and (each [`MAPS_REFRESH`]) the memory map. Call every [`TICK`].
+    pub fn tick(&mut self) -> Status {
+        if self.exited {
+            return Status::Ended;
+        }
+        self.drain_syscalls();
+        let pid = self.info.pid;
+        if let Some(l) = &self.launched {
+            while let Ok(event) = l.events.try_recv() {
+                match event {
+                    LaunchEvent::Exiting { maps: text, smaps } => {
+                        if let Ok(m) = ProcMaps::parse(&text) {
+                            self.maps.update(m);
+                        }
+                        // The last view of the process, at its very end.
+                        if !smaps.is_empty() {
+                            if let Ok(m) = memmap::memory_map_of(
+                                &smaps,
+                                &self.regions,
+                                Vec::new(),
+                                self.memory_start.as_deref(),
+                            ) {
+                                self.memory_last = Some(m);
+                            }
+                        }
+                    }
+                    LaunchEvent::Exited(code) => {
+                        self.exit_code = Some(code);
+                        self.exited = true;
+                    }
+                }
+            }
+        } else if !target::is_alive(pid) {
+            self.exited = true;
+        }
+        if self.exited {
+            return Status::Ended;
+        }
+        if self.last_maps.elapsed() >= MAPS_REFRESH {
+            self.refresh_maps();
+            self.last_maps = Instant::now();
+        }
+        Status::Running
+    }
+
+    fn drain_syscalls(&mut self) {
+        if let Some(probes) = &mut self.probes {
+            for event in probes.drain_syscalls() {
+                self.regions.apply(&event);
+            }
+        }
+    }
+
+    fn refresh_maps(&mut self) {
+        let pid = self.info.pid;
+        if let Ok(m) = ProcMaps::read(pid) {
+            self.maps.update(m);
+            warm(&mut self.symbolizer, &self.maps, self.in_other_mount_ns);
+        }
+        // Kept fresh in case the process exits: its smaps go with it.
+        if let Ok(m) = memmap::memory_map(pid, &self.regions, self.memory_start.as_deref()) {
+            self.memory_last = Some(m);
+        }
+    }
+
+    /// The profile as it stands, without remembering it.
+    pub fn profile(&mut self) -> anyhow::Result<Profile> {
+        let probes = self.probes.as_mut().context("the probes are detached")?;
+        let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut()))
+    }
+
+    /// The profile as it stands, remembered as a point of every stack's series (`--interval`).
+    pub fn snapshot(&mut self) -> anyhow::Result<Profile> {
+        let profile = self.profile()?;
+        self.history.push(&profile);
+        Ok(profile)
+    }
+
+    /// The final profile (blocks younger than `min_age` not counted as live); then the
+    /// probes come off and a launched command runs on by itself.
+    pub fn finish(&mut self, min_age: Option<Duration>) -> anyhow::Result<Profile> {
+        self.ended_at.get_or_insert_with(Instant::now);
+        // Final numbers first, then let the target go before the slower symbolization.
+        self.drain_syscalls();
+        let pid = self.info.pid;
+        let probes = self.probes.as_mut().context("the probes are detached")?;
+        let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(min_age) = min_age {
+            let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
+            for s in &mut snapshot.stacks {
+                let (bytes, count) = old.get(&s.id).copied().unwrap_or((0, 0));
+                s.live_bytes = bytes as i64;
+                s.live_allocs = count as i64;
+            }
+        }
+        if self.exit_code.is_none() {
+            if let Ok(m) = ProcMaps::read(pid) {
+                self.maps.update(m);
+            }
+            if let Ok(m) = memmap::memory_map(pid, &self.regions, self.memory_start.as_deref()) {
+                self.memory_last = Some(m);
+            }
+        }
+        let probes = self.probes.as_mut().context("the probes are detached")?;
+        let mut profile = profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut());
+        if !self.history.is_empty() {
+            self.history.push(&profile);
+            self.history.apply(&mut profile);
+        }
+        self.detach();
+        Ok(profile)
+    }
+
+    /// Takes the probes off; a launched command runs on by itself.
+    pub fn detach(&mut self) {
+        self.ended_at.get_or_insert_with(Instant::now);
+        drop(self.probes.take());
+        if let Some(l) = &self.launched {
+            if self.exit_code.is_none() {
+                l.detach();
+            }
+        }
+    }
+
+    /// Who was recorded, and for how long so far.
+    pub fn meta(&self) -> Meta {
+        Meta {
+            pid: self.info.pid,
+            command: self.info.command.clone(),
+            duration_ms: self.elapsed().as_millis() as u64,
+            sampling: self.sampling,
+        }
+    }
+
+    /// A report of `profile` with names on the frames of its first `top` stacks (0: all).
+    pub fn report(&mut self, profile: &Profile, top: usize) -> Report {
+        let meta = self.meta();
+        // The perf map as the process has written it so far (it stays in /tmp after an exit).
+        self.symbolizer.refresh(&self.maps);
+        report::build(profile, &meta, top, &mut self.symbolizer)
+    }
+
+    /// Ends the session: detaches if still attached; with `wait_for_command`, waits for a
+    /// launched command to exit and returns its status. The perf map the tracer made node
+    /// write is removed once node is gone.
+    pub fn end(mut self, wait_for_command: bool) -> Option<i32> {
+        self.detach();
+        if let Some(l) = &self.launched {
+            // The command runs on after recording stops; its status is ours.
+            while wait_for_command && self.exit_code.is_none() {
+                match l.events.recv() {
+                    Ok(LaunchEvent::Exited(code)) => self.exit_code = Some(code),
+                    Ok(LaunchEvent::Exiting { .. }) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        if self.added_jit_flags && self.exit_code.is_some() {
+            // The perf map exists only because we asked node for it, it has been read, and its
+            // writer is gone: leave no file behind.
+            self.symbolizer.remove_perf_map();
+        }
+        self.exit_code
+    }
+}
+
+/// Reads what only the living process can give: JIT code regions and perf-map entries, and,
+/// for a process in another mount namespace, its executable modules.
+fn warm(symbolizer: &mut Symbolizer, maps: &ProcMaps, in_other_mount_ns: bool) {
+    symbolizer.refresh(maps);
+    if in_other_mount_ns {
+        for m in maps.mappings() {
+            if let (Some(path), true) = (&m.path, m.perms.contains('x')) {
+                let _ = symbolizer.function(path, m.offset);
+            }
+        }
+    }
+}
+
+/// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
+/// when BPF programs or uprobes cannot be loaded or attached (`bpf_refused`: the privilege
+/// check already said no). The fallback says why, once.
+fn attach_backend(
+    opts: &RecordOptions,
+    bpf_refused: Option<anyhow::Error>,
+    pid: NonZeroU32,
+    libc_host: &Path,
+    libc: &str,
+    maps: &ProcMaps,
+    launched: Option<&Launched>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let why_not_bpf = match (opts.backend, bpf_refused) {
+        (BackendChoice::Ptrace, _) => None,
+        (_, Some(refused)) => Some(format!("{refused:#}")),
+        (choice, None) => {
+            let attached = EbpfProbes::attach(
+                pid,
+                libc_host,
+                opts.limits,
+                Some(SyscallTarget { libc, maps }),
+            );
+            match attached {
+                Ok(ebpf) => {
+                    for warning in &ebpf.warnings {
+                        eprintln!("tracer: {warning}");
+                    }
+                    return Ok(Box::new(ebpf));
+                }
+                // A C library the tracer cannot read fails ptrace just the same.
+                Err(e @ crate::probe::ebpf::EbpfError::Libc(_)) => return Err(e.into()),
+                Err(e) if choice == BackendChoice::Auto => Some(format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if opts.limits.sample_bytes.is_some() {
+        bail!(
+            "--sample-bytes needs the eBPF backend{}",
+            why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
+        );
+    }
+    if let Some(why) = why_not_bpf {
+        eprintln!("tracer: eBPF unavailable ({why}); using the ptrace backend, which is much slower");
+    }
+    let handover = match launched {
+        Some(l) => Some(l.hand_over()?),
+        None => None,
+    };
+    let probes = PtraceProbes::attach(PtraceOptions {
+        pid: pid.get(),
+        libc_host: libc_host.to_owned(),
+        libc: libc.to_owned(),
+        limits: opts.limits,
+        handover,
+    })?;
+    Ok(Box::new(probes))
+}
+
+/// The malloc stacks of a snapshot and the stacks that mapped memory themselves.
+fn profile_of(
+    snapshot: &Snapshot,
+    regions: &Regions,
+    maps: &ProcMaps,
+    probes: &mut dyn Backend,
+) -> Profile {
+    let mut profile = aggregate(snapshot, maps);
+    add_mapped(
+        &mut profile,
+        &regions.by_stack(),
+        |id| probes.stack_frames(id).unwrap_or_default(),
+        maps,
+    );
+    profile
+}
