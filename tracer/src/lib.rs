@@ -2,8 +2,8 @@
 //!
 //! The flow is one way: `probe` (backends that attach to a process and produce snapshots)
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
-//! (text, JSON). `recording` attaches and keeps the session, `record` reports on it;
-//! `target` finds and launches processes.
+//! (text, JSON). `recording` attaches and keeps the session, `record` reports on it, `top`
+//! shows it live; `target` finds and launches processes.
 pub mod aggregate;
 pub mod diff;
 pub mod mallocstats;
@@ -16,3 +16,4 @@ pub mod regions;
 pub mod report;
 pub mod symbolize;
 pub mod target;
+pub mod top;

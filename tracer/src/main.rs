@@ -7,6 +7,7 @@ use tracer::{
     options::{BackendChoice, Format, RecordOptions, TargetSpec, parse_bytes, parse_duration},
     probe::ebpf::Limits,
     report::folded::Metric,
+    top::TopOptions,
 };
 
 /// Native memory allocation tracer: which call stacks hold memory that was allocated and
@@ -22,6 +23,9 @@ struct Cli {
 enum Command {
     /// Record allocations of a running process (--pid) or of a command it starts (-- CMD).
     Record(RecordArgs),
+    /// Live view in the terminal: the stacks holding the most memory, refreshed every second
+    /// (q quits and detaches; the target runs on).
+    Top(TopArgs),
     /// Print the memory map of a running process by owner class (V8 heap, malloc, stacks, code...).
     Map(MapArgs),
     /// Compare two JSON reports: which stacks grew and which shrank.
@@ -188,11 +192,72 @@ struct RecordArgs {
     command: Vec<OsString>,
 }
 
+/// `tracer top --pid PID` or `tracer top -- CMD ARGS...`
+#[derive(clap::Args)]
+struct TopArgs {
+    /// Process to attach to.
+    #[arg(long, short = 'p', conflicts_with = "command")]
+    pid: Option<u32>,
+    /// With a command: where its stdout and stderr go [default: /tmp/tracer-top-PID.out].
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Sample one allocation per N bytes on average (e.g. 512KiB); figures become estimates.
+    #[arg(long, value_parser = parse_bytes, value_name = "N")]
+    sample_bytes: Option<u64>,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
+    /// When launching node, do not add the flags that name its JavaScript frames.
+    #[arg(long)]
+    no_jit_symbols: bool,
+    /// Look for separate debug files here too; repeatable.
+    #[arg(long, value_name = "DIR")]
+    debug_dir: Vec<PathBuf>,
+    /// Command to start and watch from its first instruction.
+    #[arg(last = true)]
+    command: Vec<OsString>,
+}
+
+impl TopArgs {
+    fn into_options(self) -> Result<TopOptions, String> {
+        let target = match (self.pid, self.command.is_empty()) {
+            (Some(0), _) => return Err("--pid 0 is not a process".into()),
+            (Some(pid), true) => TargetSpec::Pid(pid),
+            (None, false) => TargetSpec::Launch(self.command),
+            (None, true) => return Err("say what to watch: --pid PID, or -- CMD [ARGS...]".into()),
+            (Some(_), false) => return Err("give --pid or a command, not both".into()),
+        };
+        if self.output.is_some() && matches!(target, TargetSpec::Pid(_)) {
+            return Err("--output is where a launched command's output goes; with --pid there is none".into());
+        }
+        Ok(TopOptions {
+            target,
+            command_output: self.output,
+            backend: self.backend.into(),
+            limits: Limits {
+                sample_bytes: self.sample_bytes,
+                ..Limits::default()
+            },
+            jit_symbols: !self.no_jit_symbols,
+            debug_dirs: self.debug_dir,
+        })
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
     Ebpf,
     Ptrace,
     Auto,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> BackendChoice {
+        match b {
+            BackendArg::Ebpf => BackendChoice::Ebpf,
+            BackendArg::Ptrace => BackendChoice::Ptrace,
+            BackendArg::Auto => BackendChoice::Auto,
+        }
+    }
 }
 
 /// `tracer malloc-stats --pid PID`
@@ -242,11 +307,7 @@ impl RecordArgs {
                 max_stacks: self.max_stacks,
                 sample_bytes: self.sample_bytes,
             },
-            backend: match self.backend {
-                BackendArg::Ebpf => BackendChoice::Ebpf,
-                BackendArg::Ptrace => BackendChoice::Ptrace,
-                BackendArg::Auto => BackendChoice::Auto,
-            },
+            backend: self.backend.into(),
             malloc_stats: self.malloc_stats,
             command_output: None,
         })
@@ -343,6 +404,16 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(format!("{e:#}")),
                 Ok(()) => ExitCode::SUCCESS,
+            }
+        }
+        Command::Top(args) => {
+            let opts = match args.into_options() {
+                Ok(opts) => opts,
+                Err(message) => return fail(message),
+            };
+            match tracer::top::top(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("{e:#}")),
             }
         }
         Command::Record(args) => {

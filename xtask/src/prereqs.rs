@@ -13,8 +13,9 @@ const BPF_LINKER_VERSION: &str = "0.10.1";
 
 /// Debian packages the tests use: gcc builds their C fixtures, bpftool checks that no BPF
 /// program is left behind, binutils splits debug files (objcopy, strip), golang-go brings
-/// `go tool pprof`, which reads the pprof export back.
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "bpftool", "binutils", "golang-go"];
+/// `go tool pprof`, which reads the pprof export back, and tmux runs `tracer top` in a real
+/// terminal.
+const DEBIAN_PACKAGES: &[&str] = &["gcc", "bpftool", "binutils", "golang-go", "tmux"];
 
 /// The tests trace the official Node build at this path.
 const NODE: &str = "/usr/bin/node";

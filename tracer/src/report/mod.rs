@@ -15,6 +15,7 @@ pub mod folded;
 pub mod json;
 pub mod pprof;
 pub mod svg;
+pub mod telling;
 pub mod text;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -25,6 +25,9 @@ pub struct Symbolizer {
     /// `None` caches a module that could not be opened or parsed, so it is not retried for every
     /// address.
     modules: HashMap<String, Option<Module>>,
+    /// Named frames of modules by (file offset, return address?): a view that names the same
+    /// stacks every second (`tracer top`) pays for each frame once.
+    frames: HashMap<String, HashMap<(u64, bool), Vec<SymFrame>>>,
     jit: Jit,
 }
 
@@ -163,6 +166,7 @@ impl Symbolizer {
             root: root.into(),
             search: DebugSearch::default(),
             modules: HashMap::new(),
+            frames: HashMap::new(),
             jit: Jit::default(),
         }
     }
@@ -249,6 +253,9 @@ impl Symbolizer {
             address
         };
         if let Some(m) = module {
+            if let Some(cached) = self.frames.get(m).and_then(|c| c.get(&(file_offset, return_address))) {
+                return cached.clone();
+            }
             let frames = match self.module(m) {
                 Some(loaded) => loaded.frames(file_offset, return_address),
                 None => vec![SymFrame::native(None)],
@@ -257,6 +264,13 @@ impl Symbolizer {
             if !named && let Some(jit) = self.jit_frame(probe) {
                 // Code in a file mapping that a JIT wrote (a memfd) and its perf map names.
                 return vec![jit];
+            }
+            if named {
+                // Unnamed ones are not kept: a perf map may name them later.
+                self.frames
+                    .entry(m.to_owned())
+                    .or_default()
+                    .insert((file_offset, return_address), frames.clone());
             }
             return frames;
         }
