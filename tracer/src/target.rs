@@ -284,6 +284,8 @@ fn launcher(
     let pid_u32 = child.id();
     let pid = Pid::from_raw(pid_u32 as i32);
     let ptrace_err = |what| move |source| TargetError::Ptrace { what, pid: pid_u32, source };
+    // Before any error is reported: the tracer may exit as soon as it reads one, and a
+    // command it leaves traced and stopped would run on untraced once it is gone.
     let kill = || {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = waitpid(pid, None);
@@ -300,14 +302,14 @@ fn launcher(
             return;
         }
         Err(e) => {
-            let _ = setup.send(Err(ptrace_err("wait for exec")(e)));
             kill();
+            let _ = setup.send(Err(ptrace_err("wait for exec")(e)));
             return;
         }
     }
     if !is_dynamic(Path::new(&format!("/proc/{pid_u32}/exe"))) {
-        let _ = setup.send(Err(TargetError::StaticBinary { what: command }));
         kill();
+        let _ = setup.send(Err(TargetError::StaticBinary { what: command }));
         return;
     }
     // EXITKILL: should the tracer die during set-up, the half-started command goes too.
@@ -315,8 +317,8 @@ fn launcher(
         pid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
     ) {
-        let _ = setup.send(Err(ptrace_err("set options")(e)));
         kill();
+        let _ = setup.send(Err(ptrace_err("set options")(e)));
         return;
     }
 
@@ -326,8 +328,8 @@ fn launcher(
     let mut found = None;
     for _ in 0..MAX_LOADER_SYSCALLS {
         if let Err(e) = ptrace::syscall(pid, None) {
-            let _ = setup.send(Err(ptrace_err("syscall")(e)));
             kill();
+            let _ = setup.send(Err(ptrace_err("syscall")(e)));
             return;
         }
         match waitpid(pid, None) {
@@ -355,15 +357,15 @@ fn launcher(
                 return;
             }
             Err(e) => {
-                let _ = setup.send(Err(ptrace_err("wait")(e)));
                 kill();
+                let _ = setup.send(Err(ptrace_err("wait")(e)));
                 return;
             }
         }
     }
     let Some((libc, maps)) = found else {
-        let _ = setup.send(Err(TargetError::NoLibc { what: command }));
         kill();
+        let _ = setup.send(Err(TargetError::NoLibc { what: command }));
         return;
     };
     let info = inspect(pid_u32).unwrap_or(ProcessInfo {
