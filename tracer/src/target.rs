@@ -456,8 +456,8 @@ fn launcher(
 /// Trades the exec-time trace (PTRACE_TRACEME, which has no group-stop semantics) for a
 /// seize that only reports the exit stop, where the memory map can still be read. The
 /// process is stopped across the swap: between detach and seize it must not run, or it
-/// could exit unseen (a command that lives a few milliseconds, on a busy machine). It is
-/// resumed by PTRACE_CONT, not SIGCONT, so the program sees no signal. Returns the exit
+/// could exit unseen (a command that lives a few milliseconds, on a busy machine). The
+/// SIGCONT that ends the stop is taken out before the program sees it. Returns the exit
 /// status if it died meanwhile (killed by someone else).
 fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
     nix::sys::signal::kill(pid, Signal::SIGSTOP)?;
@@ -473,10 +473,21 @@ fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
                 let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
             })?;
         // Seizing a stopped process makes it report its stop to us as a ptrace stop; a
-        // signal that arrived meanwhile is passed on first.
+        // signal that arrived meanwhile is passed on first. PTRACE_CONT alone would leave
+        // the group stop standing for the process (a thread it creates later would stop at
+        // once: node hung so): a SIGCONT ends it when sent, and its delivery, reported to us
+        // as a signal stop, is suppressed, so the program never sees it.
+        let mut continued = false;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL))? {
                 WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
+                    if !continued {
+                        nix::sys::signal::kill(pid, Signal::SIGCONT)?;
+                        continued = true;
+                    }
+                    ptrace::cont(pid, None)?;
+                }
+                WaitStatus::Stopped(_, Signal::SIGCONT) if continued => {
                     return ptrace::cont(pid, None).map(|()| None);
                 }
                 WaitStatus::Stopped(_, sig) => ptrace::cont(pid, sig)?,
