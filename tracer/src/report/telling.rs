@@ -98,8 +98,10 @@ pub const ALLOCATION_WRAPPERS: &[Pattern] = &[
     Pattern::Prefix("v8::base::OS::Allocate"),
 ];
 
-/// Whether `function` is one of [`ALLOCATION_WRAPPERS`].
+/// Whether `function` is one of [`ALLOCATION_WRAPPERS`]. glibc's internal aliases
+/// (`__GI___mmap64`, from its debug symbols) count as the function they alias.
 pub fn is_allocation_wrapper(function: &str) -> bool {
+    let function = function.strip_prefix("__GI_").unwrap_or(function);
     ALLOCATION_WRAPPERS.iter().any(|p| p.matches(function))
 }
 
@@ -156,6 +158,7 @@ mod tests {
     fn operator_new_and_mmap_family_are_skipped() {
         assert_eq!(telling(&[Some("malloc"), Some("operator new(unsigned long)"), Some("Cache::grow()")]), Some(2));
         assert_eq!(telling(&[Some("__mmap64"), Some("sysmalloc"), Some("_int_malloc"), Some("malloc"), Some("f")]), Some(4));
+        assert_eq!(telling(&[Some("__GI___mmap64"), Some("__GI___libc_malloc"), Some("f")]), Some(2));
     }
 
     #[test]

@@ -181,8 +181,8 @@ impl State {
         Action::Redraw
     }
 
-    /// Keeps the selection on the same stack when new figures reorder the rows (or on the
-    /// same row when that stack left the screen).
+    /// Once the user has picked a stack, keeps the selection on it when new figures reorder
+    /// the rows (on the same row when it left the screen); until then it stays on the row.
     pub fn follow(&mut self, stacks: &[Stack]) {
         if let Some(i) = self
             .selected_id
@@ -192,7 +192,9 @@ impl State {
             self.selected = i;
         }
         self.selected = self.selected.min(stacks.len().saturating_sub(1));
-        self.selected_id = stacks.get(self.selected).map(StackId::of);
+        if self.selected_id.is_some() {
+            self.selected_id = stacks.get(self.selected).map(StackId::of);
+        }
     }
 }
 
@@ -793,6 +795,12 @@ mod tests {
     fn selection_follows_its_stack_when_the_order_changes_and_sorting_resets_it() {
         let mut stacks = four();
         let mut state = State::default();
+        // Untouched, the selection stays on the top row whatever is there.
+        state.follow(&stacks);
+        stacks.swap(0, 1);
+        state.follow(&stacks);
+        assert_eq!(state.selected, 0);
+        stacks.swap(0, 1);
         state.handle(Key::Down, &stacks);
         assert_eq!(caller(&stacks[state.selected]), "grows  app.c:42");
         stacks.swap(0, 1);
