@@ -134,6 +134,18 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// Whether signal `sig` is pending for task `tid` itself (not for its whole thread group):
+/// where the kernel queues a trap it raised.
+pub fn signal_pending(tid: i32, sig: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigPnd:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
 /// `si_code` of the kernel's own traps (int3 among them).
 pub const SI_KERNEL: i32 = 0x80;
 
