@@ -39,6 +39,13 @@ const STACK_CHUNK: usize = 2048;
 /// Frames the kernel's user stack walk gives a BPF program (ip + 126), plus the caller.
 const MAX_FRAMES: usize = 128;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+/// `jmp *-8(%rsp)`: what the return trap becomes when the page has to stay after detach. A
+/// thread arriving there by a return from an allocator call finds the real return address
+/// just below its stack pointer, in the slot the call's return address was taken from.
+pub(super) const RETURN_JUMP: [u8; 4] = [0xff, 0x64, 0x24, 0xf8];
+/// Stack bytes above a thread's stack pointer searched, on detach, for the frame of a signal
+/// handler that interrupted the thread inside the page.
+const SIGFRAME_SCAN: usize = 64 * 1024;
 const KCMP_VM: i32 = 1;
 
 /// Options every task is seized with: follow new threads and processes, see exec and exit.
@@ -1052,13 +1059,18 @@ impl Engine {
     }
 
     /// With every task stopped: original bytes back, swapped return addresses back, threads
-    /// standing in the page moved to the matching place in libc, and the page unmapped.
+    /// standing in the page moved to the matching place in libc, and the page unmapped, unless
+    /// a thread will come back into it (a signal handler's frame says it interrupted the
+    /// thread there): then the page stays, its return trap made a jump to the restored return
+    /// address.
     fn restore(&mut self) {
         for (&addr, site) in &self.sites {
             let _ = self.mem.write_code(addr, &site.orig);
         }
         let page = self.page;
         let mut keep_page = false;
+        // Stack pointers right after a return into the page, one per call still followed.
+        let mut returned_sp: Vec<u64> = Vec::new();
         let tids: Vec<i32> = self.tasks.keys().copied().collect();
         for tid in tids {
             let Some(mut task) = self.tasks.remove(&tid) else {
@@ -1068,6 +1080,7 @@ impl Engine {
                 if self.mem.read_u64(h.slot) == Some(page) {
                     self.mem.write_data(h.slot, &h.orig.to_le_bytes());
                 }
+                returned_sp.push(h.slot + 8);
             }
             self.abandon_calls(&mut task);
             self.tasks.insert(tid, task);
@@ -1098,10 +1111,45 @@ impl Engine {
             }
         }
         if page != 0 && !keep_page {
-            let _ = self.inject(libc::SYS_munmap, [page, PAGE, 0, 0, 0, 0]);
+            keep_page = self
+                .tasks
+                .keys()
+                .any(|&tid| self.handler_returns_into_page(tid, &returned_sp));
+        }
+        if page != 0 {
+            if keep_page {
+                let _ = self.mem.write_code(page, &RETURN_JUMP);
+            } else {
+                let _ = self.inject(libc::SYS_munmap, [page, PAGE, 0, 0, 0, 0]);
+            }
         }
         self.sites.clear();
         self.page = 0;
+    }
+
+    /// Whether thread `tid` is in a signal handler that interrupted it inside the page, so
+    /// that its sigreturn will bring it back there. The kernel saved the interrupted context on
+    /// the stack the handler runs on, above the handler's stack pointer, with the saved rsp
+    /// right before the saved rip. A saved rip at a copy or its jump back says so by itself; one
+    /// at the return trap must come with the stack pointer of a return from a call we follow
+    /// (a stale swapped return address left in a dead stack slot does not).
+    fn handler_returns_into_page(&self, tid: i32, returned_sp: &[u64]) -> bool {
+        let Ok(regs) = sys::getregs(tid) else {
+            return false;
+        };
+        let mut stack = vec![0u8; SIGFRAME_SCAN];
+        let got = self.mem.read_some(regs.rsp, &mut stack) / 8 * 8;
+        let words: Vec<u64> = stack[..got]
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        words.windows(2).any(|w| {
+            let (saved_sp, saved_ip) = (w[0], w[1]);
+            self.sites
+                .values()
+                .any(|s| saved_ip == s.slot || saved_ip == s.back)
+                || (saved_ip == self.page && returned_sp.contains(&saved_sp))
+        })
     }
 }
 
@@ -1170,16 +1218,51 @@ mod tests {
         }
     }
 
-    /// A child that calls malloc and free forever.
+    /// How long the child's SIGUSR1 handler takes.
+    const HANDLER_SLEEP: Duration = Duration::from_millis(300);
+
+    extern "C" fn sleep_a_while(_: libc::c_int) {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: HANDLER_SLEEP.as_nanos() as libc::c_long,
+        };
+        // SAFETY: nanosleep is async-signal-safe; a remainder after EINTR is not resumed.
+        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    }
+
+    /// A child that calls malloc and free forever, and sleeps a while in its SIGUSR1 handler.
     fn allocating_child() -> i32 {
-        // SAFETY: the child only calls malloc and free, and never returns.
+        // SAFETY: the child installs a handler, then only calls malloc and free, and never
+        // returns.
         match unsafe { libc::fork() } {
-            0 => loop {
-                // SAFETY: a plain allocation and its release.
-                unsafe { libc::free(std::hint::black_box(libc::malloc(64))) };
-            },
+            0 => {
+                // SAFETY: a handler that only sleeps.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = sleep_a_while as *const () as usize;
+                    libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+                }
+                loop {
+                    // SAFETY: a plain allocation and its release.
+                    unsafe { libc::free(std::hint::black_box(libc::malloc(64))) };
+                }
+            }
             pid => pid,
         }
+    }
+
+    /// Sends the parked child into its SIGUSR1 handler, which saves where it stood on its
+    /// stack and returns there later, and stops it again while the handler sleeps.
+    fn into_handler(e: &mut Engine, pid: i32) -> Result<(), String> {
+        sys::cont(pid, libc::SIGUSR1).map_err(|e| format!("cont: {e}"))?;
+        std::thread::sleep(HANDLER_SLEEP / 6);
+        sys::interrupt(pid).map_err(|e| format!("interrupt: {e}"))?;
+        match sys::wait(pid, false) {
+            Ok(Some((_, Stop::Event(libc::PTRACE_EVENT_STOP, _)))) => {}
+            other => return Err(format!("expected the interrupt's stop, got {other:?}")),
+        }
+        e.set_stopped(pid, 0, false);
+        Ok(())
     }
 
     fn attach(pid: i32) -> Result<Engine, String> {
@@ -1235,6 +1318,12 @@ mod tests {
     /// Parks the child where `here` says, detaches, and checks that the child runs on
     /// untraced with libc as it was and the page gone.
     fn detach_parked(here: fn(&Engine, &Regs) -> bool) -> Result<(), String> {
+        detach_parked_then(here, false)
+    }
+
+    /// As `detach_parked`, with the child sent into a signal handler from where it was parked
+    /// before the detach when `handler` is set: the page then has to stay.
+    fn detach_parked_then(here: fn(&Engine, &Regs) -> bool, handler: bool) -> Result<(), String> {
         let pid = allocating_child();
         let result = (|| {
             let mut e = attach(pid)?;
@@ -1242,8 +1331,11 @@ mod tests {
             let sites: Vec<(u64, Vec<u8>)> =
                 e.sites.iter().map(|(&a, s)| (a, s.orig.clone())).collect();
             park(&mut e, pid, here)?;
+            if handler {
+                into_handler(&mut e, pid)?;
+            }
             e.detach();
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(HANDLER_SLEEP * 2);
             let mut status = 0;
             // SAFETY: our own child.
             if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
@@ -1266,8 +1358,12 @@ mod tests {
                 }
             }
             let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-            if maps.lines().any(|l| l.starts_with(&format!("{page:x}-"))) {
-                return Err(format!("the page at {page:#x} is still mapped"));
+            let mapped = maps.lines().any(|l| l.starts_with(&format!("{page:x}-")));
+            if mapped != handler {
+                return Err(format!(
+                    "the page at {page:#x} is {}mapped",
+                    if mapped { "still " } else { "not " }
+                ));
             }
             Ok(())
         })();
@@ -1306,6 +1402,22 @@ mod tests {
         check(
             || detach_parked(|e, r| e.sites.values().any(|s| r.rip == s.back)),
             "at the jump back from an out-of-line copy",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_in_a_signal_handler_that_interrupted_a_copy() {
+        check(
+            || detach_parked_then(|e, r| e.sites.values().any(|s| r.rip == s.slot), true),
+            "in a signal handler that interrupted it at the out-of-line copy of an instruction",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_in_a_signal_handler_that_interrupted_it_at_the_return_trap() {
+        check(
+            || detach_parked_then(|e, r| r.rip == e.page, true),
+            "in a signal handler that interrupted it at the start of the trap page",
         );
     }
 

@@ -12,6 +12,8 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use super::engine::RETURN_JUMP;
+
 /// Breakpoint sites the table holds.
 const MAX_SITES: usize = 16;
 /// Swapped return addresses the table holds at once (one per thread inside an allocator).
@@ -187,7 +189,19 @@ unsafe fn watch(fds: [libc::c_int; 2], table: *const Table, fd: libc::c_int) -> 
         // The tracer is gone with its breakpoints in: put the target back.
         let t = &*table;
         let page = t.page.load(Ordering::Relaxed);
-        // New calls first (every caller of the allocator), then calls in flight.
+        // First the return trap becomes a jump to the return address just below the stack
+        // pointer: a thread that returns into the page before its slot is written back below
+        // loops there until it is, instead of trapping. Its last three bytes go in first (never
+        // executed while the first is still the int3), then the first byte.
+        let jump = RETURN_JUMP;
+        libc::pwrite(
+            fd,
+            jump[1..].as_ptr().cast(),
+            jump.len() - 1,
+            (page + 1) as libc::off_t,
+        );
+        libc::pwrite(fd, jump.as_ptr().cast(), 1, page as libc::off_t);
+        // New calls next (every caller of the allocator), then calls in flight.
         for s in &t.sites {
             let addr = s[0].load(Ordering::Relaxed);
             if addr == 0 {
