@@ -236,7 +236,7 @@ impl Recording {
         self.exit_code
     }
 
-    /// The memory map by owner class as last read (at most [`MAPS_REFRESH`] old; at a
+    /// The memory map by owner class as last read (at most a second old; at a
     /// launched command's exit, its very end), with changes since the start.
     pub fn memory_map(&self) -> Option<&[ClassTotals]> {
         self.memory_last.as_deref()
@@ -248,7 +248,7 @@ impl Recording {
     }
 
     /// Takes in what happened since the last tick: the mmap family's events, a launched
-    /// command's exit, and (each [`MAPS_REFRESH`]) the memory map. Call every [`TICK`].
+    /// command's exit, and (each second) the memory map. Call every [`TICK`].
     pub fn tick(&mut self) -> Status {
         if self.exited {
             return Status::Ended;
