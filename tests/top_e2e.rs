@@ -14,6 +14,9 @@ use support::{
     tracer_pids,
 };
 
+/// What the pane's shell prints before the command's exit status.
+const EXITED: &str = "command exited with status";
+
 /// How long the screen may take to show something (attaching, a refresh each second, a
 /// busy machine).
 const SCREEN_TIMEOUT: Duration = Duration::from_secs(40);
@@ -25,16 +28,16 @@ struct Tmux {
 }
 
 impl Tmux {
-    /// Starts `command` (a shell command line) in a `width` x `height` pane that stays after
-    /// the command exits, so its exit status can be read.
+    /// Starts `command` (a shell command line) in a `width` x `height` pane; when it exits, the
+    /// shell around it prints its exit status, and the pane stays.
     fn start(label: &str, command: &str, width: u16, height: u16) -> Tmux {
+        let command = format!("{command}; echo \"{EXITED} $?\"; sleep 600");
         let tmux = Tmux {
             socket: format!("tracer-test-{label}-{}", std::process::id()),
         };
         let (w, h) = (width.to_string(), height.to_string());
         tmux.run(&[
-            "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", &w, "-y", &h, command, ";",
-            "set-option", "-t", "t", "remain-on-exit", "on",
+            "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", &w, "-y", &h, &command,
         ]);
         tmux
     }
@@ -70,18 +73,23 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// The pid of the pane's process (the tracer: the command line starts with `exec`).
-    fn pane_pid(&self) -> i32 {
-        let pid = self.query("#{pane_pid}");
-        pid.parse().unwrap_or_else(|_| panic!("tmux pane_pid {pid:?} is not a pid"))
+    /// The pid of the command the pane's shell runs (the tracer).
+    fn command_pid(&self) -> i32 {
+        let shell = self.query("#{pane_pid}");
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the pane's shell (pid {shell}) runs no command: {children:?}"))
     }
 
-    /// The exit status of the pane's command, once it has exited.
+    /// The exit status the pane's shell printed, once the command has exited.
     fn exit_status(&self) -> Option<i32> {
-        (self.query("#{pane_dead}") == "1").then(|| {
-            let status = self.query("#{pane_dead_status}");
-            status.parse().unwrap_or_else(|_| panic!("tmux pane_dead_status {status:?}"))
-        })
+        self.screen()
+            .lines()
+            .find_map(|l| l.strip_prefix(EXITED))
+            .and_then(|s| s.trim().parse().ok())
     }
 
     /// Waits until the screen satisfies `check` (which says what is missing otherwise);
@@ -224,13 +232,13 @@ fn top_shows_live_stacks_sorts_by_each_key_expands_and_detaches_leaving_the_targ
     let (_, mut fixture) = start_grow(&dir);
     let pid = fixture.pid();
     let malloc = libc_symbol(pid, "malloc");
-    let tmux = Tmux::start("top", &format!("exec {} top --pid {pid}", tracer.display()), 80, 24);
+    let tmux = Tmux::start("top", &format!("{} top --pid {pid}", tracer.display()), 80, 24);
     let first = tmux.wait_for("the first screen", |s| {
         contains(s, &format!("tracer top  pid {pid} (grow)"))?;
         contains(s, "sorted by held")
     });
     println!("--- first screen ---\n{first}");
-    let tracer_pid = tmux.pane_pid();
+    let tracer_pid = tmux.command_pid();
     let programs = programs_held_by(tracer_pid);
     assert!(!programs.is_empty(), "the tracer (pid {tracer_pid}) holds no BPF program while it shows the view");
 
@@ -344,7 +352,7 @@ fn top_of_a_launched_command_names_its_output_file_and_says_when_it_exits() {
     let output = dir.join("grow.out");
     let tmux = Tmux::start(
         "launch",
-        &format!("exec {} top -o {} -- {}", tracer.display(), output.display(), grow.display()),
+        &format!("{} top -o {} -- {}", tracer.display(), output.display(), grow.display()),
         80,
         24,
     );
