@@ -418,58 +418,17 @@ fn launcher(
             return;
         }
     }
-    match reseize(pid) {
-        Ok(None) => follow_traced(pid, &control, &events),
-        Ok(Some(code)) => {
-            let _ = events.send(LaunchEvent::Exited(code));
-        }
-        Err(_) => follow_untraced(pid, &events),
+    if ptrace::detach(pid, None).is_err() {
+        follow_untraced(pid, &events);
+        return;
     }
-}
-
-/// Trades the exec-time trace (PTRACE_TRACEME, which has no group-stop semantics) for a
-/// seize that only reports the exit stop, where the memory map can still be read. The
-/// process is stopped across the swap: between detach and seize it must not run, or it
-/// could exit unseen (a command that lives a few milliseconds, on a busy machine). It is
-/// resumed by PTRACE_CONT, not SIGCONT, so the program sees no signal. Returns the exit
-/// status if it died meanwhile (killed by someone else).
-fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
-    nix::sys::signal::kill(pid, Signal::SIGSTOP)?;
-    ptrace::detach(pid, None)?;
-    let seized = (|| {
-        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::__WALL))? {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-            status => return Ok(Some(status)),
-        }
-        ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT)
-            .inspect_err(|_| {
-                // Never leave it stopped: a SIGCONT it can see is the lesser harm.
-                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
-            })?;
-        // Seizing a stopped process makes it report its stop to us as a ptrace stop; a
-        // signal that arrived meanwhile is passed on first.
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL))? {
-                WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
-                    return ptrace::cont(pid, None).map(|()| None);
-                }
-                WaitStatus::Stopped(_, sig) => ptrace::cont(pid, sig)?,
-                status if exit_code(status).is_some() => return Ok(Some(status)),
-                _ => ptrace::cont(pid, None)?,
-            }
-        }
-    })();
-    match seized? {
-        None => Ok(None),
-        Some(status) => match exit_code(status) {
-            Some(code) => Ok(Some(code)),
-            None => {
-                // Stopped by something other than our SIGSTOP, untraced: let it go.
-                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
-                Err(nix::Error::EIO)
-            }
-        },
+    // Seize again, only to be told when it exits, while its memory map can still be read.
+    // Seizing does not stop it; signals pass through `follow_traced` unchanged.
+    if ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT).is_err() {
+        follow_untraced(pid, &events);
+        return;
     }
+    follow_traced(pid, &control, &events);
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable
