@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, Usage, build_fixture, describe_stacks,
-    describe_top, eventually, frame_function, parse_report, proc_state, record_launch_with, setup,
-    start_recording, stop_recording, usage_by_caller,
+    describe_top, eventually, frame_function, parse_report, proc_state, record_launch_with,
+    run_tracer, setup, start_recording, stop_recording, usage_by_caller,
 };
 
 /// The `key=value` pairs of the fixture's result line.
@@ -128,6 +128,18 @@ fn a_process_whose_main_thread_exited_is_traced() {
 /// report of what was seen and one line saying why, not as if the process had exited.
 #[test]
 fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
+    main_thread_exits_while_recorded(&[], true);
+}
+
+/// Sampling's uprobe-multi links are checked against the main thread too (measured: samples
+/// stopped the moment it exited).
+#[test]
+fn the_main_thread_exiting_while_recorded_with_sampling_ends_the_recording_saying_why() {
+    main_thread_exits_while_recorded(&["--sample-bytes", "4KiB"], false);
+}
+
+/// `exact`: the worker's blocks are counted exactly (not sampled).
+fn main_thread_exits_while_recorded(extra: &[&str], exact: bool) {
     setup();
     let dir = TempDir::new("leader-exits");
     let bin = build_fixture(&dir, "leader_exit");
@@ -135,7 +147,9 @@ fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
     fixture.expect_stdout_line("ready", LINE_TIMEOUT);
     let pid = fixture.pid();
 
-    let mut tracer = start_recording(pid, &["--format", "json", "--top", "0", "--backend", "ebpf"]);
+    let mut args = vec!["--format", "json", "--top", "0", "--backend", "ebpf"];
+    args.extend(extra);
+    let mut tracer = start_recording(pid, &args);
     fixture.signal(libc::SIGUSR1);
     fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
     fixture.signal(libc::SIGHUP);
@@ -143,12 +157,14 @@ fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
     let finished = tracer.finish(EXIT_TIMEOUT);
     assert_eq!(finished.status.code(), Some(0), "{}", finished.describe());
     let report = parse_report(&finished.stdout, &finished);
-    assert_eq!(
-        kept_by_worker(&report),
-        WORKER_KEEPS,
-        "what the worker kept before the main thread exited\n{}",
-        describe_top(&report, 5)
-    );
+    if exact {
+        assert_eq!(
+            kept_by_worker(&report),
+            WORKER_KEEPS,
+            "what the worker kept before the main thread exited\n{}",
+            describe_top(&report, 5)
+        );
+    }
     let said = format!(
         "tracer: thread {pid} of pid {pid} exited while other threads run on; the kernel removes \
          uprobes with the thread they were opened on, so recording ends here (attach again to go on)"
@@ -161,4 +177,32 @@ fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
     assert!(fixture.running(), "the worker should run on");
     fixture.signal(libc::SIGUSR2);
     fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+}
+
+#[test]
+fn sampling_refuses_a_process_whose_main_thread_exited() {
+    setup();
+    let dir = TempDir::new("leader-exited-sampling");
+    let bin = build_fixture(&dir, "leader_exit");
+    let mut fixture = Proc::spawn("leader_exit now", Command::new(&bin).arg("now"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+    eventually(Duration::from_secs(10), || match proc_state(pid) {
+        Some('Z') => Ok(()),
+        state => Err(format!("main thread state {state:?}")),
+    })
+    .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
+    let args = ["record", "--sample-bytes", "4KiB", "--duration", "1s", "--pid", &pid.to_string()];
+    let finished = run_tracer(&args, EXIT_TIMEOUT);
+    let lines: Vec<&str> = finished.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        finished.status.code() == Some(2)
+            && lines.len() == 1
+            && lines[0].contains("main thread of pid")
+            && lines[0].contains("record without --sample-bytes"),
+        "sampling would record nothing here (its probes are checked against the exited main \
+         thread): expected one line saying so and exit status 2\n{}",
+        finished.describe()
+    );
+    assert!(fixture.running(), "the fixture should run on");
 }

@@ -98,9 +98,10 @@ pub struct EbpfProbes {
     /// Sampling mode: the mean bytes per sample, and the links of its probes (free, and the
     /// session on the allocators).
     sampling: Option<(u64, Vec<super::session::SessionProbe>)>,
-    /// The thread the (per-call, perf-event) uprobes were opened on: the kernel drops them
-    /// when it exits.
-    thread: Option<u32>,
+    /// The thread the uprobes were opened on (the per-call perf events), or checked against
+    /// (sampling's uprobe-multi links, by the main thread): the kernel stops them when it
+    /// exits.
+    thread: u32,
 }
 
 /// What the mmap-family tracing needs to know of the target.
@@ -301,7 +302,7 @@ impl EbpfProbes {
             syscalls,
             warnings,
             sampling,
-            thread: full.then_some(thread.get()),
+            thread: thread.get(),
         })
     }
 
@@ -403,7 +404,7 @@ impl Backend for EbpfProbes {
     }
 
     fn bound_thread(&self) -> Option<u32> {
-        self.thread
+        Some(self.thread)
     }
 
     fn sites(&self) -> &[ProbeSite] {
