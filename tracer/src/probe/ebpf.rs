@@ -342,7 +342,8 @@ impl EbpfProbes {
         let mut sums = [0u64; counter::COUNT as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
             let per_cpu = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
-            *sum = per_cpu.iter().sum();
+            // Wrapping: the live-bytes slot holds signed changes in two's complement.
+            *sum = per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v));
         }
         let c = |i: u32| sums[i as usize];
         let mut syscall_sums = [0u64; syscall_counter::COUNT as usize];
@@ -400,6 +401,15 @@ impl Backend for EbpfProbes {
 
     fn drain_syscalls(&mut self) -> Vec<SyscallEvent> {
         self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
+    }
+
+    fn live_total_peak(&mut self) -> Option<i64> {
+        // One lookup: each CPU's running sum of the live-byte changes its programs made
+        // (two's complement), so the total is their wrapping sum.
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS")?).ok()?;
+        let per_cpu = counters.get(&counter::LIVE_BYTES, 0).ok()?;
+        Some(per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v)) as i64)
     }
 
     fn stack_frames(&mut self, id: u64) -> Option<Vec<u64>> {
