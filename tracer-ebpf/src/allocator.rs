@@ -244,16 +244,23 @@ fn return_slot(ctx: &ProbeContext, sp_offset: u64) -> (u64, u64) {
 ///
 /// The stack grows down, so a call made inside the recorded one has its slot below the
 /// recorded slot, and an entry above it comes after the recorded frame was unwound (longjmp,
-/// or a return probe that never fired). At the very slot it is either a tail call (glibc's
-/// reallocarray -> realloc, realloc(NULL, n) -> malloc reuse the frame, whose return address
-/// the kernel has by then replaced with its return trampoline) or a new call from the same
-/// depth, which finds the program's own return address there, as the stale call did.
+/// or a return probe that never fired). At the very slot it is a new call from the same
+/// depth, unless it is a tail call: glibc's reallocarray -> realloc and realloc(NULL, n) ->
+/// malloc jump to the inner function in the outer one's frame, whose return address the
+/// kernel has by then replaced with its return trampoline. Only realloc and reallocarray make
+/// such calls, and a new call from the same call site finds the program's own return address
+/// there, as the recorded call did. (A new call from another call site at the same depth,
+/// after a realloc left by longjmp, is still taken for nested: it cannot be told from a
+/// tail call without knowing where the trampoline is; the next call from elsewhere tells.)
 #[inline(always)]
 fn call_in_flight(tid: u64, slot: u64, ret_addr: u64) -> Option<*mut Pending> {
     let p = PENDING.get_ptr_mut(tid)?;
     // SAFETY: the thread's own entry; only this thread changes it.
     let pending = unsafe { *p };
-    if slot < pending.sp || (slot == pending.sp && ret_addr != pending.ret_addr) {
+    let resizes =
+        pending.kind == AllocKind::Realloc as u32 || pending.kind == AllocKind::Reallocarray as u32;
+    let tail_call = slot == pending.sp && resizes && ret_addr != pending.ret_addr;
+    if slot < pending.sp || tail_call {
         return Some(p);
     }
     count(counter::STALE_PENDING);
