@@ -126,6 +126,7 @@ impl EbpfProbes {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
+            .override_global("STACK_HASH_MASK", &stack_hash_mask(), true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
@@ -242,6 +243,9 @@ impl EbpfProbes {
             }
         };
         let mut warnings = Vec::new();
+        if stack_hash_mask() != u64::MAX {
+            warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
+        }
         let syscalls = match syscall_target {
             None => None,
             // The mmap-family view needs to know which mmaps glibc makes inside malloc, which
@@ -455,6 +459,17 @@ impl Backend for EbpfProbes {
             }
         }
         Ok(out)
+    }
+}
+
+/// For tests only: `TRACER_TEST_STACK_HASH_BITS=N` (1..=63) keeps N bits of the kernel's
+/// stack hash, so that distinct stacks share keys and the collision check can be seen to work.
+const HASH_BITS_VAR: &str = "TRACER_TEST_STACK_HASH_BITS";
+
+fn stack_hash_mask() -> u64 {
+    match std::env::var(HASH_BITS_VAR).ok().and_then(|v| v.parse::<u32>().ok()) {
+        Some(bits @ 1..=63) => (1u64 << bits) - 1,
+        _ => u64::MAX,
     }
 }
 
