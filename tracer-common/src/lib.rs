@@ -100,7 +100,7 @@ pub struct Pending {
 
 /// A live block. Key: its address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct LiveAlloc {
     pub size: u64,
     pub stack: u64,

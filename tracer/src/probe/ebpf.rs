@@ -2,6 +2,7 @@
 //! library, and reads the in-kernel totals back as [`Snapshot`]s.
 use std::{
     collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, AsRawFd as _},
     num::NonZeroU32,
     path::{Path, PathBuf},
     time::Duration,
@@ -430,13 +431,15 @@ impl Backend for EbpfProbes {
     fn live_older_than(&mut self, min_age: Duration) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
         let now = monotonic_ns();
         let cutoff = now.saturating_sub(min_age.as_nanos() as u64);
-        let live: HashMap<&MapData, u64, LiveAlloc> = HashMap::try_from(
-            self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")?,
-        )?;
+        let fd = match self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")? {
+            aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
+            _ => return Err("BPF map LIVE is not a hash map".into()),
+        };
         let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
         let mean = self.sampling.as_ref().map(|s| s.0);
-        for item in live.iter() {
-            let (_, block) = item?;
+        // The target keeps freeing while we read: a batch walk neither repeats nor skips a
+        // block that stays live throughout (see `batch`).
+        super::batch::for_each::<u64, LiveAlloc>(fd, |_, block| {
             if block.timestamp_ns <= cutoff {
                 let e = out.entry(block.stack).or_default();
                 match mean {
@@ -452,7 +455,8 @@ impl Backend for EbpfProbes {
                     }
                 }
             }
-        }
+        })
+        .map_err(|e| format!("read BPF map LIVE: {e}"))?;
         if mean.is_some() {
             for v in out.values_mut() {
                 v.1 = session::whole_count(v.1 as i64) as u64;

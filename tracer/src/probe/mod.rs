@@ -1,6 +1,7 @@
 //! Probe backends. A backend attaches to a process and hands out [`Snapshot`]s: plain values
 //! that everything downstream (aggregate, symbolize, report) works on without knowing which
 //! backend produced them.
+pub mod batch;
 pub mod ebpf;
 pub mod libc;
 pub mod placement;
