@@ -193,8 +193,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let mut last_maps = Instant::now();
     let mut next_interval = opts.interval.map(|i| start + i);
     let mut exit_code = None;
+    let mut peak = PeakTracker::default();
     loop {
         std::thread::sleep(TICK);
+        peak.observe(probes.as_mut());
         for event in probes.drain_syscalls() {
             regions.apply(&event);
         }
@@ -288,6 +290,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     for event in probes.drain_syscalls() {
         regions.apply(&event);
     }
+    peak.observe(probes.as_mut());
     let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
     if let Some(min_age) = opts.min_age {
         let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
@@ -306,6 +309,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         }
     }
     let mut profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
+    peak.apply(&mut profile.totals);
     if opts.interval.is_some() {
         history.push(&profile);
         history.apply(&mut profile);
@@ -374,6 +378,28 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         symbolizer.remove_perf_map();
     }
     Ok(Outcome { exit_code })
+}
+
+/// `totals.peak_live_bytes`: the most live malloc-family bytes seen in all, from the
+/// backend's running total looked at every tick (TICK, 20 times a second). Summing every
+/// stack's counter on each call would need one counter shared by every CPU; sampled, a peak
+/// shorter than a tick can be missed (the per-stack peaks are exact).
+#[derive(Default)]
+struct PeakTracker {
+    peak: i64,
+}
+
+impl PeakTracker {
+    fn observe(&mut self, probes: &mut dyn Backend) {
+        if let Some(total) = probes.live_total_peak() {
+            self.peak = self.peak.max(total);
+        }
+    }
+
+    /// Sets the peak of `totals`, which is at least what is live at the end.
+    fn apply(&self, totals: &mut crate::aggregate::Totals) {
+        totals.peak_live_bytes = (self.peak.max(0) as u64).max(totals.live_bytes);
+    }
 }
 
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback

@@ -2,6 +2,7 @@
 //! library, and reads the in-kernel totals back as [`Snapshot`]s.
 use std::{
     collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, AsRawFd as _},
     num::NonZeroU32,
     path::{Path, PathBuf},
     time::Duration,
@@ -141,6 +142,7 @@ impl EbpfProbes {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
+            .override_global("STACK_HASH_MASK", &stack_hash_mask(), true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
@@ -259,6 +261,9 @@ impl EbpfProbes {
             }
         };
         let mut warnings = Vec::new();
+        if stack_hash_mask() != u64::MAX {
+            warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
+        }
         let syscalls = match syscall_target {
             None => None,
             // The mmap-family view needs to know which mmaps glibc makes inside malloc, which
@@ -360,7 +365,8 @@ impl EbpfProbes {
         let mut sums = [0u64; counter::COUNT as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
             let per_cpu = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
-            *sum = per_cpu.iter().sum();
+            // Wrapping: the live-bytes slot holds signed changes in two's complement.
+            *sum = per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v));
         }
         let c = |i: u32| sums[i as usize];
         let mut syscall_sums = [0u64; syscall_counter::COUNT as usize];
@@ -424,6 +430,15 @@ impl Backend for EbpfProbes {
         self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
     }
 
+    fn live_total_peak(&mut self) -> Option<i64> {
+        // One lookup: each CPU's running sum of the live-byte changes its programs made
+        // (two's complement), so the total is their wrapping sum.
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS")?).ok()?;
+        let per_cpu = counters.get(&counter::LIVE_BYTES, 0).ok()?;
+        Some(per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v)) as i64)
+    }
+
     fn stack_frames(&mut self, id: u64) -> Option<Vec<u64>> {
         if let Some(frames) = self.stacks.get(&id) {
             return Some(frames.clone());
@@ -438,13 +453,15 @@ impl Backend for EbpfProbes {
     fn live_older_than(&mut self, min_age: Duration) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
         let now = monotonic_ns();
         let cutoff = now.saturating_sub(min_age.as_nanos() as u64);
-        let live: HashMap<&MapData, u64, LiveAlloc> = HashMap::try_from(
-            self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")?,
-        )?;
+        let fd = match self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")? {
+            aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
+            _ => return Err("BPF map LIVE is not a hash map".into()),
+        };
         let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
         let mean = self.sampling.as_ref().map(|s| s.0);
-        for item in live.iter() {
-            let (_, block) = item?;
+        // The target keeps freeing while we read: a batch walk neither repeats nor skips a
+        // block that stays live throughout (see `batch`).
+        super::batch::for_each::<u64, LiveAlloc>(fd, |_, block| {
             if block.timestamp_ns <= cutoff {
                 let e = out.entry(block.stack).or_default();
                 match mean {
@@ -460,13 +477,25 @@ impl Backend for EbpfProbes {
                     }
                 }
             }
-        }
+        })
+        .map_err(|e| format!("read BPF map LIVE: {e}"))?;
         if mean.is_some() {
             for v in out.values_mut() {
                 v.1 = session::whole_count(v.1 as i64) as u64;
             }
         }
         Ok(out)
+    }
+}
+
+/// For tests only: `TRACER_TEST_STACK_HASH_BITS=N` (1..=63) keeps N bits of the kernel's
+/// stack hash, so that distinct stacks share keys and the collision check can be seen to work.
+const HASH_BITS_VAR: &str = "TRACER_TEST_STACK_HASH_BITS";
+
+fn stack_hash_mask() -> u64 {
+    match std::env::var(HASH_BITS_VAR).ok().and_then(|v| v.parse::<u32>().ok()) {
+        Some(bits @ 1..=63) => (1u64 << bits) - 1,
+        _ => u64::MAX,
     }
 }
 
