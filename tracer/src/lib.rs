@@ -5,10 +5,12 @@
 //! (text, JSON). `recording` attaches and keeps the session, `record` reports on it, `top`
 //! shows it live; `target` finds and launches processes.
 pub mod aggregate;
+pub mod diag;
 pub mod diff;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
+pub mod output;
 pub mod probe;
 pub mod record;
 pub mod recording;

@@ -1,8 +1,7 @@
 //! `tracer record`: a recording (attach or launch) polled until told to stop, then the
 //! report; also `map`, `report` and `diff`, which only read.
 use std::{
-    fs::File,
-    io::{BufWriter, Write},
+    io::Write,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -11,7 +10,9 @@ use anyhow::Context as _;
 
 use crate::{
     aggregate::Profile,
+    diag,
     diff::DiffOptions,
+    output::Output,
     memmap::{self, ClassTotals},
     options::{Format, RecordOptions, TargetSpec},
     recording::{Recording, Status, TICK, stop_requested},
@@ -28,6 +29,8 @@ pub struct Outcome {
 }
 
 pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
+    // A report that cannot be written is found out now, not after the recording.
+    let output = Output::open(opts.output.as_deref())?;
     let mut recording = Recording::start(opts)?;
     let mut next_interval = opts.interval.map(|i| Instant::now() + i);
     loop {
@@ -46,11 +49,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let profile = recording.finish(opts.min_age)?;
     let glibc = malloc_stats(opts, recording.pid());
     let rep = final_report(&mut recording, &profile, opts, glibc);
-    write_to(opts.output.as_deref(), |out| {
-        write_as(&rep, opts.format, opts.metric, &mut |m| recording.symbolizer().build_id(m), out)
-    })?;
+    output.write(|out| write_as(&rep, opts.format, opts.metric, &mut |m| recording.symbolizer().build_id(m), out))?;
     if let Some(hint) = recording.symbolizer().jit_hint() {
-        eprintln!("tracer: {hint}");
+        diag::warn(hint);
+    }
+    for note in recording.symbolizer().take_notes() {
+        diag::warn(note);
     }
     Ok(Outcome {
         exit_code: recording.end(true),
@@ -74,7 +78,7 @@ fn malloc_stats(opts: &RecordOptions, pid: u32) -> Option<crate::mallocstats::Ma
             match crate::mallocstats::inspect(pid, Duration::from_secs(2)) {
                 Ok(stats) => Some(stats),
                 Err(e) => {
-                    eprintln!("tracer: malloc-stats: {e:#}");
+                    diag::warn(format_args!("malloc-stats: {e:#}"));
                     None
                 }
             }
@@ -134,18 +138,7 @@ pub fn write_to(
     output: Option<&Path>,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut out: Box<dyn Write> = match output {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("create {}", path.display()))?,
-        )),
-        None => Box::new(BufWriter::new(std::io::stdout().lock())),
-    };
-    let result = write(&mut out).and_then(|()| out.flush());
-    match result {
-        // Piped into `head`: not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("write report"),
-    }
+    Output::open(output)?.write(write)
 }
 
 /// `tracer report`: a saved JSON report in another format. Its modules may no longer be the
@@ -165,12 +158,12 @@ pub fn convert(
     let start = Instant::now();
     let mut symbolizer = Symbolizer::new("/").with_debug_dirs(debug_dirs.to_vec());
     let counts = crate::symbolize::resymbolize::resymbolize(&mut rep, &mut symbolizer);
-    eprintln!(
-        "tracer: named {} of {} frames again in {} ms",
+    diag::warn(format_args!(
+        "named {} of {} frames again in {} ms",
         counts.named,
         counts.frames,
         start.elapsed().as_millis()
-    );
+    ));
     write_to(output, |out| {
         write_as(&rep, format, metric, &mut |m| symbolizer.build_id(m), out)
     })

@@ -12,6 +12,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 
 use crate::{
     aggregate::{History, Profile, add_mapped, aggregate},
+    diag,
     memmap::{self, ClassTotals},
     options::{BackendChoice, RecordOptions, TargetSpec},
     probe::{
@@ -47,6 +48,11 @@ fn install_signal_handlers() -> anyhow::Result<()> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &action) }.with_context(|| format!("install {sig} handler"))?;
     }
+    // Started with SIGCHLD ignored, the kernel would reap a launched command by itself and
+    // its exit status would be lost.
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: restores the default disposition; no handler runs.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }.context("reset the SIGCHLD handler")?;
     Ok(())
 }
 
@@ -86,6 +92,9 @@ pub enum Status {
 /// A process being recorded: the probes on it and everything read of it so far.
 pub struct Recording {
     info: ProcessInfo,
+    /// A thread of the process that is alive: /proc shows its memory through it.
+    task: u32,
+    peak: PeakTracker,
     maps: ProcMaps,
     symbolizer: Symbolizer,
     /// The target lives in another mount namespace: its modules are read while it is alive.
@@ -127,8 +136,8 @@ impl Recording {
         let (info, libc, maps, launched) = match &opts.target {
             TargetSpec::Pid(pid) => {
                 let info = target::inspect(*pid)?;
-                let maps = ProcMaps::read(*pid)?;
-                let libc = target::libc_of(*pid, &maps, &info.command)?;
+                let maps = ProcMaps::read(info.task)?;
+                let libc = target::libc_of(info.task, &maps, &info.command)?;
                 (info, libc, maps, None)
             }
             TargetSpec::Launch(argv) => {
@@ -149,25 +158,28 @@ impl Recording {
             }
         };
         let pid = info.pid;
+        // The process's memory as /proc shows it, through a thread that is alive.
+        let task = info.task;
         let nz_pid = NonZeroU32::new(pid).context("pid 0")?;
-        let libc_host = PathBuf::from(format!("/proc/{pid}/root{libc}"));
+        let libc_host = target::mapped_file_path(task, &maps, &libc)?;
         let in_other_mount_ns = {
             let ns = |p: &str| std::fs::read_link(p).ok();
-            ns("/proc/self/ns/mnt") != ns(&format!("/proc/{pid}/ns/mnt"))
+            ns("/proc/self/ns/mnt") != ns(&format!("/proc/{task}/ns/mnt"))
         };
         // Module paths are as the target sees them. In our own mount namespace "/" serves, and
         // outlives the target; in a container only /proc/PID/root does, and it goes with the
         // process, so modules are then read while it is alive (see `warm`).
         let mut symbolizer = Symbolizer::new(if in_other_mount_ns {
-            PathBuf::from(format!("/proc/{pid}/root"))
+            PathBuf::from(format!("/proc/{task}/root"))
         } else {
             PathBuf::from("/")
         })
         .with_debug_dirs(opts.debug_dirs.clone());
-        symbolizer.set_jit_pid(pid);
+        symbolizer.set_jit_pid(task);
         warm(&mut symbolizer, &maps, in_other_mount_ns);
 
-        let probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
+        let nz_task = NonZeroU32::new(task).context("task 0")?;
+        let probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref())
             .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
         let slow: Vec<String> = probes
             .sites()
@@ -175,8 +187,8 @@ impl Recording {
             .filter(|s| !s.emulated)
             .map(|s| format!("{}+{:#x}", s.function, s.offset))
             .collect();
-        eprintln!(
-            "tracer: recording pid {pid} ({}): {} probes on {libc}{}",
+        diag::warn(format_args!(
+            "recording pid {pid} ({}): {} probes on {libc}{}",
             info.command,
             probes.sites().len(),
             if slow.is_empty() {
@@ -184,14 +196,14 @@ impl Recording {
             } else {
                 format!("; single-stepped (slower): {}", slow.join(", "))
             }
-        );
+        ));
         // The mappings that exist now are shown as such; the ones made from here on get stacks.
         // A launched command is still held here, so this is exactly the state the probes met.
         let mut regions = Regions::from_maps(&maps);
-        if let Some(brk) = target::start_brk(pid) {
+        if let Some(brk) = target::start_brk(task) {
             regions.set_initial_break(brk);
         }
-        let memory_start = memmap::memory_map(pid, &regions, None).ok();
+        let memory_start = memmap::memory_map(task, &regions, None).ok();
         let memory_last = memory_start.clone();
         let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
         if let Some(l) = &launched {
@@ -199,6 +211,8 @@ impl Recording {
         }
         Ok(Recording {
             info,
+            task,
+            peak: PeakTracker::default(),
             maps,
             symbolizer,
             in_other_mount_ns,
@@ -253,6 +267,9 @@ impl Recording {
         if self.exited {
             return Status::Ended;
         }
+        if let Some(probes) = &mut self.probes {
+            self.peak.observe(probes.as_mut());
+        }
         self.drain_syscalls();
         let pid = self.info.pid;
         if let Some(l) = &self.launched {
@@ -286,6 +303,21 @@ impl Recording {
         if self.exited {
             return Status::Ended;
         }
+        if let Some(thread) = self.probes.as_ref().and_then(|p| p.bound_thread())
+            && !target::task_alive(pid, thread)
+        {
+            // Not the process's exit (all its threads go at once, some a moment later):
+            // one thread ended while others run on.
+            std::thread::sleep(Duration::from_millis(100));
+            if target::is_alive(pid) {
+                diag::warn(format_args!(
+                    "thread {thread} of pid {pid} exited while other threads run on; the kernel \
+                     removes uprobes with the thread they were opened on, so recording ends here \
+                     (attach again to go on)"
+                ));
+            }
+            return Status::Ended;
+        }
         if self.last_maps.elapsed() >= MAPS_REFRESH {
             self.refresh_maps();
             self.last_maps = Instant::now();
@@ -302,7 +334,7 @@ impl Recording {
     }
 
     fn refresh_maps(&mut self) {
-        let pid = self.info.pid;
+        let pid = self.task;
         if let Ok(m) = ProcMaps::read(pid) {
             self.maps.update(m);
             warm(&mut self.symbolizer, &self.maps, self.in_other_mount_ns);
@@ -316,8 +348,11 @@ impl Recording {
     /// The profile as it stands, without remembering it.
     pub fn profile(&mut self) -> anyhow::Result<Profile> {
         let probes = self.probes.as_mut().context("the probes are detached")?;
+        self.peak.observe(probes.as_mut());
         let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-        Ok(profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut()))
+        let mut profile = profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut());
+        self.peak.apply(&mut profile.totals);
+        Ok(profile)
     }
 
     /// The profile as it stands, remembered as a point of every stack's series (`--interval`).
@@ -333,8 +368,9 @@ impl Recording {
         self.ended_at.get_or_insert_with(Instant::now);
         // Final numbers first, then let the target go before the slower symbolization.
         self.drain_syscalls();
-        let pid = self.info.pid;
+        let pid = self.task;
         let probes = self.probes.as_mut().context("the probes are detached")?;
+        self.peak.observe(probes.as_mut());
         let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
         if let Some(min_age) = min_age {
             let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
@@ -354,6 +390,7 @@ impl Recording {
         }
         let probes = self.probes.as_mut().context("the probes are detached")?;
         let mut profile = profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut());
+        self.peak.apply(&mut profile.totals);
         if !self.history.is_empty() {
             self.history.push(&profile);
             self.history.apply(&mut profile);
@@ -402,7 +439,8 @@ impl Recording {
                 match l.events.recv() {
                     Ok(LaunchEvent::Exited(code)) => self.exit_code = Some(code),
                     Ok(LaunchEvent::Exiting { .. }) => {}
-                    Err(_) => break,
+                    // Nobody can tell any more: unknown, which is not success.
+                    Err(_) => self.exit_code = Some(-1),
                 }
             }
         }
@@ -428,13 +466,37 @@ fn warm(symbolizer: &mut Symbolizer, maps: &ProcMaps, in_other_mount_ns: bool) {
     }
 }
 
+/// `totals.peak_live_bytes`: the most live malloc-family bytes seen in all, from the
+/// backend's running total looked at every tick (TICK, 20 times a second). Summing every
+/// stack's counter on each call would need one counter shared by every CPU; sampled, a peak
+/// shorter than a tick can be missed (the per-stack peaks are exact).
+#[derive(Default)]
+struct PeakTracker {
+    peak: i64,
+}
+
+impl PeakTracker {
+    fn observe(&mut self, probes: &mut dyn Backend) {
+        if let Some(total) = probes.live_total_peak() {
+            self.peak = self.peak.max(total);
+        }
+    }
+
+    /// Sets the peak of `totals`, which is at least what is live at the end.
+    fn apply(&self, totals: &mut crate::aggregate::Totals) {
+        totals.peak_live_bytes = (self.peak.max(0) as u64).max(totals.live_bytes);
+    }
+}
+
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
 /// when BPF programs or uprobes cannot be loaded or attached (`bpf_refused`: the privilege
 /// check already said no). The fallback says why, once.
+#[expect(clippy::too_many_arguments, reason = "one call site, each argument a different fact")]
 fn attach_backend(
     opts: &RecordOptions,
     bpf_refused: Option<anyhow::Error>,
     pid: NonZeroU32,
+    task: NonZeroU32,
     libc_host: &Path,
     libc: &str,
     maps: &ProcMaps,
@@ -446,6 +508,7 @@ fn attach_backend(
         (choice, None) => {
             let attached = EbpfProbes::attach(
                 pid,
+                task,
                 libc_host,
                 opts.limits,
                 Some(SyscallTarget { libc, maps }),
@@ -453,7 +516,7 @@ fn attach_backend(
             match attached {
                 Ok(ebpf) => {
                     for warning in &ebpf.warnings {
-                        eprintln!("tracer: {warning}");
+                        diag::warn(warning);
                     }
                     return Ok(Box::new(ebpf));
                 }
@@ -470,21 +533,33 @@ fn attach_backend(
             why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
         );
     }
-    if let Some(why) = why_not_bpf {
-        eprintln!("tracer: eBPF unavailable ({why}); using the ptrace backend, which is much slower");
-    }
-    let handover = match launched {
-        Some(l) => Some(l.hand_over()?),
-        None => None,
+    let ptrace = || -> anyhow::Result<PtraceProbes> {
+        if task != pid {
+            bail!("the ptrace backend cannot trace a process whose main thread has exited (pthread_exit)");
+        }
+        let handover = match launched {
+            Some(l) => Some(l.hand_over()?),
+            None => None,
+        };
+        Ok(PtraceProbes::attach(PtraceOptions {
+            pid: pid.get(),
+            libc_host: libc_host.to_owned(),
+            libc: libc.to_owned(),
+            limits: opts.limits,
+            handover,
+        })?)
     };
-    let probes = PtraceProbes::attach(PtraceOptions {
-        pid: pid.get(),
-        libc_host: libc_host.to_owned(),
-        libc: libc.to_owned(),
-        limits: opts.limits,
-        handover,
-    })?;
-    Ok(Box::new(probes))
+    // One line either way: why eBPF was not used goes with the outcome of ptrace.
+    match (ptrace(), why_not_bpf) {
+        (Ok(probes), why) => {
+            if let Some(why) = why {
+                diag::warn(format_args!("eBPF unavailable ({why}); using the ptrace backend, which is much slower"));
+            }
+            Ok(Box::new(probes))
+        }
+        (Err(e), Some(why)) => Err(e.context(format!("eBPF unavailable ({why}), and the ptrace backend failed too"))),
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// The malloc stacks of a snapshot and the stacks that mapped memory themselves.

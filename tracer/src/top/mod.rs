@@ -14,6 +14,7 @@ use ratatui::{
 
 use crate::{
     aggregate::{Profile, StackProfile},
+    diag,
     options::{BackendChoice, Format, RecordOptions, TargetSpec},
     probe::ebpf::Limits,
     recording::{Recording, Status, TICK, stop_requested},
@@ -91,9 +92,12 @@ pub fn top(opts: &TopOptions) -> anyhow::Result<()> {
     let exited = recording.end(false).is_some();
     shown?;
     match output {
-        Some(path) if exited => eprintln!("tracer: pid {pid} ({command}) exited; its output is in {}", path.display()),
-        Some(path) => eprintln!("tracer: detached from pid {pid} ({command}), which runs on; its output goes to {}", path.display()),
-        None => eprintln!("tracer: detached from pid {pid} ({command})"),
+        Some(path) if exited => diag::warn(format_args!("pid {pid} ({command}) exited; its output is in {}", path.display())),
+        Some(path) => diag::warn(format_args!(
+            "detached from pid {pid} ({command}), which runs on; its output goes to {}",
+            path.display()
+        )),
+        None => diag::warn(format_args!("detached from pid {pid} ({command})")),
     }
     Ok(())
 }
