@@ -315,8 +315,14 @@ impl Recording {
                      removes uprobes with the thread they were opened on, so recording ends here \
                      (attach again to go on)"
                 ));
+                return Status::Ended;
             }
-            return Status::Ended;
+            // The whole process is going. A launched command's exit status comes from the
+            // launcher on a later tick (`top` shows it, and does not wait for it after).
+            if self.launched.is_none() {
+                self.exited = true;
+                return Status::Ended;
+            }
         }
         if self.last_maps.elapsed() >= MAPS_REFRESH {
             self.refresh_maps();
