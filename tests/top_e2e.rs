@@ -137,6 +137,7 @@ fn contains(screen: &str, want: &str) -> Result<(), String> {
 struct Row {
     held: String,
     growth: String,
+    peak: String,
     allocated: String,
     /// `[mmap]`/`[brk]` for stacks that mapped memory themselves, else empty.
     source: String,
@@ -166,6 +167,7 @@ fn rows(screen: &str) -> Vec<Row> {
             Row {
                 held: col(0, 11),
                 growth: col(11, 23),
+                peak: col(23, 34),
                 allocated: col(34, 45),
                 source,
                 caller: caller.split_whitespace().next().unwrap_or("").to_owned(),
@@ -286,7 +288,16 @@ fn top_shows_live_stacks_sorts_by_each_key_expands_and_detaches_leaving_the_targ
     println!("--- sorted by allocated ---\n{allocated}");
 
     tmux.keys("p");
-    tmux.wait_for("the peak order", |s| contains(s, "sorted by peak"));
+    let peak = tmux.wait_for("the peak order", |s| {
+        contains(s, "sorted by peak")?;
+        order_is(s, &["hold_block", "grow_cache", "churn"])
+    });
+    let r = rows(&peak);
+    assert_eq!(
+        [&row_of(&r, "hold_block").peak, &row_of(&r, "grow_cache").peak, &row_of(&r, "churn").peak],
+        ["8.0 MiB", "1.0 MiB", "64.0 KiB"],
+        "peaks: one 8 MiB block, 1 MiB kept, 64 KiB at a time\n{peak}"
+    );
 
     // Back to allocated; the second row (hold_block) expanded shows its frames.
     tmux.keys("a");
