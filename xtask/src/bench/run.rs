@@ -76,7 +76,7 @@ pub struct Outcome {
 }
 
 /// Lines of a child's stream, read by a thread so that waiting can time out.
-struct Lines {
+pub struct Lines {
     rx: Receiver<String>,
     seen: Vec<String>,
 }
@@ -103,7 +103,7 @@ impl Lines {
     }
 
     /// The first line for which `pick` gives a value.
-    fn wait_for<T>(
+    pub fn wait_for<T>(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -134,7 +134,7 @@ impl Lines {
         }
     }
 
-    fn rest(&mut self, timeout: Duration) -> String {
+    pub fn rest(&mut self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         while let Ok(line) = self
             .rx
@@ -147,16 +147,16 @@ impl Lines {
 }
 
 /// A started process with its output being read.
-struct Proc {
-    child: Child,
+pub struct Proc {
+    pub child: Child,
     stdin: Option<ChildStdin>,
-    stdout: Lines,
-    stderr: Lines,
+    pub stdout: Lines,
+    pub stderr: Lines,
     label: String,
 }
 
 impl Proc {
-    fn spawn(label: &str, cmd: &mut Command) -> Result<Proc> {
+    pub fn spawn(label: &str, cmd: &mut Command) -> Result<Proc> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -175,7 +175,7 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
