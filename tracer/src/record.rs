@@ -258,7 +258,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     }
     let duration_ms = start.elapsed().as_millis() as u64;
 
-    // Final numbers first, then let the target go before the slower symbolization.
+    // Let the target go first; the final numbers stay readable, and naming comes last.
+    probes.detach();
     for event in probes.drain_syscalls() {
         regions.apply(&event);
     }
