@@ -177,6 +177,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     if let Some(l) = &launched {
         l.release();
     }
+    // Symbol tables load on another thread while recording, not when the report needs them.
+    symbolizer.preload(&maps);
 
     let start = Instant::now();
     let mut last_maps = Instant::now();

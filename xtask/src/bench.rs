@@ -509,7 +509,9 @@ fn render(
             out,
             "\nCPU while recording: the tracer's user+system time from the moment it said it was \
              recording to the end of the workload, over the wall time of that span; attaching \
-             (loading and verifying the BPF programs, reading libc and the target's maps) is \
+             (loading and verifying the BPF programs, reading libc and the target's maps, and \
+             loading the symbol tables of the target's modules, which the tracer does on a \
+             thread of its own right after; the workload starts once that thread is done) is \
              shown apart. RSS: VmHWM when the workload ended, and the tracer's peak over the \
              whole run (its rusage), which includes naming the frames for the report.\n"
         );

@@ -4,8 +4,9 @@
 //! one entry point reports use.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
@@ -26,6 +27,16 @@ pub struct Symbolizer {
     /// address.
     modules: HashMap<String, Option<Module>>,
     jit: Jit,
+    /// Modules being loaded on another thread (see [`Symbolizer::preload`]).
+    preload: Option<Preload>,
+}
+
+/// Modules loading on a thread of their own, handed over as each is done.
+#[derive(Debug)]
+struct Preload {
+    /// Asked for and not received yet.
+    pending: HashSet<String>,
+    loaded: mpsc::Receiver<(String, Option<Module>)>,
 }
 
 /// Everything kept of one module.
@@ -164,6 +175,78 @@ impl Symbolizer {
             search: DebugSearch::default(),
             modules: HashMap::new(),
             jit: Jit::default(),
+            preload: None,
+        }
+    }
+
+    /// Starts loading, on a thread of its own, every file that `maps` maps executable and that
+    /// is not loaded yet, so that naming frames at the end finds them ready instead of reading
+    /// them then (node's tables take 100-200 ms). A module still on its way when needed is
+    /// waited for; one not mapped now is loaded when first needed. One preload at a time.
+    pub fn preload(&mut self, maps: &ProcMaps) {
+        if self.preload.is_some() {
+            return;
+        }
+        let mut names: Vec<String> = Vec::new();
+        for m in maps.mappings() {
+            if let Some(path) = &m.path
+                && m.perms.contains('x')
+                && path.starts_with('/')
+                && !self.modules.contains_key(path)
+                && !names.contains(path)
+            {
+                names.push(path.clone());
+            }
+        }
+        if names.is_empty() {
+            return;
+        }
+        let (send, loaded) = mpsc::channel();
+        let (root, search, todo) = (self.root.clone(), self.search.clone(), names.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tracer-symbols".into())
+            .spawn(move || {
+                for name in todo {
+                    let module = Module::load(&root, &name, &search);
+                    if send.send((name, module)).is_err() {
+                        break;
+                    }
+                }
+            });
+        // Without the thread, modules load when first needed, as they always could.
+        if spawned.is_ok() {
+            self.preload = Some(Preload {
+                pending: names.into_iter().collect(),
+                loaded,
+            });
+        }
+    }
+
+    /// Takes in the modules the preload thread has finished; waits while `wanted` is still
+    /// on its way.
+    fn take_preloaded(&mut self, wanted: &str) {
+        let Some(preload) = &mut self.preload else {
+            return;
+        };
+        loop {
+            let waiting = preload.pending.contains(wanted);
+            let next = if waiting {
+                preload.loaded.recv().ok()
+            } else {
+                preload.loaded.try_recv().ok()
+            };
+            let Some((name, module)) = next else {
+                if waiting {
+                    // The thread is gone (it panicked): load the rest here when needed.
+                    preload.pending.clear();
+                }
+                break;
+            };
+            preload.pending.remove(&name);
+            self.modules.entry(name).or_insert(module);
+        }
+        if preload.pending.is_empty() {
+            self.preload = None;
         }
     }
 
@@ -203,6 +286,7 @@ impl Symbolizer {
     }
 
     fn module(&mut self, module: &str) -> Option<&mut Module> {
+        self.take_preloaded(module);
         if !self.modules.contains_key(module) {
             let loaded = Module::load(&self.root, module, &self.search);
             self.modules.insert(module.to_owned(), loaded);

@@ -280,6 +280,25 @@ fn reap_with_rusage(child: &mut Child, label: &str) -> Result<u64> {
     }
 }
 
+/// Waits until process `pid` has no thread named `name` (comm) left.
+fn wait_for_thread_exit(pid: u32, name: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("list the threads of {pid}"))?;
+        let running = tasks.flatten().any(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        });
+        if !running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} still has its thread {name} after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Everything the runs share.
 pub struct Env {
     pub tracer: PathBuf,
@@ -339,6 +358,9 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
                 .wait_for("the tracer's recording line", ATTACH_TIMEOUT, |l| {
                     l.starts_with(&wanted).then_some(())
                 })?;
+            // The tracer loads symbol tables on a thread of its own once attached: a one-time
+            // cost, counted with attaching rather than in the CPU while recording.
+            wait_for_thread_exit(p.pid(), "tracer-symbols", ATTACH_TIMEOUT)?;
             tracer = Some((p, report));
         }
         Tool::Bpftrace {
