@@ -148,6 +148,9 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
 
     let mut probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
         .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+    // The tables every report names frames in load on another thread while recording, not
+    // when the report needs them.
+    symbolizer.preload(main_modules(pid, &libc));
     let slow: Vec<String> = probes
         .sites()
         .iter()
@@ -177,8 +180,6 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     if let Some(l) = &launched {
         l.release();
     }
-    // Symbol tables load on another thread while recording, not when the report needs them.
-    symbolizer.preload(&maps);
 
     let start = Instant::now();
     let mut last_maps = Instant::now();
@@ -349,6 +350,17 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         symbolizer.remove_perf_map();
     }
     Ok(Outcome { exit_code })
+}
+
+/// The program's executable and its C library (frame 0 of every malloc stack), named as the
+/// target's memory map names them. Other modules are usually smaller, and often not in any
+/// stack: they are read only when a report needs them.
+fn main_modules(pid: u32, libc: &str) -> Vec<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    exe.map(|p| p.to_string_lossy().into_owned())
+        .into_iter()
+        .chain([libc.to_owned()])
+        .collect()
 }
 
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback

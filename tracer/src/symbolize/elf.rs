@@ -179,23 +179,18 @@ impl Symbolizer {
         }
     }
 
-    /// Starts loading, on a thread of its own, every file that `maps` maps executable and that
-    /// is not loaded yet, so that naming frames at the end finds them ready instead of reading
-    /// them then (node's tables take 100-200 ms). A module still on its way when needed is
-    /// waited for; one not mapped now is loaded when first needed. One preload at a time.
-    pub fn preload(&mut self, maps: &ProcMaps) {
+    /// Starts loading `modules` (paths as the target sees them) on a thread of their own, so
+    /// that naming frames at the end finds them ready instead of reading them then (node's
+    /// tables and libc's debug file take 100-250 ms). A module still on its way when needed
+    /// is waited for; any other is loaded when first needed. One preload at a time.
+    pub fn preload(&mut self, modules: impl IntoIterator<Item = String>) {
         if self.preload.is_some() {
             return;
         }
         let mut names: Vec<String> = Vec::new();
-        for m in maps.mappings() {
-            if let Some(path) = &m.path
-                && m.perms.contains('x')
-                && path.starts_with('/')
-                && !self.modules.contains_key(path)
-                && !names.contains(path)
-            {
-                names.push(path.clone());
+        for module in modules {
+            if !self.modules.contains_key(&module) && !names.contains(&module) {
+                names.push(module);
             }
         }
         if names.is_empty() {
