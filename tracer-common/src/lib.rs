@@ -191,17 +191,6 @@ pub mod sys {
     pub const MADVISE: u32 = 28;
 }
 
-/// A mmap-family syscall between its entry and exit. Key: pid_tgid.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct SyscallPending {
-    pub args: [u64; 6],
-    pub stack: u64,
-    pub sys: u32,
-    /// 1 when the thread was inside a malloc-family call (glibc mapping memory for malloc).
-    pub in_allocator: u32,
-}
-
 /// One completed mmap-family syscall of the target, streamed to user space (they are rare,
 /// and their address-range bookkeeping needs every one, in order).
 #[repr(C)]
@@ -222,7 +211,8 @@ pub struct SyscallEvent {
 pub mod syscall_counter {
     /// Events lost because the ring buffer was full: the address-range bookkeeping missed them.
     pub const EVENTS_LOST: u32 = 0;
-    /// Pending-syscall map full: the syscall was not seen.
+    /// Pending-syscall map full. Never counted since syscalls are read whole at their exit
+    /// (no map holds them in flight); kept because reports name every reason they ever had.
     pub const PENDING_FULL: u32 = 1;
     pub const COUNT: u32 = 2;
 }
@@ -230,7 +220,6 @@ pub mod syscall_counter {
 #[cfg(feature = "user")]
 mod user_syscalls {
     // SAFETY: repr(C), u64/i64/u32 fields only, no padding (SyscallEvent pads explicitly).
-    unsafe impl aya::Pod for super::SyscallPending {}
     unsafe impl aya::Pod for super::SyscallEvent {}
 }
 

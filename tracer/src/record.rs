@@ -159,6 +159,9 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let nz_task = NonZeroU32::new(task).context("task 0")?;
     let mut probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref())
         .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+    // The tables every report names frames in load on another thread while recording, not
+    // when the report needs them.
+    symbolizer.preload(main_modules(pid, &libc));
     let slow: Vec<String> = probes
         .sites()
         .iter()
@@ -286,7 +289,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     }
     let duration_ms = start.elapsed().as_millis() as u64;
 
-    // Final numbers first, then let the target go before the slower symbolization.
+    // Let the target go first; the final numbers stay readable, and naming comes last.
+    probes.detach();
     for event in probes.drain_syscalls() {
         regions.apply(&event);
     }
@@ -400,6 +404,17 @@ impl PeakTracker {
     fn apply(&self, totals: &mut crate::aggregate::Totals) {
         totals.peak_live_bytes = (self.peak.max(0) as u64).max(totals.live_bytes);
     }
+}
+
+/// The program's executable and its C library (frame 0 of every malloc stack), named as the
+/// target's memory map names them. Other modules are usually smaller, and often not in any
+/// stack: they are read only when a report needs them.
+fn main_modules(pid: u32, libc: &str) -> Vec<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    exe.map(|p| p.to_string_lossy().into_owned())
+        .into_iter()
+        .chain([libc.to_owned()])
+        .collect()
 }
 
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
