@@ -173,12 +173,21 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(classes) = &report.memory_map {
         write_memory_map(classes, report.allocator.as_ref(), out)?;
     }
-    let ranking = if report.interval_ms.is_some() { "growth" } else { "live bytes" };
+    if report.peak_fallback {
+        writeln!(
+            out,
+            "\nthe command exited holding {} of a {} peak: stacks ranked by peak (--metric held \
+             ranks by what is held at the end)",
+            human_bytes(t.live_bytes),
+            human_bytes(t.peak_live_bytes)
+        )?;
+    }
     writeln!(
         out,
-        "\ntop {} of {} stacks by {ranking} (leaf first):",
+        "\ntop {} of {} stacks by {} (leaf first):",
         report.stacks.len(),
-        report.stacks_total
+        report.stacks_total,
+        report.metric.describe()
     )?;
     for (i, s) in report.stacks.iter().enumerate() {
         let what = match s.source {
@@ -205,6 +214,15 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
         if let Some(reserved) = s.reserved_bytes {
             write!(out, "; {} reserved", human_bytes(reserved))?;
+        }
+        if let Some(resident) = s.resident_bytes {
+            write!(out, "; {} resident", human_bytes(resident))?;
+        }
+        if s.peak_bytes > s.live_bytes {
+            write!(out, "; peak {}", human_bytes(s.peak_bytes))?;
+        }
+        if s.variants > 1 {
+            write!(out, "; merged from {} stacks", s.variants)?;
         }
         writeln!(out)?;
         if !s.series.is_empty() {
@@ -304,7 +322,8 @@ mod tests {
             interval_ms: None,
             min_age_ms: None,
             sampling: None,
-            metric: Default::default(),
+            metric: crate::report::folded::Metric::Held,
+            peak_fallback: false,
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();
@@ -315,7 +334,7 @@ live:      2.0 KiB (2048 B) in 2 allocations
 allocated: 4.0 KiB (4096 B) in 4 allocations; 2 frees, 1 unmatched frees, 0 failed allocations
 dropped:   stack_map_full=3
 
-top 1 of 7 stacks by live bytes (leaf first):
+top 1 of 7 stacks by bytes held (leaf first):
 
 #1   live 2.0 KiB (2048 B) in 2 allocations; allocated 4.0 KiB in 4
       malloc  (libc.so.6+0x98930)
