@@ -74,7 +74,9 @@ pub struct Interner<K> {
 
 impl<K> Default for Interner<K> {
     fn default() -> Self {
-        Interner { ids: HashMap::new() }
+        Interner {
+            ids: HashMap::new(),
+        }
     }
 }
 
@@ -159,7 +161,11 @@ pub fn merge_by<K: Hash + Eq>(stacks: Vec<Stack>, mut key: impl FnMut(&Stack) ->
 pub fn merge(stacks: Vec<Stack>) -> Vec<Stack> {
     let mut frames: Interner<FrameKey> = Interner::default();
     merge_by(stacks, |s| {
-        let ids: Vec<u32> = s.frames.iter().map(|f| frames.id(FrameKey::of(f))).collect();
+        let ids: Vec<u32> = s
+            .frames
+            .iter()
+            .map(|f| frames.id(FrameKey::of(f)))
+            .collect();
         (s.source, ids)
     })
 }
@@ -178,7 +184,11 @@ pub fn rank_order(stacks: &[Stack], metric: Metric) -> Vec<usize> {
 /// `stacks` ranked by `metric`, the first `top` kept (0: all).
 pub fn rank(stacks: Vec<Stack>, metric: Metric, top: usize) -> Vec<Stack> {
     let order = rank_order(&stacks, metric);
-    let keep = if top == 0 { order.len() } else { top.min(order.len()) };
+    let keep = if top == 0 {
+        order.len()
+    } else {
+        top.min(order.len())
+    };
     let mut slots: Vec<Option<Stack>> = stacks.into_iter().map(Some).collect();
     order[..keep]
         .iter()
@@ -252,7 +262,14 @@ mod tests {
         assert_eq!(merged.len(), 2, "{merged:#?}");
         let m = &merged[0];
         assert_eq!(
-            (m.live_bytes, m.alloc_bytes, m.allocs, m.live_allocs, m.peak_bytes, m.variants),
+            (
+                m.live_bytes,
+                m.alloc_bytes,
+                m.allocs,
+                m.live_allocs,
+                m.peak_bytes,
+                m.variants
+            ),
             (1100, 1300, 4, 2, 1150, 2)
         );
         // The frames of the larger variant.
@@ -267,13 +284,38 @@ mod tests {
     #[test]
     fn jit_frames_merge_by_function_script_and_line_not_address() {
         let node = Some("/usr/bin/node");
-        let interpreted = stack(10, 10, vec![frame(Some("calloc"), node, 1), jit(Some("retain"), 0x7f00_0000_1000)]);
-        let optimized = stack(20, 20, vec![frame(Some("calloc"), node, 1), jit(Some("retain"), 0x7f00_0009_0000)]);
-        let unnamed_a = stack(1, 1, vec![frame(Some("calloc"), node, 1), jit(None, 0x7f00_0000_2000)]);
-        let unnamed_b = stack(1, 1, vec![frame(Some("calloc"), node, 1), jit(None, 0x7f00_0000_3000)]);
+        let interpreted = stack(
+            10,
+            10,
+            vec![
+                frame(Some("calloc"), node, 1),
+                jit(Some("retain"), 0x7f00_0000_1000),
+            ],
+        );
+        let optimized = stack(
+            20,
+            20,
+            vec![
+                frame(Some("calloc"), node, 1),
+                jit(Some("retain"), 0x7f00_0009_0000),
+            ],
+        );
+        let unnamed_a = stack(
+            1,
+            1,
+            vec![frame(Some("calloc"), node, 1), jit(None, 0x7f00_0000_2000)],
+        );
+        let unnamed_b = stack(
+            1,
+            1,
+            vec![frame(Some("calloc"), node, 1), jit(None, 0x7f00_0000_3000)],
+        );
         let merged = merge(vec![interpreted, optimized, unnamed_a, unnamed_b]);
         assert_eq!(
-            merged.iter().map(|s| (s.live_bytes, s.variants)).collect::<Vec<_>>(),
+            merged
+                .iter()
+                .map(|s| (s.live_bytes, s.variants))
+                .collect::<Vec<_>>(),
             vec![(30, 2), (1, 1), (1, 1)],
             "unnamed JIT frames keep their addresses apart"
         );
@@ -289,7 +331,10 @@ mod tests {
         mapped.reserved_bytes = Some(16);
         let merged = merge(vec![a, same_place, elsewhere, mapped]);
         assert_eq!(
-            merged.iter().map(|s| (s.source, s.live_bytes)).collect::<Vec<_>>(),
+            merged
+                .iter()
+                .map(|s| (s.source, s.live_bytes))
+                .collect::<Vec<_>>(),
             vec![(Source::Malloc, 3), (Source::Malloc, 4), (Source::Mmap, 8)]
         );
     }
@@ -299,7 +344,11 @@ mod tests {
         let app = Some("/bin/app");
         let mut inl = with_line(frame(Some("helper"), app, 0x10), 3);
         inl.inlined = true;
-        let inlined = stack(1, 1, vec![inl, with_line(frame(Some("main"), app, 0x10), 9)]);
+        let inlined = stack(
+            1,
+            1,
+            vec![inl, with_line(frame(Some("main"), app, 0x10), 9)],
+        );
         let plain = stack(1, 1, vec![with_line(frame(Some("main"), app, 0x10), 9)]);
         assert_eq!(merge(vec![inlined, plain]).len(), 2);
     }
@@ -314,7 +363,10 @@ mod tests {
         b.series = vec![50, 0, 0];
         b.growth_bytes = -50;
         let m = &merge(vec![a, b])[0];
-        assert_eq!((m.series.clone(), m.growth_bytes), (vec![150, 200, 300], 150));
+        assert_eq!(
+            (m.series.clone(), m.growth_bytes),
+            (vec![150, 200, 300], 150)
+        );
     }
 
     #[test]
@@ -354,10 +406,19 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // Held: a mapping weighs what is resident of it.
-        assert_eq!(names(&rank(stacks.clone(), Metric::Held, 0)), ["now", "mapped", "then"]);
-        assert_eq!(names(&rank(stacks.clone(), Metric::Live, 0)), ["mapped", "now", "then"]);
+        assert_eq!(
+            names(&rank(stacks.clone(), Metric::Held, 0)),
+            ["now", "mapped", "then"]
+        );
+        assert_eq!(
+            names(&rank(stacks.clone(), Metric::Live, 0)),
+            ["mapped", "now", "then"]
+        );
         // Peak: never less than what is live now (mappings have no recorded peak).
-        assert_eq!(names(&rank(stacks.clone(), Metric::Peak, 2)), ["mapped", "then"]);
+        assert_eq!(
+            names(&rank(stacks.clone(), Metric::Peak, 2)),
+            ["mapped", "then"]
+        );
         assert_eq!(names(&rank(stacks, Metric::Allocated, 1)), ["mapped"]);
     }
 }

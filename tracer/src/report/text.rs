@@ -344,6 +344,38 @@ top 1 of 7 stacks by bytes held (leaf first):
     }
 
     #[test]
+    fn merged_stacks_peaks_and_a_peak_ranking_are_said() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "node", "duration_ms": 1000,
+                "totals": {"live_bytes": 895000, "live_allocs": 2, "alloc_bytes": 41943040,
+                           "allocs": 2, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "peak_live_bytes": 41943040, "dropped": {}},
+                "stacks": [{"live_bytes": 1024, "live_allocs": 1, "alloc_bytes": 41943040,
+                            "allocs": 2, "peak_bytes": 41943040, "variants": 3, "frames": []},
+                           {"live_bytes": 64, "live_allocs": 1, "alloc_bytes": 64,
+                            "allocs": 1, "peak_bytes": 64, "frames": []}],
+                "stacks_total": 2, "metric": "peak", "peak_fallback": true}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "\nthe command exited holding 874.0 KiB of a 40.0 MiB peak: stacks ranked by peak \
+                 (--metric held ranks by what is held at the end)\n\ntop 2 of 2 stacks by peak live bytes"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("#1   live 1.0 KiB (1024 B) in 1 allocations; allocated 40.0 MiB in 2; peak 40.0 MiB; merged from 3 stacks\n"),
+            "{text}"
+        );
+        // Nothing extra where peak and live agree and nothing was merged.
+        assert!(text.contains("#2   live 64 B (64 B) in 1 allocations; allocated 64 B in 1\n"), "{text}");
+    }
+
+    #[test]
     fn sampled_reports_say_their_figures_are_estimated() {
         let report: Report = serde_json::from_str(
             r#"{"pid": 7, "command": "app", "duration_ms": 1000,
