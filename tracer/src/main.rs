@@ -156,7 +156,7 @@ struct RecordArgs {
     /// Print a snapshot to stderr this often.
     #[arg(long, short = 'i', value_parser = parse_duration)]
     interval: Option<Duration>,
-    /// Stacks to show, most live bytes first; 0 shows all [default: 20 for text and json, all
+    /// Stacks to show, first by --metric; 0 shows all [default: 20 for text and json, all
     /// for folded, svg and pprof].
     #[arg(long)]
     top: Option<usize>,

@@ -1,5 +1,6 @@
-//! Reports: the profile with names put on its frames, rendered as text or JSON. The JSON
-//! shape is documented in the README and kept stable.
+//! Reports: the profile with names put on its frames, merged into code paths and ranked
+//! ([`build`]), rendered as text or JSON. The JSON shape is documented in the README and kept
+//! stable.
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -24,9 +25,10 @@ pub struct Report {
     pub command: String,
     pub duration_ms: u64,
     pub totals: Totals,
-    /// Stacks in the report (the top N by live bytes); `totals` covers all of them.
+    /// Stacks in the report: kernel stacks merged into code paths, the top N by `metric`;
+    /// `totals` covers all of them.
     pub stacks: Vec<Stack>,
-    /// Stacks recorded in all, of which `stacks` shows the first.
+    /// Merged stacks in all, of which `stacks` shows the first.
     pub stacks_total: usize,
     /// The process's mappings by owner class (absent when the process was gone at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
