@@ -92,11 +92,15 @@ pub struct Pending {
     /// 1 when the call is recorded (always in full mode; when sampled in sampling mode).
     pub sampled: u32,
     pub _pad: u32,
+    /// Stack pointer at the call's entry, where its return address lies. A later entry on
+    /// the thread at or above it cannot be nested in this call: its frame is gone (longjmp,
+    /// or a return probe that never fired), and the entry is stale.
+    pub sp: u64,
 }
 
 /// A live block. Key: its address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct LiveAlloc {
     pub size: u64,
     pub stack: u64,
@@ -148,7 +152,24 @@ pub mod counter {
     pub const ORPHAN_RETURNS: u32 = 8;
     /// Allocator calls that failed (returned NULL or an error).
     pub const FAILED_ALLOCS: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Every scratch stack buffer of the CPU was in use (programs preempted on it): the
+    /// allocation is counted under the lost-stack key.
+    pub const DROP_SCRATCH_BUSY: u32 = 10;
+    /// A call in flight whose return was never seen (its frame was left by longjmp, or its
+    /// return probe could not be armed), found stale by a later call on the same thread.
+    pub const STALE_PENDING: u32 = 11;
+    /// Two different stacks with the same key: the later one is counted under the
+    /// lost-stack key rather than merged into the other.
+    pub const STACK_COLLISION: u32 = 12;
+    /// The stack map refused a new stack for a reason other than being full.
+    pub const STACK_INSERT_FAILED: u32 = 13;
+    /// A stack's peak could not be raised after several tries (other CPUs kept raising it):
+    /// that peak may be short of the true one.
+    pub const PEAK_CONTENDED: u32 = 14;
+    /// Not a loss: live malloc-family bytes (two's complement sum over CPUs), so that user
+    /// space reads the total with one lookup.
+    pub const LIVE_BYTES: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 #[cfg(feature = "user")]

@@ -9,7 +9,7 @@
 //!   entry: no stack, no map insert and no return probe. Sampled blocks are weighted
 //!   (`tracer_common::sampling`), so per-stack totals hold estimates; counts are then kept in
 //!   units of 2^-16 allocation.
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
@@ -28,7 +28,7 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{LIVE, PENDING, STATS, count},
+    maps::{LIVE, PENDING, STATS, add_counter, count},
     stack,
 };
 
@@ -180,6 +180,7 @@ fn decode_call(ctx: &ProbeContext, kind: AllocKind) -> Pending {
         ret_addr: 0,
         sampled: 1,
         _pad: 0,
+        sp: 0,
     }
 }
 
@@ -203,19 +204,22 @@ fn take_old_block(pending: &mut Pending) {
 
 fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
     let tid = bpf_get_current_pid_tgid();
-    if let Some(p) = PENDING.get_ptr_mut(tid) {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (slot, ret_addr) = return_slot(ctx, cookie_sp_offset(cookie));
+    if let Some(p) = call_in_flight(tid, slot, ret_addr) {
         // realloc -> malloc, reallocarray -> realloc, posix_memalign -> malloc: the outer
         // call is the one the program made; the inner one is glibc's business.
         unsafe { (*p).depth += 1 };
         return Ok(0);
     }
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let Some(kind) = AllocKind::from_u32(cookie_kind(cookie)) else {
         return Err(1);
     };
     let mut pending = decode_call(ctx, kind);
+    pending.sp = slot;
+    pending.ret_addr = ret_addr;
     take_old_block(&mut pending);
-    pending.stack = stack::capture(ctx, cookie_sp_offset(cookie));
+    pending.stack = stack::capture_with_caller(ctx.as_ptr(), ret_addr);
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);
         if pending.had_old == 1 {
@@ -223,6 +227,48 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
         }
     }
     Ok(0)
+}
+
+/// Where the return address of the call being entered lies (its slot), and what it is (0
+/// when unreadable). `sp_offset`: from the stack pointer at the probe to that slot.
+#[inline(always)]
+fn return_slot(ctx: &ProbeContext, sp_offset: u64) -> (u64, u64) {
+    let slot = unsafe { (*ctx.regs).rsp } + sp_offset;
+    let ret_addr = unsafe { bpf_probe_read_user(slot as *const u64) }.unwrap_or(0);
+    (slot, ret_addr)
+}
+
+/// The call in flight on thread `tid` that an entry with return-address slot `slot`
+/// (holding `ret_addr`) is nested in, if any. A recorded call whose frame the stack has
+/// left is stale: it is counted, its realloc'd block put back, and it goes.
+///
+/// The stack grows down, so a call made inside the recorded one has its slot below the
+/// recorded slot, and an entry above it comes after the recorded frame was unwound (longjmp,
+/// or a return probe that never fired). At the very slot it is a new call from the same
+/// depth, unless it is a tail call: glibc's reallocarray -> realloc and realloc(NULL, n) ->
+/// malloc jump to the inner function in the outer one's frame, whose return address the
+/// kernel has by then replaced with its return trampoline. Only realloc and reallocarray make
+/// such calls, and a new call from the same call site finds the program's own return address
+/// there, as the recorded call did. (A new call from another call site at the same depth,
+/// after a realloc left by longjmp, is still taken for nested: it cannot be told from a
+/// tail call without knowing where the trampoline is; the next call from elsewhere tells.)
+#[inline(always)]
+fn call_in_flight(tid: u64, slot: u64, ret_addr: u64) -> Option<*mut Pending> {
+    let p = PENDING.get_ptr_mut(tid)?;
+    // SAFETY: the thread's own entry; only this thread changes it.
+    let pending = unsafe { *p };
+    let resizes =
+        pending.kind == AllocKind::Realloc as u32 || pending.kind == AllocKind::Reallocarray as u32;
+    let tail_call = slot == pending.sp && resizes && ret_addr != pending.ret_addr;
+    if slot < pending.sp || tail_call {
+        return Some(p);
+    }
+    count(counter::STALE_PENDING);
+    if PENDING.remove(tid).is_ok() && pending.had_old == 1 {
+        // Whether the abandoned realloc released the block is unknown; it was live before.
+        restore_old(&pending);
+    }
+    None
 }
 
 fn try_alloc_exit(ctx: &RetProbeContext) -> Result<u32, u32> {
@@ -262,12 +308,22 @@ fn try_alloc_sample(ctx: &ProbeContext) -> Result<u32, u32> {
     let state = SAMPLER.get_ptr_mut(tid);
     // SAFETY (all uses of `state`): only this thread touches its own entry.
     let may_be_tracked = state.is_none_or(|s| unsafe { (*s).tracked } != 0);
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let sp_offset = cookie_sp_offset(cookie);
     if may_be_tracked {
         if let Some(p) = PENDING.get_ptr(tid) {
             let pending = unsafe { *p };
             if pending.ret_addr != ip {
-                // An allocator called inside a call we track: glibc's business.
-                return Ok(NO_RETURN);
+                // An entry, not the return: nested in the call we track (glibc's business),
+                // unless that call is stale.
+                let (slot, ret_addr) = return_slot(ctx, sp_offset);
+                if call_in_flight(tid, slot, ret_addr).is_some() {
+                    return Ok(NO_RETURN);
+                }
+                if let Some(s) = state {
+                    unsafe { (*s).tracked = 0 };
+                }
+                return start_sampled_call(ctx, tid, state, cookie, sp_offset);
             }
             // The return of a call we track: the kernel set the instruction pointer to the
             // address the call returns to.
@@ -282,7 +338,18 @@ fn try_alloc_sample(ctx: &ProbeContext) -> Result<u32, u32> {
             unsafe { (*s).tracked = 0 };
         }
     }
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    start_sampled_call(ctx, tid, state, cookie, sp_offset)
+}
+
+/// Sampling mode: the entry of a call with nothing in flight on the thread.
+#[inline(always)]
+fn start_sampled_call(
+    ctx: &ProbeContext,
+    tid: u64,
+    state: Option<*mut ThreadState>,
+    cookie: u64,
+    sp_offset: u64,
+) -> Result<u32, u32> {
     let Some(kind) = AllocKind::from_u32(cookie_kind(cookie)) else {
         return Err(NO_RETURN);
     };
@@ -291,17 +358,17 @@ fn try_alloc_sample(ctx: &ProbeContext) -> Result<u32, u32> {
     if !sampled && is_leaf(kind) {
         return Ok(NO_RETURN);
     }
-    let sp_offset = cookie_sp_offset(cookie);
-    let Ok(ret_addr) = (unsafe { bpf_probe_read_user((((*regs).rsp) + sp_offset) as *const u64) })
-    else {
+    let slot = unsafe { (*ctx.regs).rsp } + sp_offset;
+    let Ok(ret_addr) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
         // Without it the return cannot be told from an entry: leave this call alone.
         return Ok(NO_RETURN);
     };
     pending.ret_addr = ret_addr;
+    pending.sp = slot;
     pending.sampled = sampled as u32;
     take_old_block(&mut pending);
     if sampled {
-        pending.stack = stack::capture(ctx, sp_offset);
+        pending.stack = stack::capture_with_caller(ctx.as_ptr(), ret_addr);
     }
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);
@@ -419,14 +486,17 @@ fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
     }
     let sampling = sample_bytes() != 0;
     let tid = bpf_get_current_pid_tgid();
+    // Nothing has moved the stack pointer before free's probe (see `placement`): the
+    // return address is at its top.
+    let (slot, ret_addr) = return_slot(ctx, 0);
     // A free inside realloc: the realloc's return accounts for it. In sampling mode nearly
     // every free misses the live map, so that lookup goes first.
-    if !sampling && PENDING.get_ptr(tid).is_some() {
+    if !sampling && call_in_flight(tid, slot, ret_addr).is_some() {
         return Ok(0);
     }
     match LIVE.get_ptr(ptr) {
         Some(live) => {
-            if sampling && PENDING.get_ptr(tid).is_some() {
+            if sampling && call_in_flight(tid, slot, ret_addr).is_some() {
                 return Ok(0);
             }
             let live = unsafe { *live };
@@ -480,12 +550,14 @@ fn record_alloc(addr: u64, size: u64, stack: u64) {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
     let (bytes, allocs) = weight(size);
-    if LIVE.insert(addr, &live, 0).is_ok() {
-        add(stats, bytes as i64, allocs as i64, bytes, allocs);
-    } else {
-        // Not tracked as live (its free could not be matched), but still allocated.
+    // Counted live before it is findable by a free on another thread, so that the stack's
+    // running total never misses a block that is live (which its peak would then miss too).
+    add(stats, bytes as i64, allocs as i64, bytes, allocs);
+    if LIVE.insert(addr, &live, 0).is_err() {
+        // Not tracked as live (its free could not be matched), but still allocated: it was
+        // live at this moment, so the peak may keep it.
         count(counter::DROP_LIVE_FULL);
-        add(stats, 0, 0, bytes, allocs);
+        add(stats, -(bytes as i64), -(allocs as i64), 0, 0);
     }
 }
 
@@ -513,15 +585,26 @@ fn stats_entry(stack: u64) -> Option<(u64, *mut StackStats)> {
     STATS.get_ptr_mut(stack).map(|s| (stack, s))
 }
 
+/// Tries at raising a stack's peak before giving up (and counting it).
+const PEAK_TRIES: u32 = 8;
+
 fn add(s: *mut StackStats, live_bytes: i64, live_allocs: i64, alloc_bytes: u64, allocs: u64) {
     // Several CPUs update one stack's totals at once. core has no atomic read-modify-write
     // for the BPF target, but LLVM lowers this intrinsic to the BPF atomic add instruction.
     // Signed deltas are added as their two's complement.
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+    // SeqCst, not Relaxed: for a relaxed add LLVM's BPF backend emits the plain atomic add,
+    // which returns nothing, even when the result is used (seen with LLVM 22).
+    let before = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
             (&raw mut (*s).live_bytes).cast(),
             live_bytes as u64,
-        );
+        )
+    };
+    add_counter(counter::LIVE_BYTES, live_bytes as u64);
+    if live_bytes > 0 {
+        raise_peak(s, (before as i64).wrapping_add(live_bytes));
+    }
+    unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             (&raw mut (*s).live_allocs).cast(),
             live_allocs as u64,
@@ -533,5 +616,36 @@ fn add(s: *mut StackStats, live_bytes: i64, live_allocs: i64, alloc_bytes: u64, 
             );
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).allocs, allocs);
         }
+    }
+}
+
+/// Raises the peak of `s` to `live` if it is lower. BPF has no atomic max, so: compare and
+/// swap from the value read. Why the peak is exact: the fetch-add in `add` returns the value
+/// it replaced, so `live` is exactly one value the stack's counter took, and every value it
+/// takes upwards comes from such an add; each add then leaves the peak at least at its own
+/// value. The swap only fails when another CPU changed the peak in between, and peaks only
+/// go up, so a retry either succeeds or finds the peak already as high. Only after
+/// `PEAK_TRIES` lost races in a row (other CPUs raising this stack's peak all that time) is
+/// an update given up, and that is counted.
+#[inline(always)]
+fn raise_peak(s: *mut StackStats, live: i64) {
+    let peak = unsafe { &raw mut (*s).peak_bytes };
+    let mut seen = unsafe { core::ptr::read_volatile(peak) };
+    for _ in 0..PEAK_TRIES {
+        if live <= seen {
+            return;
+        }
+        let (was, swapped) = unsafe {
+            atomic_cxchg::<i64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                peak, seen, live,
+            )
+        };
+        if swapped {
+            return;
+        }
+        seen = was;
+    }
+    if live > seen {
+        count(counter::PEAK_CONTENDED);
     }
 }

@@ -2,6 +2,7 @@
 //! library, and reads the in-kernel totals back as [`Snapshot`]s.
 use std::{
     collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, AsRawFd as _},
     num::NonZeroU32,
     path::{Path, PathBuf},
     time::Duration,
@@ -57,6 +58,12 @@ pub enum EbpfError {
     Libc(#[from] libc::LibcError),
     #[error(transparent)]
     Session(#[from] super::session::SessionError),
+    #[error(
+        "the main thread of pid {0} has exited (pthread_exit): sampling's process-wide probes \
+         would never fire (the kernel checks them against that thread); record without \
+         --sample-bytes"
+    )]
+    MainThreadGone(u32),
 }
 
 /// Sizes of the kernel-side tables, and the sampling rate.
@@ -92,6 +99,10 @@ pub struct EbpfProbes {
     /// Sampling mode: the mean bytes per sample, and the links of its probes (free, and the
     /// session on the allocators).
     sampling: Option<(u64, Vec<super::session::SessionProbe>)>,
+    /// The thread the uprobes were opened on (the per-call perf events), or checked against
+    /// (sampling's uprobe-multi links, by the main thread): the kernel stops them when it
+    /// exits.
+    thread: u32,
 }
 
 /// What the mmap-family tracing needs to know of the target.
@@ -114,18 +125,24 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
 
 impl EbpfProbes {
     /// Loads the programs and attaches them to the C library at `libc_path` (a path this
-    /// process can open, e.g. through /proc/PID/root) for process `pid` only.
+    /// process can open, e.g. through /proc/PID/root) for process `pid` only, opening the
+    /// uprobes on its live thread `thread` (the main thread, unless that has exited).
     pub fn attach(
         pid: NonZeroU32,
+        thread: NonZeroU32,
         libc_path: &Path,
         limits: Limits,
         syscall_target: Option<SyscallTarget<'_>>,
     ) -> Result<Self, EbpfError> {
+        if limits.sample_bytes.is_some() && thread != pid {
+            return Err(EbpfError::MainThreadGone(pid.get()));
+        }
         let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
         let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
+            .override_global("STACK_HASH_MASK", &stack_hash_mask(), true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
@@ -166,7 +183,9 @@ impl EbpfProbes {
                 }
             }
         }
-        let scope = UProbeScope::OneProcess(pid);
+        // The kernel runs these for every thread of the process (it filters by address
+        // space), for as long as `thread` lives.
+        let scope = UProbeScope::OneProcess(thread);
         let mut attached = Vec::new();
         let attach_err = |what: &str, offset: u64| {
             let path = libc_path.to_owned();
@@ -242,6 +261,9 @@ impl EbpfProbes {
             }
         };
         let mut warnings = Vec::new();
+        if stack_hash_mask() != u64::MAX {
+            warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
+        }
         let syscalls = match syscall_target {
             None => None,
             // The mmap-family view needs to know which mmaps glibc makes inside malloc, which
@@ -285,6 +307,7 @@ impl EbpfProbes {
             syscalls,
             warnings,
             sampling,
+            thread: thread.get(),
         })
     }
 
@@ -342,7 +365,8 @@ impl EbpfProbes {
         let mut sums = [0u64; counter::COUNT as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
             let per_cpu = counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
-            *sum = per_cpu.iter().sum();
+            // Wrapping: the live-bytes slot holds signed changes in two's complement.
+            *sum = per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v));
         }
         let c = |i: u32| sums[i as usize];
         let mut syscall_sums = [0u64; syscall_counter::COUNT as usize];
@@ -386,6 +410,10 @@ impl Backend for EbpfProbes {
         "ebpf"
     }
 
+    fn bound_thread(&self) -> Option<u32> {
+        Some(self.thread)
+    }
+
     fn sites(&self) -> &[ProbeSite] {
         &self.sites
     }
@@ -402,6 +430,15 @@ impl Backend for EbpfProbes {
         self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
     }
 
+    fn live_total_peak(&mut self) -> Option<i64> {
+        // One lookup: each CPU's running sum of the live-byte changes its programs made
+        // (two's complement), so the total is their wrapping sum.
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS")?).ok()?;
+        let per_cpu = counters.get(&counter::LIVE_BYTES, 0).ok()?;
+        Some(per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v)) as i64)
+    }
+
     fn stack_frames(&mut self, id: u64) -> Option<Vec<u64>> {
         if let Some(frames) = self.stacks.get(&id) {
             return Some(frames.clone());
@@ -416,13 +453,15 @@ impl Backend for EbpfProbes {
     fn live_older_than(&mut self, min_age: Duration) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
         let now = monotonic_ns();
         let cutoff = now.saturating_sub(min_age.as_nanos() as u64);
-        let live: HashMap<&MapData, u64, LiveAlloc> = HashMap::try_from(
-            self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")?,
-        )?;
+        let fd = match self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")? {
+            aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
+            _ => return Err("BPF map LIVE is not a hash map".into()),
+        };
         let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
         let mean = self.sampling.as_ref().map(|s| s.0);
-        for item in live.iter() {
-            let (_, block) = item?;
+        // The target keeps freeing while we read: a batch walk neither repeats nor skips a
+        // block that stays live throughout (see `batch`).
+        super::batch::for_each::<u64, LiveAlloc>(fd, |_, block| {
             if block.timestamp_ns <= cutoff {
                 let e = out.entry(block.stack).or_default();
                 match mean {
@@ -438,13 +477,25 @@ impl Backend for EbpfProbes {
                     }
                 }
             }
-        }
+        })
+        .map_err(|e| format!("read BPF map LIVE: {e}"))?;
         if mean.is_some() {
             for v in out.values_mut() {
                 v.1 = session::whole_count(v.1 as i64) as u64;
             }
         }
         Ok(out)
+    }
+}
+
+/// For tests only: `TRACER_TEST_STACK_HASH_BITS=N` (1..=63) keeps N bits of the kernel's
+/// stack hash, so that distinct stacks share keys and the collision check can be seen to work.
+const HASH_BITS_VAR: &str = "TRACER_TEST_STACK_HASH_BITS";
+
+fn stack_hash_mask() -> u64 {
+    match std::env::var(HASH_BITS_VAR).ok().and_then(|v| v.parse::<u32>().ok()) {
+        Some(bits @ 1..=63) => (1u64 << bits) - 1,
+        _ => u64::MAX,
     }
 }
 

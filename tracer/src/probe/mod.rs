@@ -1,6 +1,7 @@
 //! Probe backends. A backend attaches to a process and hands out [`Snapshot`]s: plain values
 //! that everything downstream (aggregate, symbolize, report) works on without knowing which
 //! backend produced them.
+pub mod batch;
 pub mod ebpf;
 pub mod libc;
 pub mod placement;
@@ -53,6 +54,11 @@ pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
         ("stack_unavailable", c(counter::DROP_STACK_UNAVAILABLE)),
         ("missed_frees", c(counter::STALE_LIVE)),
         ("orphan_returns", c(counter::ORPHAN_RETURNS)),
+        ("scratch_busy", c(counter::DROP_SCRATCH_BUSY)),
+        ("stale_pending", c(counter::STALE_PENDING)),
+        ("stack_collision", c(counter::STACK_COLLISION)),
+        ("stack_insert_failed", c(counter::STACK_INSERT_FAILED)),
+        ("peak_contended", c(counter::PEAK_CONTENDED)),
     ]
 }
 
@@ -79,6 +85,12 @@ pub trait Backend {
     /// The totals so far.
     fn snapshot(&mut self) -> Result<Snapshot, ProbeError>;
 
+    /// The thread the kernel ties the probes to, when it ties them to one: they stop firing
+    /// when it exits, even while the process's other threads run on.
+    fn bound_thread(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the mmap family is traced (else `drain_syscalls` stays empty).
     fn traces_syscalls(&self) -> bool {
         false
@@ -87,6 +99,13 @@ pub trait Backend {
     /// mmap-family syscalls completed since the last call, in order.
     fn drain_syscalls(&mut self) -> Vec<tracer_common::SyscallEvent> {
         Vec::new()
+    }
+
+    /// Live malloc-family bytes of all stacks together: the most since the last call where
+    /// the backend sees every change (ptrace), else the total now (a sample). None when the
+    /// backend cannot tell.
+    fn live_total_peak(&mut self) -> Option<i64> {
+        None
     }
 
     /// Frames of a stack by id (leaf first), for stacks that reach us outside snapshots.

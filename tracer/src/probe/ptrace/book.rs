@@ -43,6 +43,9 @@ pub struct Book {
     stats: HashMap<u64, StackStats>,
     stacks: HashMap<u64, Vec<u64>>,
     counters: [u64; counter::COUNT as usize],
+    /// Live bytes of all stacks, and the most of it since [`Book::take_total_peak`].
+    live_total: i64,
+    total_peak: i64,
 }
 
 /// FNV-1a over the frames, as the BPF side keys its stacks.
@@ -78,6 +81,8 @@ impl Book {
             stats,
             stacks: HashMap::new(),
             counters: [0; counter::COUNT as usize],
+            live_total: 0,
+            total_peak: 0,
         }
     }
 
@@ -274,7 +279,17 @@ impl Book {
             s.live_allocs += live_allocs;
             s.alloc_bytes += bytes;
             s.allocs += allocs;
+            // Every change of a stack's live bytes passes here, one at a time: exact peaks.
+            s.peak_bytes = s.peak_bytes.max(s.live_bytes);
         }
+        self.live_total += live_bytes;
+        self.total_peak = self.total_peak.max(self.live_total);
+    }
+
+    /// The most live bytes of all stacks together since the last call (exact: the book sees
+    /// every change), which starts the next period at the total now.
+    pub fn take_total_peak(&mut self) -> i64 {
+        std::mem::replace(&mut self.total_peak, self.live_total)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -451,6 +466,30 @@ mod tests {
         for reason in ["stack_map_full", "stats_map_full", "live_map_full"] {
             assert!(dropped.contains(&(reason, 1)), "{reason}: {dropped:?}");
         }
+    }
+
+    #[test]
+    fn peaks_are_the_most_ever_live_per_stack_and_in_all() {
+        let mut b = Book::new(BIG);
+        for i in 0..10 {
+            call(&mut b, AllocKind::Malloc, [1000, 0, 0], 1, 0x1000 * (i + 1));
+        }
+        call(&mut b, AllocKind::Malloc, [500, 0, 0], 2, 0x100_0000);
+        for i in 0..10 {
+            b.free(0x1000 * (i + 1));
+        }
+        for i in 0..5 {
+            call(&mut b, AllocKind::Malloc, [1000, 0, 0], 1, 0x1000 * (i + 1));
+        }
+        let s = &b.stats[&1];
+        assert_eq!((s.peak_bytes, s.live_bytes), (10_000, 5000));
+        assert_eq!(b.stats[&2].peak_bytes, 500);
+        assert_eq!(b.take_total_peak(), 10_500);
+        // The next period starts at the total then, not at zero.
+        assert_eq!(b.take_total_peak(), 5500);
+        let snap = b.snapshot();
+        let one = snap.stacks.iter().find(|s| s.id == 1).expect("stack 1");
+        assert_eq!(one.peak_bytes, 10_000);
     }
 
     #[test]

@@ -241,6 +241,10 @@ impl Backend for PtraceProbes {
         self.shared.book.lock().expect("book lock").stack_frames(id)
     }
 
+    fn live_total_peak(&mut self) -> Option<i64> {
+        Some(self.shared.book.lock().expect("book lock").take_total_peak())
+    }
+
     fn live_older_than(
         &mut self,
         min_age: Duration,
