@@ -279,7 +279,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
                     sampling,
                 };
                 symbolizer.refresh(&maps);
-                let rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
+                // Snapshots have no series yet: they rank by the metric asked for, else held.
+                let metric = opts.metric.unwrap_or(Metric::Held);
+                let ranking = report::Ranking { metric, top: opts.top, peak_fallback: false };
+                let rep = report::build(&profile, &meta, ranking, &mut symbolizer);
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(err, "--- snapshot at {:.1} s", start.elapsed().as_secs_f64());
                 let _ = report::text::write(&rep, &mut err);
@@ -346,7 +349,14 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     };
     // The perf map as the process left it (it stays in /tmp after an exit).
     symbolizer.refresh(&maps);
-    let mut rep = report::build(&profile, &meta, opts.top, &mut symbolizer);
+    let (metric, peak_fallback) = report::choose_metric(
+        opts.metric,
+        opts.interval.is_some(),
+        exit_code.is_some(),
+        &profile.totals,
+    );
+    let ranking = report::Ranking { metric, top: opts.top, peak_fallback };
+    let mut rep = report::build(&profile, &meta, ranking, &mut symbolizer);
     rep.memory_map = memory_last;
     rep.allocator = Some(AllocatorView {
         live_malloc_bytes: profile.totals.live_bytes,
@@ -357,7 +367,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     });
     rep.interval_ms = opts.interval.map(|i| i.as_millis() as u64);
     rep.min_age_ms = opts.min_age.map(|a| a.as_millis() as u64);
-    output.write(|out| write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out))?;
+    output.write(|out| write_as(&rep, opts.format, rep.metric, &mut |m| symbolizer.build_id(m), out))?;
     if let Some(hint) = symbolizer.jit_hint() {
         diag::warn(hint);
     }
@@ -541,17 +551,23 @@ pub fn write_to(
     Output::open(output)?.write(write)
 }
 
-/// `tracer report`: a saved JSON report in another format. Its modules may no longer be the
-/// files they were, so no build ids are read for pprof.
+/// `tracer report`: a saved JSON report in another format, its stacks merged by the one rule
+/// and ranked by `metric` (default: what the report was ranked by). Its modules may no longer
+/// be the files they were, so no build ids are read for pprof.
 pub fn convert(
     input: &Path,
     format: Format,
-    metric: Metric,
+    metric: Option<Metric>,
     output: Option<&Path>,
     resymbolize: Option<&[PathBuf]>,
 ) -> anyhow::Result<()> {
     let mut rep = crate::diff::read_report(input)?;
+    if metric.is_some() {
+        rep.peak_fallback = false;
+    }
+    let metric = metric.unwrap_or(rep.metric);
     let Some(debug_dirs) = resymbolize else {
+        report::merge::remerge(&mut rep, metric);
         return write_to(output, |out| write_as(&rep, format, metric, &mut |_| None, out));
     };
     // Names from this host's files as they are now (e.g. after debug files were installed).
@@ -564,6 +580,8 @@ pub fn convert(
         counts.frames,
         start.elapsed().as_millis()
     ));
+    // New names can make stacks one code path that were not before.
+    report::merge::remerge(&mut rep, metric);
     write_to(output, |out| {
         write_as(&rep, format, metric, &mut |m| symbolizer.build_id(m), out)
     })

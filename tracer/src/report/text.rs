@@ -173,12 +173,21 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(classes) = &report.memory_map {
         write_memory_map(classes, report.allocator.as_ref(), out)?;
     }
-    let ranking = if report.interval_ms.is_some() { "growth" } else { "live bytes" };
+    if report.peak_fallback {
+        writeln!(
+            out,
+            "\nthe command exited holding {} of a {} peak: stacks ranked by peak (--metric held \
+             ranks by what is held at the end)",
+            human_bytes(t.live_bytes),
+            human_bytes(t.peak_live_bytes)
+        )?;
+    }
     writeln!(
         out,
-        "\ntop {} of {} stacks by {ranking} (leaf first):",
+        "\ntop {} of {} stacks by {} (leaf first):",
         report.stacks.len(),
-        report.stacks_total
+        report.stacks_total,
+        report.metric.describe()
     )?;
     for (i, s) in report.stacks.iter().enumerate() {
         let what = match s.source {
@@ -205,6 +214,15 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
         if let Some(reserved) = s.reserved_bytes {
             write!(out, "; {} reserved", human_bytes(reserved))?;
+        }
+        if let Some(resident) = s.resident_bytes {
+            write!(out, "; {} resident", human_bytes(resident))?;
+        }
+        if s.peak_bytes > s.live_bytes {
+            write!(out, "; peak {}", human_bytes(s.peak_bytes))?;
+        }
+        if s.variants > 1 {
+            write!(out, "; merged from {} stacks", s.variants)?;
         }
         writeln!(out)?;
         if !s.series.is_empty() {
@@ -304,7 +322,8 @@ mod tests {
             interval_ms: None,
             min_age_ms: None,
             sampling: None,
-            metric: Default::default(),
+            metric: crate::report::folded::Metric::Held,
+            peak_fallback: false,
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();
@@ -315,13 +334,45 @@ live:      2.0 KiB (2048 B) in 2 allocations
 allocated: 4.0 KiB (4096 B) in 4 allocations; 2 frees, 1 unmatched frees, 0 failed allocations
 dropped:   stack_map_full=3
 
-top 1 of 7 stacks by live bytes (leaf first):
+top 1 of 7 stacks by bytes held (leaf first):
 
 #1   live 2.0 KiB (2048 B) in 2 allocations; allocated 4.0 KiB in 4
       malloc  (libc.so.6+0x98930)
       app+0x1000
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn merged_stacks_peaks_and_a_peak_ranking_are_said() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "node", "duration_ms": 1000,
+                "totals": {"live_bytes": 895000, "live_allocs": 2, "alloc_bytes": 41943040,
+                           "allocs": 2, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "peak_live_bytes": 41943040, "dropped": {}},
+                "stacks": [{"live_bytes": 1024, "live_allocs": 1, "alloc_bytes": 41943040,
+                            "allocs": 2, "peak_bytes": 41943040, "variants": 3, "frames": []},
+                           {"live_bytes": 64, "live_allocs": 1, "alloc_bytes": 64,
+                            "allocs": 1, "peak_bytes": 64, "frames": []}],
+                "stacks_total": 2, "metric": "peak", "peak_fallback": true}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "\nthe command exited holding 874.0 KiB of a 40.0 MiB peak: stacks ranked by peak \
+                 (--metric held ranks by what is held at the end)\n\ntop 2 of 2 stacks by peak live bytes"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("#1   live 1.0 KiB (1024 B) in 1 allocations; allocated 40.0 MiB in 2; peak 40.0 MiB; merged from 3 stacks\n"),
+            "{text}"
+        );
+        // Nothing extra where peak and live agree and nothing was merged.
+        assert!(text.contains("#2   live 64 B (64 B) in 1 allocations; allocated 64 B in 1\n"), "{text}");
     }
 
     #[test]
