@@ -1,7 +1,9 @@
 //! The mmap family at the syscall level: mmap, munmap, mremap, brk, madvise, mprotect, seen
 //! whatever wrapper made them (glibc's, or V8 calling the kernel itself). Syscall
 //! tracepoints fire for every process, so each program first checks that the caller is the
-//! target. Events go to user space in order, where address ranges are kept.
+//! target. Events go to user space in order, where address ranges are kept: each call as
+//! it returns, and munmap and mremap also as they enter (before the range they free can be
+//! given to anyone else).
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
@@ -13,7 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
-use tracer_common::{SyscallEvent, SyscallPending, syscall_counter};
+use tracer_common::{SyscallEvent, SyscallPending, phase, sys, syscall_counter};
 
 use crate::{maps::PENDING, stack};
 
@@ -110,15 +112,15 @@ fn try_sys_enter(ctx: &TracePointContext) -> Result<u32, u32> {
     if SYSCALL_PENDING.insert(tid, &pending, 0).is_err() {
         count(syscall_counter::PENDING_FULL);
     }
+    if pending.sys == sys::MUNMAP || pending.sys == sys::MREMAP {
+        // Sent before the kernel frees the range: another thread's mmap may be given it, and
+        // return, before this call does.
+        send(&pending, 0, tid, phase::ENTRY);
+    }
     Ok(0)
 }
 
-fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, u32> {
-    let Some(tid) = is_target() else { return Ok(0) };
-    let Some(pending) = SYSCALL_PENDING.get_ptr(tid) else { return Ok(0) };
-    let pending = unsafe { *pending };
-    let _ = SYSCALL_PENDING.remove(tid);
-    let ret: i64 = unsafe { ctx.read_at(ARGS_OFFSET) }.map_err(|_| 1u32)?;
+fn send(pending: &SyscallPending, ret: i64, tid: u64, phase: u32) {
     let event = SyscallEvent {
         args: pending.args,
         ret,
@@ -127,10 +129,19 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         tid: tid as u32,
         sys: pending.sys,
         in_allocator: pending.in_allocator,
-        _pad: 0,
+        phase,
     };
     if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
         count(syscall_counter::EVENTS_LOST);
     }
+}
+
+fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, u32> {
+    let Some(tid) = is_target() else { return Ok(0) };
+    let Some(pending) = SYSCALL_PENDING.get_ptr(tid) else { return Ok(0) };
+    let pending = unsafe { *pending };
+    let _ = SYSCALL_PENDING.remove(tid);
+    let ret: i64 = unsafe { ctx.read_at(ARGS_OFFSET) }.map_err(|_| 1u32)?;
+    send(&pending, ret, tid, phase::EXIT);
     Ok(0)
 }
