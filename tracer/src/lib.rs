@@ -8,6 +8,7 @@ pub mod diff;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
+pub mod pagemap;
 pub mod probe;
 pub mod record;
 pub mod regions;
