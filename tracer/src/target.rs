@@ -454,10 +454,25 @@ fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
                 let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
             })?;
         // Seizing a stopped process makes it report its stop to us as a ptrace stop; a
-        // signal that arrived meanwhile is passed on first.
+        // signal that arrived meanwhile is passed on first. PTRACE_CONT alone would resume
+        // this thread but leave the group stopped, and every thread created later would
+        // join that stop and sleep: the stop is ended by a SIGCONT, which the command is
+        // then kept from seeing (its delivery stop is continued without the signal).
+        let mut continued = false;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL))? {
                 WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
+                    if !continued {
+                        nix::sys::signal::kill(pid, Signal::SIGCONT)?;
+                        continued = true;
+                        if sigcont_blocked(pid) {
+                            // It would see it later, whatever we do: at least do not wait.
+                            return ptrace::cont(pid, None).map(|()| None);
+                        }
+                    }
+                    ptrace::cont(pid, None)?;
+                }
+                WaitStatus::Stopped(_, Signal::SIGCONT) if continued => {
                     return ptrace::cont(pid, None).map(|()| None);
                 }
                 WaitStatus::Stopped(_, sig) => ptrace::cont(pid, sig)?,
@@ -477,6 +492,16 @@ fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
             }
         },
     }
+}
+
+/// Whether the thread `pid` blocks SIGCONT (SigBlk in /proc/PID/status).
+fn sigcont_blocked(pid: Pid) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (Signal::SIGCONT as i32 - 1)) != 0)
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable
