@@ -4,12 +4,13 @@
 mod support;
 
 use std::ffi::OsString;
-use std::process::Command;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    Finished, Proc, TempDir, build_static_pause, describe_status, eventually, pids_running,
-    proc_state, run_tracer, setup, show_args,
+    Finished, LINE_TIMEOUT, Proc, TempDir, build_static_pause, describe_status, eventually,
+    pids_running, proc_state, run_tracer, setup, show_args, tracer_bin,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,4 +172,148 @@ fn launch_mode_exits_with_the_command_status() {
         "`tracer record -- /bin/sh -c 'exit 7'` should exit with the command's status 7\n{}",
         finished.describe()
     );
+}
+
+#[test]
+fn an_output_that_cannot_be_written_is_refused_before_the_command_runs() {
+    setup();
+    let dir = TempDir::new("cli-output");
+    let ran = dir.join("command-ran");
+    let finished = expect_rejected(
+        &os_args(&[
+            "record",
+            "-o",
+            "/nonexistent/r.json",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("touch {}", ran.display()),
+        ]),
+        "-o in a directory that does not exist",
+    );
+    assert!(
+        finished.stderr.contains("/nonexistent/r.json"),
+        "the error should name the file\n{}",
+        finished.describe()
+    );
+    assert!(
+        !ran.exists(),
+        "the command ran (and a recording was made, to be lost) before the tracer found that it \
+         cannot write /nonexistent/r.json"
+    );
+}
+
+/// A target both backends refuse: eBPF cannot create a live table of 4e9 entries, and ptrace
+/// cannot seize a process another tracer (this test) holds.
+#[test]
+fn failing_both_backends_is_one_line() {
+    setup();
+    let mut target = Proc::spawn("sleep 60", Command::new("/bin/sleep").arg("60"));
+    let pid = target.pid();
+    // SAFETY: plain syscall; the seize ends when this test's thread exits or the child dies.
+    let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+    assert_eq!(seized, 0, "PTRACE_SEIZE {pid}: {}", std::io::Error::last_os_error());
+    let finished = expect_rejected(
+        &os_args(&["record", "--max-live", "4000000000", "--pid", &pid.to_string()]),
+        "eBPF fails to load, ptrace fails to seize",
+    );
+    let line = finished.stderr.trim();
+    assert!(
+        line.contains("eBPF unavailable") && line.contains("ptrace"),
+        "the one line should say why each backend failed: {line:?}"
+    );
+    assert!(target.running(), "the target should survive");
+}
+
+/// Runs the tracer with its stderr on /dev/full (every write fails) or closed.
+fn run_with_stderr(args: &[&str], stderr: &str) -> std::process::Output {
+    let mut cmd = Command::new(tracer_bin());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+    match stderr {
+        "full" => {
+            cmd.stderr(std::fs::File::create("/dev/full").expect("open /dev/full"));
+        }
+        "closed" => {
+            // SAFETY: close is async-signal-safe; it only affects the child.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::close(2);
+                    Ok(())
+                });
+            }
+        }
+        other => unreachable!("{other}"),
+    }
+    cmd.output().expect("run the tracer")
+}
+
+#[test]
+fn a_stderr_that_cannot_be_written_does_not_make_the_tracer_panic() {
+    setup();
+    for stderr in ["full", "closed"] {
+        let out = run_with_stderr(&["record", "--pid", "999999999"], stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "bad input with stderr {stderr}: expected exit status 2, got {}",
+            describe_status(out.status)
+        );
+        let out = run_with_stderr(&["record", "--top", "1", "--", "/bin/sh", "-c", "exit 3"], stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "recording with stderr {stderr}: expected the command's status 3, got {}; stdout:\n{stdout}",
+            describe_status(out.status)
+        );
+        assert!(
+            stdout.starts_with("pid ") && stdout.contains("(sh), recorded"),
+            "the report should still be on stdout with stderr {stderr}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn launch_mode_exits_with_128_plus_the_signal_that_killed_the_command() {
+    setup();
+    for backend in ["ebpf", "ptrace"] {
+        let finished = run_tracer(
+            &os_args(&["record", "--backend", backend, "--", "/bin/sh", "-c", "kill -TERM $$"]),
+            TIMEOUT,
+        );
+        assert_eq!(
+            finished.status.code(),
+            Some(128 + libc::SIGTERM),
+            "--backend {backend}: a command killed by SIGTERM\n{}",
+            finished.describe()
+        );
+    }
+}
+
+/// Started with SIGCHLD ignored (inherited from a parent that ignores it), the kernel would
+/// reap the command by itself once the tracer stops tracing it, and its status would be lost:
+/// the tracer used to report that unknown status as 0.
+#[test]
+fn launch_mode_learns_the_exit_status_even_when_started_with_sigchld_ignored() {
+    setup();
+    for backend in ["ebpf", "ptrace"] {
+        let mut cmd = Command::new(tracer_bin());
+        cmd.args(["record", "--backend", backend, "--duration", "1s", "--top", "1", "--"])
+            .args(["/bin/sh", "-c", "sleep 2; exit 7"]);
+        // SAFETY: signal is async-signal-safe; the disposition is inherited through exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut tracer = Proc::spawn(&format!("tracer --backend {backend} (SIGCHLD ignored)"), &mut cmd);
+        let finished = tracer.finish(LINE_TIMEOUT);
+        assert_eq!(
+            finished.status.code(),
+            Some(7),
+            "--backend {backend}: the command exited 7 after recording stopped\n{}",
+            finished.describe()
+        );
+    }
 }

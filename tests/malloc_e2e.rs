@@ -77,3 +77,51 @@ fn attach_mode(backend: &[&str]) {
         fixture.stderr.text()
     );
 }
+
+/// The C library is upgraded on disk under a running service (a package upgrade replaces
+/// libc.so.6 by a new file). Uprobes placed by path would sit in the new file, which the
+/// process does not run, and see nothing: the probes must go into the file it maps. Here the
+/// fixture runs a copy of libc from its own directory, and the copy is replaced.
+#[test]
+fn allocations_are_counted_in_a_c_library_replaced_on_disk() {
+    setup();
+    let dir = TempDir::new("malloc-libc-replaced");
+    let alloc = build_fixture(&dir, "alloc");
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).expect("create lib dir");
+    let system_libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    std::fs::copy(system_libc, lib.join("libc.so.6")).expect("copy libc");
+    let mut fixture = Proc::spawn(
+        "alloc --wait (own libc)",
+        Command::new(&alloc).arg("--wait").env("LD_LIBRARY_PATH", &lib),
+    );
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid())).expect("read maps");
+    let own = lib.join("libc.so.6");
+    assert!(
+        maps.contains(own.to_str().expect("utf-8 path")),
+        "the fixture should run {}:\n{maps}",
+        own.display()
+    );
+    // The upgrade: a new file under the old name.
+    std::fs::copy(system_libc, lib.join("libc.so.6.new")).expect("copy libc");
+    std::fs::rename(lib.join("libc.so.6.new"), &own).expect("replace libc");
+
+    let mut tracer = start_recording(fixture.pid(), &["--format", "json", "--top", "0", "--backend", "ebpf"]);
+    fixture.signal(libc::SIGUSR1);
+    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let (finished, report) = stop_recording(&mut tracer);
+    check_alloc_report(&report, "attach mode, libc replaced on disk");
+    let said = format!(
+        "tracer: {} on disk is not the file pid {} maps (replaced since it was mapped); probing the mapped file",
+        own.display(),
+        fixture.pid()
+    );
+    assert!(
+        finished.stderr.lines().any(|l| l == said),
+        "the tracer should say {said:?}\n{}",
+        finished.describe()
+    );
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+}

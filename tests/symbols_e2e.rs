@@ -10,8 +10,9 @@ use std::process::Command;
 
 use serde_json::Value;
 use support::{
-    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, describe_top, fixtures_dir, num, parse_report,
-    record_launch, run_tracer, setup, stacks, start_recording, stop_recording,
+    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, build_fixture_as, describe_top,
+    fixtures_dir, frame_function, num, parse_report, record_launch, run_tracer, setup, stacks,
+    start_recording, stop_recording, usage_by_caller,
 };
 
 const RECORDS: u64 = 40;
@@ -476,5 +477,119 @@ fn node_without_jit_symbols_shows_jit_addresses_and_says_how_to_name_them() {
         hints[0].starts_with("tracer: ") && hints[0].contains("--perf-basic-prof-only-functions"),
         "{}",
         hints[0]
+    );
+}
+
+/// A deploy replaces a service's binary on disk while the old one runs. Read by its path, the
+/// new file would name the running code's frames after whatever sits at those offsets now
+/// (fixtures/replaced.c's new build puts a 64 KiB function first): the tracer must read the
+/// file the process actually maps, and say that the path names another one.
+#[test]
+fn frames_of_a_binary_replaced_on_disk_are_named_from_the_running_build() {
+    setup();
+    let dir = TempDir::new("replaced");
+    let running = build_fixture(&dir, "replaced");
+    let new_build = build_fixture_as(&dir, "replaced", "replaced.new", &["-DNEW_BUILD"]);
+    let mut service = Proc::spawn("replaced", &mut Command::new(&running));
+    service.expect_stdout_line("ready", LINE_TIMEOUT);
+    // The deploy: the new file takes the old one's name; the process runs on with the old.
+    fs::rename(&new_build, &running).unwrap_or_else(|e| panic!("rename over {}: {e}", running.display()));
+
+    let mut tracer = start_recording(service.pid(), &["--format", "json", "--top", "0"]);
+    service.signal(libc::SIGUSR1);
+    service.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let (finished, report) = stop_recording(&mut tracer);
+    service.signal(libc::SIGUSR2);
+    service.expect_stdout_line("ok", LINE_TIMEOUT);
+
+    let kept = usage_by_caller(&report, "keep_in_running_build");
+    assert_eq!(
+        (kept.live_bytes, kept.live_allocs),
+        (5 * 7000, 5),
+        "the running build's keep_in_running_build kept 5 blocks of 7000 bytes\n{}",
+        describe_top(&report, 5)
+    );
+    let wrong: Vec<String> = stacks(&report)
+        .iter()
+        .flat_map(|s| (0..frames(s).len()).filter_map(move |i| frame_function(s, i)))
+        .filter(|f| f.contains("new_build"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "frames named from the new file on disk, which the process does not run: {wrong:?}\n{}",
+        describe_top(&report, 5)
+    );
+    let said: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.contains("is not the file the process maps"))
+        .collect();
+    assert_eq!(
+        said,
+        [format!(
+            "tracer: {} on disk is not the file the process maps (replaced since it was mapped); \
+             its frames are named from the mapped file",
+            running.display()
+        )],
+        "the tracer should say once that the binary was replaced\n{}",
+        finished.describe()
+    );
+}
+
+/// /tmp/perf-PID.map is read as root from a directory anyone can write to: a file planted
+/// there under the pid's name (here a symbolic link to someone's own map) must not name the
+/// process's JIT frames.
+#[test]
+fn a_perf_map_planted_as_a_symlink_is_not_read() {
+    setup();
+    let dir = TempDir::new("perfmap-planted");
+    let script = fixtures_dir().join("buffers_named.js");
+    // JIT code for interpreted functions, but no perf map of node's own.
+    let mut cmd = Command::new(NODE);
+    cmd.arg("--interpreted-frames-native-stack").arg(&script).arg("on-signal");
+    let mut node = Proc::spawn("node buffers_named.js on-signal", &mut cmd);
+    node.expect_stdout_line("ready", LINE_TIMEOUT);
+    let planted = dir.join("planted.map");
+    fs::write(&planted, "1000 7ffffffff000 planted_name\n").expect("write the planted map");
+    let map = PathBuf::from(format!("/tmp/perf-{}.map", node.pid()));
+    std::os::unix::fs::symlink(&planted, &map).unwrap_or_else(|e| panic!("symlink {}: {e}", map.display()));
+    /// Removes the planted link however the test ends.
+    struct Planted(PathBuf);
+    impl Drop for Planted {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _planted = Planted(map.clone());
+
+    let mut tracer = start_recording(node.pid(), &["--top", "0", "--format", "json"]);
+    node.signal(libc::SIGUSR2);
+    node.expect_stdout_line("retained", LINE_TIMEOUT);
+    let (finished, report) = stop_recording(&mut tracer);
+
+    let named: Vec<&Value> = stacks(&report)
+        .iter()
+        .flat_map(|s| frames(s).iter())
+        .filter(|f| str_field(f, "function") == Some("planted_name"))
+        .collect();
+    assert!(
+        named.is_empty(),
+        "{} frames were named from the planted symlink {}\n{}",
+        named.len(),
+        map.display(),
+        describe_top(&report, 3)
+    );
+    let jit = stacks(&report)
+        .iter()
+        .flat_map(|s| frames(s).iter())
+        .filter(|f| str_field(f, "kind") == Some("jit"))
+        .count();
+    assert!(jit > 0, "the report should have JIT frames\n{}", describe_top(&report, 3));
+    let hint = format!("{} was not read: it is a symbolic link", map.display());
+    assert!(
+        finished.stderr.lines().any(|l| l.starts_with("tracer: ") && l.ends_with(&hint)),
+        "the tracer should say why the map was not read ({hint:?})\n{}",
+        finished.describe()
     );
 }

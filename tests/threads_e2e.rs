@@ -3,9 +3,13 @@
 
 mod support;
 
+use std::process::Command;
+use std::time::Duration;
+
 use support::{
-    TempDir, Usage, build_fixture, describe_stacks, describe_top, frame_function,
-    record_launch_with, setup, usage_by_caller,
+    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, Usage, build_fixture, describe_stacks,
+    describe_top, eventually, frame_function, parse_report, proc_state, record_launch_with,
+    run_tracer, setup, start_recording, stop_recording, usage_by_caller,
 };
 
 /// The `key=value` pairs of the fixture's result line.
@@ -77,4 +81,128 @@ fn all_threads_counted(backend: &[&str]) {
         not_malloc.is_empty(),
         "thread_worker only calls malloc, but frame 0 of some of its stacks is {not_malloc:?}"
     );
+}
+
+/// What fixtures/leader_exit.c's worker keeps per SIGUSR1.
+const WORKER_KEEPS: (u64, u64) = (10 * 3000, 10);
+
+fn kept_by_worker(report: &serde_json::Value) -> (u64, u64) {
+    let u = usage_by_caller(report, "keep_in_worker");
+    (u.live_bytes, u.live_allocs)
+}
+
+/// A process whose main thread called pthread_exit while another thread runs on is alive
+/// (its main thread shows as a zombie in /proc): the tracer attaches, and counts the worker.
+#[test]
+fn a_process_whose_main_thread_exited_is_traced() {
+    setup();
+    let dir = TempDir::new("leader-exited");
+    let bin = build_fixture(&dir, "leader_exit");
+    let mut fixture = Proc::spawn("leader_exit now", Command::new(&bin).arg("now"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+    eventually(Duration::from_secs(10), || match proc_state(pid) {
+        Some('Z') => Ok(()),
+        state => Err(format!("main thread state {state:?}")),
+    })
+    .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
+
+    let mut tracer = start_recording(pid, &["--format", "json", "--top", "0"]);
+    fixture.signal(libc::SIGUSR1);
+    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let (_, report) = stop_recording(&mut tracer);
+    assert_eq!(
+        kept_by_worker(&report),
+        WORKER_KEEPS,
+        "live (bytes, blocks) through keep_in_worker\n{}",
+        describe_top(&report, 5)
+    );
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+    let status = fixture.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "the fixture should exit 0 after the tracer detached");
+}
+
+/// The main thread exits while the tracer records. The kernel drops the eBPF uprobes with
+/// the thread they were opened on, so recording cannot go on unseen: it ends at once, with the
+/// report of what was seen and one line saying why, not as if the process had exited.
+#[test]
+fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
+    main_thread_exits_while_recorded(&[], true);
+}
+
+/// Sampling's uprobe-multi links are checked against the main thread too (measured: samples
+/// stopped the moment it exited).
+#[test]
+fn the_main_thread_exiting_while_recorded_with_sampling_ends_the_recording_saying_why() {
+    main_thread_exits_while_recorded(&["--sample-bytes", "4KiB"], false);
+}
+
+/// `exact`: the worker's blocks are counted exactly (not sampled).
+fn main_thread_exits_while_recorded(extra: &[&str], exact: bool) {
+    setup();
+    let dir = TempDir::new("leader-exits");
+    let bin = build_fixture(&dir, "leader_exit");
+    let mut fixture = Proc::spawn("leader_exit later", Command::new(&bin).arg("later"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+
+    let mut args = vec!["--format", "json", "--top", "0", "--backend", "ebpf"];
+    args.extend(extra);
+    let mut tracer = start_recording(pid, &args);
+    fixture.signal(libc::SIGUSR1);
+    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    fixture.signal(libc::SIGHUP);
+    fixture.expect_stdout_line("leaving", LINE_TIMEOUT);
+    let finished = tracer.finish(EXIT_TIMEOUT);
+    assert_eq!(finished.status.code(), Some(0), "{}", finished.describe());
+    let report = parse_report(&finished.stdout, &finished);
+    if exact {
+        assert_eq!(
+            kept_by_worker(&report),
+            WORKER_KEEPS,
+            "what the worker kept before the main thread exited\n{}",
+            describe_top(&report, 5)
+        );
+    }
+    let said = format!(
+        "tracer: thread {pid} of pid {pid} exited while other threads run on; the kernel removes \
+         uprobes with the thread they were opened on, so recording ends here (attach again to go on)"
+    );
+    assert!(
+        finished.stderr.lines().any(|l| l == said),
+        "the tracer should say {said:?}\n{}",
+        finished.describe()
+    );
+    assert!(fixture.running(), "the worker should run on");
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+}
+
+#[test]
+fn sampling_refuses_a_process_whose_main_thread_exited() {
+    setup();
+    let dir = TempDir::new("leader-exited-sampling");
+    let bin = build_fixture(&dir, "leader_exit");
+    let mut fixture = Proc::spawn("leader_exit now", Command::new(&bin).arg("now"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+    eventually(Duration::from_secs(10), || match proc_state(pid) {
+        Some('Z') => Ok(()),
+        state => Err(format!("main thread state {state:?}")),
+    })
+    .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
+    let args = ["record", "--sample-bytes", "4KiB", "--duration", "1s", "--pid", &pid.to_string()];
+    let finished = run_tracer(&args, EXIT_TIMEOUT);
+    let lines: Vec<&str> = finished.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        finished.status.code() == Some(2)
+            && lines.len() == 1
+            && lines[0].contains("main thread of pid")
+            && lines[0].contains("record without --sample-bytes"),
+        "sampling would record nothing here (its probes are checked against the exited main \
+         thread): expected one line saying so and exit status 2\n{}",
+        finished.describe()
+    );
+    assert!(fixture.running(), "the fixture should run on");
 }

@@ -122,9 +122,15 @@ pub fn fixtures_dir() -> PathBuf {
 /// each fixture function is its own frame, and without builtins: gcc otherwise folds
 /// `realloc(NULL, n)` into `malloc(n)` even at -O0, and the fixture would not call what it says.
 pub fn build_fixture(dir: &TempDir, name: &str) -> PathBuf {
+    build_fixture_as(dir, name, name, &[])
+}
+
+/// [`build_fixture`] into `dir/<out>`, with `extra` compiler arguments (e.g. `-DNEW_BUILD`).
+pub fn build_fixture_as(dir: &TempDir, name: &str, out: &str, extra: &[&str]) -> PathBuf {
     let source = fixtures_dir().join(format!("{name}.c"));
-    let out = dir.join(name);
+    let out = dir.join(out);
     let mut cmd = Command::new("cc");
+    cmd.args(extra);
     cmd.args([
         "-O0",
         "-g",

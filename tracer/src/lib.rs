@@ -4,10 +4,12 @@
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
 //! (text, JSON). `record` runs it; `target` finds and launches processes.
 pub mod aggregate;
+pub mod diag;
 pub mod diff;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
+pub mod output;
 pub mod pagemap;
 pub mod probe;
 pub mod record;

@@ -16,6 +16,10 @@ use tracer::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print long error messages (a BPF verifier log) whole on stderr, instead of their first
+    /// line and the name of a file that holds them.
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -256,11 +260,12 @@ impl RecordArgs {
 const EXIT_ERROR: u8 = 2;
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tracer: {message}");
+    tracer::diag::warn(message);
     ExitCode::from(EXIT_ERROR)
 }
 
 fn main() -> ExitCode {
+    tracer::diag::ensure_standard_fds();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -275,6 +280,7 @@ fn main() -> ExitCode {
             return fail(first.trim_start_matches("error: "));
         }
     };
+    tracer::diag::set_verbose(cli.verbose);
     match cli.command {
         Command::Diff(args) => {
             let opts = DiffOptions {
@@ -350,8 +356,11 @@ fn main() -> ExitCode {
                 Err(message) => return fail(message),
             };
             match tracer::record::record(&opts) {
-                Ok(outcome) => match outcome.exit_code {
-                    Some(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Ok(outcome) => match outcome.exit_code.map(u8::try_from) {
+                    Some(Ok(code)) => ExitCode::from(code),
+                    // A launched command whose status could not be learned did not succeed
+                    // as far as anyone can tell.
+                    Some(Err(_)) => fail("the command's exit status is unknown (it was not seen to exit)"),
                     None => ExitCode::SUCCESS,
                 },
                 Err(e) => fail(format!("{e:#}")),

@@ -653,11 +653,11 @@ impl Caller<'_> {
             let outside = free && !alloc.call_inside(mem, r, frame_top);
             if !outside && !said {
                 said = true;
-                eprintln!(
-                    "tracer: {}() in pid {pid} is still inside the allocator after {CALL_TIMEOUT:?}; \
+                crate::diag::warn(format_args!(
+                    "{}() in pid {pid} is still inside the allocator after {CALL_TIMEOUT:?}; \
                      waiting for it to leave (given up there it could leave a lock held)",
                     function.0
-                );
+                ));
             }
             outside
         };

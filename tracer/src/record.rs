@@ -1,7 +1,6 @@
 //! `tracer record`: attach (or launch), poll the probes until told to stop, detach, report.
 use std::{
-    fs::File,
-    io::{BufWriter, Write},
+    io::Write,
     num::NonZeroU32,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -13,6 +12,8 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 
 use crate::{
     aggregate::{History, Profile, add_mapped, aggregate},
+    diag,
+    output::Output,
     memmap::{self, ClassTotals, StackMemory},
     regions::Regions,
     options::{BackendChoice, Format, RecordOptions, TargetSpec},
@@ -50,6 +51,11 @@ fn install_signal_handlers() -> anyhow::Result<()> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &action) }.with_context(|| format!("install {sig} handler"))?;
     }
+    // Started with SIGCHLD ignored, the kernel would reap a launched command by itself and
+    // its exit status would be lost.
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: restores the default disposition; no handler runs.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }.context("reset the SIGCHLD handler")?;
     Ok(())
 }
 
@@ -80,6 +86,8 @@ pub struct Outcome {
 }
 
 pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
+    // A report that cannot be written is found out now, not after the recording.
+    let output = Output::open(opts.output.as_deref())?;
     // Without BPF privileges, auto goes straight to ptrace (and says why once, below).
     let bpf_refused = match opts.backend {
         BackendChoice::Ebpf => {
@@ -96,8 +104,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let (info, libc, mut maps, launched) = match &opts.target {
         TargetSpec::Pid(pid) => {
             let info = target::inspect(*pid)?;
-            let maps = ProcMaps::read(*pid)?;
-            let libc = target::libc_of(*pid, &maps, &info.command)?;
+            let maps = ProcMaps::read(info.task)?;
+            let libc = target::libc_of(info.task, &maps, &info.command)?;
             (info, libc, maps, None)
         }
         TargetSpec::Launch(argv) => {
@@ -117,22 +125,24 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         }
     };
     let pid = info.pid;
+    // The process's memory as /proc shows it, through a thread that is alive.
+    let task = info.task;
     let nz_pid = NonZeroU32::new(pid).context("pid 0")?;
-    let libc_host = PathBuf::from(format!("/proc/{pid}/root{libc}"));
+    let libc_host = target::mapped_file_path(task, &maps, &libc)?;
     let in_other_mount_ns = {
         let ns = |p: &str| std::fs::read_link(p).ok();
-        ns("/proc/self/ns/mnt") != ns(&format!("/proc/{pid}/ns/mnt"))
+        ns("/proc/self/ns/mnt") != ns(&format!("/proc/{task}/ns/mnt"))
     };
     // Module paths are as the target sees them. In our own mount namespace "/" serves, and
     // outlives the target; in a container only /proc/PID/root does, and it goes with the
     // process, so modules are then read while it is alive (see `warm`).
     let mut symbolizer = Symbolizer::new(if in_other_mount_ns {
-        PathBuf::from(format!("/proc/{pid}/root"))
+        PathBuf::from(format!("/proc/{task}/root"))
     } else {
         PathBuf::from("/")
     })
     .with_debug_dirs(opts.debug_dirs.clone());
-    symbolizer.set_jit_pid(pid);
+    symbolizer.set_jit_pid(task);
     let warm = |symbolizer: &mut Symbolizer, maps: &ProcMaps| {
         // JIT code regions and perf-map entries, while the process is there to read them.
         symbolizer.refresh(maps);
@@ -146,7 +156,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     };
     warm(&mut symbolizer, &maps);
 
-    let mut probes = attach_backend(opts, bpf_refused, nz_pid, &libc_host, &libc, &maps, launched.as_ref())
+    let nz_task = NonZeroU32::new(task).context("task 0")?;
+    let mut probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref())
         .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
     let slow: Vec<String> = probes
         .sites()
@@ -154,8 +165,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         .filter(|s| !s.emulated)
         .map(|s| format!("{}+{:#x}", s.function, s.offset))
         .collect();
-    eprintln!(
-        "tracer: recording pid {pid} ({}): {} probes on {libc}{}",
+    diag::warn(format_args!(
+        "recording pid {pid} ({}): {} probes on {libc}{}",
         info.command,
         probes.sites().len(),
         if slow.is_empty() {
@@ -163,14 +174,14 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         } else {
             format!("; single-stepped (slower): {}", slow.join(", "))
         }
-    );
+    ));
     // The mappings that exist now are shown as such; the ones made from here on get stacks.
     // A launched command is still held here, so this is exactly the state the probes met.
     let mut regions = Regions::from_maps(&maps);
-    if let Some(brk) = target::start_brk(pid) {
+    if let Some(brk) = target::start_brk(task) {
         regions.set_initial_break(brk);
     }
-    let memory_start = memmap::memory_map(pid, &regions, None).ok();
+    let memory_start = memmap::memory_map(task, &regions, None).ok();
     let mut memory_last = memory_start.clone();
     let mut history = History::default();
     let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
@@ -228,13 +239,28 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         } else if !target::is_alive(pid) {
             break;
         }
+        if let Some(thread) = probes.bound_thread()
+            && !target::task_alive(pid, thread)
+        {
+            // Not the process's exit (all its threads go at once, some a moment later):
+            // one thread ended while others run on.
+            std::thread::sleep(Duration::from_millis(100));
+            if target::is_alive(pid) {
+                diag::warn(format_args!(
+                    "thread {thread} of pid {pid} exited while other threads run on; the kernel \
+                     removes uprobes with the thread they were opened on, so recording ends here \
+                     (attach again to go on)"
+                ));
+            }
+            break;
+        }
         if last_maps.elapsed() >= MAPS_REFRESH {
-            if let Ok(m) = ProcMaps::read(pid) {
+            if let Ok(m) = ProcMaps::read(task) {
                 maps.update(m);
                 warm(&mut symbolizer, &maps);
             }
             // Kept fresh in case the process exits: its smaps go with it.
-            if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
+            if let Ok(m) = memmap::memory_map(task, &regions, memory_start.as_deref()) {
                 memory_last = Some(m);
             }
             last_maps = Instant::now();
@@ -276,10 +302,10 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         }
     }
     if exit_code.is_none() {
-        if let Ok(m) = ProcMaps::read(pid) {
+        if let Ok(m) = ProcMaps::read(task) {
             maps.update(m);
         }
-        if let Ok(m) = memmap::memory_map(pid, &regions, memory_start.as_deref()) {
+        if let Ok(m) = memmap::memory_map(task, &regions, memory_start.as_deref()) {
             memory_last = Some(m);
         }
     }
@@ -305,7 +331,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             match crate::mallocstats::inspect(pid, Duration::from_secs(2)) {
                 Ok(stats) => Some(stats),
                 Err(e) => {
-                    eprintln!("tracer: malloc-stats: {e:#}");
+                    diag::warn(format_args!("malloc-stats: {e:#}"));
                     None
                 }
             }
@@ -332,11 +358,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     });
     rep.interval_ms = opts.interval.map(|i| i.as_millis() as u64);
     rep.min_age_ms = opts.min_age.map(|a| a.as_millis() as u64);
-    write_to(opts.output.as_deref(), |out| {
-        write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out)
-    })?;
+    output.write(|out| write_as(&rep, opts.format, opts.metric, &mut |m| symbolizer.build_id(m), out))?;
     if let Some(hint) = symbolizer.jit_hint() {
-        eprintln!("tracer: {hint}");
+        diag::warn(hint);
+    }
+    for note in symbolizer.take_notes() {
+        diag::warn(note);
     }
 
     if let Some(l) = launched {
@@ -345,7 +372,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             match l.events.recv() {
                 Ok(LaunchEvent::Exited(code)) => exit_code = Some(code),
                 Ok(LaunchEvent::Exiting { .. }) => {}
-                Err(_) => break,
+                // Nobody can tell any more: unknown, which is not success.
+                Err(_) => exit_code = Some(-1),
             }
         }
     }
@@ -360,10 +388,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
 /// when BPF programs or uprobes cannot be loaded or attached (`bpf_refused`: the privilege
 /// check already said no). The fallback says why, once.
+#[expect(clippy::too_many_arguments, reason = "one call site, each argument a different fact")]
 fn attach_backend(
     opts: &RecordOptions,
     bpf_refused: Option<anyhow::Error>,
     pid: NonZeroU32,
+    task: NonZeroU32,
     libc_host: &Path,
     libc: &str,
     maps: &ProcMaps,
@@ -375,6 +405,7 @@ fn attach_backend(
         (choice, None) => {
             let attached = EbpfProbes::attach(
                 pid,
+                task,
                 libc_host,
                 opts.limits,
                 Some(SyscallTarget { libc, maps }),
@@ -382,7 +413,7 @@ fn attach_backend(
             match attached {
                 Ok(ebpf) => {
                     for warning in &ebpf.warnings {
-                        eprintln!("tracer: {warning}");
+                        diag::warn(warning);
                     }
                     return Ok(Box::new(ebpf));
                 }
@@ -399,21 +430,33 @@ fn attach_backend(
             why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
         );
     }
-    if let Some(why) = why_not_bpf {
-        eprintln!("tracer: eBPF unavailable ({why}); using the ptrace backend, which is much slower");
-    }
-    let handover = match launched {
-        Some(l) => Some(l.hand_over()?),
-        None => None,
+    let ptrace = || -> anyhow::Result<PtraceProbes> {
+        if task != pid {
+            bail!("the ptrace backend cannot trace a process whose main thread has exited (pthread_exit)");
+        }
+        let handover = match launched {
+            Some(l) => Some(l.hand_over()?),
+            None => None,
+        };
+        Ok(PtraceProbes::attach(PtraceOptions {
+            pid: pid.get(),
+            libc_host: libc_host.to_owned(),
+            libc: libc.to_owned(),
+            limits: opts.limits,
+            handover,
+        })?)
     };
-    let probes = PtraceProbes::attach(PtraceOptions {
-        pid: pid.get(),
-        libc_host: libc_host.to_owned(),
-        libc: libc.to_owned(),
-        limits: opts.limits,
-        handover,
-    })?;
-    Ok(Box::new(probes))
+    // One line either way: why eBPF was not used goes with the outcome of ptrace.
+    match (ptrace(), why_not_bpf) {
+        (Ok(probes), why) => {
+            if let Some(why) = why {
+                diag::warn(format_args!("eBPF unavailable ({why}); using the ptrace backend, which is much slower"));
+            }
+            Ok(Box::new(probes))
+        }
+        (Err(e), Some(why)) => Err(e.context(format!("eBPF unavailable ({why}), and the ptrace backend failed too"))),
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// The malloc stacks of a snapshot and the stacks that mapped memory themselves.
@@ -465,18 +508,7 @@ pub fn write_to(
     output: Option<&Path>,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut out: Box<dyn Write> = match output {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("create {}", path.display()))?,
-        )),
-        None => Box::new(BufWriter::new(std::io::stdout().lock())),
-    };
-    let result = write(&mut out).and_then(|()| out.flush());
-    match result {
-        // Piped into `head`: not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("write report"),
-    }
+    Output::open(output)?.write(write)
 }
 
 /// `tracer report`: a saved JSON report in another format. Its modules may no longer be the
@@ -496,12 +528,12 @@ pub fn convert(
     let start = Instant::now();
     let mut symbolizer = Symbolizer::new("/").with_debug_dirs(debug_dirs.to_vec());
     let counts = crate::symbolize::resymbolize::resymbolize(&mut rep, &mut symbolizer);
-    eprintln!(
-        "tracer: named {} of {} frames again in {} ms",
+    diag::warn(format_args!(
+        "named {} of {} frames again in {} ms",
         counts.named,
         counts.frames,
         start.elapsed().as_millis()
-    );
+    ));
     write_to(output, |out| {
         write_as(&rep, format, metric, &mut |m| symbolizer.build_id(m), out)
     })

@@ -49,6 +49,11 @@ pub enum TargetError {
         #[source]
         source: nix::Error,
     },
+    #[error(
+        "{path} on disk is not the file pid {pid} maps (replaced since it was mapped), and the \
+         mapped one cannot be opened through /proc/{pid}/map_files (that needs CAP_SYS_ADMIN)"
+    )]
+    Replaced { path: String, pid: u32 },
     #[error(transparent)]
     Maps(#[from] crate::symbolize::maps::MapsError),
 }
@@ -58,6 +63,11 @@ pub enum TargetError {
 pub struct ProcessInfo {
     pub pid: u32,
     pub command: String,
+    /// A live thread of the process: the main thread, unless that has exited (pthread_exit)
+    /// while others run on. Its /proc entry shows the process's memory (maps, smaps, root,
+    /// map_files), which the exited main thread's no longer does, and the kernel keeps
+    /// uprobes opened on a thread only while that thread lives.
+    pub task: u32,
 }
 
 /// `PF_KTHREAD` in the flags field of /proc/PID/stat.
@@ -65,7 +75,11 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Fields of /proc/PID/stat after the command name: state, then the numbers.
 fn stat_fields(pid: u32) -> Option<(String, Vec<String>)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_at(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_fields_at(path: &str) -> Option<(String, Vec<String>)> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command is in parentheses and may itself contain ") ".
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
@@ -74,19 +88,40 @@ fn stat_fields(pid: u32) -> Option<(String, Vec<String>)> {
     Some((comm, rest))
 }
 
+/// Whether stat fields (after the command) say the task has exited.
+fn exited(fields: &[String]) -> bool {
+    matches!(fields.first().map(String::as_str), Some("Z" | "X"))
+}
+
+/// A live (not zombie) thread of process `pid`: `pid` itself when its main thread is live.
+fn live_task(pid: u32) -> Option<u32> {
+    if !exited(&stat_fields(pid)?.1) {
+        return Some(pid);
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&tid| task_alive(pid, tid))
+}
+
+/// Whether thread `tid` of process `pid` is there and not a zombie.
+pub fn task_alive(pid: u32, tid: u32) -> bool {
+    stat_fields_at(&format!("/proc/{pid}/task/{tid}/stat")).is_some_and(|(_, f)| !exited(&f))
+}
+
 /// Checks that `pid` names a live user process and returns its command name.
 pub fn inspect(pid: u32) -> Result<ProcessInfo, TargetError> {
-    let (comm, fields) = stat_fields(pid).ok_or(TargetError::NoSuchProcess(pid))?;
-    let state = fields.first().map(String::as_str).unwrap_or("");
-    if state == "Z" || state == "X" {
-        return Err(TargetError::Zombie(pid));
-    }
+    stat_fields(pid).ok_or(TargetError::NoSuchProcess(pid))?;
+    // A zombie main thread with other threads running is a live process.
+    let task = live_task(pid).ok_or(TargetError::Zombie(pid))?;
+    let (comm, fields) = stat_fields(task).ok_or(TargetError::NoSuchProcess(pid))?;
     // After the state: ppid pgrp session tty_nr tpgid flags.
     let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
     if flags & PF_KTHREAD != 0 {
         return Err(TargetError::KernelThread(pid));
     }
-    let command = std::fs::read(format!("/proc/{pid}/cmdline"))
+    let command = std::fs::read(format!("/proc/{task}/cmdline"))
         .ok()
         .and_then(|c| {
             let first = c.split(|b| *b == 0).next()?.to_vec();
@@ -95,7 +130,7 @@ pub fn inspect(pid: u32) -> Result<ProcessInfo, TargetError> {
             (!base.is_empty()).then_some(base)
         })
         .unwrap_or(comm);
-    Ok(ProcessInfo { pid, command })
+    Ok(ProcessInfo { pid, command, task })
 }
 
 /// Where the process's heap starts (start_brk in /proc/PID/stat): the program break, as
@@ -105,9 +140,32 @@ pub fn start_brk(pid: u32) -> Option<u64> {
     stat_fields(pid)?.1.get(44)?.parse().ok()
 }
 
-/// Whether the process is still there and not a zombie.
+/// Whether the process is still there: one of its threads at least is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
-    stat_fields(pid).is_some_and(|(_, f)| !matches!(f.first().map(String::as_str), Some("Z" | "X")))
+    live_task(pid).is_some()
+}
+
+/// A path this process can open that is the file `pid` maps at `path` (a path as the
+/// process sees it): `/proc/PID/root/PATH` while that is still the mapped file, else the
+/// process's own handle on the mapped one, for a file replaced on disk since it was mapped
+/// (an upgrade of the C library under a running service). Probes placed on the file at the
+/// path would then sit in a file the process does not run, and see nothing.
+pub fn mapped_file_path(pid: u32, maps: &ProcMaps, path: &str) -> Result<std::path::PathBuf, TargetError> {
+    let host = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
+    let Some(file) = maps.mappings().iter().find(|m| m.path.as_deref() == Some(path)).map(|m| m.file()) else {
+        return Ok(host);
+    };
+    if std::fs::metadata(&host).is_ok_and(|meta| file.is(&meta)) {
+        return Ok(host);
+    }
+    let own = file.map_files_path(pid);
+    if std::fs::metadata(&own).is_ok_and(|meta| file.is(&meta)) {
+        crate::diag::warn(format_args!(
+            "{path} on disk is not the file pid {pid} maps (replaced since it was mapped); probing the mapped file"
+        ));
+        return Ok(own);
+    }
+    Err(TargetError::Replaced { path: path.to_owned(), pid })
 }
 
 /// Whether the ELF file at `path` asks for a dynamic loader (PT_INTERP).
@@ -377,6 +435,7 @@ fn launcher(
     };
     let info = inspect(pid_u32).unwrap_or(ProcessInfo {
         pid: pid_u32,
+        task: pid_u32,
         command: command.clone(),
     });
     if setup.send(Ok((info, libc.clone(), maps))).is_err() {
@@ -425,83 +484,17 @@ fn launcher(
             return;
         }
     }
-    match reseize(pid) {
-        Ok(None) => follow_traced(pid, &control, &events),
-        Ok(Some(code)) => {
-            let _ = events.send(LaunchEvent::Exited(code));
-        }
-        Err(_) => follow_untraced(pid, &events),
+    if ptrace::detach(pid, None).is_err() {
+        follow_untraced(pid, &events);
+        return;
     }
-}
-
-/// Trades the exec-time trace (PTRACE_TRACEME, which has no group-stop semantics) for a
-/// seize that only reports the exit stop, where the memory map can still be read. The
-/// process is stopped across the swap: between detach and seize it must not run, or it
-/// could exit unseen (a command that lives a few milliseconds, on a busy machine). It is
-/// resumed by PTRACE_CONT, not SIGCONT, so the program sees no signal. Returns the exit
-/// status if it died meanwhile (killed by someone else).
-fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
-    nix::sys::signal::kill(pid, Signal::SIGSTOP)?;
-    ptrace::detach(pid, None)?;
-    let seized = (|| {
-        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::__WALL))? {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-            status => return Ok(Some(status)),
-        }
-        ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT)
-            .inspect_err(|_| {
-                // Never leave it stopped: a SIGCONT it can see is the lesser harm.
-                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
-            })?;
-        // Seizing a stopped process makes it report its stop to us as a ptrace stop; a
-        // signal that arrived meanwhile is passed on first. PTRACE_CONT alone would resume
-        // this thread but leave the group stopped, and every thread created later would
-        // join that stop and sleep: the stop is ended by a SIGCONT, which the command is
-        // then kept from seeing (its delivery stop is continued without the signal).
-        let mut continued = false;
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL))? {
-                WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
-                    if !continued {
-                        nix::sys::signal::kill(pid, Signal::SIGCONT)?;
-                        continued = true;
-                        if sigcont_blocked(pid) {
-                            // It would see it later, whatever we do: at least do not wait.
-                            return ptrace::cont(pid, None).map(|()| None);
-                        }
-                    }
-                    ptrace::cont(pid, None)?;
-                }
-                WaitStatus::Stopped(_, Signal::SIGCONT) if continued => {
-                    return ptrace::cont(pid, None).map(|()| None);
-                }
-                WaitStatus::Stopped(_, sig) => ptrace::cont(pid, sig)?,
-                status if exit_code(status).is_some() => return Ok(Some(status)),
-                _ => ptrace::cont(pid, None)?,
-            }
-        }
-    })();
-    match seized? {
-        None => Ok(None),
-        Some(status) => match exit_code(status) {
-            Some(code) => Ok(Some(code)),
-            None => {
-                // Stopped by something other than our SIGSTOP, untraced: let it go.
-                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
-                Err(nix::Error::EIO)
-            }
-        },
+    // Seize again, only to be told when it exits, while its memory map can still be read.
+    // Seizing does not stop it; signals pass through `follow_traced` unchanged.
+    if ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT).is_err() {
+        follow_untraced(pid, &events);
+        return;
     }
-}
-
-/// Whether the thread `pid` blocks SIGCONT (SigBlk in /proc/PID/status).
-fn sigcont_blocked(pid: Pid) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (Signal::SIGCONT as i32 - 1)) != 0)
+    follow_traced(pid, &control, &events);
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable

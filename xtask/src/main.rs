@@ -20,7 +20,8 @@ commands (all need root):
   prereqs         install what is missing: rust-src (nightly), bpf-linker 0.10.1, gcc, bpftool,
                   binutils, golang-go
   build           prereqs, then cargo build --release -p tracer; prints the binary's path
-  demo            build, then trace examples/leaky.c with `tracer record --top 10`
+  demo [c]        build, then attach to a node service growing outside the V8 heap under load
+                  (examples/node-service) and print the report; `demo c`: trace examples/leaky.c
   test            build, then cargo test --release --workspace with TRACER_BIN set
   bench [PAIRS]   build, then measure this tracer's overhead next to bpftrace, heaptrack and
                   valgrind on a C microbench and a node workload (target/bench/overhead.md)
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
 enum Command {
     Prereqs,
     Build,
-    Demo,
+    Demo(demo::Demo),
     Test,
     Bench { pairs: Option<u64> },
     Symbench,
@@ -64,7 +65,8 @@ fn parse(args: &[String]) -> Option<Command> {
     match args.as_slice() {
         ["prereqs"] => Some(Command::Prereqs),
         ["build"] => Some(Command::Build),
-        ["demo"] => Some(Command::Demo),
+        ["demo"] => Some(Command::Demo(demo::Demo::Node)),
+        ["demo", "c"] => Some(Command::Demo(demo::Demo::C)),
         ["test"] => Some(Command::Test),
         ["bench"] => Some(Command::Bench { pairs: None }),
         ["symbench"] => Some(Command::Symbench),
@@ -85,7 +87,7 @@ fn run(command: Command) -> Result<u8> {
             println!("{}", tracer.display());
             Ok(0)
         }
-        Command::Demo => demo::demo(),
+        Command::Demo(which) => demo::demo(which),
         Command::Test => test::test(),
         Command::Bench { pairs } => bench::bench(pairs).map(|()| 0),
         Command::Symbench => symbench::symbench().map(|()| 0),

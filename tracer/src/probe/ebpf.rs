@@ -57,6 +57,12 @@ pub enum EbpfError {
     Libc(#[from] libc::LibcError),
     #[error(transparent)]
     Session(#[from] super::session::SessionError),
+    #[error(
+        "the main thread of pid {0} has exited (pthread_exit): sampling's process-wide probes \
+         would never fire (the kernel checks them against that thread); record without \
+         --sample-bytes"
+    )]
+    MainThreadGone(u32),
 }
 
 /// Sizes of the kernel-side tables, and the sampling rate.
@@ -92,6 +98,10 @@ pub struct EbpfProbes {
     /// Sampling mode: the mean bytes per sample, and the links of its probes (free, and the
     /// session on the allocators).
     sampling: Option<(u64, Vec<super::session::SessionProbe>)>,
+    /// The thread the uprobes were opened on (the per-call perf events), or checked against
+    /// (sampling's uprobe-multi links, by the main thread): the kernel stops them when it
+    /// exits.
+    thread: u32,
 }
 
 /// What the mmap-family tracing needs to know of the target.
@@ -114,13 +124,18 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
 
 impl EbpfProbes {
     /// Loads the programs and attaches them to the C library at `libc_path` (a path this
-    /// process can open, e.g. through /proc/PID/root) for process `pid` only.
+    /// process can open, e.g. through /proc/PID/root) for process `pid` only, opening the
+    /// uprobes on its live thread `thread` (the main thread, unless that has exited).
     pub fn attach(
         pid: NonZeroU32,
+        thread: NonZeroU32,
         libc_path: &Path,
         limits: Limits,
         syscall_target: Option<SyscallTarget<'_>>,
     ) -> Result<Self, EbpfError> {
+        if limits.sample_bytes.is_some() && thread != pid {
+            return Err(EbpfError::MainThreadGone(pid.get()));
+        }
         let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
         let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
@@ -166,7 +181,9 @@ impl EbpfProbes {
                 }
             }
         }
-        let scope = UProbeScope::OneProcess(pid);
+        // The kernel runs these for every thread of the process (it filters by address
+        // space), for as long as `thread` lives.
+        let scope = UProbeScope::OneProcess(thread);
         let mut attached = Vec::new();
         let attach_err = |what: &str, offset: u64| {
             let path = libc_path.to_owned();
@@ -285,6 +302,7 @@ impl EbpfProbes {
             syscalls,
             warnings,
             sampling,
+            thread: thread.get(),
         })
     }
 
@@ -384,6 +402,10 @@ impl EbpfProbes {
 impl Backend for EbpfProbes {
     fn name(&self) -> &'static str {
         "ebpf"
+    }
+
+    fn bound_thread(&self) -> Option<u32> {
+        Some(self.thread)
     }
 
     fn sites(&self) -> &[ProbeSite] {

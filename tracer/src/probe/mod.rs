@@ -79,6 +79,12 @@ pub trait Backend {
     /// The totals so far.
     fn snapshot(&mut self) -> Result<Snapshot, ProbeError>;
 
+    /// The thread the kernel ties the probes to, when it ties them to one: they stop firing
+    /// when it exits, even while the process's other threads run on.
+    fn bound_thread(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the mmap family is traced (else `drain_syscalls` stays empty).
     fn traces_syscalls(&self) -> bool {
         false

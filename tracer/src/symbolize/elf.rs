@@ -13,7 +13,7 @@ use object::{Endianness, FileKind};
 
 use super::debuglink::{DebugRefs, DebugSearch, hex};
 use super::dwarf::Dwarf;
-use super::maps::ProcMaps;
+use super::maps::{MappedFile, ProcMaps};
 use super::mmap::Mmap;
 use super::perfmap::{PerfMapFile, split_jit_name};
 
@@ -26,6 +26,14 @@ pub struct Symbolizer {
     /// address.
     modules: HashMap<String, Option<Module>>,
     jit: Jit,
+    /// The process the module paths are from, while it may still be alive: a file it maps
+    /// can then be read through it even when the path names another file by now.
+    pid: Option<u32>,
+    /// Per module path, the file the process maps there (as its maps showed last).
+    mapped: HashMap<String, MappedFile>,
+    /// What the user should hear about modules, once each: a path that names another file
+    /// than the one mapped.
+    notes: Vec<String>,
 }
 
 /// Everything kept of one module.
@@ -41,9 +49,8 @@ struct Module {
 }
 
 impl Module {
-    fn load(root: &Path, module: &str, search: &DebugSearch) -> Option<Module> {
-        let path = root.join(module.trim_start_matches('/'));
-        let map = Mmap::open(&path)?;
+    /// The module `module` (a path as the target sees it) from `map`, the file's contents.
+    fn load(map: Mmap, root: &Path, module: &str, search: &DebugSearch) -> Option<Module> {
         let table = SymbolTable::build_from(map.as_slice())?;
         let refs = object::File::parse(map.as_slice())
             .map(|f| DebugRefs::of(&f))
@@ -164,6 +171,9 @@ impl Symbolizer {
             search: DebugSearch::default(),
             modules: HashMap::new(),
             jit: Jit::default(),
+            pid: None,
+            mapped: HashMap::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -175,19 +185,23 @@ impl Symbolizer {
     }
 
     /// Names JIT frames of process `pid` (as this host sees it) from its perf map,
-    /// `/tmp/perf-<pid in its own namespace>.map` under the root. Call while it is alive.
+    /// `/tmp/perf-<pid in its own namespace>.map` under the root, and reads a module that was
+    /// replaced on disk since `pid` mapped it through `pid` (see [`Symbolizer::refresh`]).
+    /// Call while it is alive.
     pub fn set_jit_pid(&mut self, pid: u32) {
-        let ns_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("NSpid:"))
-                    .and_then(|ids| ids.split_whitespace().last()?.parse::<u32>().ok())
-            })
+        self.pid = Some(pid);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("");
+        // The process's id in its own namespace (NStgid: `pid` may be one of its threads).
+        let ns_pid = field("NStgid:")
+            .split_whitespace()
+            .last()
+            .and_then(|id| id.parse::<u32>().ok())
             .unwrap_or(pid);
+        // Real, effective, saved and filesystem uid: whichever wrote the map owns it.
+        let uids = field("Uid:").split_whitespace().filter_map(|u| u.parse().ok()).collect();
         let path = self.root.join(format!("tmp/perf-{ns_pid}.map"));
-        let mut file = PerfMapFile::new(path);
+        let mut file = PerfMapFile::new(path, uids);
         file.refresh();
         self.jit.perf_map = Some(file);
     }
@@ -195,19 +209,88 @@ impl Symbolizer {
     /// Takes in what changed in the process since the last call: JIT code regions from its
     /// memory map, and entries appended to its perf map. Call at each maps refresh and before
     /// each report; a perf map can only be read through the root while the process lives.
+    ///
+    /// It also notes which file each module path maps; a module whose path names another file
+    /// by now (replaced under the running process) is read at once, through the process, while
+    /// that is still possible.
     pub fn refresh(&mut self, maps: &ProcMaps) {
         self.jit.add_exec_ranges(maps);
         if let Some(file) = &mut self.jit.perf_map {
             file.refresh();
         }
+        for m in maps.mappings() {
+            let Some(path) = m.path.as_deref().filter(|p| p.starts_with('/')) else { continue };
+            match self.mapped.get_mut(path) {
+                Some(file) => *file = m.file(),
+                None => {
+                    self.mapped.insert(path.to_owned(), m.file());
+                }
+            }
+        }
+        if self.pid.is_none() {
+            return;
+        }
+        let replaced: Vec<String> = self
+            .mapped
+            .iter()
+            .filter(|(path, file)| {
+                !self.modules.contains_key(*path)
+                    && !std::fs::metadata(self.root.join(path.trim_start_matches('/')))
+                        .is_ok_and(|meta| file.is(&meta))
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in replaced {
+            let _ = self.module(&path);
+        }
     }
 
     fn module(&mut self, module: &str) -> Option<&mut Module> {
         if !self.modules.contains_key(module) {
-            let loaded = Module::load(&self.root, module, &self.search);
+            let loaded = self.load(module);
             self.modules.insert(module.to_owned(), loaded);
         }
         self.modules.get_mut(module)?.as_mut()
+    }
+
+    /// Opens the module's file: the one at its path when that is the file the process maps
+    /// (or nothing is known of what it maps), else the mapped one through the process. When
+    /// the path names another file and the mapped one cannot be had, nothing: frames left
+    /// unnamed rather than named from the wrong file.
+    fn load(&mut self, module: &str) -> Option<Module> {
+        let at_path = Mmap::open_with_meta(&self.root.join(module.trim_start_matches('/')));
+        let Some(mapped) = self.mapped.get(module).copied() else {
+            return Module::load(at_path?.0, &self.root, module, &self.search);
+        };
+        let replaced = match at_path {
+            Some((map, meta)) if mapped.is(&meta) => {
+                return Module::load(map, &self.root, module, &self.search);
+            }
+            Some(_) => true,
+            // Deleted, or not a file at all (a memfd): nothing wrong to read.
+            None => false,
+        };
+        let through_process = self
+            .pid
+            .and_then(|pid| Mmap::open_with_meta(&mapped.map_files_path(pid)))
+            .filter(|(_, meta)| mapped.is(meta));
+        if replaced {
+            self.notes.push(format!(
+                "{module} on disk is not the file the process maps (replaced since it was \
+                 mapped); {}",
+                if through_process.is_some() {
+                    "its frames are named from the mapped file"
+                } else {
+                    "the mapped file could not be read (process gone), so its frames are left unnamed"
+                }
+            ));
+        }
+        Module::load(through_process?.0, &self.root, module, &self.search)
+    }
+
+    /// Things the user should hear about the modules named so far, each once.
+    pub fn take_notes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notes)
     }
 
     /// Function containing `file_offset` in module `module` (a path as the target sees it; it is
@@ -295,9 +378,9 @@ impl Symbolizer {
     }
 
     /// Deletes the process's perf map (when the tracer made node write it and node is gone).
-    pub fn remove_perf_map(&self) {
-        if let Some(file) = &self.jit.perf_map {
-            let _ = std::fs::remove_file(file.path());
+    pub fn remove_perf_map(&mut self) {
+        if let Some(file) = &mut self.jit.perf_map {
+            file.remove();
         }
     }
 
@@ -306,6 +389,13 @@ impl Symbolizer {
         let file = self.jit.perf_map.as_ref()?;
         if self.jit.unnamed == 0 || file.found {
             return None;
+        }
+        if let Some(why) = &file.refused {
+            return Some(format!(
+                "{} JIT frames are unnamed ([jit] 0x...): {} was not read: {why}",
+                self.jit.unnamed,
+                file.path().display()
+            ));
         }
         Some(format!(
             "{} JIT frames are unnamed ([jit] 0x...): {} does not exist; for node, start it \
@@ -764,6 +854,46 @@ mod tests {
         }
         assert_eq!(s.function("/does/not/exist", 0), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_module_replaced_on_disk_is_named_only_from_the_mapped_file() {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = std::env::temp_dir().join(format!("symbolize-replaced-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("lib")).unwrap();
+        let copy = root.join("lib/libc.so.6");
+        std::fs::copy(LIBC, &copy).unwrap();
+        let meta = std::fs::metadata(&copy).unwrap();
+        let off = file_offset_of(LIBC, "malloc");
+        let maps = |inode: u64| {
+            ProcMaps::parse(&format!(
+                "7f0000000000-7f0000100000 r-xp 00000000 {:x}:{:x} {inode} /lib/libc.so.6\n",
+                libc::major(meta.dev()),
+                libc::minor(meta.dev())
+            ))
+            .unwrap()
+        };
+
+        // The file at the path is the one mapped: named from it, nothing to say.
+        let mut s = Symbolizer::new(&root);
+        s.refresh(&maps(meta.ino()));
+        assert_eq!(s.function("/lib/libc.so.6", off).as_deref(), Some("malloc"));
+        assert!(s.take_notes().is_empty());
+
+        // The process mapped another file there (inode + 1), and there is no process to read
+        // that one through: unnamed, not named from the file that replaced it; said once.
+        let mut s = Symbolizer::new(&root);
+        s.refresh(&maps(meta.ino() + 1));
+        let f = s.symbolize_frame(Some("/lib/libc.so.6"), off, 0x7f0000000000 + off, false);
+        assert_eq!(f, vec![SymFrame::native(None)]);
+        assert_eq!(s.function("/lib/libc.so.6", off), None);
+        assert_eq!(
+            s.take_notes(),
+            ["/lib/libc.so.6 on disk is not the file the process maps (replaced since it was \
+              mapped); the mapped file could not be read (process gone), so its frames are left \
+              unnamed"]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Mapping {
     pub perms: String,
     /// File offset of `start`.
     pub offset: u64,
+    /// Device of the mapped file, encoded as `stat`'s `st_dev` is (0 for anonymous memory).
+    pub dev: u64,
     pub inode: u64,
     /// `None` for anonymous memory; pseudo-paths such as `"[heap]"` or `"[vdso]"` are kept as-is;
     /// a trailing `" (deleted)"` is stripped.
@@ -54,6 +56,43 @@ impl Mapping {
     /// `anon_inode:...` have no file offset of their own.
     fn is_file_backed(&self) -> bool {
         self.path.as_deref().is_some_and(|p| p.starts_with('/'))
+    }
+
+    /// Which file this mapping shows, and where.
+    pub fn file(&self) -> MappedFile {
+        MappedFile {
+            dev: self.dev,
+            inode: self.inode,
+            start: self.start,
+            end: self.end,
+        }
+    }
+}
+
+/// The file a mapping shows: enough to tell whether a path still names it, and to reach it
+/// through the process when it does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedFile {
+    pub dev: u64,
+    pub inode: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl MappedFile {
+    /// Whether `meta` (of a file opened by the mapping's path) is the very file mapped: same
+    /// device and inode. A file replaced on disk since it was mapped (a deploy, a package
+    /// upgrade) has the path but not the inode.
+    pub fn is(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        meta.dev() == self.dev && meta.ino() == self.inode
+    }
+
+    /// The kernel's handle on the mapped file in process `pid`: it opens that very file even
+    /// after its path was replaced or deleted, for as long as the process lives (it needs
+    /// CAP_SYS_ADMIN).
+    pub fn map_files_path(&self, pid: u32) -> PathBuf {
+        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end))
     }
 }
 
@@ -209,9 +248,11 @@ fn parse_line(line: &str) -> Result<Mapping, &'static str> {
     }
     let offset = u64::from_str_radix(offset, 16).map_err(|_| "bad offset")?;
     let (major, minor) = dev.split_once(':').ok_or("device without ':'")?;
-    if u32::from_str_radix(major, 16).is_err() || u32::from_str_radix(minor, 16).is_err() {
+    let (Ok(major), Ok(minor)) = (u32::from_str_radix(major, 16), u32::from_str_radix(minor, 16))
+    else {
         return Err("bad device");
-    }
+    };
+    let dev = libc::makedev(major, minor);
     let inode: u64 = inode.parse().map_err(|_| "bad inode")?;
 
     // The path is everything after the padding, and may itself contain spaces; only the leading
@@ -225,6 +266,7 @@ fn parse_line(line: &str) -> Result<Mapping, &'static str> {
         end,
         perms: perms.to_owned(),
         offset,
+        dev,
         inode,
         path,
     })
@@ -257,6 +299,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             end,
             perms: "r-xp".into(),
             offset: 0,
+            dev: 0,
             inode: 1,
             path: Some(path.into()),
         }
@@ -274,6 +317,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
                 end: 0x55d0c8a08000,
                 perms: "r-xp".into(),
                 offset: 0x2000,
+                dev: libc::makedev(0xfe, 0),
                 inode: 247282,
                 path: Some("/usr/bin/head".into()),
             }
@@ -295,6 +339,25 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             maps.mappings()
                 .iter()
                 .any(|m| m.path.as_deref() == Some("[stack]"))
+        );
+    }
+
+    #[test]
+    fn own_executable_is_the_file_its_mapping_shows_and_another_is_not() {
+        let maps = ProcMaps::read(std::process::id()).expect("read own maps");
+        let exe = std::fs::read_link("/proc/self/exe").expect("own exe");
+        let m = maps
+            .mappings()
+            .iter()
+            .find(|m| m.path.as_deref().map(std::path::Path::new) == Some(exe.as_path()))
+            .unwrap_or_else(|| panic!("{} is not in own maps", exe.display()));
+        let meta = std::fs::metadata(&exe).expect("stat own exe");
+        assert!(m.file().is(&meta), "{m:?} should be the file {} ({meta:?})", exe.display());
+        let other = std::fs::metadata("/proc/self/maps").expect("stat another file");
+        assert!(!m.file().is(&other), "{m:?} should not match another file");
+        assert_eq!(
+            m.file().map_files_path(42),
+            PathBuf::from(format!("/proc/42/map_files/{:x}-{:x}", m.start, m.end))
         );
     }
 

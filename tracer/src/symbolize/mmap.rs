@@ -19,6 +19,12 @@ unsafe impl Sync for Mmap {}
 
 impl Mmap {
     pub(crate) fn open(path: &Path) -> Option<Mmap> {
+        Mmap::open_with_meta(path).map(|(map, _)| map)
+    }
+
+    /// [`Mmap::open`], with what the opened file is (so that a check of its identity and the
+    /// mapping are of one and the same file).
+    pub(crate) fn open_with_meta(path: &Path) -> Option<(Mmap, std::fs::Metadata)> {
         let file = File::open(path).ok()?;
         let meta = file.metadata().ok()?;
         if !meta.is_file() {
@@ -45,7 +51,7 @@ impl Mmap {
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        Some(Mmap { ptr, len })
+        Some((Mmap { ptr, len }, meta))
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {

@@ -115,20 +115,67 @@ fn parse_line(line: &str) -> Option<(u64, u64, &str)> {
 
 /// A perf map file read incrementally: each [`PerfMapFile::refresh`] takes in what was appended
 /// since the last one.
+///
+/// The file sits in a world-writable directory and is read as root, so it is taken only when
+/// it is a regular file (not a symbolic link, a FIFO or a device) owned by the process that
+/// writes it (or by root): anyone could have put a file there under the pid's name.
 #[derive(Debug)]
 pub struct PerfMapFile {
     path: PathBuf,
+    /// Owners a genuine map can have: the process's user ids and root.
+    owners: Vec<u32>,
     pub map: PerfMap,
     /// Whether the file has been seen at all.
     pub found: bool,
+    /// Why a file at the path was not read, when it was not.
+    pub refused: Option<String>,
 }
 
 impl PerfMapFile {
-    pub fn new(path: PathBuf) -> PerfMapFile {
+    /// The map at `path`, written by a process running as one of `owners` (root is always
+    /// accepted).
+    pub fn new(path: PathBuf, owners: Vec<u32>) -> PerfMapFile {
         PerfMapFile {
             path,
+            owners,
             map: PerfMap::default(),
             found: false,
+            refused: None,
+        }
+    }
+
+    /// Opens the file without following a symbolic link and checks what it is; None (with
+    /// the reason kept) when it is not a map to trust.
+    fn open(&mut self) -> Option<(File, std::fs::Metadata)> {
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            // O_NONBLOCK: a FIFO put there must not hang the tracer in open.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.path);
+        let refuse = |why: String| Some(why);
+        let refused = match file {
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => refuse("it is a symbolic link".into()),
+            Err(_) => return None,
+            Ok(file) => match file.metadata() {
+                Err(_) => return None,
+                Ok(meta) if !meta.is_file() => refuse("it is not a regular file".into()),
+                Ok(meta) if meta.uid() != 0 && !self.owners.contains(&meta.uid()) => refuse(format!(
+                    "it belongs to uid {}, not to the process (uid {})",
+                    meta.uid(),
+                    self.owners.first().copied().unwrap_or(0)
+                )),
+                Ok(meta) => return Some((file, meta)),
+            },
+        };
+        self.refused = refused;
+        None
+    }
+
+    /// Deletes the file, if it is the map [`PerfMapFile::refresh`] would read.
+    pub fn remove(&mut self) {
+        if self.open().is_some() {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 
@@ -140,14 +187,11 @@ impl PerfMapFile {
     /// process with the same pid): it is read again from the start. A file that vanished keeps
     /// what was read (the process may have exited, its map is still right for its stacks).
     pub fn refresh(&mut self) {
-        let Ok(mut file) = File::open(&self.path) else {
+        let Some((mut file, meta)) = self.open() else {
             return;
         };
-        let Ok(meta) = file.metadata() else { return };
-        if !meta.is_file() {
-            return;
-        }
         self.found = true;
+        self.refused = None;
         if meta.len() < self.map.consumed {
             self.map = PerfMap::default();
         }
@@ -327,7 +371,8 @@ ffffffffffffff00 1000 wraps
         let dir = std::env::temp_dir().join(format!("perfmap-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("perf-1.map");
-        let mut f = PerfMapFile::new(path.clone());
+        // SAFETY: getuid has no preconditions.
+        let mut f = PerfMapFile::new(path.clone(), vec![unsafe { libc::getuid() }]);
         f.refresh();
         assert!(!f.found, "no file yet");
 
@@ -356,6 +401,54 @@ ffffffffffffff00 1000 wraps
         std::fs::remove_file(&path).unwrap();
         f.refresh();
         assert_eq!(f.map.lookup(0x5000), Some("c"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_a_fifo_or_a_stranger_s_file_is_not_read() {
+        let dir = std::env::temp_dir().join(format!("perfmap-trust-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        let genuine = dir.join("genuine.map");
+        std::fs::write(&genuine, "1000 10 planted\n").unwrap();
+
+        let link = dir.join("perf-1.map");
+        std::os::unix::fs::symlink(&genuine, &link).unwrap();
+        let mut f = PerfMapFile::new(link.clone(), vec![me]);
+        f.refresh();
+        assert_eq!((f.found, f.map.lookup(0x1000)), (false, None), "followed a symlink");
+        assert_eq!(f.refused.as_deref(), Some("it is a symbolic link"));
+        f.remove();
+        assert!(link.symlink_metadata().is_ok(), "remove() deleted what it would not read");
+
+        let fifo = dir.join("perf-2.map");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: plain syscall on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut f = PerfMapFile::new(fifo, vec![me]);
+        f.refresh();
+        assert_eq!(f.refused.as_deref(), Some("it is not a regular file"));
+
+        // A file owned by a user the process does not run as: someone else put it there.
+        let stranger = dir.join("perf-3.map");
+        std::fs::write(&stranger, "1000 10 planted\n").unwrap();
+        let (owner, process_uid) = if me == 0 {
+            std::os::unix::fs::chown(&stranger, Some(65534), Some(65534)).unwrap();
+            (65534, 12345)
+        } else {
+            (me, me + 1)
+        };
+        let mut f = PerfMapFile::new(stranger, vec![process_uid]);
+        f.refresh();
+        assert_eq!(f.map.lookup(0x1000), None, "read uid {owner}'s file for a process of uid {process_uid}");
+        assert_eq!(
+            f.refused.as_deref(),
+            Some(format!("it belongs to uid {owner}, not to the process (uid {process_uid})").as_str())
+        );
+        let mut f = PerfMapFile::new(genuine, vec![me]);
+        f.refresh();
+        assert_eq!(f.map.lookup(0x1000), Some("planted"), "the owner's own map");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -673,10 +673,10 @@ impl Engine {
             let _ = sys::detach(tid, 0);
             return false;
         }
-        eprintln!(
-            "tracer: pid {} called exec; the ptrace backend stops there (the report covers the program before exec)",
+        crate::diag::warn(format_args!(
+            "pid {} called exec; the ptrace backend stops there (the report covers the program before exec)",
             self.pid
-        );
+        ));
         let tids: Vec<i32> = self.tasks.keys().copied().collect();
         for t in tids {
             if let Some(mut task) = self.tasks.remove(&t) {
