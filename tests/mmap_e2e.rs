@@ -1,7 +1,8 @@
 //! The mmap family traced at the syscall level: exact ranges per calling function (partial
 //! munmap, mremap that moves, brk, reservations), the memory map by owner class, no drift
-//! under churn, node's external memory growing while the V8 heap stays flat, no need for
-//! tracefs, and malloc tracing going on when the syscalls cannot be traced.
+//! under churn, a range freed by one thread and mapped by another before the unmap returned,
+//! node's external memory growing while the V8 heap stays flat, no need for tracefs, and
+//! malloc tracing going on when the syscalls cannot be traced.
 
 mod support;
 
@@ -85,6 +86,54 @@ fn class<'a>(map: &'a Value, name: &str) -> &'a Value {
     map.as_array()
         .and_then(|a| a.iter().find(|c| c["class"] == name))
         .unwrap_or_else(|| panic!("no class {name} in {map}"))
+}
+
+/// mmap_race.c: 20 rounds of one munmap and one moving mremap, each freeing 4 pages that the
+/// main thread maps again (keep_map) before the unmapping call has returned.
+const RACE_TABLE: &[(&str, u64, u64, u64, u64)] = &[
+    // (caller, live bytes, live regions, mapped bytes, maps)
+    ("churn_map", 0, 0, 20 * 4 * PAGE, 20),
+    ("remap_src", 0, 0, 20 * 4 * PAGE, 20),
+    // Each mremap grows 4 pages to 8: it maps 4 more.
+    ("remap_grow", 20 * 8 * PAGE, 20, 20 * 4 * PAGE, 20),
+    ("keep_map", 40 * 4 * PAGE, 40, 40 * 4 * PAGE, 40),
+];
+
+#[test]
+fn a_range_given_to_another_thread_before_the_unmap_returned_stays_with_its_new_owner() {
+    setup();
+    let dir = TempDir::new("mmap_race");
+    let fixture = build_fixture(&dir, "mmap_race");
+    let launch = record_launch(&dir, &[&fixture]);
+    assert!(launch.finished.status.success(), "{}", launch.finished.describe());
+    // The fixture checks that the race happened: every kept range lies in a range being freed.
+    assert!(
+        launch.finished.stdout.lines().any(|l| l == "raced 40 reused 40"),
+        "the fixture should keep 40 ranges, all inside ranges whose unmap had not returned\n{}",
+        launch.finished.describe()
+    );
+    let report = &launch.report;
+    let mut wrong = Vec::new();
+    for &(caller, live, regions, mapped, maps) in RACE_TABLE {
+        let mine: Vec<&Value> = stacks(report)
+            .iter()
+            .filter(|s| source(s) == "mmap" && frame_function(s, 1) == Some(caller))
+            .collect();
+        let sum = |key: &str| mine.iter().map(|s| num(s, key)).sum::<u64>();
+        let got = (sum("live_bytes"), sum("live_allocs"), sum("alloc_bytes"), sum("allocs"));
+        if got != (live, regions, mapped, maps) {
+            wrong.push(format!(
+                "{caller}: expected (live, regions, mapped, maps) {:?}, got {got:?}\n{}",
+                (live, regions, mapped, maps),
+                describe_stacks(report, |s| frame_function(s, 1) == Some(caller))
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let dropped = &report["totals"]["dropped"];
+    for reason in ["syscall_events_lost", "syscall_pending_full"] {
+        assert_eq!(dropped[reason].as_u64(), Some(0), "{reason} in {dropped}");
+    }
 }
 
 #[test]

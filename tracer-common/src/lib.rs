@@ -191,20 +191,29 @@ pub mod sys {
     pub const MADVISE: u32 = 28;
 }
 
-/// One completed mmap-family syscall of the target, streamed to user space (they are rare,
-/// and their address-range bookkeeping needs every one, in order).
+/// One mmap-family syscall of the target, streamed to user space (they are rare, and their
+/// address-range bookkeeping needs every one, in order). Every call is sent as it returns;
+/// munmap and mremap are also sent as they enter, since the range they free can be handed
+/// to another thread's mmap before they return.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SyscallEvent {
     pub args: [u64; 6],
-    /// The syscall's return value (negative errno on failure).
+    /// The syscall's return value (negative errno on failure); 0 at entry.
     pub ret: i64,
     pub stack: u64,
     pub timestamp_ns: u64,
     pub tid: u32,
     pub sys: u32,
     pub in_allocator: u32,
-    pub _pad: u32,
+    /// [`phase::ENTRY`] or [`phase::EXIT`].
+    pub phase: u32,
+}
+
+/// Values of `SyscallEvent::phase`.
+pub mod phase {
+    pub const EXIT: u32 = 0;
+    pub const ENTRY: u32 = 1;
 }
 
 /// Indices into the per-CPU `SYSCALL_COUNTERS` array.

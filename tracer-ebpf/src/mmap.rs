@@ -4,7 +4,9 @@
 //! user registers, its number in `orig_ax`, the user stack is as it was at entry, and an
 //! allocator call that made it is still in flight. It fires for every syscall of every
 //! process, so it first checks that the caller is the target, then the number. Events go to
-//! user space in order, where address ranges are kept.
+//! user space in order, where address ranges are kept. munmap and mremap are also sent from
+//! `sys_enter`: the range they free can be handed to another thread's mmap, which may return
+//! before they do, so the range must be gone from the books first.
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
@@ -13,7 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
-use tracer_common::{SyscallEvent, sys, syscall_counter};
+use tracer_common::{SyscallEvent, phase, sys, syscall_counter};
 
 use crate::{maps::PENDING, stack};
 
@@ -94,7 +96,51 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
         tid: tid as u32,
         sys: nr,
         in_allocator: PENDING.get_ptr(tid).is_some() as u32,
-        _pad: 0,
+        phase: phase::EXIT,
+    };
+    if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
+        count(syscall_counter::EVENTS_LOST);
+    }
+    Ok(0)
+}
+
+/// `sys_enter(struct pt_regs *regs, long id)`.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn tr_sys_enter(ctx: RawTracePointContext) -> u32 {
+    match try_sys_enter(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+fn try_sys_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    let Some(tid) = is_target() else { return Ok(0) };
+    let nr: i64 = ctx.arg(1);
+    let Ok(nr) = u32::try_from(nr) else { return Ok(0) };
+    if nr != sys::MUNMAP && nr != sys::MREMAP {
+        return Ok(0);
+    }
+    let regs: *const pt_regs = ctx.arg(0);
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.map_err(|_| 1u32);
+    let args = unsafe {
+        [
+            read(&raw const (*regs).rdi)?,
+            read(&raw const (*regs).rsi)?,
+            read(&raw const (*regs).rdx)?,
+            read(&raw const (*regs).r10)?,
+            read(&raw const (*regs).r8)?,
+            read(&raw const (*regs).r9)?,
+        ]
+    };
+    // Only the range matters here; the exit event carries the stack.
+    let event = SyscallEvent {
+        args,
+        ret: 0,
+        stack: 0,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        tid: tid as u32,
+        sys: nr,
+        in_allocator: PENDING.get_ptr(tid).is_some() as u32,
+        phase: phase::ENTRY,
     };
     if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
         count(syscall_counter::EVENTS_LOST);

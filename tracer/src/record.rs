@@ -14,7 +14,7 @@ use crate::{
     aggregate::{History, Profile, add_mapped, aggregate},
     diag,
     output::Output,
-    memmap::{self, ClassTotals},
+    memmap::{self, ClassTotals, StackMemory},
     regions::Regions,
     options::{BackendChoice, Format, RecordOptions, TargetSpec},
     probe::{
@@ -197,6 +197,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let mut next_interval = opts.interval.map(|i| start + i);
     let mut exit_code = None;
     let mut peak = PeakTracker::default();
+    // A launched command's smaps and resident pages at its exit stop.
+    let mut at_exit = None;
     loop {
         std::thread::sleep(TICK);
         peak.observe(probes.as_mut());
@@ -213,10 +215,11 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             let mut exited = false;
             while let Ok(event) = l.events.try_recv() {
                 match event {
-                    LaunchEvent::Exiting { maps: text, smaps } => {
+                    LaunchEvent::Exiting { maps: text, smaps, present } => {
                         if let Ok(m) = ProcMaps::parse(&text) {
                             maps.update(m);
                         }
+                        at_exit = Some((smaps.clone(), present));
                         // The last view of the process, at its very end.
                         if !smaps.is_empty() {
                             if let Ok(m) = memmap::memory_map_of(
@@ -270,7 +273,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
         if let Some(due) = next_interval {
             if Instant::now() >= due {
                 let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-                let profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
+                let held = StackMemory::measure(pid, &regions).ok();
+                let profile = profile_of(&snapshot, &regions, held.as_ref(), &maps, probes.as_mut());
                 history.push(&profile);
                 let meta = Meta {
                     pid,
@@ -315,7 +319,12 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             memory_last = Some(m);
         }
     }
-    let mut profile = profile_of(&snapshot, &regions, &maps, probes.as_mut());
+    // What the mmap/brk stacks hold in RAM: now, or at the launched command's exit stop.
+    let held = match &at_exit {
+        Some((smaps, present)) if exit_code.is_some() => StackMemory::at_exit(smaps, present, &regions).ok(),
+        _ => StackMemory::measure(pid, &regions).ok(),
+    };
+    let mut profile = profile_of(&snapshot, &regions, held.as_ref(), &maps, probes.as_mut());
     peak.apply(&mut profile.totals);
     if opts.interval.is_some() {
         history.push(&profile);
@@ -505,6 +514,7 @@ fn attach_backend(
 fn profile_of(
     snapshot: &Snapshot,
     regions: &Regions,
+    held: Option<&StackMemory>,
     maps: &ProcMaps,
     probes: &mut dyn Backend,
 ) -> Profile {
@@ -512,6 +522,7 @@ fn profile_of(
     add_mapped(
         &mut profile,
         &regions.by_stack(),
+        held,
         |id| probes.stack_frames(id).unwrap_or_default(),
         maps,
     );

@@ -113,12 +113,13 @@ pub fn call_sites(code: &[u8]) -> Vec<(u64, u64)> {
 /// Syscall tracing attached to one process.
 pub struct SyscallTracing {
     events: RingBuf<MapData>,
-    /// The raw tracepoint's link; None once detached.
-    link: Option<RawTracePointLink>,
+    /// The raw tracepoints' links; empty once detached.
+    links: Vec<RawTracePointLink>,
 }
 
-const PROGRAM: &str = "tr_sys_exit";
-const TRACEPOINT: &str = "sys_exit";
+/// (program, raw tracepoint). The exit sees every call whole; the entry sends munmap and
+/// mremap early (see the BPF side). The exit is attached first, so no entry goes unanswered.
+const PROGRAMS: [(&str, &str); 2] = [("tr_sys_exit", "sys_exit"), ("tr_sys_enter", "sys_enter")];
 
 impl SyscallTracing {
     /// Fills the wrapper sites for the target's libc and attaches the program. The maps are
@@ -137,38 +138,37 @@ impl SyscallTracing {
         };
         target.fill(ebpf, "CALL_SITES", &INTERMEDIARIES, call_sites)?;
         target.fill(ebpf, "SYSCALL_SITES", &WRAPPERS, syscall_sites)?;
-        let attach_err = |source| SyscallsError::Attach {
-            program: PROGRAM,
-            tracepoint: TRACEPOINT,
-            source,
-        };
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| attach_err(aya::programs::ProgramError::NotLoaded))?;
-        prog.load().map_err(attach_err)?;
-        let id = prog.attach(TRACEPOINT).map_err(attach_err)?;
-        // Owned here, so that detaching is up to us (see `take_link`).
-        let link = prog.take_link(id).map_err(attach_err)?;
+        let mut links = Vec::new();
+        for (program, tracepoint) in PROGRAMS {
+            let attach_err = |source| SyscallsError::Attach {
+                program,
+                tracepoint,
+                source,
+            };
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| attach_err(aya::programs::ProgramError::NotLoaded))?;
+            prog.load().map_err(attach_err)?;
+            let id = prog.attach(tracepoint).map_err(attach_err)?;
+            // Owned here, so that detaching is up to us (see `take_links`).
+            links.push(prog.take_link(id).map_err(attach_err)?);
+        }
         let events = RingBuf::try_from(ebpf.take_map("SYSCALL_EVENTS").ok_or(
             SyscallsError::Map("SYSCALL_EVENTS", aya::maps::MapError::InvalidName {
                 name: "SYSCALL_EVENTS".into(),
             }),
         )?)
         .map_err(|e| SyscallsError::Map("SYSCALL_EVENTS", e))?;
-        Ok(SyscallTracing {
-            events,
-            link: Some(link),
-        })
+        Ok(SyscallTracing { events, links })
     }
 
     /// The attachment, for the caller to close along with the others; events already in the
     /// ring stay readable.
     pub fn take_links(&mut self) -> Vec<Box<dyn Send>> {
-        self.link
-            .take()
+        self.links
+            .drain(..)
             .map(|l| Box::new(l) as Box<dyn Send>)
-            .into_iter()
             .collect()
     }
 

@@ -198,12 +198,23 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         let source = match s.source {
             Source::Malloc if report.sampling.is_some() => "estimated ".to_owned(),
             Source::Malloc => String::new(),
-            Source::Mmap => "[mmap] ".to_owned(),
-            Source::Brk => "[brk] ".to_owned(),
+            Source::Mmap | Source::Brk => {
+                let name = if s.source == Source::Mmap { "mmap" } else { "brk" };
+                match &s.class {
+                    Some(class) => format!("[{name} {class}] "),
+                    None => format!("[{name}] "),
+                }
+            }
         };
+        // What a mapping holds in RAM first: committed address space may never be touched.
+        let resident = match s.resident_bytes {
+            Some(r) => format!("resident {} ({r} B) of ", human_bytes(r)),
+            None => String::new(),
+        };
+        let live = if s.source == Source::Malloc { "live" } else { "committed" };
         write!(
             out,
-            "\n#{:<3} {source}live {} ({} B) in {} {what}; {} {} in {}",
+            "\n#{:<3} {source}{resident}{live} {} ({} B) in {} {what}; {} {} in {}",
             i + 1,
             human_bytes(s.live_bytes),
             s.live_bytes,
@@ -373,6 +384,39 @@ top 1 of 7 stacks by bytes held (leaf first):
         );
         // Nothing extra where peak and live agree and nothing was merged.
         assert!(text.contains("#2   live 64 B (64 B) in 1 allocations; allocated 64 B in 1\n"), "{text}");
+    }
+
+    #[test]
+    fn mapped_stacks_show_resident_committed_reserved_and_class() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "node", "duration_ms": 1000,
+                "totals": {"live_bytes": 0, "live_allocs": 0, "alloc_bytes": 0,
+                           "allocs": 0, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "dropped": {}},
+                "stacks": [{"source": "mmap", "live_bytes": 41877504, "live_allocs": 5,
+                            "alloc_bytes": 41943040, "allocs": 5, "reserved_bytes": 41943040,
+                            "resident_bytes": 163840, "class": "thread-stacks", "frames": []},
+                           {"source": "brk", "live_bytes": 20480, "live_allocs": 1,
+                            "alloc_bytes": 20480, "allocs": 1, "reserved_bytes": 20480,
+                            "frames": []}],
+                "stacks_total": 2}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "#1   [mmap thread-stacks] resident 160.0 KiB (163840 B) of committed 39.9 MiB (41877504 B) \
+                 in 5 mappings; mapped 40.0 MiB in 5; 40.0 MiB reserved\n"
+            ),
+            "{text}"
+        );
+        // Not measured (the process was gone): no resident figure, no class.
+        assert!(
+            text.contains("#2   [brk] committed 20.0 KiB (20480 B) in 1 heap extensions; mapped 20.0 KiB in 1; 20.0 KiB reserved\n"),
+            "{text}"
+        );
     }
 
     #[test]
