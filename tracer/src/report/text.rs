@@ -226,9 +226,6 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         if let Some(reserved) = s.reserved_bytes {
             write!(out, "; {} reserved", human_bytes(reserved))?;
         }
-        if let Some(resident) = s.resident_bytes {
-            write!(out, "; {} resident", human_bytes(resident))?;
-        }
         if s.peak_bytes > s.live_bytes {
             write!(out, "; peak {}", human_bytes(s.peak_bytes))?;
         }
