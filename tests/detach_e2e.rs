@@ -1,8 +1,8 @@
 //! Scope and detach: the tracer attached to one process must not touch another process running
 //! the same binary and libc, and after it exits the target's code and the kernel hold nothing of it.
 //!
-//! This file holds a single test on purpose: it asserts that no `tr_` BPF program is loaded once
-//! its tracer exited, which another test's tracer running in parallel would break.
+//! The tracer's programs and links are told from those of other tracers running at the same
+//! time (other tests, other checkouts) by the descriptors the tracer process holds.
 
 mod support;
 
@@ -10,8 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{
-    EXIT_TIMEOUT, LINE_TIMEOUT, LibcSymbol, Proc, TempDir, build_fixture, check_alloc_report,
-    eventually, hex, libc_symbol, num, setup, start_recording, stop_recording, tracer_programs,
+    BpfLink, BpfProg, EXIT_TIMEOUT, LINE_TIMEOUT, LibcSymbol, Proc, TempDir, attachments_of, bpf_link_ids,
+    build_fixture, check_alloc_report, eventually, hex, libc_symbol, num, setup, start_recording,
+    stop_recording, tracer_programs,
 };
 
 /// x86 int3, which a uprobe writes over the probed instruction.
@@ -42,6 +43,21 @@ fn process_matches_file(pid: i32, sym: &LibcSymbol) -> Result<(), String> {
     }
 }
 
+/// Regression: every uprobe and tracepoint used to be a perf event of its own, and removing
+/// each waited for a grace period, one after another (about 30 of them: 2.6 s at every exit).
+/// Now the allocator entries, their returns and free are three uprobe-multi links and the
+/// syscalls one raw tracepoint.
+fn check_probes_attach_in_bulk(links: &[BpfLink], perf_events: usize) {
+    let mut kinds: Vec<&str> = links.iter().map(|l| l.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        (kinds, perf_events),
+        (vec!["raw_tracepoint", "uprobe_multi", "uprobe_multi", "uretprobe_multi"], 0),
+        "while recording, the tracer should hold these links (types as the kernel names them) \
+         and no perf event: {links:?}"
+    );
+}
+
 #[test]
 fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everything() {
     setup();
@@ -62,12 +78,6 @@ fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everythin
             );
         }
     }
-    let preexisting = tracer_programs();
-    assert!(
-        preexisting.is_empty(),
-        "tr_ BPF programs are loaded before this test started its tracer (another tracer running?): \
-         {preexisting:?}"
-    );
 
     let mut tracer = start_recording(a.pid(), &["--format", "json", "--top", "0"]);
 
@@ -88,11 +98,18 @@ fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everythin
          {b_byte:#04x}: the probes reach beyond the target",
         b_malloc.address
     );
-    let loaded = tracer_programs();
+    let held = attachments_of(tracer.pid());
+    let loaded: Vec<BpfProg> = tracer_programs()
+        .into_iter()
+        .filter(|p| held.programs.contains(&p.id))
+        .collect();
     assert!(
         !loaded.is_empty(),
-        "while recording, bpftool should list the tracer's tr_ programs"
+        "while recording, bpftool should list tr_ programs among those the tracer holds \
+         (ids {:?})",
+        held.programs
     );
+    check_probes_attach_in_bulk(&held.links, held.perf_events);
 
     a.signal(libc::SIGUSR1);
     b.signal(libc::SIGUSR1);
@@ -107,6 +124,15 @@ fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everythin
     );
     check_alloc_report(&report, "attached to A while B ran the same allocations");
 
+    // The tracer closes its links itself, and the kernel frees a link when its last
+    // descriptor closes: nothing of them may outlive the process.
+    let listed = bpf_link_ids();
+    let left: Vec<&BpfLink> = held.links.iter().filter(|l| listed.contains(&l.id)).collect();
+    assert!(
+        left.is_empty(),
+        "the tracer has exited, yet bpftool still lists its links {left:?}"
+    );
+
     for sym in [&a_malloc, &a_free] {
         if let Err(e) = eventually(Duration::from_secs(5), || {
             process_matches_file(a.pid(), sym)
@@ -114,8 +140,12 @@ fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everythin
             panic!("5 s after the tracer exited its breakpoints are still in the target: {e}");
         }
     }
+    // The kernel frees a program after a grace period once nothing holds it.
     let leftover = eventually(Duration::from_secs(5), || {
-        let left = tracer_programs();
+        let left: Vec<BpfProg> = tracer_programs()
+            .into_iter()
+            .filter(|p| held.programs.contains(&p.id))
+            .collect();
         if left.is_empty() {
             Ok(())
         } else {
@@ -124,7 +154,7 @@ fn attaching_to_one_process_leaves_others_alone_and_detaching_restores_everythin
     });
     if let Err(left) = leftover {
         panic!(
-            "5 s after the tracer exited, bpftool still lists tr_ programs: {left}\n\
+            "5 s after the tracer exited, bpftool still lists its tr_ programs: {left}\n\
              (while recording it listed {loaded:?})"
         );
     }

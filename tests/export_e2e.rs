@@ -149,7 +149,8 @@ fn report_and_diff_refuse_bad_input_with_one_line() {
             "report".into(),
             golden("report.json").into_os_string(),
             "--metric".into(),
-            "peak".into(),
+            // (peak became a metric with issue 9)
+            "heaviest".into(),
         ],
     ];
     for args in cases {

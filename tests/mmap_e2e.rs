@@ -1,7 +1,8 @@
 //! The mmap family traced at the syscall level: exact ranges per calling function (partial
 //! munmap, mremap that moves, brk, reservations), the memory map by owner class, no drift
-//! under churn, node's external memory growing while the V8 heap stays flat, and malloc
-//! tracing going on when tracefs cannot be had.
+//! under churn, a range freed by one thread and mapped by another before the unmap returned,
+//! node's external memory growing while the V8 heap stays flat, no need for tracefs, and
+//! malloc tracing going on when the syscalls cannot be traced.
 
 mod support;
 
@@ -85,6 +86,54 @@ fn class<'a>(map: &'a Value, name: &str) -> &'a Value {
     map.as_array()
         .and_then(|a| a.iter().find(|c| c["class"] == name))
         .unwrap_or_else(|| panic!("no class {name} in {map}"))
+}
+
+/// mmap_race.c: 20 rounds of one munmap and one moving mremap, each freeing 4 pages that the
+/// main thread maps again (keep_map) before the unmapping call has returned.
+const RACE_TABLE: &[(&str, u64, u64, u64, u64)] = &[
+    // (caller, live bytes, live regions, mapped bytes, maps)
+    ("churn_map", 0, 0, 20 * 4 * PAGE, 20),
+    ("remap_src", 0, 0, 20 * 4 * PAGE, 20),
+    // Each mremap grows 4 pages to 8: it maps 4 more.
+    ("remap_grow", 20 * 8 * PAGE, 20, 20 * 4 * PAGE, 20),
+    ("keep_map", 40 * 4 * PAGE, 40, 40 * 4 * PAGE, 40),
+];
+
+#[test]
+fn a_range_given_to_another_thread_before_the_unmap_returned_stays_with_its_new_owner() {
+    setup();
+    let dir = TempDir::new("mmap_race");
+    let fixture = build_fixture(&dir, "mmap_race");
+    let launch = record_launch(&dir, &[&fixture]);
+    assert!(launch.finished.status.success(), "{}", launch.finished.describe());
+    // The fixture checks that the race happened: every kept range lies in a range being freed.
+    assert!(
+        launch.finished.stdout.lines().any(|l| l == "raced 40 reused 40"),
+        "the fixture should keep 40 ranges, all inside ranges whose unmap had not returned\n{}",
+        launch.finished.describe()
+    );
+    let report = &launch.report;
+    let mut wrong = Vec::new();
+    for &(caller, live, regions, mapped, maps) in RACE_TABLE {
+        let mine: Vec<&Value> = stacks(report)
+            .iter()
+            .filter(|s| source(s) == "mmap" && frame_function(s, 1) == Some(caller))
+            .collect();
+        let sum = |key: &str| mine.iter().map(|s| num(s, key)).sum::<u64>();
+        let got = (sum("live_bytes"), sum("live_allocs"), sum("alloc_bytes"), sum("allocs"));
+        if got != (live, regions, mapped, maps) {
+            wrong.push(format!(
+                "{caller}: expected (live, regions, mapped, maps) {:?}, got {got:?}\n{}",
+                (live, regions, mapped, maps),
+                describe_stacks(report, |s| frame_function(s, 1) == Some(caller))
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let dropped = &report["totals"]["dropped"];
+    for reason in ["syscall_events_lost", "syscall_pending_full"] {
+        assert_eq!(dropped[reason].as_u64(), Some(0), "{reason} in {dropped}");
+    }
 }
 
 #[test]
@@ -210,29 +259,60 @@ fn node_external_memory_grows_while_the_v8_heap_stays_flat() {
     );
 }
 
+/// Runs `sh -c script` in a mount namespace of its own in which /sys/kernel is an empty,
+/// read-only tmpfs: no tracefs, no debugfs, no kernel BTF file, and none can be mounted there.
+fn without_sys_kernel(script: &str) -> std::process::Output {
+    let script = format!("mount -t tmpfs -o ro none /sys/kernel && exec {script}");
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare (util-linux)")
+}
+
 #[test]
-fn without_tracefs_malloc_tracing_goes_on_and_says_why() {
+fn the_mmap_family_is_traced_without_tracefs() {
     setup();
     let dir = TempDir::new("mmap_no_tracefs");
-    let fixture = build_fixture(&dir, "alloc");
+    let fixture = build_fixture(&dir, "mmaps");
     let report_path = dir.join("report.json");
-    // A mount namespace in which /sys/kernel is an empty read-only tmpfs: tracefs is not
-    // there and cannot be mounted.
-    let script = format!(
-        "mount -t tmpfs -o ro none /sys/kernel && exec {} record --top 0 --format json -o {} -- {}",
+    let output = without_sys_kernel(&format!(
+        "{} record --top 0 --format json -o {} -- {}",
         support::tracer_bin().display(),
         report_path.display(),
         fixture.display()
-    );
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .expect("run unshare (util-linux)");
+    ));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "exit {:?}\n{stderr}", output.status);
     assert!(
-        stderr.lines().any(|l| l.starts_with("tracer: cannot trace the mmap family")),
-        "expected a warning about the mmap family\n{stderr}"
+        !stderr.contains("mmap family") && !stderr.contains("tracefs"),
+        "the raw tracepoint needs no tracefs, yet the tracer said\n{stderr}"
+    );
+    let text = std::fs::read_to_string(&report_path).expect("report");
+    check_table(&serde_json::from_str(&text).expect("JSON"));
+}
+
+#[test]
+fn when_syscalls_cannot_be_traced_malloc_tracing_goes_on_and_says_why() {
+    setup();
+    let dir = TempDir::new("mmap_denied");
+    let fixture = build_fixture(&dir, "alloc");
+    let deny = build_fixture(&dir, "deny_raw_tracepoint");
+    let report_path = dir.join("report.json");
+    // The kernel refuses the raw tracepoint (seccomp), as a locked-down host might.
+    let output = Command::new(&deny)
+        .arg(support::tracer_bin())
+        .args(["record", "--top", "0", "--format", "json", "-o"])
+        .arg(&report_path)
+        .arg("--")
+        .arg(&fixture)
+        .output()
+        .expect("run the tracer under deny_raw_tracepoint");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit {:?}\n{stderr}", output.status);
+    assert!(
+        stderr.lines().any(|l| l.starts_with("tracer: cannot trace the mmap family")
+            && l.contains("raw tracepoint sys_exit")),
+        "expected a warning that names the raw tracepoint\n{stderr}"
     );
     let text = std::fs::read_to_string(&report_path).expect("report");
     let report: Value = serde_json::from_str(&text).expect("JSON");

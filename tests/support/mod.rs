@@ -1119,13 +1119,13 @@ pub struct BpfProg {
     pub holders: Vec<String>,
 }
 
-/// All loaded BPF programs.
-pub fn bpf_programs() -> Vec<BpfProg> {
+/// What `bpftool OBJECT show --json` lists.
+fn bpftool_list(object: &str) -> Value {
     let output = ["bpftool", "/usr/sbin/bpftool"]
         .iter()
         .find_map(|bin| {
             Command::new(bin)
-                .args(["prog", "show", "--json"])
+                .args([object, "show", "--json"])
                 .output()
                 .ok()
         })
@@ -1134,16 +1134,92 @@ pub fn bpf_programs() -> Vec<BpfProg> {
         });
     assert!(
         output.status.success(),
-        "`bpftool prog show --json` failed with {}: {}",
+        "`bpftool {object} show --json` failed with {}: {}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let list: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
-            "`bpftool prog show --json` printed no JSON ({e}): {}",
+            "`bpftool {object} show --json` printed no JSON ({e}): {}",
             String::from_utf8_lossy(&output.stdout)
         )
-    });
+    })
+}
+
+/// A BPF link (an attachment of a program) that a process holds, from its fdinfo.
+#[derive(Debug, Clone)]
+pub struct BpfLink {
+    pub id: u64,
+    /// The kernel's name of the link type: "uprobe_multi", "uretprobe_multi",
+    /// "raw_tracepoint", "perf_event", ...
+    pub kind: String,
+}
+
+/// What process `pid` holds open of BPF: its links, the ids of its programs, and how many
+/// perf events (the other way to attach a uprobe or tracepoint program), from its fds.
+pub struct Attachments {
+    pub links: Vec<BpfLink>,
+    pub programs: Vec<u64>,
+    pub perf_events: usize,
+}
+
+pub fn attachments_of(pid: i32) -> Attachments {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("list /proc/{pid}/fd: {e}"));
+    let mut held = Attachments {
+        links: Vec::new(),
+        programs: Vec::new(),
+        perf_events: 0,
+    };
+    for fd in fds.flatten() {
+        let target = fs::read_link(fd.path()).unwrap_or_default();
+        let info = || {
+            fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default()
+        };
+        let field = |info: &str, name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        match target.to_string_lossy().as_ref() {
+            "anon_inode:bpf_link" => {
+                let info = info();
+                held.links.push(BpfLink {
+                    id: field(&info, "link_id").parse().unwrap_or(0),
+                    kind: field(&info, "link_type"),
+                });
+            }
+            "anon_inode:bpf-prog" => {
+                if let Ok(id) = field(&info(), "prog_id").parse() {
+                    held.programs.push(id);
+                }
+            }
+            "anon_inode:[perf_event]" => held.perf_events += 1,
+            _ => {}
+        }
+    }
+    held
+}
+
+/// Ids of every BPF link on the host, as `bpftool link show --json` lists them.
+pub fn bpf_link_ids() -> Vec<u64> {
+    bpftool_list("link")
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l.get("id").and_then(Value::as_u64))
+        .collect()
+}
+
+/// All loaded BPF programs.
+pub fn bpf_programs() -> Vec<BpfProg> {
+    let list = bpftool_list("prog");
     list.as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()

@@ -191,38 +191,37 @@ pub mod sys {
     pub const MADVISE: u32 = 28;
 }
 
-/// A mmap-family syscall between its entry and exit. Key: pid_tgid.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct SyscallPending {
-    pub args: [u64; 6],
-    pub stack: u64,
-    pub sys: u32,
-    /// 1 when the thread was inside a malloc-family call (glibc mapping memory for malloc).
-    pub in_allocator: u32,
-}
-
-/// One completed mmap-family syscall of the target, streamed to user space (they are rare,
-/// and their address-range bookkeeping needs every one, in order).
+/// One mmap-family syscall of the target, streamed to user space (they are rare, and their
+/// address-range bookkeeping needs every one, in order). Every call is sent as it returns;
+/// munmap and mremap are also sent as they enter, since the range they free can be handed
+/// to another thread's mmap before they return.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SyscallEvent {
     pub args: [u64; 6],
-    /// The syscall's return value (negative errno on failure).
+    /// The syscall's return value (negative errno on failure); 0 at entry.
     pub ret: i64,
     pub stack: u64,
     pub timestamp_ns: u64,
     pub tid: u32,
     pub sys: u32,
     pub in_allocator: u32,
-    pub _pad: u32,
+    /// [`phase::ENTRY`] or [`phase::EXIT`].
+    pub phase: u32,
+}
+
+/// Values of `SyscallEvent::phase`.
+pub mod phase {
+    pub const EXIT: u32 = 0;
+    pub const ENTRY: u32 = 1;
 }
 
 /// Indices into the per-CPU `SYSCALL_COUNTERS` array.
 pub mod syscall_counter {
     /// Events lost because the ring buffer was full: the address-range bookkeeping missed them.
     pub const EVENTS_LOST: u32 = 0;
-    /// Pending-syscall map full: the syscall was not seen.
+    /// Pending-syscall map full. Never counted since syscalls are read whole at their exit
+    /// (no map holds them in flight); kept because reports name every reason they ever had.
     pub const PENDING_FULL: u32 = 1;
     pub const COUNT: u32 = 2;
 }
@@ -230,7 +229,6 @@ pub mod syscall_counter {
 #[cfg(feature = "user")]
 mod user_syscalls {
     // SAFETY: repr(C), u64/i64/u32 fields only, no padding (SyscallEvent pads explicitly).
-    unsafe impl aya::Pod for super::SyscallPending {}
     unsafe impl aya::Pod for super::SyscallEvent {}
 }
 

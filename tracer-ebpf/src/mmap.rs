@@ -1,28 +1,27 @@
 //! The mmap family at the syscall level: mmap, munmap, mremap, brk, madvise, mprotect, seen
-//! whatever wrapper made them (glibc's, or V8 calling the kernel itself). Syscall
-//! tracepoints fire for every process, so each program first checks that the caller is the
-//! target. Events go to user space in order, where address ranges are kept.
+//! whatever wrapper made them (glibc's, or V8 calling the kernel itself). One raw tracepoint
+//! on `sys_exit` sees each whole: at a syscall's exit its arguments are still in the saved
+//! user registers, its number in `orig_ax`, the user stack is as it was at entry, and an
+//! allocator call that made it is still in flight. It fires for every syscall of every
+//! process, so it first checks that the caller is the target, then the number. Events go to
+//! user space in order, where address ranges are kept. munmap and mremap are also sent from
+//! `sys_enter`: the range they free can be handed to another thread's mmap, which may return
+//! before they do, so the range must be gone from the books first.
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    },
-    macros::{map, tracepoint},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
-use tracer_common::{SyscallEvent, SyscallPending, syscall_counter};
+use tracer_common::{SyscallEvent, phase, sys, syscall_counter};
 
 use crate::{maps::PENDING, stack};
 
 /// The process traced; set by user space before load.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
-
-#[map]
-static SYSCALL_PENDING: HashMap<u64, SyscallPending> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static SYSCALL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -42,11 +41,6 @@ static CALL_SITES: HashMap<u64, u64> = HashMap::with_max_entries(64, 0);
 #[map]
 static SYSCALL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(syscall_counter::COUNT, 0);
 
-/// Tracepoint layout: 8 bytes of common fields, `int __syscall_nr`, then 8-byte arguments
-/// from offset 16 (sys_enter_*) or the 8-byte return value at offset 16 (sys_exit_*).
-const NR_OFFSET: usize = 8;
-const ARGS_OFFSET: usize = 16;
-
 fn count(index: u32) {
     if let Some(slot) = SYSCALL_COUNTERS.get_ptr_mut(index) {
         // SAFETY: a valid map value. Atomic, as in `maps::add_counter`: a preempting program
@@ -63,31 +57,99 @@ fn is_target() -> Option<u64> {
     ((tid >> 32) as u32 == target).then_some(tid)
 }
 
-#[tracepoint]
-pub fn tr_sys_enter(ctx: TracePointContext) -> u32 {
-    match try_sys_enter(&ctx) {
-        Ok(ret) | Err(ret) => ret,
-    }
-}
-
-#[tracepoint]
-pub fn tr_sys_exit(ctx: TracePointContext) -> u32 {
+/// `sys_exit(struct pt_regs *regs, long ret)`: `regs` are the task's saved user registers.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn tr_sys_exit(ctx: RawTracePointContext) -> u32 {
     match try_sys_exit(&ctx) {
         Ok(ret) | Err(ret) => ret,
     }
 }
 
-/// The return address into whoever called the libc wrapper that is making this syscall.
-fn wrapper_caller() -> u64 {
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    if regs.is_null() {
-        return 0;
+fn try_sys_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    let Some(tid) = is_target() else { return Ok(0) };
+    let regs: *const pt_regs = ctx.arg(0);
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.map_err(|_| 1u32);
+    let nr = read(unsafe { &raw const (*regs).orig_rax })?;
+    let Ok(nr) = u32::try_from(nr) else { return Ok(0) };
+    if !matches!(nr, sys::MMAP | sys::MUNMAP | sys::MREMAP | sys::BRK | sys::MADVISE | sys::MPROTECT) {
+        return Ok(0);
     }
-    let (Ok(ip), Ok(sp)) = (unsafe { bpf_probe_read_kernel(&raw const (*regs).rip) }, unsafe {
-        bpf_probe_read_kernel(&raw const (*regs).rsp)
-    }) else {
-        return 0;
+    let ret: i64 = ctx.arg(1);
+    // The syscall argument registers of x86-64, in order (r10, not rcx, holds the fourth).
+    let args = unsafe {
+        [
+            read(&raw const (*regs).rdi)?,
+            read(&raw const (*regs).rsi)?,
+            read(&raw const (*regs).rdx)?,
+            read(&raw const (*regs).r10)?,
+            read(&raw const (*regs).r8)?,
+            read(&raw const (*regs).r9)?,
+        ]
     };
+    let ip = read(unsafe { &raw const (*regs).rip })?;
+    let sp = read(unsafe { &raw const (*regs).rsp })?;
+    let event = SyscallEvent {
+        args,
+        ret,
+        stack: stack::capture_with_caller(ctx.as_ptr(), wrapper_caller(ip, sp)),
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        tid: tid as u32,
+        sys: nr,
+        in_allocator: PENDING.get_ptr(tid).is_some() as u32,
+        phase: phase::EXIT,
+    };
+    if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
+        count(syscall_counter::EVENTS_LOST);
+    }
+    Ok(0)
+}
+
+/// `sys_enter(struct pt_regs *regs, long id)`.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn tr_sys_enter(ctx: RawTracePointContext) -> u32 {
+    match try_sys_enter(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+fn try_sys_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    let Some(tid) = is_target() else { return Ok(0) };
+    let nr: i64 = ctx.arg(1);
+    let Ok(nr) = u32::try_from(nr) else { return Ok(0) };
+    if nr != sys::MUNMAP && nr != sys::MREMAP {
+        return Ok(0);
+    }
+    let regs: *const pt_regs = ctx.arg(0);
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.map_err(|_| 1u32);
+    let args = unsafe {
+        [
+            read(&raw const (*regs).rdi)?,
+            read(&raw const (*regs).rsi)?,
+            read(&raw const (*regs).rdx)?,
+            read(&raw const (*regs).r10)?,
+            read(&raw const (*regs).r8)?,
+            read(&raw const (*regs).r9)?,
+        ]
+    };
+    // Only the range matters here; the exit event carries the stack.
+    let event = SyscallEvent {
+        args,
+        ret: 0,
+        stack: 0,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        tid: tid as u32,
+        sys: nr,
+        in_allocator: PENDING.get_ptr(tid).is_some() as u32,
+        phase: phase::ENTRY,
+    };
+    if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
+        count(syscall_counter::EVENTS_LOST);
+    }
+    Ok(0)
+}
+
+/// The return address into whoever called the libc wrapper that is making this syscall.
+fn wrapper_caller(ip: u64, sp: u64) -> u64 {
     let Some(offset) = SYSCALL_SITES.get_ptr(ip) else { return 0 };
     let at = sp + unsafe { *offset };
     let caller = unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0);
@@ -96,45 +158,4 @@ fn wrapper_caller() -> u64 {
         Some(frame) => unsafe { bpf_probe_read_user((at + 8 + *frame) as *const u64) }.unwrap_or(caller),
         None => caller,
     }
-}
-
-fn try_sys_enter(ctx: &TracePointContext) -> Result<u32, u32> {
-    let Some(tid) = is_target() else { return Ok(0) };
-    let nr: i32 = unsafe { ctx.read_at(NR_OFFSET) }.map_err(|_| 1u32)?;
-    let mut pending = SyscallPending {
-        args: [0; 6],
-        stack: 0,
-        sys: nr as u32,
-        in_allocator: PENDING.get_ptr(tid).is_some() as u32,
-    };
-    for i in 0..6 {
-        pending.args[i] = unsafe { ctx.read_at::<u64>(ARGS_OFFSET + 8 * i) }.unwrap_or(0);
-    }
-    pending.stack = stack::capture_with_caller(ctx.as_ptr(), wrapper_caller());
-    if SYSCALL_PENDING.insert(tid, &pending, 0).is_err() {
-        count(syscall_counter::PENDING_FULL);
-    }
-    Ok(0)
-}
-
-fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, u32> {
-    let Some(tid) = is_target() else { return Ok(0) };
-    let Some(pending) = SYSCALL_PENDING.get_ptr(tid) else { return Ok(0) };
-    let pending = unsafe { *pending };
-    let _ = SYSCALL_PENDING.remove(tid);
-    let ret: i64 = unsafe { ctx.read_at(ARGS_OFFSET) }.map_err(|_| 1u32)?;
-    let event = SyscallEvent {
-        args: pending.args,
-        ret,
-        stack: pending.stack,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        tid: tid as u32,
-        sys: pending.sys,
-        in_allocator: pending.in_allocator,
-        _pad: 0,
-    };
-    if SYSCALL_EVENTS.output::<SyscallEvent>(&event, 0).is_err() {
-        count(syscall_counter::EVENTS_LOST);
-    }
-    Ok(0)
 }

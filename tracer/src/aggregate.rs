@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    memmap::StackMemory,
     probe::{Counters, Snapshot},
     regions::{Origin, StackRanges},
     symbolize::maps::ProcMaps,
@@ -136,11 +137,13 @@ fn sort_by_live(stacks: &mut [StackProfile]) {
 }
 
 /// Adds the stacks that mapped memory themselves (mmap, mremap, brk) and still hold it or
-/// held it while recording. Totals stay the malloc family's: glibc's own mappings are
-/// already counted there, and the memory map shows the rest.
+/// held it while recording, with what they hold in RAM and its class when `held` was
+/// measured. Totals stay the malloc family's: glibc's own mappings are already counted
+/// there, and the memory map shows the rest.
 pub fn add_mapped(
     profile: &mut Profile,
     by_stack: &HashMap<(u64, Origin), StackRanges>,
+    held: Option<&StackMemory>,
     mut frames: impl FnMut(u64) -> Vec<u64>,
     maps: &ProcMaps,
 ) {
@@ -169,8 +172,9 @@ pub fn add_mapped(
             alloc_bytes: r.mapped_bytes,
             allocs: r.maps,
             reserved_bytes: Some(r.reserved_bytes),
-            resident_bytes: None,
-            class: None,
+            // A stack with nothing mapped any more holds nothing in RAM either.
+            resident_bytes: held.map(|h| h.resident.get(&(id, origin)).copied().unwrap_or(0)),
+            class: held.and_then(|h| h.class.get(&(id, origin))).map(|c| c.name().to_owned()),
             peak_bytes: 0,
             series: Vec::new(),
             growth_bytes: 0,
@@ -324,7 +328,7 @@ mod tests {
             (9, Origin::Mmap),
             StackRanges { committed_bytes: 8192, reserved_bytes: 16384, regions: 2, mapped_bytes: 20480, maps: 3 },
         );
-        add_mapped(&mut p, &by_stack, |_| vec![0x400300], &maps());
+        add_mapped(&mut p, &by_stack, None, |_| vec![0x400300], &maps());
         // The loader's own mappings are images, not allocations.
         let mut loader = maps();
         loader.update(
@@ -334,7 +338,7 @@ mod tests {
         let mut by_loader = HashMap::new();
         by_loader.insert((10, Origin::Mmap), StackRanges { committed_bytes: 4096, ..StackRanges::default() });
         let before = p.stacks.len();
-        add_mapped(&mut p, &by_loader, |_| vec![0x7f1000000100], &loader);
+        add_mapped(&mut p, &by_loader, None, |_| vec![0x7f1000000100], &loader);
         assert_eq!(p.stacks.len(), before);
         assert_eq!(p.stacks[0].source, Source::Mmap);
         assert_eq!((p.stacks[0].live_bytes, p.stacks[0].reserved_bytes), (8192, Some(16384)));

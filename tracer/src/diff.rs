@@ -1,17 +1,23 @@
 //! `tracer diff`: what grew and what shrank between two saved JSON reports, stack by stack.
-//! Stacks are matched by their names (root to leaf), not addresses, so two runs of one program
-//! compare even though its libraries were loaded at other addresses.
-use std::collections::BTreeMap;
+//! Stacks are matched by the reports' one rule for what a stack is ([`FrameKey`]: functions,
+//! files, lines, module file names; never addresses or paths), so two runs of one program, or
+//! two hosts, compare even though libraries were loaded elsewhere.
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::report::{
-    Report,
-    folded::{Metric, mixed_sources, stack_key},
-    svg,
-    text::human_bytes,
+use crate::{
+    aggregate::Source,
+    report::{
+        Frame, Report,
+        folded::{Metric, frame_label, mixed_sources, stack_key},
+        merge::FrameKey,
+        svg,
+        text::human_bytes,
+    },
+    symbolize::FrameKind,
 };
 
 #[derive(Debug, Error)]
@@ -73,11 +79,13 @@ pub fn read_report(path: &Path) -> Result<Report, DiffError> {
     })
 }
 
-/// One stack, by name, in both reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stack (code path) in both reports.
+#[derive(Debug, Clone)]
 pub struct StackDiff {
-    /// Folded form, root first.
+    /// Folded form, root first (function names only, the flamegraph convention).
     pub key: String,
+    /// Its frames, leaf first, as the later report has them (else the earlier).
+    pub frames: Vec<Frame>,
     pub before: u64,
     pub after: u64,
 }
@@ -114,9 +122,17 @@ fn side(report: &Report, metric: Metric) -> Side {
     let total = match metric {
         Metric::Live => report.totals.live_bytes,
         Metric::Allocated => report.totals.alloc_bytes,
-        Metric::Growth | Metric::Held | Metric::Resident | Metric::Peak => {
-            report.stacks.iter().map(|s| metric.of(s)).sum()
+        // malloc stacks from the totals (every stack recorded), mappings from the stacks shown.
+        Metric::Held | Metric::Resident => {
+            report.totals.live_bytes
+                + report
+                    .stacks
+                    .iter()
+                    .filter(|s| s.source != Source::Malloc)
+                    .map(|s| metric.of(s))
+                    .sum::<u64>()
         }
+        Metric::Growth | Metric::Peak => report.stacks.iter().map(|s| metric.of(s)).sum(),
     };
     Side {
         pid: report.pid,
@@ -130,26 +146,68 @@ fn side(report: &Report, metric: Metric) -> Side {
 
 pub fn diff(before: &Report, after: &Report, metric: Metric) -> Diff {
     let with_source = mixed_sources(before) || mixed_sources(after);
-    let mut merged: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for s in &before.stacks {
-        merged.entry(stack_key(s, with_source)).or_default().0 += metric.of(s);
+    let mut index: HashMap<(Source, Vec<FrameKey>), usize> = HashMap::new();
+    let mut stacks: Vec<StackDiff> = Vec::new();
+    for (report, is_after) in [(before, false), (after, true)] {
+        for s in &report.stacks {
+            let key = (s.source, s.frames.iter().map(FrameKey::of).collect());
+            let i = *index.entry(key).or_insert_with(|| {
+                stacks.push(StackDiff {
+                    key: stack_key(s, with_source),
+                    frames: s.frames.clone(),
+                    before: 0,
+                    after: 0,
+                });
+                stacks.len() - 1
+            });
+            let d = &mut stacks[i];
+            if is_after {
+                if d.after == 0 && d.before > 0 {
+                    d.frames = s.frames.clone();
+                }
+                d.after += metric.of(s);
+            } else {
+                d.before += metric.of(s);
+            }
+        }
     }
-    for s in &after.stacks {
-        merged.entry(stack_key(s, with_source)).or_default().1 += metric.of(s);
-    }
-    let mut stacks: Vec<StackDiff> = merged
-        .into_iter()
-        .filter(|(_, (b, a))| *b > 0 || *a > 0)
-        .map(|(key, (before, after))| StackDiff { key, before, after })
-        .collect();
-    stacks.sort_by(|x, y| {
-        (y.change().abs(), y.change() > 0, &x.key).cmp(&(x.change().abs(), x.change() > 0, &y.key))
+    stacks.retain(|d| d.before > 0 || d.after > 0);
+    let labels: Vec<Vec<String>> = stacks.iter().map(|d| d.frames.iter().map(text_label).collect()).collect();
+    let mut order: Vec<usize> = (0..stacks.len()).collect();
+    order.sort_by(|&x, &y| {
+        let (a, b) = (&stacks[x], &stacks[y]);
+        (b.change().abs(), b.change() > 0, &a.key, &labels[x])
+            .cmp(&(a.change().abs(), a.change() > 0, &b.key, &labels[y]))
     });
+    let mut slots: Vec<Option<StackDiff>> = stacks.into_iter().map(Some).collect();
     Diff {
         metric,
         before: side(before, metric),
         after: side(after, metric),
-        stacks,
+        stacks: order.iter().map(|&i| slots[i].take().expect("each index once")).collect(),
+    }
+}
+
+/// A frame as the diff text shows it: what matched it, nothing host-specific (no address,
+/// no module path).
+fn text_label(f: &Frame) -> String {
+    let place = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!("{file}:{line}"),
+        (Some(file), None) => file.clone(),
+        _ => String::new(),
+    };
+    match (&f.function, f.kind) {
+        (Some(function), FrameKind::Jit) if place.is_empty() => format!("{function}  (jit)"),
+        (Some(function), FrameKind::Jit) => format!("{function}  (jit, {place})"),
+        (Some(function), _) => {
+            let inlined = if f.inlined { "[inlined] " } else { "" };
+            if place.is_empty() {
+                format!("{inlined}{function}")
+            } else {
+                format!("{inlined}{function}  ({place})")
+            }
+        }
+        (None, _) => frame_label(f),
     }
 }
 
@@ -210,8 +268,11 @@ pub fn write_text(d: &Diff, out: &mut dyn Write) -> std::io::Result<()> {
                 s.before,
                 s.after
             )?;
-            for frame in s.key.rsplit(';') {
-                writeln!(out, "      {frame}")?;
+            if s.frames.is_empty() {
+                writeln!(out, "      [stack lost]")?;
+            }
+            for frame in &s.frames {
+                writeln!(out, "      {}", text_label(frame))?;
             }
         }
     }
@@ -223,13 +284,18 @@ pub fn write_text(d: &Diff, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `stack BEFORE AFTER` lines, the differential folded format of difffolded.pl and inferno.
+/// `stack BEFORE AFTER` lines, the differential folded format of difffolded.pl and inferno;
+/// code paths whose function names are the same share a line, as in every folded output.
 pub fn folded_lines(d: &Diff) -> Vec<String> {
-    let mut lines: Vec<&StackDiff> = d.stacks.iter().collect();
-    lines.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut lines: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for s in &d.stacks {
+        let line = lines.entry(&s.key).or_default();
+        line.0 += s.before;
+        line.1 += s.after;
+    }
     lines
         .into_iter()
-        .map(|s| format!("{} {} {}", s.key, s.before, s.after))
+        .map(|(key, (before, after))| format!("{key} {before} {after}"))
         .collect()
 }
 
@@ -391,6 +457,37 @@ unchanged: 1 stack
         // inferno's differential tooltips carry the change in percent.
         assert!(svg.contains("cache_put (3,000 bytes"), "{svg}");
         assert!(svg.contains("+"), "growth is marked");
+    }
+
+    #[test]
+    fn stacks_match_by_lines_and_merge_their_variants() {
+        let libc = Some("/lib/libc.so.6");
+        let at = |line: u32, offset: u64| {
+            let mut f = frame(Some("fill"), Some("/bin/app"), offset);
+            f.file = Some("/src/app.c".to_owned());
+            f.line = Some(line);
+            vec![frame(Some("malloc"), libc, 1), f]
+        };
+        // Before: line 10 in two variants (two call sites), line 20. After, on another host
+        // (other paths and addresses): line 10 grew, line 20 went.
+        let before = report(vec![stack(100, 100, at(10, 0x10)), stack(50, 50, at(10, 0x18)), stack(7, 7, at(20, 0x30))]);
+        let mut after_frames = at(10, 0x99);
+        after_frames[1].module = Some("/opt/app/bin/app".to_owned());
+        let after = report(vec![stack(400, 400, after_frames)]);
+        let d = diff(&before, &after, Metric::Held);
+        let got: Vec<(Option<u32>, u64, u64)> = d
+            .stacks
+            .iter()
+            .map(|s| (s.frames[1].line, s.before, s.after))
+            .collect();
+        assert_eq!(got, [(Some(10), 150, 400), (Some(20), 7, 0)]);
+        // Folded lines keep function names only: both code paths are one line there.
+        assert_eq!(folded_lines(&d), ["fill;malloc 157 400"]);
+        let mut text = Vec::new();
+        write_text(&d, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("      fill  (/src/app.c:10)\n"), "{text}");
+        assert!(text.contains("before: pid 7 (app), recorded 1.0 s: bytes held"), "{text}");
     }
 
     #[test]

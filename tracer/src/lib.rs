@@ -11,6 +11,7 @@ pub mod mallocstats;
 pub mod memmap;
 pub mod options;
 pub mod output;
+pub mod pagemap;
 pub mod probe;
 pub mod record;
 pub mod recording;

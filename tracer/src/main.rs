@@ -68,10 +68,20 @@ impl From<ReportFormatArg> for Format {
     }
 }
 
+/// `--metric`: what every format ranks and weighs stacks by.
 #[derive(Clone, Copy, ValueEnum)]
 enum MetricArg {
+    /// Bytes held: live bytes of malloc stacks, resident bytes of mmap/brk stacks.
+    Held,
+    /// Bytes allocated and not freed (committed bytes of mmap/brk stacks).
     Live,
+    /// Bytes in RAM (for malloc stacks, their live bytes).
+    Resident,
+    /// The most live bytes each stack held at once.
+    Peak,
+    /// Bytes allocated while recording, freed or not.
     Allocated,
+    /// Live bytes at the last --interval snapshot less at the first.
     Growth,
 }
 
@@ -81,6 +91,9 @@ impl From<MetricArg> for Metric {
             MetricArg::Live => Metric::Live,
             MetricArg::Allocated => Metric::Allocated,
             MetricArg::Growth => Metric::Growth,
+            MetricArg::Held => Metric::Held,
+            MetricArg::Resident => Metric::Resident,
+            MetricArg::Peak => Metric::Peak,
         }
     }
 }
@@ -103,8 +116,9 @@ struct DiffArgs {
     /// differential flamegraph (growth red, shrink blue).
     #[arg(long, short = 'f', value_enum, default_value = "text")]
     format: DiffFormatArg,
-    #[arg(long, value_enum, default_value = "live")]
-    metric: MetricArg,
+    /// What stacks are compared by [default: held].
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
 }
@@ -116,8 +130,9 @@ struct ReportArgs {
     input: PathBuf,
     #[arg(long, short = 'f', value_enum, default_value = "text")]
     format: ReportFormatArg,
-    #[arg(long, value_enum, default_value = "live")]
-    metric: MetricArg,
+    /// What stacks are ranked and weighed by [default: what the report was ranked by].
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
     /// Name the native frames again from this host's module files (e.g. after installing
@@ -149,16 +164,16 @@ struct RecordArgs {
     /// Print a snapshot to stderr this often.
     #[arg(long, short = 'i', value_parser = parse_duration)]
     interval: Option<Duration>,
-    /// Stacks to show, most live bytes first; 0 shows all [default: 20 for text and json, all
+    /// Stacks to show, first by --metric; 0 shows all [default: 20 for text and json, all
     /// for folded, svg and pprof].
     #[arg(long)]
     top: Option<usize>,
     #[arg(long, short = 'f', value_enum, default_value = "text")]
     format: ReportFormatArg,
-    /// What folded and svg reports weigh stacks by (growth: live bytes at the last --interval
-    /// snapshot less at the first).
-    #[arg(long, value_enum, default_value = "live")]
-    metric: MetricArg,
+    /// What every format ranks and weighs stacks by [default: growth with --interval, else
+    /// held; peak when a launched command exits holding under half of its peak].
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
     /// When launching node, do not add --perf-basic-prof-only-functions
     /// --interpreted-frames-native-stack (which name JavaScript frames).
     #[arg(long)]
@@ -302,7 +317,7 @@ impl RecordArgs {
             }),
             format: self.format.into(),
             output: self.output,
-            metric: self.metric.into(),
+            metric: self.metric.map(Metric::from),
             jit_symbols: !self.no_jit_symbols,
             debug_dirs: self.debug_dir,
             min_age: self.min_age,
@@ -353,7 +368,7 @@ fn main() -> ExitCode {
                     DiffFormatArg::Folded => DiffFormat::Folded,
                     DiffFormatArg::Svg => DiffFormat::Svg,
                 },
-                metric: args.metric.into(),
+                metric: args.metric.map_or(Metric::Held, Metric::from),
                 output: args.output,
             };
             match tracer::record::diff(&opts) {
@@ -365,7 +380,7 @@ fn main() -> ExitCode {
             let written = tracer::record::convert(
                 &args.input,
                 args.format.into(),
-                args.metric.into(),
+                args.metric.map(Metric::from),
                 args.output.as_deref(),
                 (args.resymbolize || !args.debug_dir.is_empty()).then_some(args.debug_dir.as_slice()),
             );

@@ -1,11 +1,15 @@
 //! The memory model of a process seen from outside: every mapping of /proc/PID/smaps put
 //! in one owner class (V8 heap, malloc, thread stacks, code, JIT, files, other anonymous
-//! memory), with its reserved size and resident set.
-use std::collections::HashSet;
+//! memory), with its reserved size and resident set; and what the mmap/brk stacks hold of
+//! it (bytes in RAM from pagemap, class of the mappings they fall in).
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::regions::Regions;
+use crate::{
+    pagemap::{PagemapError, Present},
+    regions::{Origin, Regions},
+};
 
 /// glibc's non-main arenas are heaps of at most this size, aligned to it (64-bit).
 const ARENA_HEAP_MAX: u64 = 64 << 20;
@@ -67,6 +71,8 @@ pub enum SmapsError {
     },
     #[error("smaps line {line}: {text:?}")]
     Parse { line: usize, text: String },
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
 }
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
@@ -263,6 +269,89 @@ pub fn memory_map_of(
     Ok(totals(&entries, &classes, before))
 }
 
+/// What the mmap/brk stacks hold at one moment, per (stack, origin): the bytes of their
+/// ranges in RAM, and the class of the mappings their ranges fall in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackMemory {
+    pub resident: HashMap<(u64, Origin), u64>,
+    pub class: HashMap<(u64, Origin), Class>,
+}
+
+impl StackMemory {
+    /// Measures `pid` now: smaps for the classes and for which mappings hold any page at
+    /// all, then pagemap over the stacks' ranges within those. Reservations that were never
+    /// touched (node's gigabytes of PROT_NONE address space) hold no page and are not read.
+    pub fn measure(pid: u32, regions: &Regions) -> Result<StackMemory, SmapsError> {
+        let entries = read_smaps(pid)?;
+        let classes = classify(&entries, &Hints::from_regions(regions, thread_stack_pointers(pid)));
+        let present = Present::read(pid, pagemap_ranges(&entries, regions))?;
+        Ok(StackMemory::of(&entries, &classes, regions, &present))
+    }
+
+    /// From smaps and pagemap read at a process's exit stop (see [`present_at_exit`]); the
+    /// thread stack pointers are gone by then.
+    pub fn at_exit(smaps: &str, present: &Present, regions: &Regions) -> Result<StackMemory, SmapsError> {
+        let entries = parse_smaps(smaps)?;
+        let classes = classify(&entries, &Hints::from_regions(regions, Vec::new()));
+        Ok(StackMemory::of(&entries, &classes, regions, present))
+    }
+
+    fn of(entries: &[SmapsEntry], classes: &[Class], regions: &Regions, present: &Present) -> StackMemory {
+        let mut out = StackMemory::default();
+        // Per stack and class: (accessible bytes, all bytes) of the stack's ranges in it.
+        let mut shares: HashMap<(u64, Origin), HashMap<Class, (u64, u64)>> = HashMap::new();
+        for (key, start, r) in regions.stack_ranges() {
+            *out.resident.entry(key).or_default() += present.bytes(start, r.end);
+            let share = shares.entry(key).or_default();
+            for (e, class) in overlapping(entries, start, r.end).map(|i| (&entries[i], classes[i])) {
+                let bytes = r.end.min(e.end) - start.max(e.start);
+                let s = share.entry(class).or_default();
+                if !e.perms.starts_with("---") {
+                    s.0 += bytes;
+                }
+                s.1 += bytes;
+            }
+        }
+        for (key, share) in shares {
+            // The class holding most of the stack's accessible bytes (guard pages and
+            // reservations decide only when nothing is accessible).
+            if let Some((class, _)) = share.into_iter().max_by_key(|&(class, bytes)| (bytes, std::cmp::Reverse(class))) {
+                out.class.insert(key, class);
+            }
+        }
+        out
+    }
+}
+
+/// Indices of the smaps entries (sorted by address) that overlap `[start, end)`.
+fn overlapping(entries: &[SmapsEntry], start: u64, end: u64) -> impl Iterator<Item = usize> + '_ {
+    let from = entries.partition_point(|e| e.end <= start);
+    (from..entries.len()).take_while(move |&i| entries[i].start < end)
+}
+
+/// The parts of the stacks' ranges that lie in mappings holding any page: the only parts
+/// whose pagemap entries can say "present".
+fn pagemap_ranges(entries: &[SmapsEntry], regions: &Regions) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (_, start, r) in regions.stack_ranges() {
+        for i in overlapping(entries, start, r.end) {
+            let e = &entries[i];
+            if e.rss > 0 {
+                out.push((start.max(e.start), r.end.min(e.end)));
+            }
+        }
+    }
+    out
+}
+
+/// At a process's exit stop, while its memory is still there: which pages of its mappings
+/// holding any page are in RAM (a few hundred KiB of pagemap for a node process), so that
+/// [`StackMemory::at_exit`] can split them by stack afterwards.
+pub fn present_at_exit(pid: u32, smaps: &str) -> Present {
+    let entries = parse_smaps(smaps).unwrap_or_default();
+    Present::read(pid, entries.iter().filter(|e| e.rss > 0).map(|e| (e.start, e.end))).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +448,76 @@ VmFlags: rd wr mr mw me gd ac
         grown[1].rss += 4096;
         let after = totals(&grown, &classes, Some(&before));
         assert_eq!(after.iter().find(|c| c.class == "malloc").unwrap().rss_delta_bytes, 4096);
+    }
+
+    fn mapped(regions: &mut Regions, stack: u64, start: u64, len: u64, prot: u64) {
+        regions.apply(&tracer_common::SyscallEvent {
+            args: [0, len, prot, 0x22, 0, 0],
+            ret: start as i64,
+            stack,
+            timestamp_ns: 0,
+            tid: 1,
+            sys: tracer_common::sys::MMAP,
+            in_allocator: 0,
+            phase: tracer_common::phase::EXIT,
+        });
+    }
+
+    #[test]
+    fn a_stack_takes_the_class_of_its_accessible_bytes() {
+        // A thread stack as glibc maps it: a PROT_NONE guard page below the stack proper.
+        let smaps = "\
+7f3000000000-7f3000001000 ---p 00000000 00:00 0
+Rss:                   0 kB
+7f3000001000-7f3000800000 rw-p 00000000 00:00 0
+Rss:                  16 kB
+";
+        let mut regions = Regions::default();
+        mapped(&mut regions, 7, 0x7f3000000000, 0x800000, 0);
+        let entries = parse_smaps(smaps).unwrap();
+        let hints = Hints { stack_pointers: vec![0x7f30007fff00], malloc_ranges: vec![] };
+        let held = StackMemory::of(&entries, &classify(&entries, &hints), &regions, &Present::default());
+        assert_eq!(held.class[&(7, Origin::Mmap)], Class::ThreadStacks);
+        assert_eq!(held.resident[&(7, Origin::Mmap)], 0);
+        // Only the mapping with pages in it is worth reading.
+        assert_eq!(pagemap_ranges(&entries, &regions), vec![(0x7f3000001000, 0x7f3000800000)]);
+    }
+
+    #[test]
+    fn adjacent_mappings_of_two_stacks_are_split_by_page() {
+        const PAGE: u64 = crate::pagemap::PAGE;
+        let len = 8 * PAGE;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as u64;
+        // One kernel VMA, as two stacks' adjacent mappings would be: 1 page touched in the
+        // first half, 3 in the second.
+        for page in [1u64, 4, 6, 7] {
+            // SAFETY: within the mapping.
+            unsafe { *((base + page * PAGE) as *mut u8) = 1 };
+        }
+        let mut regions = Regions::default();
+        mapped(&mut regions, 1, base, 4 * PAGE, 3);
+        mapped(&mut regions, 2, base + 4 * PAGE, 4 * PAGE, 3);
+        let held = StackMemory::measure(std::process::id(), &regions);
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, len as usize) };
+        let held = held.unwrap();
+        assert_eq!(
+            (held.resident[&(1, Origin::Mmap)], held.resident[&(2, Origin::Mmap)]),
+            (PAGE, 3 * PAGE)
+        );
+        assert_eq!(held.class[&(1, Origin::Mmap)], Class::AnonOther);
     }
 
     #[test]

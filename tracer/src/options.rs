@@ -35,8 +35,9 @@ pub struct RecordOptions {
     pub format: Format,
     /// Where the final report goes; stdout when None.
     pub output: Option<PathBuf>,
-    /// What folded and SVG reports weigh stacks by.
-    pub metric: crate::report::folded::Metric,
+    /// What every format ranks and weighs stacks by; None: growth with `interval`, else
+    /// bytes held, or peak when a launched command exits holding under half its peak.
+    pub metric: Option<crate::report::folded::Metric>,
     /// When launching node, add the flags that make it write a perf map of its JIT code.
     pub jit_symbols: bool,
     /// Directories searched for separate debug files before ROOT/usr/lib/debug.

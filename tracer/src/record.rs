@@ -42,14 +42,14 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
             break;
         }
         if let Some(due) = next_interval.filter(|due| Instant::now() >= *due) {
-            print_snapshot(&mut recording, opts.top)?;
+            print_snapshot(&mut recording, opts)?;
             next_interval = opts.interval.map(|i| due + i);
         }
     }
     let profile = recording.finish(opts.min_age)?;
     let glibc = malloc_stats(opts, recording.pid());
     let rep = final_report(&mut recording, &profile, opts, glibc);
-    output.write(|out| write_as(&rep, opts.format, opts.metric, &mut |m| recording.symbolizer().build_id(m), out))?;
+    output.write(|out| write_as(&rep, opts.format, rep.metric, &mut |m| recording.symbolizer().build_id(m), out))?;
     if let Some(hint) = recording.symbolizer().jit_hint() {
         diag::warn(hint);
     }
@@ -62,9 +62,11 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
 }
 
 /// `--interval`: the profile so far, remembered for the growth series, as text on stderr.
-fn print_snapshot(recording: &mut Recording, top: usize) -> anyhow::Result<()> {
+fn print_snapshot(recording: &mut Recording, opts: &RecordOptions) -> anyhow::Result<()> {
     let profile = recording.snapshot()?;
-    let rep = recording.report(&profile, top);
+    // Snapshots have no series yet: they rank by the metric asked for, else held.
+    let metric = opts.metric.unwrap_or(Metric::Held);
+    let rep = recording.report(&profile, report::Ranking { metric, top: opts.top, peak_fallback: false });
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "--- snapshot at {:.1} s", recording.elapsed().as_secs_f64());
     let _ = report::text::write(&rep, &mut err);
@@ -94,7 +96,13 @@ fn final_report(
     opts: &RecordOptions,
     glibc: Option<crate::mallocstats::MallocStats>,
 ) -> report::Report {
-    let mut rep = recording.report(profile, opts.top);
+    let (metric, peak_fallback) = report::choose_metric(
+        opts.metric,
+        opts.interval.is_some(),
+        recording.exit_code().is_some(),
+        &profile.totals,
+    );
+    let mut rep = recording.report(profile, report::Ranking { metric, top: opts.top, peak_fallback });
     rep.memory_map = recording.memory_map().map(<[_]>::to_vec);
     rep.allocator = Some(AllocatorView {
         live_malloc_bytes: profile.totals.live_bytes,
@@ -141,17 +149,23 @@ pub fn write_to(
     Output::open(output)?.write(write)
 }
 
-/// `tracer report`: a saved JSON report in another format. Its modules may no longer be the
-/// files they were, so no build ids are read for pprof.
+/// `tracer report`: a saved JSON report in another format, its stacks merged by the one rule
+/// and ranked by `metric` (default: what the report was ranked by). Its modules may no longer
+/// be the files they were, so no build ids are read for pprof.
 pub fn convert(
     input: &Path,
     format: Format,
-    metric: Metric,
+    metric: Option<Metric>,
     output: Option<&Path>,
     resymbolize: Option<&[PathBuf]>,
 ) -> anyhow::Result<()> {
     let mut rep = crate::diff::read_report(input)?;
+    if metric.is_some() {
+        rep.peak_fallback = false;
+    }
+    let metric = metric.unwrap_or(rep.metric);
     let Some(debug_dirs) = resymbolize else {
+        report::merge::remerge(&mut rep, metric);
         return write_to(output, |out| write_as(&rep, format, metric, &mut |_| None, out));
     };
     // Names from this host's files as they are now (e.g. after debug files were installed).
@@ -164,6 +178,8 @@ pub fn convert(
         counts.frames,
         start.elapsed().as_millis()
     ));
+    // New names can make stacks one code path that were not before.
+    report::merge::remerge(&mut rep, metric);
     write_to(output, |out| {
         write_as(&rep, format, metric, &mut |m| symbolizer.build_id(m), out)
     })

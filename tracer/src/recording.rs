@@ -13,7 +13,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use crate::{
     aggregate::{History, Profile, add_mapped, aggregate},
     diag,
-    memmap::{self, ClassTotals},
+    memmap::{self, ClassTotals, StackMemory},
     options::{BackendChoice, RecordOptions, TargetSpec},
     probe::{
         Backend, Snapshot,
@@ -21,7 +21,7 @@ use crate::{
         ptrace::{PtraceOptions, PtraceProbes},
     },
     regions::Regions,
-    report::{self, Meta, Report},
+    report::{self, Meta, Ranking, Report},
     symbolize::{Symbolizer, maps::ProcMaps, perfmap},
     target::{self, LaunchEvent, Launched, ProcessInfo},
 };
@@ -107,6 +107,8 @@ pub struct Recording {
     history: History,
     sampling: Option<report::Sampling>,
     launched: Option<Launched>,
+    /// A launched command's smaps and resident pages at its exit stop.
+    at_exit: Option<(String, crate::pagemap::Present)>,
     /// Whether node was started with the perf-map flags by us (see [`Recording::end`]).
     added_jit_flags: bool,
     start: Instant,
@@ -181,6 +183,9 @@ impl Recording {
         let nz_task = NonZeroU32::new(task).context("task 0")?;
         let probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref())
             .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+        // The tables every report names frames in load on another thread while recording, not
+        // when the report needs them.
+        symbolizer.preload(main_modules(pid, &libc));
         let slow: Vec<String> = probes
             .sites()
             .iter()
@@ -223,6 +228,7 @@ impl Recording {
             history: History::default(),
             sampling,
             launched,
+            at_exit: None,
             added_jit_flags,
             start: Instant::now(),
             last_maps: Instant::now(),
@@ -275,10 +281,11 @@ impl Recording {
         if let Some(l) = &self.launched {
             while let Ok(event) = l.events.try_recv() {
                 match event {
-                    LaunchEvent::Exiting { maps: text, smaps } => {
+                    LaunchEvent::Exiting { maps: text, smaps, present } => {
                         if let Ok(m) = ProcMaps::parse(&text) {
                             self.maps.update(m);
                         }
+                        self.at_exit = Some((smaps.clone(), present));
                         // The last view of the process, at its very end.
                         if !smaps.is_empty() {
                             if let Ok(m) = memmap::memory_map_of(
@@ -356,7 +363,8 @@ impl Recording {
         let probes = self.probes.as_mut().context("the probes are detached")?;
         self.peak.observe(probes.as_mut());
         let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-        let mut profile = profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut());
+        let held = StackMemory::measure(self.info.pid, &self.regions).ok();
+        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());
         self.peak.apply(&mut profile.totals);
         Ok(profile)
     }
@@ -372,7 +380,10 @@ impl Recording {
     /// probes come off and a launched command runs on by itself.
     pub fn finish(&mut self, min_age: Option<Duration>) -> anyhow::Result<Profile> {
         self.ended_at.get_or_insert_with(Instant::now);
-        // Final numbers first, then let the target go before the slower symbolization.
+        // Let the target go first; the final numbers stay readable, and naming comes last.
+        if let Some(probes) = &mut self.probes {
+            probes.detach();
+        }
         self.drain_syscalls();
         let pid = self.task;
         let probes = self.probes.as_mut().context("the probes are detached")?;
@@ -394,8 +405,15 @@ impl Recording {
                 self.memory_last = Some(m);
             }
         }
+        // What the mmap/brk stacks hold in RAM: now, or at the launched command's exit stop.
+        let held = match &self.at_exit {
+            Some((smaps, present)) if self.exit_code.is_some() => {
+                StackMemory::at_exit(smaps, present, &self.regions).ok()
+            }
+            _ => StackMemory::measure(self.info.pid, &self.regions).ok(),
+        };
         let probes = self.probes.as_mut().context("the probes are detached")?;
-        let mut profile = profile_of(&snapshot, &self.regions, &self.maps, probes.as_mut());
+        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());
         self.peak.apply(&mut profile.totals);
         if !self.history.is_empty() {
             self.history.push(&profile);
@@ -426,12 +444,12 @@ impl Recording {
         }
     }
 
-    /// A report of `profile` with names on the frames of its first `top` stacks (0: all).
-    pub fn report(&mut self, profile: &Profile, top: usize) -> Report {
+    /// A report of `profile`: stacks named, merged, ranked and cut as `ranking` says.
+    pub fn report(&mut self, profile: &Profile, ranking: Ranking) -> Report {
         let meta = self.meta();
         // The perf map as the process has written it so far (it stays in /tmp after an exit).
         self.symbolizer.refresh(&self.maps);
-        report::build(profile, &meta, top, &mut self.symbolizer)
+        report::build(profile, &meta, ranking, &mut self.symbolizer)
     }
 
     /// Ends the session: detaches if still attached; with `wait_for_command`, waits for a
@@ -492,6 +510,17 @@ impl PeakTracker {
     fn apply(&self, totals: &mut crate::aggregate::Totals) {
         totals.peak_live_bytes = (self.peak.max(0) as u64).max(totals.live_bytes);
     }
+}
+
+/// The program's executable and its C library (frame 0 of every malloc stack), named as the
+/// target's memory map names them. Other modules are usually smaller, and often not in any
+/// stack: they are read only when a report needs them.
+fn main_modules(pid: u32, libc: &str) -> Vec<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    exe.map(|p| p.to_string_lossy().into_owned())
+        .into_iter()
+        .chain([libc.to_owned()])
+        .collect()
 }
 
 /// The backend `opts.backend` asks for: eBPF, ptrace, or eBPF with ptrace as the fallback
@@ -572,6 +601,7 @@ fn attach_backend(
 fn profile_of(
     snapshot: &Snapshot,
     regions: &Regions,
+    held: Option<&StackMemory>,
     maps: &ProcMaps,
     probes: &mut dyn Backend,
 ) -> Profile {
@@ -579,6 +609,7 @@ fn profile_of(
     add_mapped(
         &mut profile,
         &regions.by_stack(),
+        held,
         |id| probes.stack_frames(id).unwrap_or_default(),
         maps,
     );

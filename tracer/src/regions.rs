@@ -1,9 +1,11 @@
 //! Address-range bookkeeping for the mmap family: which stack mapped each range of the
 //! target's address space, and whether the range is committed (accessible, not given back)
-//! or only reserved. Fed the syscalls in the order they completed.
+//! or only reserved. Fed the syscalls in the order they completed, and munmap and mremap
+//! also in the order they started: the range they free is taken out then, before another
+//! thread's mmap can be given it and return first.
 use std::collections::{BTreeMap, HashMap};
 
-use tracer_common::{SyscallEvent, sys};
+use tracer_common::{SyscallEvent, phase, sys};
 
 use crate::symbolize::maps::ProcMaps;
 
@@ -57,6 +59,9 @@ pub struct Regions {
     brk: Option<u64>,
     /// Cumulative mapped bytes and calls per (stack, origin, made for malloc).
     mapped: HashMap<(u64, Origin, bool), (u64, u64)>,
+    /// Per thread: the ranges its munmap or mremap (the syscall number) took out at entry,
+    /// put back if the call fails.
+    unmapping: HashMap<u32, (u32, Vec<(u64, Region)>)>,
     /// Calls that failed, or that we could not make sense of.
     pub failed: u64,
 }
@@ -106,6 +111,14 @@ impl Regions {
         self.ranges.iter().map(|(s, r)| (*s, r))
     }
 
+    /// The ranges that count for a stack, in address order: (stack, origin), start, region.
+    /// Mappings from before recording and glibc's own for malloc are left out.
+    pub fn stack_ranges(&self) -> impl Iterator<Item = ((u64, Origin), u64, &Region)> {
+        self.ranges()
+            .filter(|(_, r)| r.origin != Origin::BeforeAttach && !r.for_malloc)
+            .map(|(s, r)| ((r.stack, r.origin), s, r))
+    }
+
     /// Splits the range containing `addr` so that a range starts there.
     fn split_at(&mut self, addr: u64) {
         let Some((&start, region)) = self.ranges.range(..addr).next_back() else { return };
@@ -117,16 +130,50 @@ impl Regions {
         }
     }
 
-    fn remove(&mut self, start: u64, end: u64) {
+    /// Takes `[start, end)` out, returning the pieces of regions that were there.
+    fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, Region)> {
         if start >= end {
-            return;
+            return Vec::new();
         }
         self.split_at(start);
         self.split_at(end);
         let inside: Vec<u64> = self.ranges.range(start..end).map(|(s, _)| *s).collect();
-        for s in inside {
-            self.ranges.remove(&s);
+        inside
+            .into_iter()
+            .filter_map(|s| self.ranges.remove(&s).map(|r| (s, r)))
+            .collect()
+    }
+
+    /// Puts back what a failed unmap took out, where nothing was mapped since.
+    fn put_back(&mut self, taken: Vec<(u64, Region)>) {
+        for (start, region) in taken {
+            let taken_since: Vec<(u64, u64)> = self
+                .ranges
+                .range(..region.end)
+                .rev()
+                .take_while(|(_, r)| r.end > start)
+                .map(|(s, r)| (*s, r.end))
+                .collect();
+            let mut at = start;
+            for (s, e) in taken_since.into_iter().rev().chain([(region.end, region.end)]) {
+                if s > at {
+                    self.ranges.insert(at, Region { end: s.min(region.end), ..region.clone() });
+                }
+                at = at.max(e);
+            }
         }
+    }
+
+    /// munmap and mremap at entry: the range they free is gone before anyone can be given
+    /// it again.
+    fn enter(&mut self, ev: &SyscallEvent) {
+        let a = ev.args;
+        let taken = match ev.sys {
+            sys::MUNMAP => self.remove(a[0], a[0].saturating_add(page_up(a[1]))),
+            sys::MREMAP if a[3] & MREMAP_DONTUNMAP == 0 => self.remove(a[0], a[0].saturating_add(page_up(a[1]))),
+            _ => return,
+        };
+        self.unmapping.insert(ev.tid, (ev.sys, taken));
     }
 
     fn insert(&mut self, start: u64, region: Region) {
@@ -152,8 +199,20 @@ impl Regions {
     }
 
     pub fn apply(&mut self, ev: &SyscallEvent) {
+        if ev.phase == phase::ENTRY {
+            self.enter(ev);
+            return;
+        }
+        // What this call took out at its entry; None when its entry was not seen.
+        let taken = self
+            .unmapping
+            .remove(&ev.tid)
+            .and_then(|(sys, taken)| (sys == ev.sys).then_some(taken));
         if !succeeded(ev.ret) {
             self.failed += 1;
+            if let Some(taken) = taken {
+                self.put_back(taken);
+            }
             return;
         }
         let a = ev.args;
@@ -174,17 +233,24 @@ impl Regions {
                 );
                 self.count_mapped(ev.stack, Origin::Mmap, for_malloc, len);
             }
-            sys::MUNMAP => self.remove(a[0], a[0] + page_up(a[1])),
+            sys::MUNMAP => {
+                if taken.is_none() {
+                    self.remove(a[0], a[0].saturating_add(page_up(a[1])));
+                }
+            }
             sys::MREMAP => {
                 let (old, old_len, new_len, flags) = (a[0], page_up(a[1]), page_up(a[2]), a[3]);
                 let new = ev.ret as u64;
-                let template = self
-                    .ranges
-                    .range(..=old)
-                    .next_back()
-                    .filter(|(_, r)| r.end > old)
-                    .map(|(_, r)| r.clone());
-                if flags & MREMAP_DONTUNMAP == 0 {
+                let template = match &taken {
+                    Some(taken) => taken.iter().find(|(s, _)| *s == old).map(|(_, r)| r.clone()),
+                    None => self
+                        .ranges
+                        .range(..=old)
+                        .next_back()
+                        .filter(|(_, r)| r.end > old)
+                        .map(|(_, r)| r.clone()),
+                };
+                if flags & MREMAP_DONTUNMAP == 0 && taken.is_none() {
                     self.remove(old, old + old_len);
                 }
                 // The remapped range now belongs to the mremap's caller, as a realloc'd
@@ -254,11 +320,8 @@ impl Regions {
             e.mapped_bytes = bytes;
             e.maps = calls;
         }
-        for (start, r) in &self.ranges {
-            if r.origin == Origin::BeforeAttach || r.for_malloc {
-                continue;
-            }
-            let e = out.entry((r.stack, r.origin)).or_default();
+        for (key, start, r) in self.stack_ranges() {
+            let e = out.entry(key).or_default();
             let len = r.end - start;
             e.reserved_bytes += len;
             if r.committed {
@@ -285,8 +348,60 @@ mod tests {
             tid: 1,
             sys,
             in_allocator: 0,
-            _pad: 0,
+            phase: phase::EXIT,
         }
+    }
+
+    /// The entry event of a munmap or mremap on thread `tid`.
+    fn entry(sys: u32, args: &[u64], tid: u32) -> SyscallEvent {
+        SyscallEvent { tid, phase: phase::ENTRY, ..ev(sys, args, 0, 9) }
+    }
+
+    fn on(tid: u32, e: SyscallEvent) -> SyscallEvent {
+        SyscallEvent { tid, ..e }
+    }
+
+    #[test]
+    fn an_address_unmapped_and_given_to_another_thread_before_the_munmap_returns_stays_mapped() {
+        let mut r = Regions::default();
+        r.apply(&ev(sys::MMAP, &[0, 4 * PAGE, RW, PRIV_ANON], 0x10000, 7));
+        // Thread 2 unmaps; thread 3's mmap is given the same range and returns first.
+        r.apply(&entry(sys::MUNMAP, &[0x10000, 4 * PAGE], 2));
+        r.apply(&on(3, ev(sys::MMAP, &[0, 4 * PAGE, RW, PRIV_ANON], 0x10000, 8)));
+        r.apply(&on(2, ev(sys::MUNMAP, &[0x10000, 4 * PAGE], 0, 9)));
+        assert_eq!(live(&r, 7), (0, 0, 0));
+        assert_eq!(live(&r, 8), (4 * PAGE, 4 * PAGE, 1));
+    }
+
+    #[test]
+    fn a_moving_mremap_frees_its_old_range_at_entry() {
+        let mut r = Regions::default();
+        r.apply(&ev(sys::MMAP, &[0, 4 * PAGE, RW, PRIV_ANON], 0x10000, 7));
+        r.apply(&entry(sys::MREMAP, &[0x10000, 4 * PAGE, 8 * PAGE, 1], 2));
+        r.apply(&on(3, ev(sys::MMAP, &[0, 4 * PAGE, RW, PRIV_ANON], 0x10000, 8)));
+        r.apply(&on(2, ev(sys::MREMAP, &[0x10000, 4 * PAGE, 8 * PAGE, 1], 0x90000, 6)));
+        assert_eq!(live(&r, 7), (0, 0, 0));
+        assert_eq!(live(&r, 8), (4 * PAGE, 4 * PAGE, 1));
+        assert_eq!(live(&r, 6), (8 * PAGE, 8 * PAGE, 1));
+    }
+
+    #[test]
+    fn a_failed_munmap_puts_back_what_its_entry_took_out() {
+        let mut r = Regions::default();
+        r.apply(&ev(sys::MMAP, &[0, 4 * PAGE, PROT_NONE, PRIV_ANON], 0x10000, 7));
+        r.apply(&ev(sys::MPROTECT, &[0x10000, PAGE, RW], 0, 7));
+        r.apply(&entry(sys::MUNMAP, &[0x10000, 4 * PAGE], 2));
+        assert_eq!(live(&r, 7), (0, 0, 0));
+        r.apply(&on(2, ev(sys::MUNMAP, &[0x10000, 4 * PAGE], -22, 9)));
+        assert_eq!(live(&r, 7), (PAGE, 4 * PAGE, 2));
+        assert_eq!(r.failed, 1);
+        // Put back around whatever was mapped there since (which a failed unmap cannot
+        // really have freed, but the bookkeeping never overwrites a newer range).
+        r.apply(&entry(sys::MUNMAP, &[0x10000, 4 * PAGE], 2));
+        r.apply(&on(3, ev(sys::MMAP, &[0x11000, PAGE, RW, PRIV_ANON | 0x10], 0x11000, 8)));
+        r.apply(&on(2, ev(sys::MUNMAP, &[0x10000, 4 * PAGE], -12, 9)));
+        assert_eq!(live(&r, 7), (PAGE, 3 * PAGE, 2));
+        assert_eq!(live(&r, 8), (PAGE, PAGE, 1));
     }
 
     const RW: u64 = 3;

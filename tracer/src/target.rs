@@ -212,8 +212,13 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
 /// What the launcher thread reports.
 #[derive(Debug)]
 pub enum LaunchEvent {
-    /// The process is exiting: /proc/PID/maps and /proc/PID/smaps, read just before it goes.
-    Exiting { maps: String, smaps: String },
+    /// The process is exiting: /proc/PID/maps and /proc/PID/smaps, read just before it goes,
+    /// and which pages of its mappings were in RAM.
+    Exiting {
+        maps: String,
+        smaps: String,
+        present: crate::pagemap::Present,
+    },
     /// The process is gone, with this exit status.
     Exited(i32),
 }
@@ -240,9 +245,11 @@ impl LaunchEvent {
     /// What is worth reading of a process at its exit stop, while its memory is still there.
     pub fn exiting(pid: u32) -> LaunchEvent {
         let read = |what: &str| std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
+        let smaps = read("smaps");
         LaunchEvent::Exiting {
             maps: read("maps"),
-            smaps: read("smaps"),
+            present: crate::memmap::present_at_exit(pid, &smaps),
+            smaps,
         }
     }
 }

@@ -10,10 +10,13 @@
 //!   BENCH_PAIRS [2000000]       malloc+free pairs per C run (`cargo xtask bench PAIRS` too)
 //!   BENCH_NODE_ROUNDS [6000]    rounds of bench/node_workload.js (about a second untraced)
 //!   BENCH_TOOLS [all]           comma list of: full,sampled,bt-memleak,bt-count,floor,heaptrack,massif
-//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,node
+//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,node,latency
+//!   BENCH_TRACER [built here]   the tracer binary to measure (e.g. an older build, to compare)
+//! `latency` times the tracer itself, alone (see `latency`): starting and stopping it.
 //! The slowest contenders run a fraction of those sizes (see `contenders`); the tables say
 //! which size each ran, and per-call figures and ratios do not depend on it.
 
+mod latency;
 mod probes;
 mod run;
 mod table;
@@ -46,6 +49,7 @@ struct Config {
     node_rounds: u64,
     tools: Option<Vec<String>>,
     workloads: Option<Vec<String>>,
+    tracer: Option<std::path::PathBuf>,
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>> {
@@ -79,6 +83,7 @@ impl Config {
             node_rounds: env_u64("BENCH_NODE_ROUNDS")?.unwrap_or(6000),
             tools: env_list("BENCH_TOOLS"),
             workloads: env_list("BENCH_WORKLOADS"),
+            tracer: std::env::var_os("BENCH_TRACER").map(Into::into),
         })
     }
 }
@@ -156,7 +161,10 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
 
 pub fn bench(pairs: Option<u64>) -> Result<()> {
     let config = Config::from_env(pairs)?;
-    let tracer = build::build()?;
+    let tracer = match &config.tracer {
+        Some(path) => path.clone(),
+        None => build::build()?,
+    };
     let root = util::workspace_root();
     let bench_dir = root.join("bench");
 
@@ -181,10 +189,19 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
             }
         }
     }
-    let chosen: Vec<&Contender> = all
+    let run_latency = wanted("latency", &config.workloads);
+    let mut chosen: Vec<&Contender> = all
         .iter()
         .filter(|c| wanted(c.key, &config.tools))
         .collect();
+    if config
+        .workloads
+        .as_ref()
+        .is_some_and(|l| l.iter().all(|k| k == "latency"))
+    {
+        // Only the latency part: no contender runs, nothing to install.
+        chosen.clear();
+    }
     let mut packages: Vec<&str> = chosen.iter().filter_map(|c| c.package).collect();
     packages.dedup();
     install(&packages)?;
@@ -236,7 +253,7 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
     .collect();
     if let Some(list) = &config.workloads {
         for key in list {
-            if !workloads.iter().any(|(w, _)| w.key == key) {
+            if key != "latency" && !workloads.iter().any(|(w, _)| w.key == key) {
                 bail!("BENCH_WORKLOADS: unknown workload {key:?}");
             }
         }
@@ -325,10 +342,26 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
         }
         Ok(())
     })();
+    let latency = match ran {
+        Ok(()) if run_latency => latency::measure(&env, config.runs, &bench_dir),
+        Ok(()) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    };
     let _ = fs::remove_dir_all(&scratch);
-    ran?;
+    let latency = latency?;
 
-    let report = render(&config, &workloads, &results, began.elapsed().as_secs_f64());
+    let mut report = render(&config, &workloads, &results, began.elapsed().as_secs_f64());
+    if !latency.is_empty() {
+        let _ = writeln!(
+            report,
+            "## Starting and stopping\n\n{}\nThe node rows attach to bench/node_hold.js (64 Buffers \
+             of 64 KiB held, Buffers and JSON made every 5 ms), record {:.1} s and send SIGINT. \
+             Released: no breakpoint left on the allocator functions and free in the target's \
+             memory (ptrace: also TracerPid 0); the tracer then still writes its report.\n",
+            latency::table(&latency),
+            latency::RECORD_FOR.as_secs_f64()
+        );
+    }
     let report_dir = util::target_dir().join("bench");
     fs::create_dir_all(&report_dir).with_context(|| format!("create {}", report_dir.display()))?;
     let report_path = report_dir.join("overhead.md");
@@ -429,6 +462,9 @@ fn render(
         "# Overhead: this tracer next to bpftrace, heaptrack and valgrind\n"
     );
     let _ = writeln!(out, "Machine: {}.\n", machine());
+    if workloads.is_empty() {
+        return out;
+    }
     let _ = writeln!(
         out,
         "{} runs of each contender per workload; every contender run follows an untraced run of \
@@ -473,7 +509,9 @@ fn render(
             out,
             "\nCPU while recording: the tracer's user+system time from the moment it said it was \
              recording to the end of the workload, over the wall time of that span; attaching \
-             (loading and verifying the BPF programs, reading libc and the target's maps) is \
+             (loading and verifying the BPF programs, reading libc and the target's maps, and \
+             loading the symbol tables of the target's modules, which the tracer does on a \
+             thread of its own right after; the workload starts once that thread is done) is \
              shown apart. RSS: VmHWM when the workload ended, and the tracer's peak over the \
              whole run (its rusage), which includes naming the frames for the report.\n"
         );

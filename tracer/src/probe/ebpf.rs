@@ -4,17 +4,13 @@ use std::{
     collections::HashMap as StdHashMap,
     os::fd::{AsFd as _, AsRawFd as _},
     num::NonZeroU32,
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{
-        UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
-    },
 };
 use tracer_common::{
     AllocKind, LiveAlloc, STACK_LOST, StackBuf, StackStats, SyscallEvent, cookie, counter,
@@ -23,8 +19,9 @@ use tracer_common::{
 
 use super::{
     Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, allocator_losses, libc,
-    placement, session,
-    syscalls::{self, SyscallTracing},
+    placement,
+    session::{self, LinkKind, UprobeLink},
+    syscalls::SyscallTracing,
 };
 use crate::symbolize::maps::ProcMaps;
 
@@ -34,20 +31,6 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub enum EbpfError {
     #[error("load BPF programs")]
     Load(#[source] aya::EbpfError),
-    #[error("load BPF program {name}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("attach uprobe {what} at {path}+{offset:#x}")]
-    Attach {
-        what: String,
-        path: PathBuf,
-        offset: u64,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
     #[error("BPF map {name}")]
     Map {
         name: &'static str,
@@ -96,13 +79,35 @@ pub struct EbpfProbes {
     syscalls: Option<SyscallTracing>,
     /// Said once on stderr by the caller: what could not be traced, and why.
     pub warnings: Vec<String>,
-    /// Sampling mode: the mean bytes per sample, and the links of its probes (free, and the
-    /// session on the allocators).
-    sampling: Option<(u64, Vec<super::session::SessionProbe>)>,
     /// The thread the uprobes were opened on (the per-call perf events), or checked against
     /// (sampling's uprobe-multi links, by the main thread): the kernel stops them when it
     /// exits.
     thread: u32,
+    /// Sampling mode: the mean bytes per sample.
+    sampling: Option<u64>,
+    /// The allocator and free probes; empty once detached.
+    links: Vec<UprobeLink>,
+}
+
+impl Drop for EbpfProbes {
+    fn drop(&mut self) {
+        Backend::detach(self);
+    }
+}
+
+/// Drops every handle in `handles` on a thread of its own and waits for all: closing the last
+/// descriptor of a uprobe or tracepoint attachment waits for an RCU grace period (70-115 ms
+/// here), and waits that overlap end together. A thread that cannot be started drops its
+/// handle on this one.
+pub fn close_at_once(handles: Vec<Box<dyn Send>>) {
+    std::thread::scope(|scope| {
+        for handle in handles {
+            // On failure the closure, and the handle in it, is dropped right here.
+            let _ = std::thread::Builder::new()
+                .name("tracer-detach".into())
+                .spawn_scoped(scope, move || drop(handle));
+        }
+    });
 }
 
 /// What the mmap-family tracing needs to know of the target.
@@ -110,17 +115,6 @@ pub struct SyscallTarget<'a> {
     /// The C library's path as the target sees it.
     pub libc: &'a str,
     pub maps: &'a ProcMaps,
-}
-
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, EbpfError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-    prog.try_into()
-        .map_err(|source| EbpfError::Program { name, source })
 }
 
 impl EbpfProbes {
@@ -164,16 +158,6 @@ impl EbpfProbes {
                 .map_err(|source| EbpfError::Map { name: "STATS", source })?;
         }
 
-        // Sampling mode loads and attaches its programs itself (see `session`).
-        let full = limits.sample_bytes.is_none();
-        let names: &[&'static str] =
-            if full { &["tr_alloc_exit", "tr_alloc_enter", "tr_free"] } else { &[] };
-        for &name in names {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-        }
-
         // One probe per address: aligned_alloc and memalign are one function in glibc.
         let mut sites: Vec<(&'static str, AllocKind, u64)> = Vec::new();
         for &(name, kind) in libc::ALLOCATORS {
@@ -183,83 +167,52 @@ impl EbpfProbes {
                 }
             }
         }
-        // The kernel runs these for every thread of the process (it filters by address
-        // space), for as long as `thread` lives.
-        let scope = UProbeScope::OneProcess(thread);
-        let mut attached = Vec::new();
-        let attach_err = |what: &str, offset: u64| {
-            let path = libc_path.to_owned();
-            let what = what.to_owned();
-            move |source| EbpfError::Attach { what, path, offset, source }
-        };
-
-        // Return probes first: a return seen without its entry is harmless (counted as an
-        // orphan), an entry without its return would leave a thread's call pending.
-        // Entry and return probes share the function's first instruction, where the return
-        // address is on top of the stack, so each call takes one trap, not two.
-        for &(name, _, offset) in sites.iter().filter(|_| full) {
-            program(&mut ebpf, "tr_alloc_exit")?
-                .attach(UProbeAttachLocation::AbsoluteOffset(offset), libc_path, scope)
-                .map_err(attach_err(&format!("{name} (return)"), offset))?;
-        }
         let free = &functions["free"];
         let free_at = placement::entry_placement(&free.prologue);
-        if full {
-            program(&mut ebpf, "tr_free")?
-                .attach(
-                    UProbeAttachLocation::AbsoluteOffset(free.file_offset + free_at.offset),
-                    libc_path,
-                    scope,
-                )
-                .map_err(attach_err("free", free.file_offset + free_at.offset))?;
-        }
-        attached.push(ProbeSite {
+        let mut attached = vec![ProbeSite {
             function: "free",
             offset: free_at.offset,
             emulated: free_at.emulated,
             returns: false,
-        });
-        for &(name, kind, offset) in &sites {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(cookie(kind, 0)),
-            };
-            if full {
-                program(&mut ebpf, "tr_alloc_enter")?
-                    .attach(point, libc_path, scope)
-                    .map_err(attach_err(name, offset))?;
+        }];
+        attached.extend(sites.iter().map(|&(name, _, _)| ProbeSite {
+            function: name,
+            offset: 0,
+            emulated: placement::is_emulated(&functions[name].prologue),
+            returns: true,
+        }));
+
+        // Every probe goes through a uprobe-multi link (see `session`): a few links, each
+        // placed and removed at once.
+        let loader = session::Loader::new(&ebpf, PROGRAMS)?;
+        let offsets: Vec<u64> = sites.iter().map(|s| s.2).collect();
+        let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
+        let free_offset = free.file_offset + free_at.offset;
+        let attach = |name, kind, offsets: &[u64], cookies: &[u64]| {
+            loader.attach(name, kind, libc_path, offsets, cookies, thread.get())
+        };
+        let links = match limits.sample_bytes {
+            None => {
+                // Return probes first: a return seen without its entry is harmless (counted as
+                // an orphan), an entry without its return would leave a thread's call pending.
+                // Entry and return probes share the function's first instruction, where the
+                // return address is on top of the stack, so each call takes one trap, not two.
+                let returns = attach("tr_alloc_exit", LinkKind::MultiReturn, &offsets, &cookies)?;
+                // free before the allocators: a block must not be seen allocated and then lose
+                // its free.
+                let free = attach("tr_free", LinkKind::Multi, &[free_offset], &[0])?;
+                let entries = attach("tr_alloc_enter", LinkKind::Multi, &offsets, &cookies)?;
+                vec![returns, free, entries]
             }
-            attached.push(ProbeSite {
-                function: name,
-                offset: 0,
-                emulated: placement::is_emulated(&functions[name].prologue),
-                returns: true,
-            });
-        }
-        let sampling = match limits.sample_bytes {
-            None => None,
-            Some(mean) => {
-                use super::session::{LinkKind, attach};
-                // free first, as in full mode: a block must not be seen allocated and then
-                // lose its free.
-                let free_offset = free.file_offset + free_at.offset;
-                let free_probe =
-                    attach(&ebpf, PROGRAMS, "tr_free", LinkKind::Multi, libc_path, &[free_offset], &[0], pid.get())?;
-                let offsets: Vec<u64> = sites.iter().map(|s| s.2).collect();
-                let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
-                let alloc_probe = attach(
-                    &ebpf,
-                    PROGRAMS,
-                    "tr_alloc_sample",
-                    LinkKind::Session,
-                    libc_path,
-                    &offsets,
-                    &cookies,
-                    pid.get(),
-                )?;
-                Some((mean, vec![free_probe, alloc_probe]))
+            Some(_) => {
+                // free first, as in full mode.
+                let free = attach("tr_free", LinkKind::Multi, &[free_offset], &[0])?;
+                let allocators =
+                    attach("tr_alloc_sample", LinkKind::Session, &offsets, &cookies)?;
+                vec![free, allocators]
             }
         };
+        let sampling = limits.sample_bytes;
         let mut warnings = Vec::new();
         if stack_hash_mask() != u64::MAX {
             warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
@@ -278,13 +231,7 @@ impl EbpfProbes {
                 None
             }
             Some(t) => {
-                let attached = syscalls::ensure_tracefs().and_then(|mounted| {
-                    if mounted {
-                        warnings.push("mounted tracefs at /sys/kernel/tracing for the syscall tracepoints".to_owned());
-                    }
-                    SyscallTracing::attach(&mut ebpf, libc_path, t.libc, t.maps)
-                });
-                match attached {
+                match SyscallTracing::attach(&mut ebpf, libc_path, t.libc, t.maps) {
                     Ok(tracing) => Some(tracing),
                     Err(e) => {
                         let mut message = format!("cannot trace the mmap family ({e}");
@@ -304,6 +251,7 @@ impl EbpfProbes {
             ebpf,
             stacks: StdHashMap::new(),
             sites: attached,
+            links,
             syscalls,
             warnings,
             sampling,
@@ -426,6 +374,21 @@ impl Backend for EbpfProbes {
         self.syscalls.is_some()
     }
 
+    /// Every probe at once: closing an attachment waits for the kernel's grace period, so
+    /// they are all closed together (see [`close_at_once`]). The maps stay readable.
+    fn detach(&mut self) {
+        let mut closing: Vec<Box<dyn Send>> = Vec::new();
+        closing.extend(
+            self.links
+                .drain(..)
+                .map(|l| Box::new(l.into_link()) as Box<dyn Send>),
+        );
+        if let Some(syscalls) = &mut self.syscalls {
+            closing.extend(syscalls.take_links());
+        }
+        close_at_once(closing);
+    }
+
     fn drain_syscalls(&mut self) -> Vec<SyscallEvent> {
         self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
     }
@@ -458,7 +421,7 @@ impl Backend for EbpfProbes {
             _ => return Err("BPF map LIVE is not a hash map".into()),
         };
         let mut out: StdHashMap<u64, (u64, u64)> = StdHashMap::new();
-        let mean = self.sampling.as_ref().map(|s| s.0);
+        let mean = self.sampling;
         // The target keeps freeing while we read: a batch walk neither repeats nor skips a
         // block that stays live throughout (see `batch`).
         super::batch::for_each::<u64, LiveAlloc>(fd, |_, block| {

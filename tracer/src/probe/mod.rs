@@ -91,6 +91,11 @@ pub trait Backend {
         None
     }
 
+    /// Removes every probe, so that the target runs as before, and keeps what was recorded:
+    /// snapshots after it give the final figures. A backend that cannot keep its figures
+    /// apart from its probes leaves this to `drop`.
+    fn detach(&mut self) {}
+
     /// Whether the mmap family is traced (else `drain_syscalls` stays empty).
     fn traces_syscalls(&self) -> bool {
         false

@@ -1,11 +1,19 @@
-//! The mmap family at the syscall level: tracefs, the syscall tracepoints, the libc wrapper
+//! The mmap family at the syscall level: the raw tracepoint on syscall exit, the libc wrapper
 //! sites whose callers the BPF side recovers, and the event stream.
+//!
+//! Why one raw tracepoint on `raw_syscalls:sys_exit` and not the per-syscall tracepoints
+//! (`syscalls:sys_{enter,exit}_mmap`, ...): each of those is a perf event, and closing one
+//! waits for an RCU grace period while holding the kernel's `event_mutex`, so twelve of them
+//! took 0.5-1.2 s to remove, one after another, whatever thread closed them. A raw
+//! tracepoint link goes in ~0.1 ms. Its price: it runs for every syscall of every process on
+//! the host while recording, about 50 ns each here where the per-syscall tracepoints cost
+//! about 28 ns (`cargo xtask bench` measures neither; see README, Performance).
 use std::path::Path;
 
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, raw_trace_point::RawTracePointLink},
 };
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use tracer_common::SyscallEvent;
@@ -13,41 +21,21 @@ use tracer_common::SyscallEvent;
 use super::libc;
 use crate::symbolize::maps::ProcMaps;
 
-const TRACEFS: &str = "/sys/kernel/tracing";
-const SYSCALLS: [&str; 6] = ["mmap", "munmap", "mremap", "brk", "madvise", "mprotect"];
-/// glibc's wrappers for them (mmap64 is mmap's other name; `__brk` is internal).
+/// glibc's wrappers for the traced syscalls (mmap64 is mmap's other name; `__brk` is
+/// internal).
 const WRAPPERS: [&str; 6] = ["mmap64", "munmap", "mremap", "brk", "madvise", "mprotect"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyscallsError {
-    #[error("mount tracefs at {TRACEFS}")]
-    Mount(#[source] std::io::Error),
-    #[error("attach tracepoint syscalls/{name}")]
+    #[error("attach {program} to the raw tracepoint {tracepoint}")]
     Attach {
-        name: String,
+        program: &'static str,
+        tracepoint: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
     #[error("BPF map {0}")]
     Map(&'static str, #[source] aya::maps::MapError),
-}
-
-/// Makes sure tracefs is mounted where aya looks for it. Returns whether we mounted it.
-pub fn ensure_tracefs() -> Result<bool, SyscallsError> {
-    let events = Path::new(TRACEFS).join("events");
-    if events.is_dir() {
-        return Ok(false);
-    }
-    let source = c"tracefs";
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: plain mount(2) with NUL-terminated strings and no data.
-    let rc = unsafe {
-        ::libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
-    };
-    if rc != 0 {
-        return Err(SyscallsError::Mount(std::io::Error::last_os_error()));
-    }
-    Ok(true)
 }
 
 /// Where, in each wrapper's first bytes, a `syscall` instruction is, and how far the stack
@@ -125,11 +113,17 @@ pub fn call_sites(code: &[u8]) -> Vec<(u64, u64)> {
 /// Syscall tracing attached to one process.
 pub struct SyscallTracing {
     events: RingBuf<MapData>,
+    /// The raw tracepoints' links; empty once detached.
+    links: Vec<RawTracePointLink>,
 }
 
+/// (program, raw tracepoint). The exit sees every call whole; the entry sends munmap and
+/// mremap early (see the BPF side). The exit is attached first, so no entry goes unanswered.
+const PROGRAMS: [(&str, &str); 2] = [("tr_sys_exit", "sys_exit"), ("tr_sys_enter", "sys_enter")];
+
 impl SyscallTracing {
-    /// Fills the wrapper sites for the target's libc and attaches the tracepoints. The
-    /// programs are loaded already, with TARGET_TGID set.
+    /// Fills the wrapper sites for the target's libc and attaches the program. The maps are
+    /// created already, with TARGET_TGID set.
     pub fn attach(
         ebpf: &mut Ebpf,
         libc_host_path: &Path,
@@ -144,23 +138,21 @@ impl SyscallTracing {
         };
         target.fill(ebpf, "CALL_SITES", &INTERMEDIARIES, call_sites)?;
         target.fill(ebpf, "SYSCALL_SITES", &WRAPPERS, syscall_sites)?;
-        for (program, phase) in [("tr_sys_exit", "exit"), ("tr_sys_enter", "enter")] {
-            let prog: &mut TracePoint = ebpf
+        let mut links = Vec::new();
+        for (program, tracepoint) in PROGRAMS {
+            let attach_err = |source| SyscallsError::Attach {
+                program,
+                tracepoint,
+                source,
+            };
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| SyscallsError::Attach {
-                    name: program.into(),
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?;
-            prog.load().map_err(|source| SyscallsError::Attach {
-                name: program.into(),
-                source,
-            })?;
-            for name in SYSCALLS {
-                let tp = format!("sys_{phase}_{name}");
-                prog.attach("syscalls", &tp)
-                    .map_err(|source| SyscallsError::Attach { name: tp, source })?;
-            }
+                .ok_or_else(|| attach_err(aya::programs::ProgramError::NotLoaded))?;
+            prog.load().map_err(attach_err)?;
+            let id = prog.attach(tracepoint).map_err(attach_err)?;
+            // Owned here, so that detaching is up to us (see `take_links`).
+            links.push(prog.take_link(id).map_err(attach_err)?);
         }
         let events = RingBuf::try_from(ebpf.take_map("SYSCALL_EVENTS").ok_or(
             SyscallsError::Map("SYSCALL_EVENTS", aya::maps::MapError::InvalidName {
@@ -168,7 +160,16 @@ impl SyscallTracing {
             }),
         )?)
         .map_err(|e| SyscallsError::Map("SYSCALL_EVENTS", e))?;
-        Ok(SyscallTracing { events })
+        Ok(SyscallTracing { events, links })
+    }
+
+    /// The attachment, for the caller to close along with the others; events already in the
+    /// ring stay readable.
+    pub fn take_links(&mut self) -> Vec<Box<dyn Send>> {
+        self.links
+            .drain(..)
+            .map(|l| Box::new(l) as Box<dyn Send>)
+            .collect()
     }
 
     /// Every event produced since the last call, in order.

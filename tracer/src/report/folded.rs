@@ -24,7 +24,8 @@ pub enum Metric {
     Held,
     /// Bytes in RAM: resident bytes for mmap/brk stacks, live bytes for malloc stacks.
     Resident,
-    /// The most live bytes a stack held at any moment of the recording.
+    /// The most live bytes a stack held at any moment of the recording (at least its live
+    /// bytes at the end).
     Peak,
 }
 
@@ -39,7 +40,8 @@ impl Metric {
                 Source::Malloc => stack.live_bytes,
                 Source::Mmap | Source::Brk => stack.resident_bytes.unwrap_or(stack.live_bytes),
             },
-            Metric::Peak => stack.peak_bytes,
+            // A stack has held at least what it holds now; mappings have no recorded peak.
+            Metric::Peak => stack.peak_bytes.max(stack.live_bytes),
         }
     }
 

@@ -173,12 +173,21 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(classes) = &report.memory_map {
         write_memory_map(classes, report.allocator.as_ref(), out)?;
     }
-    let ranking = if report.interval_ms.is_some() { "growth" } else { "live bytes" };
+    if report.peak_fallback {
+        writeln!(
+            out,
+            "\nthe command exited holding {} of a {} peak: stacks ranked by peak (--metric held \
+             ranks by what is held at the end)",
+            human_bytes(t.live_bytes),
+            human_bytes(t.peak_live_bytes)
+        )?;
+    }
     writeln!(
         out,
-        "\ntop {} of {} stacks by {ranking} (leaf first):",
+        "\ntop {} of {} stacks by {} (leaf first):",
         report.stacks.len(),
-        report.stacks_total
+        report.stacks_total,
+        report.metric.describe()
     )?;
     for (i, s) in report.stacks.iter().enumerate() {
         let what = match s.source {
@@ -189,12 +198,23 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         let source = match s.source {
             Source::Malloc if report.sampling.is_some() => "estimated ".to_owned(),
             Source::Malloc => String::new(),
-            Source::Mmap => "[mmap] ".to_owned(),
-            Source::Brk => "[brk] ".to_owned(),
+            Source::Mmap | Source::Brk => {
+                let name = if s.source == Source::Mmap { "mmap" } else { "brk" };
+                match &s.class {
+                    Some(class) => format!("[{name} {class}] "),
+                    None => format!("[{name}] "),
+                }
+            }
         };
+        // What a mapping holds in RAM first: committed address space may never be touched.
+        let resident = match s.resident_bytes {
+            Some(r) => format!("resident {} ({r} B) of ", human_bytes(r)),
+            None => String::new(),
+        };
+        let live = if s.source == Source::Malloc { "live" } else { "committed" };
         write!(
             out,
-            "\n#{:<3} {source}live {} ({} B) in {} {what}; {} {} in {}",
+            "\n#{:<3} {source}{resident}{live} {} ({} B) in {} {what}; {} {} in {}",
             i + 1,
             human_bytes(s.live_bytes),
             s.live_bytes,
@@ -205,6 +225,12 @@ pub fn write(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         )?;
         if let Some(reserved) = s.reserved_bytes {
             write!(out, "; {} reserved", human_bytes(reserved))?;
+        }
+        if s.peak_bytes > s.live_bytes {
+            write!(out, "; peak {}", human_bytes(s.peak_bytes))?;
+        }
+        if s.variants > 1 {
+            write!(out, "; merged from {} stacks", s.variants)?;
         }
         writeln!(out)?;
         if !s.series.is_empty() {
@@ -304,7 +330,8 @@ mod tests {
             interval_ms: None,
             min_age_ms: None,
             sampling: None,
-            metric: Default::default(),
+            metric: crate::report::folded::Metric::Held,
+            peak_fallback: false,
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();
@@ -315,13 +342,78 @@ live:      2.0 KiB (2048 B) in 2 allocations
 allocated: 4.0 KiB (4096 B) in 4 allocations; 2 frees, 1 unmatched frees, 0 failed allocations
 dropped:   stack_map_full=3
 
-top 1 of 7 stacks by live bytes (leaf first):
+top 1 of 7 stacks by bytes held (leaf first):
 
 #1   live 2.0 KiB (2048 B) in 2 allocations; allocated 4.0 KiB in 4
       malloc  (libc.so.6+0x98930)
       app+0x1000
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn merged_stacks_peaks_and_a_peak_ranking_are_said() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "node", "duration_ms": 1000,
+                "totals": {"live_bytes": 895000, "live_allocs": 2, "alloc_bytes": 41943040,
+                           "allocs": 2, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "peak_live_bytes": 41943040, "dropped": {}},
+                "stacks": [{"live_bytes": 1024, "live_allocs": 1, "alloc_bytes": 41943040,
+                            "allocs": 2, "peak_bytes": 41943040, "variants": 3, "frames": []},
+                           {"live_bytes": 64, "live_allocs": 1, "alloc_bytes": 64,
+                            "allocs": 1, "peak_bytes": 64, "frames": []}],
+                "stacks_total": 2, "metric": "peak", "peak_fallback": true}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "\nthe command exited holding 874.0 KiB of a 40.0 MiB peak: stacks ranked by peak \
+                 (--metric held ranks by what is held at the end)\n\ntop 2 of 2 stacks by peak live bytes"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("#1   live 1.0 KiB (1024 B) in 1 allocations; allocated 40.0 MiB in 2; peak 40.0 MiB; merged from 3 stacks\n"),
+            "{text}"
+        );
+        // Nothing extra where peak and live agree and nothing was merged.
+        assert!(text.contains("#2   live 64 B (64 B) in 1 allocations; allocated 64 B in 1\n"), "{text}");
+    }
+
+    #[test]
+    fn mapped_stacks_show_resident_committed_reserved_and_class() {
+        let report: Report = serde_json::from_str(
+            r#"{"pid": 7, "command": "node", "duration_ms": 1000,
+                "totals": {"live_bytes": 0, "live_allocs": 0, "alloc_bytes": 0,
+                           "allocs": 0, "frees": 0, "unmatched_frees": 0, "failed_allocs": 0,
+                           "dropped": {}},
+                "stacks": [{"source": "mmap", "live_bytes": 41877504, "live_allocs": 5,
+                            "alloc_bytes": 41943040, "allocs": 5, "reserved_bytes": 41943040,
+                            "resident_bytes": 163840, "class": "thread-stacks", "frames": []},
+                           {"source": "brk", "live_bytes": 20480, "live_allocs": 1,
+                            "alloc_bytes": 20480, "allocs": 1, "reserved_bytes": 20480,
+                            "frames": []}],
+                "stacks_total": 2}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "#1   [mmap thread-stacks] resident 160.0 KiB (163840 B) of committed 39.9 MiB (41877504 B) \
+                 in 5 mappings; mapped 40.0 MiB in 5; 40.0 MiB reserved\n"
+            ),
+            "{text}"
+        );
+        // Not measured (the process was gone): no resident figure, no class.
+        assert!(
+            text.contains("#2   [brk] committed 20.0 KiB (20480 B) in 1 heap extensions; mapped 20.0 KiB in 1; 20.0 KiB reserved\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! one entry point reports use.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
@@ -37,6 +38,16 @@ pub struct Symbolizer {
     /// What the user should hear about modules, once each: a path that names another file
     /// than the one mapped.
     notes: Vec<String>,
+    /// Modules being loaded on another thread (see [`Symbolizer::preload`]).
+    preload: Option<Preload>,
+}
+
+/// Modules loading on a thread of their own, handed over as each is done.
+#[derive(Debug)]
+struct Preload {
+    /// Asked for and not received yet.
+    pending: HashSet<String>,
+    loaded: mpsc::Receiver<(String, Option<Module>)>,
 }
 
 /// Everything kept of one module.
@@ -178,6 +189,77 @@ impl Symbolizer {
             pid: None,
             mapped: HashMap::new(),
             notes: Vec::new(),
+            preload: None,
+        }
+    }
+
+    /// Starts loading `modules` (paths as the target sees them) on a thread of their own, so
+    /// that naming frames at the end finds them ready instead of reading them then (node's
+    /// tables and libc's debug file take 100-250 ms). A module still on its way when needed
+    /// is waited for; any other is loaded when first needed. One preload at a time.
+    pub fn preload(&mut self, modules: impl IntoIterator<Item = String>) {
+        if self.preload.is_some() {
+            return;
+        }
+        let mut names: Vec<String> = Vec::new();
+        for module in modules {
+            if !self.modules.contains_key(&module) && !names.contains(&module) {
+                names.push(module);
+            }
+        }
+        if names.is_empty() {
+            return;
+        }
+        let (send, loaded) = mpsc::channel();
+        // Files are opened here, by the same checks as `load` (the file the process maps);
+        // only the parsing moves to the other thread.
+        let todo: Vec<(String, Option<Mmap>)> =
+            names.iter().map(|name| (name.clone(), self.open(name))).collect();
+        let (root, search) = (self.root.clone(), self.search.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tracer-symbols".into())
+            .spawn(move || {
+                for (name, map) in todo {
+                    let module = map.and_then(|map| Module::load(map, &root, &name, &search));
+                    if send.send((name, module)).is_err() {
+                        break;
+                    }
+                }
+            });
+        // Without the thread, modules load when first needed, as they always could.
+        if spawned.is_ok() {
+            self.preload = Some(Preload {
+                pending: names.into_iter().collect(),
+                loaded,
+            });
+        }
+    }
+
+    /// Takes in the modules the preload thread has finished; waits while `wanted` is still
+    /// on its way.
+    fn take_preloaded(&mut self, wanted: &str) {
+        let Some(preload) = &mut self.preload else {
+            return;
+        };
+        loop {
+            let waiting = preload.pending.contains(wanted);
+            let next = if waiting {
+                preload.loaded.recv().ok()
+            } else {
+                preload.loaded.try_recv().ok()
+            };
+            let Some((name, module)) = next else {
+                if waiting {
+                    // The thread is gone (it panicked): load the rest here when needed.
+                    preload.pending.clear();
+                }
+                break;
+            };
+            preload.pending.remove(&name);
+            self.modules.entry(name).or_insert(module);
+        }
+        if preload.pending.is_empty() {
+            self.preload = None;
         }
     }
 
@@ -250,6 +332,7 @@ impl Symbolizer {
     }
 
     fn module(&mut self, module: &str) -> Option<&mut Module> {
+        self.take_preloaded(module);
         if !self.modules.contains_key(module) {
             let loaded = self.load(module);
             self.modules.insert(module.to_owned(), loaded);
@@ -262,14 +345,18 @@ impl Symbolizer {
     /// the path names another file and the mapped one cannot be had, nothing: frames left
     /// unnamed rather than named from the wrong file.
     fn load(&mut self, module: &str) -> Option<Module> {
+        let map = self.open(module)?;
+        Module::load(map, &self.root, module, &self.search)
+    }
+
+    /// The file behind `load`, opened and mapped (cheap); parsing it is what costs.
+    fn open(&mut self, module: &str) -> Option<Mmap> {
         let at_path = Mmap::open_with_meta(&self.root.join(module.trim_start_matches('/')));
         let Some(mapped) = self.mapped.get(module).copied() else {
-            return Module::load(at_path?.0, &self.root, module, &self.search);
+            return at_path.map(|(map, _)| map);
         };
         let replaced = match at_path {
-            Some((map, meta)) if mapped.is(&meta) => {
-                return Module::load(map, &self.root, module, &self.search);
-            }
+            Some((map, meta)) if mapped.is(&meta) => return Some(map),
             Some(_) => true,
             // Deleted, or not a file at all (a memfd): nothing wrong to read.
             None => false,
@@ -289,7 +376,7 @@ impl Symbolizer {
                 }
             ));
         }
-        Module::load(through_process?.0, &self.root, module, &self.search)
+        through_process.map(|(map, _)| map)
     }
 
     /// Things the user should hear about the modules named so far, each once.

@@ -2,7 +2,9 @@
 //! were installed, and to measure symbolization on its own (`cargo xtask symbench`). This is
 //! the one place the symbolizer sees a report, because a saved report is all there is.
 
-use super::{FrameKind, Symbolizer};
+use std::collections::HashMap;
+
+use super::{FrameKind, SymFrame, Symbolizer};
 use crate::report::{Frame, Report};
 
 /// Frames counted while naming a report again.
@@ -14,10 +16,12 @@ pub struct Resolved {
     pub named: usize,
 }
 
-/// Replaces every native frame's names, files and lines (inlined frames are derived anew).
-/// JIT frames are kept as they are: their perf map belonged to a process that is gone.
+/// Replaces every native frame's names, files and lines (inlined frames are derived anew),
+/// looking each distinct (module, offset) up once. JIT frames are kept as they are: their perf
+/// map belonged to a process that is gone.
 pub fn resymbolize(report: &mut Report, symbolizer: &mut Symbolizer) -> Resolved {
     let mut counts = Resolved::default();
+    let mut named: HashMap<(Option<String>, u64, bool), Vec<SymFrame>> = HashMap::new();
     for stack in &mut report.stacks {
         let old = std::mem::take(&mut stack.frames);
         for (real, f) in old.into_iter().filter(|f| !f.inlined).enumerate() {
@@ -26,8 +30,12 @@ pub fn resymbolize(report: &mut Report, symbolizer: &mut Symbolizer) -> Resolved
                 counts.named += usize::from(f.function.is_some());
                 stack.frames.push(f);
             } else {
-                let syms =
-                    symbolizer.symbolize_frame(f.module.as_deref(), f.offset, f.address, real > 0);
+                let syms = named
+                    .entry((f.module.clone(), f.offset, real > 0))
+                    .or_insert_with(|| {
+                        symbolizer.symbolize_frame(f.module.as_deref(), f.offset, f.address, real > 0)
+                    })
+                    .clone();
                 counts.named += usize::from(syms.last().is_some_and(|s| s.function.is_some()));
                 stack.frames.extend(syms.into_iter().map(|sym| Frame {
                     address: f.address,

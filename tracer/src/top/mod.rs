@@ -13,12 +13,12 @@ use ratatui::{
 };
 
 use crate::{
-    aggregate::{Profile, StackProfile},
+    aggregate::Profile,
     diag,
     options::{BackendChoice, Format, RecordOptions, TargetSpec},
     probe::ebpf::Limits,
     recording::{Recording, Status, TICK, stop_requested},
-    report::{Report, Stack, folded::Metric},
+    report::{Ranking, Report},
 };
 
 pub mod model;
@@ -60,7 +60,7 @@ impl TopOptions {
             top: 0,
             format: Format::Text,
             output: None,
-            metric: Metric::Held,
+            metric: None,
             jit_symbols: self.jit_symbols,
             debug_dirs: self.debug_dirs.clone(),
             min_age: None,
@@ -102,34 +102,13 @@ pub fn top(opts: &TopOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The figures of one stack without its frames, for ranking before naming.
-fn figures(s: &StackProfile) -> Stack {
-    Stack {
-        source: s.source,
-        live_bytes: s.live_bytes,
-        live_allocs: s.live_allocs,
-        alloc_bytes: s.alloc_bytes,
-        allocs: s.allocs,
-        reserved_bytes: s.reserved_bytes,
-        resident_bytes: s.resident_bytes,
-        class: s.class.clone(),
-        peak_bytes: s.peak_bytes,
-        variants: 1,
-        growth_bytes: s.growth_bytes,
-        series: Vec::new(),
-        frames: Vec::new(),
-    }
-}
-
-/// The report on screen: `profile` ranked by the state's key, the first `rows` stacks named.
+/// The report on screen: `profile`'s stacks named, merged and ranked by the state's key, the
+/// first `rows` kept.
 fn build(recording: &mut Recording, profile: &mut Profile, state: &mut State, rows: usize) -> Report {
-    let key = state.key;
-    profile.stacks.sort_by_cached_key(|s| {
-        let f = figures(s);
-        std::cmp::Reverse((key.value(&f), Metric::Held.of(&f), f.alloc_bytes))
-    });
-    let mut report = recording.report(profile, rows);
-    model::rank(&mut report.stacks, key);
+    let ranking = Ranking { metric: state.key.metric(), top: rows, peak_fallback: false };
+    let mut report = recording.report(profile, ranking);
+    // Growth keeps its sign on screen: shrinking stacks after the flat ones.
+    model::rank(&mut report.stacks, state.key);
     state.follow(&report.stacks);
     report
 }

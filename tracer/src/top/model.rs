@@ -620,6 +620,7 @@ mod tests {
             min_age_ms: None,
             sampling: None,
             metric: Metric::Held,
+            peak_fallback: false,
         }
     }
 

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
 /// x86's int3, which the kernel writes over a probed instruction.
-const BREAKPOINT: u8 = 0xcc;
+pub const BREAKPOINT: u8 = 0xcc;
 
 /// An allocator function of the workload's C library.
 #[derive(Clone, Debug)]

@@ -76,7 +76,7 @@ pub struct Outcome {
 }
 
 /// Lines of a child's stream, read by a thread so that waiting can time out.
-struct Lines {
+pub struct Lines {
     rx: Receiver<String>,
     seen: Vec<String>,
 }
@@ -103,7 +103,7 @@ impl Lines {
     }
 
     /// The first line for which `pick` gives a value.
-    fn wait_for<T>(
+    pub fn wait_for<T>(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -134,7 +134,7 @@ impl Lines {
         }
     }
 
-    fn rest(&mut self, timeout: Duration) -> String {
+    pub fn rest(&mut self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         while let Ok(line) = self
             .rx
@@ -147,16 +147,16 @@ impl Lines {
 }
 
 /// A started process with its output being read.
-struct Proc {
-    child: Child,
+pub struct Proc {
+    pub child: Child,
     stdin: Option<ChildStdin>,
-    stdout: Lines,
-    stderr: Lines,
+    pub stdout: Lines,
+    pub stderr: Lines,
     label: String,
 }
 
 impl Proc {
-    fn spawn(label: &str, cmd: &mut Command) -> Result<Proc> {
+    pub fn spawn(label: &str, cmd: &mut Command) -> Result<Proc> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -175,7 +175,7 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -280,6 +280,25 @@ fn reap_with_rusage(child: &mut Child, label: &str) -> Result<u64> {
     }
 }
 
+/// Waits until process `pid` has no thread named `name` (comm) left.
+fn wait_for_thread_exit(pid: u32, name: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("list the threads of {pid}"))?;
+        let running = tasks.flatten().any(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        });
+        if !running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} still has its thread {name} after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Everything the runs share.
 pub struct Env {
     pub tracer: PathBuf,
@@ -339,6 +358,9 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
                 .wait_for("the tracer's recording line", ATTACH_TIMEOUT, |l| {
                     l.starts_with(&wanted).then_some(())
                 })?;
+            // The tracer loads symbol tables on a thread of its own once attached: a one-time
+            // cost, counted with attaching rather than in the CPU while recording.
+            wait_for_thread_exit(p.pid(), "tracer-symbols", ATTACH_TIMEOUT)?;
             tracer = Some((p, report));
         }
         Tool::Bpftrace {
