@@ -316,9 +316,11 @@ fn header(input: &Input, key: SortKey, width: usize) -> Vec<Line> {
     )];
     let estimated = if r.sampling.is_some() { " (estimated)" } else { "" };
     let dropped: u64 = t.dropped.values().sum();
+    // Losses lead the line when there are any, so that no width can cut them off.
+    let losses = if dropped == 0 { String::new() } else { format!("DROPPED {dropped}  ") };
     lines.push(Line::new(
         format!(
-            "live {} in {} allocs{estimated}{}  allocated {} in {}  {}",
+            "{losses}live {} in {} allocs{estimated}{}  allocated {} in {}{}",
             human_bytes(t.live_bytes),
             t.live_allocs,
             // The peak is sampled; a sample older than the live figure can be below it.
@@ -328,7 +330,7 @@ fn header(input: &Input, key: SortKey, width: usize) -> Vec<Line> {
             },
             human_bytes(t.alloc_bytes),
             t.allocs,
-            if dropped == 0 { "dropped none".to_owned() } else { format!("DROPPED {dropped}") },
+            if dropped == 0 { "  dropped none" } else { "" },
         ),
         Style::Plain,
         width,
@@ -720,7 +722,10 @@ mod tests {
         for i in 0..40 {
             stacks.push(stack(&format!("f{i}"), 1000 - i, 0, 1000, 1000));
         }
-        let rep = report(stacks);
+        let mut rep = report(stacks);
+        rep.totals.alloc_bytes = 7 << 30;
+        rep.totals.allocs = 1_914_881;
+        rep.totals.dropped.insert("stack_map_full".into(), 1234);
         let classes: Vec<ClassTotals> = ["v8-heap", "malloc", "thread-stacks", "code", "jit", "file", "anon-other"]
             .iter()
             .map(|c| ClassTotals {
@@ -748,6 +753,7 @@ mod tests {
             assert!(lines[0].text.starts_with("tracer top  pid 4242 (app)  12 s  sorted by held"));
             assert!(lines.last().unwrap().text.contains("q quit"));
             assert!(lines.iter().any(|l| l.text.contains("exited with status 137")));
+            assert!(lines[1].text.starts_with("DROPPED 1234  live "), "{:?}", lines[1].text);
             assert!(lines.iter().any(|l| l.style == Style::Selected && l.text.contains("very_long_function_name_")));
         }
         assert!(fit("abcdef", 4) == "abc…");
