@@ -5,6 +5,7 @@
 //! (text, JSON). `record` runs it; `target` finds and launches processes.
 pub mod aggregate;
 pub mod diff;
+pub mod fuzzing;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
