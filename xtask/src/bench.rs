@@ -16,6 +16,7 @@
 
 mod probes;
 mod run;
+pub mod soak;
 mod table;
 
 use std::{fmt::Write as _, fs, path::Path, time::Instant};
