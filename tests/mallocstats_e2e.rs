@@ -1,13 +1,24 @@
 //! `tracer malloc-stats` on real processes: on a fragmented heap its figures agree with what
 //! the process gets from mallinfo2() itself, and on a process whose threads allocate
-//! constantly it never deadlocks the target: it answers or says it found no safe moment.
+//! constantly it never deadlocks the target: it answers or says it found no safe moment. When
+//! things go wrong inside the call (a call slowed past its deadline while it holds an arena
+//! lock, a fault on a corrupt heap) the target keeps its locks free, gets its signals as they
+//! were sent and never a fault of ours; with a libc whose lock check it cannot find, it
+//! refuses.
 
 mod support;
 
-use std::{process::Command, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use serde_json::Value;
-use support::{EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, num, run_tracer, setup};
+use support::{
+    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, libc_symbol, num, run_tracer, setup,
+};
 
 /// Threads of `pid` that some process still traces.
 fn tracer_pid_of(pid: i32) -> Vec<String> {
@@ -289,4 +300,349 @@ fn record_with_malloc_stats_puts_glibc_figures_next_to_the_malloc_class() {
         "{}",
         refused.describe()
     );
+}
+
+/// The target runs at a small fraction of a CPU while this lives: the cgroup cpu controller
+/// (v1 or v2) caps it at about 1 ms per 500 ms. The target goes back to the root group on drop.
+struct Throttle {
+    group: PathBuf,
+    root: PathBuf,
+    pid: i32,
+}
+
+impl Throttle {
+    fn new(pid: i32) -> Throttle {
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let name = format!("tracer-test-throttle-{}-{pid}", std::process::id());
+        let write = |path: PathBuf, value: &str| {
+            fs::write(&path, value)
+                .unwrap_or_else(|e| panic!("write {value:?} to {}: {e}", path.display()))
+        };
+        let throttle = if v1.join("cpu.cfs_quota_us").exists() {
+            let group = v1.join(&name);
+            fs::create_dir(&group).unwrap_or_else(|e| panic!("mkdir {}: {e}", group.display()));
+            write(group.join("cpu.cfs_period_us"), "500000");
+            write(group.join("cpu.cfs_quota_us"), "1000");
+            Throttle {
+                group,
+                root: v1.to_owned(),
+                pid,
+            }
+        } else if fs::read_to_string(v2.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        {
+            write(v2.join("cgroup.subtree_control"), "+cpu");
+            let group = v2.join(&name);
+            fs::create_dir(&group).unwrap_or_else(|e| panic!("mkdir {}: {e}", group.display()));
+            write(group.join("cpu.max"), "1000 500000");
+            Throttle {
+                group,
+                root: v2.to_owned(),
+                pid,
+            }
+        } else {
+            panic!(
+                "this test slows the target down with the cgroup cpu controller, and finds neither \
+                 /sys/fs/cgroup/cpu (v1) nor cpu in /sys/fs/cgroup/cgroup.controllers (v2)"
+            );
+        };
+        write(throttle.group.join("cgroup.procs"), &pid.to_string());
+        throttle
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = fs::remove_dir(&self.group);
+    }
+}
+
+/// Sends `sig` to process `pid` with sigqueue(3) and the value `value`.
+fn sigqueue(pid: i32, sig: i32, value: i32) {
+    let value = libc::sigval {
+        sival_ptr: value as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue has no memory-safety preconditions.
+    let rc = unsafe { libc::sigqueue(pid, sig, value) };
+    assert_eq!(
+        rc,
+        0,
+        "sigqueue({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The heapstate fixture answers SIGUSR1 with a malloc that must take the main arena's lock.
+fn malloc_takes_the_lock(target: &mut Proc, what: &str) {
+    target.signal(libc::SIGUSR1);
+    if let Err(why) = target.stdout.wait_for(LINE_TIMEOUT, |l| l == "malloc ok") {
+        panic!(
+            "{what}: the target's next malloc did not return ({why}): an arena lock was left held \
+             and the target is deadlocked\n--- target stdout ---\n{}",
+            target.stdout.text()
+        );
+    }
+}
+
+fn untraced_and_ends_by_sigterm(target: &mut Proc, pid: i32) {
+    let traced = tracer_pid_of(pid);
+    assert!(
+        traced.is_empty(),
+        "after malloc-stats, no thread may stay traced: {traced:?}"
+    );
+    target.signal(libc::SIGTERM);
+    let status = target.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGTERM),
+        "the target should end by the SIGTERM it was sent, as before: {status}"
+    );
+}
+
+/// A call is given up at its deadline only where it holds no allocator lock. Here the target
+/// is slowed to about 0.5% of a CPU while mallinfo2() walks a long fastbin (holding the main
+/// arena's lock) and open_memstream()'s calloc consolidates it: both run well past 2 s inside
+/// the allocator. Given up there (as before), the lock stayed held and the target's next
+/// malloc never returned. A signal sent while the call runs must reach the target as sent.
+#[test]
+fn a_call_past_its_deadline_inside_the_allocator_runs_on_and_leaves_no_lock_held() {
+    setup();
+    let dir = TempDir::new("mallocstats-slow");
+    let fixture = build_fixture(&dir, "heapstate");
+    let mut target = Proc::spawn(
+        "heapstate --slow 30",
+        Command::new(&fixture).args(["--slow", "30"]),
+    );
+    let sized = target
+        .stdout
+        .wait_for(LINE_TIMEOUT, |l| l.starts_with("free="))
+        .unwrap_or_else(|why| panic!("the heapstate fixture did not size its heap: {why}"));
+    target.expect_stdout_line("ready", LINE_TIMEOUT);
+    let walk_us = field(&sized, "walk_us");
+    assert!(
+        walk_us >= 20_000,
+        "the fixture's fastbin walk takes {walk_us} us even with 2M free blocks ({sized}): too \
+         fast for the throttle to push a call past its 2 s deadline"
+    );
+    let pid = target.pid();
+
+    let throttle = Throttle::new(pid);
+    let mut cmd = Command::new(support::tracer_bin());
+    cmd.args([
+        "malloc-stats",
+        "--pid",
+        &pid.to_string(),
+        "--format",
+        "json",
+        "--wait",
+        "60s",
+    ]);
+    let mut tracer = Proc::spawn("tracer malloc-stats (target throttled)", &mut cmd);
+    let overran = tracer.stderr.wait_for(Duration::from_secs(60), |l| {
+        l.contains("still inside the allocator")
+    });
+    // Sent while the call runs (once it overran), so that it arrives during the call.
+    sigqueue(pid, libc::SIGUSR2, 4242);
+    drop(throttle);
+    let run = tracer.finish(EXIT_TIMEOUT);
+
+    malloc_takes_the_lock(&mut target, "after a call past its deadline");
+    assert!(
+        overran.is_ok(),
+        "no call overran its deadline inside the allocator, so nothing was tested (fixture: \
+         {sized})\n{}",
+        run.describe()
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "a call that overran inside the allocator should be waited for, and answer\n{}",
+        run.describe()
+    );
+    let stats: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("malloc-stats printed no JSON ({e})\n{}", run.describe()));
+    assert!(
+        num(&stats, "fastbin_bytes") > 0 || num(&stats, "free_bytes") > 0,
+        "the figures should show the freed blocks\n{stats:#}"
+    );
+    let want = format!("usr2 code=-1 value=4242 pid={}", std::process::id());
+    // It may have come before the "malloc ok" line, or still be on its way.
+    let seen = target
+        .stdout
+        .seen()
+        .iter()
+        .find(|l| l.starts_with("usr2 "))
+        .cloned();
+    let got = seen
+        .map_or_else(
+            || {
+                target
+                    .stdout
+                    .wait_for(LINE_TIMEOUT, |l| l.starts_with("usr2 "))
+            },
+            Ok,
+        )
+        .unwrap_or_else(|why| {
+            panic!(
+                "the SIGUSR2 sent during the call never reached the target ({why})\n--- target \
+                 stdout ---\n{}",
+                target.stdout.text()
+            )
+        });
+    assert_eq!(
+        got, want,
+        "the SIGUSR2 sent during the call should reach the target with its own siginfo \
+         (SI_QUEUE, the value, the sender's pid)"
+    );
+    untraced_and_ends_by_sigterm(&mut target, pid);
+}
+
+/// SIGTERM (or Ctrl-C) while a call runs in the target waits until the target is let go: acted
+/// on at once, it would leave the thread to return from the call untraced, to address 0.
+#[test]
+fn sigterm_during_a_call_ends_the_tracer_only_once_the_target_is_let_go() {
+    setup();
+    let dir = TempDir::new("mallocstats-sigterm");
+    let fixture = build_fixture(&dir, "heapstate");
+    let mut target = Proc::spawn(
+        "heapstate --slow 30",
+        Command::new(&fixture).args(["--slow", "30"]),
+    );
+    target.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = target.pid();
+
+    let throttle = Throttle::new(pid);
+    let mut cmd = Command::new(support::tracer_bin());
+    cmd.args(["malloc-stats", "--pid", &pid.to_string(), "--wait", "60s"]);
+    let mut tracer = Proc::spawn("tracer malloc-stats (target throttled)", &mut cmd);
+    let overran = tracer.stderr.wait_for(Duration::from_secs(60), |l| {
+        l.contains("still inside the allocator")
+    });
+    if let Err(why) = overran {
+        panic!(
+            "no call overran its deadline inside the allocator ({why}), so there was no call to \
+             interrupt\n{}",
+            tracer.finish(EXIT_TIMEOUT).describe()
+        );
+    }
+    tracer.signal(libc::SIGTERM);
+    drop(throttle);
+    let run = tracer.finish(EXIT_TIMEOUT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&run.status),
+        Some(libc::SIGTERM),
+        "the tracer should end by the SIGTERM, once the target is let go\n{}",
+        run.describe()
+    );
+    assert!(
+        target.running(),
+        "the target died: the tracer ended while its call ran\n{}",
+        run.describe()
+    );
+    malloc_takes_the_lock(
+        &mut target,
+        "after the tracer was sent SIGTERM during a call",
+    );
+    untraced_and_ends_by_sigterm(&mut target, pid);
+}
+
+/// A fault raised by the injected call (mallinfo2() following a fastbin link broken by the
+/// program into an unmapped page) is the call's failure: restore, release the arena lock the
+/// call held, say so. Passed on (as before, after a 2 s timeout), it killed the target.
+#[test]
+fn a_fault_inside_the_call_never_reaches_the_target() {
+    setup();
+    let dir = TempDir::new("mallocstats-fault");
+    let fixture = build_fixture(&dir, "heapstate");
+    let mut target = Proc::spawn("heapstate --poison", Command::new(&fixture).arg("--poison"));
+    target.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = target.pid();
+
+    let run = run_tracer(&["malloc-stats", "--pid", &pid.to_string()], EXIT_TIMEOUT);
+    assert!(
+        target.running(),
+        "the target died after malloc-stats met a fault in it\n{}",
+        run.describe()
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", run.describe());
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("mallinfo2() faulted")
+            && lines[0].contains("SIGSEGV")
+            && lines[0].contains("not passed to the target"),
+        "the failure should be one line saying mallinfo2() faulted and the fault was kept from \
+         the target\n{}",
+        run.describe()
+    );
+    malloc_takes_the_lock(
+        &mut target,
+        "after mallinfo2() faulted holding the arena lock",
+    );
+    untraced_and_ends_by_sigterm(&mut target, pid);
+}
+
+/// Where the lock check cannot be made (mallinfo2()'s code does not show the arena list), the
+/// call is not made: one line, status 2. Before, the check was skipped silently. The libc here
+/// is the system's, with the one instruction that follows the arena list replaced (mallinfo2()
+/// then reads the main arena only), loaded by the fixture through LD_LIBRARY_PATH.
+#[test]
+fn a_libc_whose_lock_check_is_not_recognised_is_refused() {
+    setup();
+    let dir = TempDir::new("mallocstats-nolockcheck");
+    let fixture = build_fixture(&dir, "heapstate");
+    let mallinfo2 = libc_symbol(std::process::id() as i32, "mallinfo2");
+    let mut libc = fs::read(&mallinfo2.path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", mallinfo2.path.display()));
+    // glibc 2.36, x86-64: `mov 0x870(%rbx),%rbx` (next arena) becomes `mov %r12,%rbx` (back
+    // to main_arena, held in r12) and a 4-byte nop.
+    let (next, main) = (
+        [0x48, 0x8b, 0x9b, 0x70, 0x08, 0x00, 0x00],
+        [0x4c, 0x89, 0xe3, 0x0f, 0x1f, 0x40, 0x00],
+    );
+    let body = mallinfo2.file_offset as usize..mallinfo2.file_offset as usize + 0x120;
+    let at = libc[body.clone()]
+        .windows(next.len())
+        .position(|w| w == next)
+        .unwrap_or_else(|| {
+            panic!(
+                "mallinfo2() in {} has no `mov 0x870(%rbx),%rbx`: this test knows glibc 2.36's \
+                 code; teach it this libc's",
+                mallinfo2.path.display()
+            )
+        });
+    libc[body.start + at..body.start + at + next.len()].copy_from_slice(&main);
+    let lib = dir.join("lib");
+    fs::create_dir(&lib).expect("mkdir lib");
+    let name = mallinfo2.path.file_name().expect("libc has a file name");
+    fs::write(lib.join(name), &libc).expect("write the patched libc");
+
+    let mut target = Proc::spawn(
+        "heapstate --slow 1 (patched libc)",
+        Command::new(&fixture)
+            .args(["--slow", "1"])
+            .env("LD_LIBRARY_PATH", &lib),
+    );
+    target.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = target.pid();
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    assert!(
+        maps.contains(lib.to_str().expect("utf-8 path")),
+        "the fixture should run with the patched libc from {}:\n{maps}",
+        lib.display()
+    );
+
+    let run = run_tracer(&["malloc-stats", "--pid", &pid.to_string()], EXIT_TIMEOUT);
+    assert_eq!(run.status.code(), Some(2), "{}", run.describe());
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("cannot check that no thread holds an allocator lock"),
+        "the refusal should be one line saying the lock check cannot be made\n{}",
+        run.describe()
+    );
+    malloc_takes_the_lock(&mut target, "after the refusal");
+    untraced_and_ends_by_sigterm(&mut target, pid);
 }

@@ -399,3 +399,105 @@ fn sigkill_of_the_tracer_leaves_an_idle_target_working() {
         "the target should run on after the tracer died: {status}"
     );
 }
+
+/// Kills a process that is not our child (a command the tracer launched) when dropped.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// The guard must hold what it needs before the tracer can die. A non-root tracer may trace
+/// the command it launched (its child), but once the tracer is gone its guard, a sibling of the
+/// target, may not open the target's memory where Yama's ptrace_scope 1 admits only ancestors.
+/// This kernel has no Yama (no /proc/sys/kernel/yama), so the test makes the same condition
+/// another way: the target makes itself non-dumpable after the tracer attached, which denies
+/// every unprivileged newcomer, the guard included, and leaves the tracer's access as it was.
+#[test]
+fn sigkill_of_an_unprivileged_tracer_leaves_a_target_it_may_no_longer_open_working() {
+    setup();
+    let setpriv = Path::new("/usr/bin/setpriv");
+    assert!(
+        setpriv.exists(),
+        "this test runs the tracer as nobody with setpriv (util-linux)"
+    );
+    let dir = TempDir::new("ptrace-sigkill-unprivileged");
+    let fixture = build_fixture(&dir, "undumpable");
+    let tracer_path = support::tracer_bin();
+    let mut cmd = Command::new(setpriv);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&tracer_path)
+        .args(["record", "--backend", "ptrace", "--"])
+        .arg(&fixture);
+    let mut tracer = Proc::spawn("tracer record (as nobody) -- undumpable", &mut cmd);
+    // The command's output goes to the tracer's stdout, which it inherits.
+    let ready = tracer
+        .stdout
+        .wait_for(LINE_TIMEOUT, |l| l.starts_with("ready pid="))
+        .unwrap_or_else(|why| {
+            panic!(
+                "the launched fixture never said ready: {why}\n--- tracer stderr ---\n{}",
+                tracer.stderr.read_to_end(Duration::from_millis(200)).join("\n")
+            )
+        });
+    let pid: i32 = ready["ready pid=".len()..]
+        .parse()
+        .unwrap_or_else(|e| panic!("bad pid in {ready:?}: {e}"));
+    let _cleanup = KillOnDrop(pid);
+    let malloc = libc_symbol(pid, "malloc");
+    assert_eq!(
+        malloc.process_bytes(pid, 1)[0],
+        0xcc,
+        "while recording, malloc should hold the breakpoint"
+    );
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+    assert!(
+        uid.split_whitespace().nth(1) == Some("65534"),
+        "the fixture should run as nobody, like its tracer: {uid}"
+    );
+
+    tracer.signal(libc::SIGKILL);
+    tracer.wait_exit(EXIT_TIMEOUT);
+
+    let restored = eventually(Duration::from_secs(5), || {
+        let (mem, file) = (malloc.process_bytes(pid, 16), malloc.file_bytes(16));
+        if mem == file {
+            Ok(())
+        } else {
+            Err(format!("memory {} file {}", hex(&mem), hex(&file)))
+        }
+    });
+    if let Err(e) = restored {
+        panic!(
+            "5 s after the unprivileged tracer was SIGKILLed, malloc still differs from the file \
+             (its guard could not put the target back): {e}"
+        );
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0, "signal the fixture");
+    if let Err(why) = tracer.stdout.wait_for(LINE_TIMEOUT, |l| l == "allocated") {
+        let state = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| format!("alive: {}", s.trim()))
+            .unwrap_or_else(|_| "gone".to_owned());
+        panic!(
+            "the target should allocate after the tracer died, but no \"allocated\" line came \
+             ({why}); the target is {state}"
+        );
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "signal the fixture");
+    let gone = eventually(Duration::from_secs(5), || {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => Ok(()),
+            Ok(s) if s.contains(") Z ") => Ok(()),
+            Ok(s) => Err(s),
+        }
+    });
+    if let Err(state) = gone {
+        panic!("the fixture should exit on SIGTERM: {state}");
+    }
+}

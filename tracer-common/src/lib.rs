@@ -113,6 +113,9 @@ pub struct StackStats {
     pub live_allocs: i64,
     pub alloc_bytes: u64,
     pub allocs: u64,
+    /// The most live bytes this stack held at any moment of the recording (an atomic max,
+    /// updated after each allocation's add).
+    pub peak_bytes: i64,
 }
 
 /// One captured user stack: addresses, leaf first, with the direct caller in slot 1.

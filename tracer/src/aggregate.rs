@@ -44,6 +44,12 @@ pub struct StackProfile {
     pub allocs: u64,
     /// mmap/brk: bytes mapped and still mapped, committed or not (live_bytes is committed).
     pub reserved_bytes: Option<u64>,
+    /// mmap/brk: bytes of the stack's committed ranges that are in RAM now.
+    pub resident_bytes: Option<u64>,
+    /// mmap/brk: the memory-map class of the stack's ranges (`thread-stacks`, `v8-heap`, ...).
+    pub class: Option<String>,
+    /// The most live bytes the stack held at any moment of the recording.
+    pub peak_bytes: u64,
     /// Live bytes at each snapshot of the recording (with --interval), the last at its end.
     pub series: Vec<u64>,
     /// Live bytes at the last point of `series` less at the first.
@@ -56,6 +62,8 @@ pub struct Totals {
     pub live_allocs: u64,
     pub alloc_bytes: u64,
     pub allocs: u64,
+    /// The most live malloc-family bytes seen in all, sampled while recording.
+    pub peak_live_bytes: u64,
     pub counters: Counters,
 }
 
@@ -86,6 +94,9 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
             alloc_bytes: s.alloc_bytes,
             allocs: s.allocs,
             reserved_bytes: None,
+            resident_bytes: None,
+            class: None,
+            peak_bytes: clamp(s.peak_bytes),
             series: Vec::new(),
             growth_bytes: 0,
         })
@@ -158,6 +169,9 @@ pub fn add_mapped(
             alloc_bytes: r.mapped_bytes,
             allocs: r.maps,
             reserved_bytes: Some(r.reserved_bytes),
+            resident_bytes: None,
+            class: None,
+            peak_bytes: 0,
             series: Vec::new(),
             growth_bytes: 0,
         });
@@ -230,6 +244,7 @@ mod tests {
             live_allocs: count,
             alloc_bytes: bytes,
             allocs,
+            peak_bytes: live.max(0),
         }
     }
 

@@ -119,7 +119,9 @@ fn side(report: &Report, metric: Metric) -> Side {
     let total = match metric {
         Metric::Live => report.totals.live_bytes,
         Metric::Allocated => report.totals.alloc_bytes,
-        Metric::Growth => report.stacks.iter().map(|s| metric.of(s)).sum(),
+        Metric::Growth | Metric::Held | Metric::Resident | Metric::Peak => {
+            report.stacks.iter().map(|s| metric.of(s)).sum()
+        }
     };
     Side {
         pid: report.pid,

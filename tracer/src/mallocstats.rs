@@ -1,7 +1,8 @@
 //! `tracer malloc-stats`: glibc's own view of a running process's heap, got the way a gdb user
 //! gets it, by calling `mallinfo2()` and `malloc_info()` inside the stopped process, but only
-//! at a moment when no thread is inside the allocator or holds one of its locks, and with a
-//! bound on how long the call may take. It tells how much of RSS is live and how much is free
+//! at a moment when no thread is inside the allocator or holds one of its locks, never giving a
+//! call up while it is inside the allocator (where it may hold a lock), and never letting a
+//! fault of the call reach the target. It tells how much of RSS is live and how much is free
 //! memory glibc keeps (fragmentation, one arena per thread).
 use std::{
     collections::HashMap,
@@ -52,8 +53,14 @@ const STACK_SCAN: usize = 512;
 const MALLINFO2_FIELDS: usize = 10;
 /// Arenas followed along their list at most (a corrupt list must not loop us forever).
 const LOCK_WAIT_LIMIT: usize = 4096;
-/// How long one call into the target may take.
+/// How long one call into the target may take before it is given up, provided it is then
+/// outside the allocator; inside it, it runs on.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a call past its deadline is stopped to see whether it left the allocator.
+const OVERRUN_LOOK: Duration = Duration::from_millis(20);
+/// Stack bytes of the calling thread searched for a return address into the allocator, from
+/// its stack pointer up to the frame the call started in.
+const CALL_STACK_MAX: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -71,6 +78,11 @@ pub enum StatsError {
     Libc { path: PathBuf, message: String },
     #[error("{path} has no {symbol}: malloc-stats needs glibc 2.33 or later")]
     Missing { path: PathBuf, symbol: &'static str },
+    #[error(
+        "{path}: the code of mallinfo2() does not show where glibc's arena list is, so malloc-stats \
+         cannot check that no thread holds an allocator lock, and does not call into the process"
+    )]
+    NoLockCheck { path: PathBuf },
     #[error(
         "ptrace seize thread {tid} of pid {pid}{}",
         if *source == Errno::EPERM { " (already traced by a debugger or tracer, or not permitted)" } else { "" }
@@ -92,12 +104,27 @@ pub enum StatsError {
         why: String,
     },
     #[error(
-        "{function}() in pid {pid} did not return within {timeout:?}; its thread's registers were restored and the target resumed"
+        "{function}() in pid {pid} did not return within {timeout:?}; it was given up outside the \
+         allocator, holding none of its locks, its thread's registers restored and the target resumed"
     )]
     Timeout {
         pid: u32,
         function: &'static str,
         timeout: Duration,
+    },
+    #[error(
+        "{function}() faulted in pid {pid} ({signal} at pc {pc:#x}, address {addr:#x}): glibc's heap \
+         looks corrupt; the fault was not passed to the target, the thread's registers were \
+         restored{}",
+        if *released > 0 { " and the arena lock the call held released" } else { "" }
+    )]
+    Fault {
+        pid: u32,
+        function: &'static str,
+        signal: String,
+        pc: u64,
+        addr: u64,
+        released: usize,
     },
     #[error("call {function}() in pid {pid}")]
     Call {
@@ -162,9 +189,9 @@ struct Allocator {
     open_memstream: Option<u64>,
     fclose: Option<u64>,
     free: u64,
-    /// `main_arena` and the offset of `next` in `struct malloc_state`, when mallinfo2's code
-    /// shows them: the arena locks are then checked too.
-    arenas: Option<(u64, u64)>,
+    /// `main_arena` and the offset of `next` in `struct malloc_state`, as mallinfo2's code
+    /// shows them: where the arena locks are.
+    arenas: (u64, u64),
     /// Bytes of libc's text, for telling return addresses from other numbers.
     text: Vec<u8>,
     /// Runtime address of `text[0]`.
@@ -254,9 +281,11 @@ impl Allocator {
             let off = (seg_off + (vaddr - segment.address())) as usize;
             data.get(off..off + len as usize)
         };
+        // Without the arena list the locks cannot be checked: refuse rather than call blind.
         let arenas = code_of(mallinfo2, mallinfo2_size)
             .and_then(|code| arenas_from_mallinfo2(code, mallinfo2))
-            .map(|(a, next)| (at(a), next));
+            .map(|(a, next)| (at(a), next))
+            .ok_or_else(|| StatsError::NoLockCheck { path: host.clone() })?;
         let text = code_of(segment.address(), seg_size.min(segment.size()))
             .unwrap_or_default()
             .to_vec();
@@ -295,6 +324,49 @@ impl Allocator {
                     && self.text.get(i + 1).is_some_and(|m| (m >> 3) & 7 == 2)
             })
     }
+
+    /// Whether a thread making our call, stopped with `regs`, may be inside the allocator: its
+    /// pc is in it, or a return address into it lies anywhere between its stack pointer and
+    /// `frame_top`, where the call began. Whatever cannot be read counts as inside.
+    fn call_inside(&self, mem: &Mem, regs: &Regs, frame_top: u64) -> bool {
+        if self.in_code(regs.rip) {
+            return true;
+        }
+        let Some(len) = frame_top.checked_sub(regs.rsp) else {
+            return true;
+        };
+        if len > CALL_STACK_MAX {
+            return true;
+        }
+        let mut stack = vec![0u8; len as usize];
+        if !mem.read(regs.rsp, &mut stack) {
+            return true;
+        }
+        stack
+            .chunks_exact(8)
+            .any(|word| self.returns_into(u64::from_le_bytes(word.try_into().expect("8 bytes"))))
+    }
+
+    /// The arenas whose lock is held, following the arena list; Err if the list cannot be
+    /// read to its end.
+    fn locked_arenas(&self, mem: &Mem) -> Result<Vec<u64>, u64> {
+        let (main_arena, next_off) = self.arenas;
+        let mut locked = Vec::new();
+        let mut arena = main_arena;
+        for _ in 0..LOCK_WAIT_LIMIT {
+            match mem.read_u64(arena) {
+                Some(word) if word as u32 != 0 => locked.push(arena),
+                Some(_) => {}
+                None => return Err(arena),
+            }
+            match mem.read_u64(arena + next_off) {
+                Some(next) if next == main_arena => return Ok(locked),
+                Some(next) if next != 0 => arena = next,
+                _ => return Err(arena),
+            }
+        }
+        Err(arena)
+    }
 }
 
 /// `main_arena` and the offset of `next` in its struct, from mallinfo2's loop over the
@@ -326,6 +398,24 @@ struct Held {
     tid: i32,
     sig: i32,
     group: bool,
+    /// Signals meant for the target that arrived while calls ran in this task, to deliver as
+    /// it is let go.
+    deliver: Vec<(i32, libc::siginfo_t)>,
+    /// The task sits in a signal-delivery-stop, where the first of them can be delivered with
+    /// its own siginfo.
+    signal_stop: bool,
+}
+
+impl Held {
+    fn new(tid: i32, sig: i32, group: bool) -> Held {
+        Held {
+            tid,
+            sig,
+            group,
+            deliver: Vec::new(),
+            signal_stop: sig != 0,
+        }
+    }
 }
 
 /// Every thread of the target, seized and stopped.
@@ -386,19 +476,15 @@ impl Stopped {
                         return Err(StatsError::Gone(self.pid));
                     }
                 }
-                Stop::Signal(sig) => self.tasks.push(Held {
+                Stop::Signal(sig) => self.tasks.push(Held::new(tid, sig, false)),
+                Stop::Event(libc::PTRACE_EVENT_STOP, sig) => self.tasks.push(Held::new(
                     tid,
-                    sig,
-                    group: false,
-                }),
-                Stop::Event(libc::PTRACE_EVENT_STOP, sig) => self.tasks.push(Held {
-                    tid,
-                    sig: 0,
-                    group: matches!(
+                    0,
+                    matches!(
                         sig,
                         libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
                     ),
-                }),
+                )),
                 Stop::Event(libc::PTRACE_EVENT_CLONE, _) => {
                     if let Ok(child) = sys::event_message(tid) {
                         let child = child as i32;
@@ -408,17 +494,9 @@ impl Stopped {
                             pending.push(child);
                         }
                     }
-                    self.tasks.push(Held {
-                        tid,
-                        sig: 0,
-                        group: false,
-                    });
+                    self.tasks.push(Held::new(tid, 0, false));
                 }
-                Stop::Event(..) => self.tasks.push(Held {
-                    tid,
-                    sig: 0,
-                    group: false,
-                }),
+                Stop::Event(..) => self.tasks.push(Held::new(tid, 0, false)),
             }
             if !waiting.contains(&tid) && !self.tasks.iter().any(|h| h.tid == tid) {
                 // A new thread's first stop before its parent's clone event.
@@ -458,9 +536,24 @@ impl Stopped {
         self.collect_stops(&mut tids)
     }
 
+    /// Lets every task go with the signal it was stopped with, and a task that ran calls with
+    /// the signals that arrived meanwhile: the first with its own siginfo where the task's stop
+    /// allows it, the others sent again (same signal, sent by the tracer).
     fn release(&mut self) {
         for h in self.tasks.drain(..) {
-            let _ = sys::detach(h.tid, h.sig);
+            let mut rest = h.deliver.into_iter();
+            let sig = match rest.next() {
+                Some((sig, info)) if h.signal_stop && sys::set_siginfo(h.tid, &info).is_ok() => sig,
+                Some((sig, _)) => {
+                    sys::tgkill(self.pid as i32, h.tid, sig);
+                    h.sig
+                }
+                None => h.sig,
+            };
+            let _ = sys::detach(h.tid, sig);
+            for (sig, _) in rest {
+                sys::tgkill(self.pid as i32, h.tid, sig);
+            }
         }
     }
 }
@@ -502,78 +595,147 @@ fn unsafe_because(stopped: &Stopped, alloc: &Allocator, mem: &Mem) -> Option<Str
             }
         }
     }
-    if let Some((main_arena, next_off)) = alloc.arenas {
-        let mut arena = main_arena;
-        for _ in 0..LOCK_WAIT_LIMIT {
-            match mem.read_u64(arena) {
-                Some(word) if word as u32 != 0 => {
-                    return Some(format!("the lock of arena {arena:#x} is held"));
-                }
-                Some(_) => {}
-                None => break,
-            }
-            match mem.read_u64(arena + next_off) {
-                Some(next) if next != main_arena && next != 0 => arena = next,
-                _ => break,
-            }
-        }
+    match alloc.locked_arenas(mem) {
+        Ok(locked) if locked.is_empty() => None,
+        Ok(locked) => Some(format!("the lock of arena {:#x} is held", locked[0])),
+        Err(at) => Some(format!("the arena list cannot be read at {at:#x}")),
     }
-    None
 }
 
-/// Calls `function(args)` in stopped thread `tid`, on a stack frame below its own, returning
-/// to address 0 so that the return shows as a fault we catch. Registers are restored after.
-fn call(
+/// The stopped thread the calls are made in, on a stack frame below its own.
+struct Caller<'a> {
     pid: u32,
     tid: i32,
-    function: (&'static str, u64),
-    args: &[u64],
+    /// Top of the calls' stack frames.
     frame_top: u64,
-) -> Result<u64, StatsError> {
-    let saved = sys::getregs(tid).map_err(|source| StatsError::Call {
-        pid,
-        function: function.0,
-        source: sys::InjectError::Ptrace { tid, source },
-    })?;
-    let mem = Mem::open(pid as i32).map_err(|_| StatsError::Gone(pid))?;
-    let mut regs: Regs = saved;
-    let sp = (frame_top & !0xf) - 8;
-    if !mem.write_data(sp, &0u64.to_le_bytes()) {
-        return Err(StatsError::Read("stack"));
-    }
-    regs.rsp = sp;
-    regs.rip = function.1;
-    regs.rax = 0;
-    regs.orig_rax = u64::MAX;
-    let slots = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx, &mut regs.rcx];
-    for (slot, &arg) in slots.into_iter().zip(args) {
-        *slot = arg;
-    }
-    let done = sys::run_in(
-        tid,
-        &saved,
-        &regs,
-        false,
-        Some(Instant::now() + CALL_TIMEOUT),
-        |stop, r| stop == Stop::Signal(libc::SIGSEGV) && r.rip == 0 && r.rsp == sp + 8,
-    )
-    .map_err(|source| StatsError::Call {
-        pid,
-        function: function.0,
-        source,
-    })?;
-    match done {
-        Some(injected) => {
-            if injected.resume_sig != 0 {
-                sys::tgkill(pid as i32, tid, injected.resume_sig);
-            }
-            Ok(injected.regs.rax)
-        }
-        None => Err(StatsError::Timeout {
+    alloc: &'a Allocator,
+    mem: &'a Mem,
+    /// Signals meant for the target that arrived during the calls, to deliver after.
+    held: Vec<(i32, libc::siginfo_t)>,
+    /// Whether the thread now sits in a signal-delivery-stop.
+    signal_stop: bool,
+}
+
+impl Caller<'_> {
+    /// Calls `function(args)`, returning to address 0 so that the return shows as a fault we
+    /// catch; the registers are restored after. Past CALL_TIMEOUT the call is given up only
+    /// where it holds no allocator lock: outside the allocator's code and frames, every arena
+    /// lock free (all were free when it started and the other threads are stopped, so a held
+    /// one would be the call's). Inside, it runs on, however long: a call given up there
+    /// could leave a lock held and the target deadlocked on its next malloc. A fault of the
+    /// call's own is not passed on: the call ends there, and the arena locks it held (no other
+    /// thread can be waiting for them) are released.
+    fn call(&mut self, function: (&'static str, u64), args: &[u64]) -> Result<u64, StatsError> {
+        let (pid, tid) = (self.pid, self.tid);
+        let ptrace_err = |source| StatsError::Call {
             pid,
             function: function.0,
-            timeout: CALL_TIMEOUT,
-        }),
+            source: sys::InjectError::Ptrace { tid, source },
+        };
+        let saved = sys::getregs(tid).map_err(ptrace_err)?;
+        let mut regs: Regs = saved;
+        let sp = (self.frame_top & !0xf) - 8;
+        if !self.mem.write_data(sp, &0u64.to_le_bytes()) {
+            return Err(StatsError::Read("stack"));
+        }
+        regs.rsp = sp;
+        regs.rip = function.1;
+        regs.rax = 0;
+        regs.orig_rax = u64::MAX;
+        let slots = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx, &mut regs.rcx];
+        for (slot, &arg) in slots.into_iter().zip(args) {
+            *slot = arg;
+        }
+        let (alloc, mem, frame_top) = (self.alloc, self.mem, self.frame_top);
+        let mut said = false;
+        let mut may_abandon = |r: &Regs| {
+            let free = alloc.locked_arenas(mem).is_ok_and(|l| l.is_empty());
+            let outside = free && !alloc.call_inside(mem, r, frame_top);
+            if !outside && !said {
+                said = true;
+                eprintln!(
+                    "tracer: {}() in pid {pid} is still inside the allocator after {CALL_TIMEOUT:?}; \
+                     waiting for it to leave (given up there it could leave a lock held)",
+                    function.0
+                );
+            }
+            outside
+        };
+        let run = sys::run_in(
+            tid,
+            &saved,
+            &regs,
+            false,
+            Some(sys::Deadline {
+                at: Instant::now() + CALL_TIMEOUT,
+                every: OVERRUN_LOOK,
+                may_abandon: &mut may_abandon,
+            }),
+            |stop, r| stop == Stop::Signal(libc::SIGSEGV) && r.rip == 0 && r.rsp == sp + 8,
+        )
+        .map_err(|source| StatsError::Call {
+            pid,
+            function: function.0,
+            source,
+        })?;
+        self.held.extend(run.held);
+        self.signal_stop = run.signal_stop;
+        match run.ended {
+            sys::Ended::Done(end) => Ok(end.rax),
+            sys::Ended::Abandoned => Err(StatsError::Timeout {
+                pid,
+                function: function.0,
+                timeout: CALL_TIMEOUT,
+            }),
+            sys::Ended::Fault(fault) => {
+                let mut released = 0;
+                for arena in alloc.locked_arenas(mem).unwrap_or_default() {
+                    if mem.write_data(arena, &0u32.to_le_bytes()) {
+                        released += 1;
+                    }
+                }
+                Err(StatsError::Fault {
+                    pid,
+                    function: function.0,
+                    signal: nix::sys::signal::Signal::try_from(fault.sig)
+                        .map_or_else(|_| format!("signal {}", fault.sig), |s| s.to_string()),
+                    pc: fault.pc,
+                    addr: fault.addr,
+                    released,
+                })
+            }
+        }
+    }
+}
+
+/// Holds back, for as long as it lives, the signals that would end this process by default
+/// (Ctrl-C, kill): ended while a call runs in the target, the tracer would let the thread
+/// return to address 0 untraced, and the target would die. They act once it is dropped,
+/// when every thread of the target has been let go.
+struct HoldTermination {
+    old: libc::sigset_t,
+}
+
+impl HoldTermination {
+    fn new() -> HoldTermination {
+        // SAFETY: sigset operations on local sets; pthread_sigmask on the calling thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            HoldTermination { old }
+        }
+    }
+}
+
+impl Drop for HoldTermination {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in new().
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
 }
 
@@ -588,6 +750,8 @@ pub fn inspect(pid: u32, wait: Duration) -> Result<MallocStats, StatsError> {
     let alloc = Allocator::find(pid, &maps, &libc)?;
     let mem = Mem::open(pid as i32).map_err(|_| StatsError::Gone(pid))?;
 
+    // Declared before `stopped`, so dropped after it: the target is let go first.
+    let _hold = HoldTermination::new();
     let started = Instant::now();
     let mut stopped = Stopped::seize(pid)?;
     let mut tries = 1;
@@ -619,16 +783,40 @@ pub fn inspect(pid: u32, wait: Duration) -> Result<MallocStats, StatsError> {
     let regs = sys::getregs(tid).map_err(|_| StatsError::Gone(pid))?;
     // Below the thread's own stack and its red zone: our scratch space, then the call frames.
     let scratch = (regs.rsp - 128 - 256) & !0xf;
-    let frame_top = scratch - 64;
-
-    let info_addr = scratch;
-    call(
+    let mut caller = Caller {
         pid,
         tid,
-        ("mallinfo2", alloc.mallinfo2),
-        &[info_addr],
-        frame_top,
-    )?;
+        frame_top: scratch - 64,
+        alloc: &alloc,
+        mem: &mem,
+        held: Vec::new(),
+        signal_stop: false,
+    };
+    let stats = ask_glibc(&mut caller, scratch);
+    // Whatever happened, the signals that arrived for the target go with the thread.
+    if let Some(h) = stopped.tasks.iter_mut().find(|h| h.tid == tid) {
+        h.deliver = std::mem::take(&mut caller.held);
+        h.signal_stop = caller.signal_stop;
+    }
+    stopped.release();
+    let mut stats = stats?;
+
+    stats.arenas = stats.per_arena.len() as u64;
+    if !stats.per_arena.is_empty() {
+        stats.top_bytes = stats.per_arena.iter().map(|a| a.top_bytes).sum();
+    }
+    stats.bin_bytes = stats
+        .free_bytes
+        .saturating_sub(stats.fastbin_bytes + stats.top_bytes);
+    stats.rss_bytes = rss_of(pid).unwrap_or(0);
+    Ok(stats)
+}
+
+/// The calls: mallinfo2(), then malloc_info() into an open_memstream buffer, freed after.
+fn ask_glibc(caller: &mut Caller<'_>, scratch: u64) -> Result<MallocStats, StatsError> {
+    let (alloc, mem) = (caller.alloc, caller.mem);
+    let info_addr = scratch;
+    caller.call(("mallinfo2", alloc.mallinfo2), &[info_addr])?;
     let mut raw = [0u8; MALLINFO2_FIELDS * 8];
     if !mem.read(info_addr, &mut raw) {
         return Err(StatsError::Read("mallinfo2"));
@@ -637,7 +825,7 @@ pub fn inspect(pid: u32, wait: Duration) -> Result<MallocStats, StatsError> {
     // struct mallinfo2: arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks, uordblks,
     // fordblks, keepcost.
     let mut stats = MallocStats {
-        pid,
+        pid: caller.pid,
         arena_bytes: f(0),
         mmapped_chunks: f(3),
         mmapped_bytes: f(4),
@@ -653,38 +841,22 @@ pub fn inspect(pid: u32, wait: Duration) -> Result<MallocStats, StatsError> {
     {
         // open_memstream(&buf, &size); malloc_info(0, fp); fclose(fp); read buf; free(buf).
         let (buf_slot, size_slot) = (scratch + 96, scratch + 104);
-        let fp = call(
-            pid,
-            tid,
-            ("open_memstream", open),
-            &[buf_slot, size_slot],
-            frame_top,
-        )?;
+        let fp = caller.call(("open_memstream", open), &[buf_slot, size_slot])?;
         if fp != 0 {
-            call(pid, tid, ("malloc_info", info), &[0, fp], frame_top)?;
-            call(pid, tid, ("fclose", close), &[fp], frame_top)?;
+            caller.call(("malloc_info", info), &[0, fp])?;
+            caller.call(("fclose", close), &[fp])?;
             let buf = mem.read_u64(buf_slot).unwrap_or(0);
             let size = mem.read_u64(size_slot).unwrap_or(0).min(64 << 20);
             if buf != 0 {
                 let mut xml = vec![0u8; size as usize];
                 let ok = mem.read(buf, &mut xml);
-                call(pid, tid, ("free", alloc.free), &[buf], frame_top)?;
+                caller.call(("free", alloc.free), &[buf])?;
                 if ok {
                     stats.per_arena = parse_malloc_info(&String::from_utf8_lossy(&xml));
                 }
             }
         }
     }
-    stopped.release();
-
-    stats.arenas = stats.per_arena.len() as u64;
-    if !stats.per_arena.is_empty() {
-        stats.top_bytes = stats.per_arena.iter().map(|a| a.top_bytes).sum();
-    }
-    stats.bin_bytes = stats
-        .free_bytes
-        .saturating_sub(stats.fastbin_bytes + stats.top_bytes);
-    stats.rss_bytes = rss_of(pid).unwrap_or(0);
     Ok(stats)
 }
 

@@ -284,6 +284,8 @@ fn launcher(
     let pid_u32 = child.id();
     let pid = Pid::from_raw(pid_u32 as i32);
     let ptrace_err = |what| move |source| TargetError::Ptrace { what, pid: pid_u32, source };
+    // Before any error is reported: the tracer may exit as soon as it reads one, and a
+    // command it leaves traced and stopped would run on untraced once it is gone.
     let kill = || {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = waitpid(pid, None);
@@ -300,14 +302,14 @@ fn launcher(
             return;
         }
         Err(e) => {
-            let _ = setup.send(Err(ptrace_err("wait for exec")(e)));
             kill();
+            let _ = setup.send(Err(ptrace_err("wait for exec")(e)));
             return;
         }
     }
     if !is_dynamic(Path::new(&format!("/proc/{pid_u32}/exe"))) {
-        let _ = setup.send(Err(TargetError::StaticBinary { what: command }));
         kill();
+        let _ = setup.send(Err(TargetError::StaticBinary { what: command }));
         return;
     }
     // EXITKILL: should the tracer die during set-up, the half-started command goes too.
@@ -315,8 +317,8 @@ fn launcher(
         pid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
     ) {
-        let _ = setup.send(Err(ptrace_err("set options")(e)));
         kill();
+        let _ = setup.send(Err(ptrace_err("set options")(e)));
         return;
     }
 
@@ -326,8 +328,8 @@ fn launcher(
     let mut found = None;
     for _ in 0..MAX_LOADER_SYSCALLS {
         if let Err(e) = ptrace::syscall(pid, None) {
-            let _ = setup.send(Err(ptrace_err("syscall")(e)));
             kill();
+            let _ = setup.send(Err(ptrace_err("syscall")(e)));
             return;
         }
         match waitpid(pid, None) {
@@ -355,15 +357,15 @@ fn launcher(
                 return;
             }
             Err(e) => {
-                let _ = setup.send(Err(ptrace_err("wait")(e)));
                 kill();
+                let _ = setup.send(Err(ptrace_err("wait")(e)));
                 return;
             }
         }
     }
     let Some((libc, maps)) = found else {
-        let _ = setup.send(Err(TargetError::NoLibc { what: command }));
         kill();
+        let _ = setup.send(Err(TargetError::NoLibc { what: command }));
         return;
     };
     let info = inspect(pid_u32).unwrap_or(ProcessInfo {
@@ -416,17 +418,58 @@ fn launcher(
             return;
         }
     }
-    if ptrace::detach(pid, None).is_err() {
-        follow_untraced(pid, &events);
-        return;
+    match reseize(pid) {
+        Ok(None) => follow_traced(pid, &control, &events),
+        Ok(Some(code)) => {
+            let _ = events.send(LaunchEvent::Exited(code));
+        }
+        Err(_) => follow_untraced(pid, &events),
     }
-    // Seize again, only to be told when it exits, while its memory map can still be read.
-    // Seizing does not stop it; signals pass through `follow_traced` unchanged.
-    if ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT).is_err() {
-        follow_untraced(pid, &events);
-        return;
+}
+
+/// Trades the exec-time trace (PTRACE_TRACEME, which has no group-stop semantics) for a
+/// seize that only reports the exit stop, where the memory map can still be read. The
+/// process is stopped across the swap: between detach and seize it must not run, or it
+/// could exit unseen (a command that lives a few milliseconds, on a busy machine). It is
+/// resumed by PTRACE_CONT, not SIGCONT, so the program sees no signal. Returns the exit
+/// status if it died meanwhile (killed by someone else).
+fn reseize(pid: Pid) -> nix::Result<Option<i32>> {
+    nix::sys::signal::kill(pid, Signal::SIGSTOP)?;
+    ptrace::detach(pid, None)?;
+    let seized = (|| {
+        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::__WALL))? {
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+            status => return Ok(Some(status)),
+        }
+        ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACEEXIT)
+            .inspect_err(|_| {
+                // Never leave it stopped: a SIGCONT it can see is the lesser harm.
+                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+            })?;
+        // Seizing a stopped process makes it report its stop to us as a ptrace stop; a
+        // signal that arrived meanwhile is passed on first.
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL))? {
+                WaitStatus::PtraceEvent(_, _, event) if event == libc::PTRACE_EVENT_STOP => {
+                    return ptrace::cont(pid, None).map(|()| None);
+                }
+                WaitStatus::Stopped(_, sig) => ptrace::cont(pid, sig)?,
+                status if exit_code(status).is_some() => return Ok(Some(status)),
+                _ => ptrace::cont(pid, None)?,
+            }
+        }
+    })();
+    match seized? {
+        None => Ok(None),
+        Some(status) => match exit_code(status) {
+            Some(code) => Ok(Some(code)),
+            None => {
+                // Stopped by something other than our SIGSTOP, untraced: let it go.
+                let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+                Err(nix::Error::EIO)
+            }
+        },
     }
-    follow_traced(pid, &control, &events);
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable

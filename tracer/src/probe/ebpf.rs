@@ -324,6 +324,7 @@ impl EbpfProbes {
                 live_allocs: count(s.live_allocs),
                 alloc_bytes: s.alloc_bytes,
                 allocs: count(s.allocs as i64) as u64,
+                peak_bytes: s.peak_bytes,
             });
         }
         // Sampling mode: frees of sampled blocks stand for many; the estimate is what was

@@ -31,6 +31,8 @@ pub struct StackSample {
     pub live_allocs: i64,
     pub alloc_bytes: u64,
     pub allocs: u64,
+    /// The most live bytes the stack held at any moment so far.
+    pub peak_bytes: i64,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -20,6 +20,12 @@ pub enum Metric {
     /// Live bytes at the last snapshot less at the first (`--interval`); stacks that shrank
     /// weigh nothing.
     Growth,
+    /// What a stack holds: live bytes for malloc stacks, resident bytes for mmap/brk stacks.
+    Held,
+    /// Bytes in RAM: resident bytes for mmap/brk stacks, live bytes for malloc stacks.
+    Resident,
+    /// The most live bytes a stack held at any moment of the recording.
+    Peak,
 }
 
 impl Metric {
@@ -29,6 +35,11 @@ impl Metric {
             Metric::Live => stack.live_bytes,
             Metric::Allocated => stack.alloc_bytes,
             Metric::Growth => u64::try_from(stack.growth_bytes).unwrap_or(0),
+            Metric::Held | Metric::Resident => match stack.source {
+                Source::Malloc => stack.live_bytes,
+                Source::Mmap | Source::Brk => stack.resident_bytes.unwrap_or(stack.live_bytes),
+            },
+            Metric::Peak => stack.peak_bytes,
         }
     }
 
@@ -38,6 +49,9 @@ impl Metric {
             Metric::Live => "live bytes",
             Metric::Allocated => "allocated bytes",
             Metric::Growth => "growth in live bytes",
+            Metric::Held => "bytes held",
+            Metric::Resident => "resident bytes",
+            Metric::Peak => "peak live bytes",
         }
     }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     aggregate::{Profile, Source},
+    report::folded::Metric,
     memmap::ClassTotals,
     symbolize::{FrameKind, Symbolizer},
 };
@@ -41,6 +42,9 @@ pub struct Report {
     /// With --sample-bytes: malloc-family figures (per stack and in totals) are estimates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<Sampling>,
+    /// What ranked `stacks` (and what the top N was cut by).
+    #[serde(default)]
+    pub metric: Metric,
 }
 
 /// How the malloc-family figures were sampled. Each sampled allocation of `s` bytes stands
@@ -73,6 +77,10 @@ pub struct Totals {
     pub frees: u64,
     pub unmatched_frees: u64,
     pub failed_allocs: u64,
+    /// The most live malloc-family bytes seen at once while recording (sampled from the
+    /// kernel's counters several times a second).
+    #[serde(default)]
+    pub peak_live_bytes: u64,
     pub dropped: BTreeMap<String, u64>,
 }
 
@@ -87,6 +95,19 @@ pub struct Stack {
     /// mmap/brk stacks: bytes still mapped, committed or only reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_bytes: Option<u64>,
+    /// mmap/brk stacks: bytes of their committed ranges in RAM at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_bytes: Option<u64>,
+    /// mmap/brk stacks: the memory-map class of their ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The most live bytes the stack held at any moment (for a merged stack, the sum of its
+    /// variants' peaks: an upper bound when there are several).
+    #[serde(default)]
+    pub peak_bytes: u64,
+    /// Kernel stacks merged into this one (same functions, files and lines).
+    #[serde(default = "one")]
+    pub variants: u64,
     /// Live bytes at the last snapshot less at the first (0 without --interval).
     #[serde(default)]
     pub growth_bytes: i64,
@@ -98,6 +119,10 @@ pub struct Stack {
 
 fn malloc_source() -> Source {
     Source::Malloc
+}
+
+fn one() -> u64 {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +156,10 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
         .map(|s| Stack {
             source: s.source,
             reserved_bytes: s.reserved_bytes,
+            resident_bytes: s.resident_bytes,
+            class: s.class.clone(),
+            peak_bytes: s.peak_bytes,
+            variants: 1,
             growth_bytes: s.growth_bytes,
             series: s.series.clone(),
             live_bytes: s.live_bytes,
@@ -173,6 +202,7 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
             frees: t.counters.frees,
             unmatched_frees: t.counters.unmatched_frees,
             failed_allocs: t.counters.failed_allocs,
+            peak_live_bytes: t.peak_live_bytes,
             dropped: t
                 .counters
                 .dropped
@@ -187,6 +217,7 @@ pub fn build(profile: &Profile, meta: &Meta, top: usize, symbolizer: &mut Symbol
         interval_ms: None,
         min_age_ms: None,
         sampling: meta.sampling,
+        metric: Metric::default(),
     }
 }
 

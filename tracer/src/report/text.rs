@@ -259,11 +259,16 @@ mod tests {
                 frees: 2,
                 unmatched_frees: 1,
                 failed_allocs: 0,
+                peak_live_bytes: 0,
                 dropped: BTreeMap::from([("stack_map_full".into(), 3), ("live_map_full".into(), 0)]),
             },
             stacks: vec![Stack {
                 source: Source::Malloc,
                 reserved_bytes: None,
+                resident_bytes: None,
+                class: None,
+                peak_bytes: 2048,
+                variants: 1,
                 growth_bytes: 0,
                 series: Vec::new(),
                 live_bytes: 2048,
@@ -299,6 +304,7 @@ mod tests {
             interval_ms: None,
             min_age_ms: None,
             sampling: None,
+            metric: Default::default(),
         };
         let mut out = Vec::new();
         write(&report, &mut out).unwrap();

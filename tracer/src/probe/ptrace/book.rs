@@ -289,6 +289,7 @@ impl Book {
                 live_allocs: s.live_allocs,
                 alloc_bytes: s.alloc_bytes,
                 allocs: s.allocs,
+                peak_bytes: s.peak_bytes,
             })
             .collect();
         stacks.sort_by_key(|s| s.id);

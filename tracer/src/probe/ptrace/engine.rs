@@ -39,6 +39,13 @@ const STACK_CHUNK: usize = 2048;
 /// Frames the kernel's user stack walk gives a BPF program (ip + 126), plus the caller.
 const MAX_FRAMES: usize = 128;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+/// `jmp *-8(%rsp)`: what the return trap becomes when the page has to stay after detach. A
+/// thread arriving there by a return from an allocator call finds the real return address
+/// just below its stack pointer, in the slot the call's return address was taken from.
+pub(super) const RETURN_JUMP: [u8; 4] = [0xff, 0x64, 0x24, 0xf8];
+/// Stack bytes above a thread's stack pointer searched, on detach, for the frame of a signal
+/// handler that interrupted the thread inside the page.
+const SIGFRAME_SCAN: usize = 64 * 1024;
 const KCMP_VM: i32 = 1;
 
 /// Options every task is seized with: follow new threads and processes, see exec and exit.
@@ -981,13 +988,29 @@ impl Engine {
         self.sites.clear();
     }
 
-    /// A thread can execute one of our int3s just as it is interrupted: the kernel reports the
-    /// interrupt first and keeps the trap's SIGTRAP queued. Let go untraced, the thread would
-    /// then die of it. Such a thread stands right after the int3: run it into its
-    /// signal-delivery-stop and handle the trap like any other.
+    /// Settles every stopped thread that stands where, let go untraced, it would execute one
+    /// of our int3s or would have its trap's SIGTRAP delivered:
+    /// - at the start of the trap page, having returned from an allocator call into it but not
+    ///   yet executed its int3: that is the return the trap would catch, taken here;
+    /// - right after an int3 of ours with the trap's SIGTRAP pending (the kernel reports an
+    ///   interrupt that lands just after the int3 first and keeps the SIGTRAP queued): run into
+    ///   its signal-delivery-stop and handled like any other trap.
+    /// (A thread on an int3 it has not executed yet runs the original instruction once the
+    /// bytes are back; one in a copy or at its jump back is moved by `restore`.)
     fn take_pending_traps(&mut self) {
         let tids: Vec<i32> = self.tasks.keys().copied().collect();
         for tid in tids {
+            if self.page != 0
+                && matches!(
+                    self.tasks.get(&tid).map(|t| t.state),
+                    Some(State::Stopped { .. })
+                )
+                && let Ok(mut regs) = sys::getregs(tid)
+                && regs.rip == self.page
+                && self.on_return(tid, &mut regs)
+            {
+                let _ = sys::setregs(tid, &regs);
+            }
             for _ in 0..4 {
                 let Some(State::Stopped { sig: 0, .. }) = self.tasks.get(&tid).map(|t| t.state)
                 else {
@@ -996,6 +1019,12 @@ impl Engine {
                 let Ok(regs) = sys::getregs(tid) else { break };
                 let at = regs.rip.wrapping_sub(1);
                 if at != self.page && !self.sites.contains_key(&at) {
+                    break;
+                }
+                // The position alone is not proof: after a one-byte displaced instruction a
+                // thread back from its copy stands at site + 1 with nothing pending, and would
+                // run on freely from here.
+                if !sys::signal_pending(tid, libc::SIGTRAP) {
                     break;
                 }
                 if sys::cont(tid, 0).is_err() {
@@ -1030,13 +1059,18 @@ impl Engine {
     }
 
     /// With every task stopped: original bytes back, swapped return addresses back, threads
-    /// standing in the page moved to the matching place in libc, and the page unmapped.
+    /// standing in the page moved to the matching place in libc, and the page unmapped, unless
+    /// a thread will come back into it (a signal handler's frame says it interrupted the
+    /// thread there): then the page stays, its return trap made a jump to the restored return
+    /// address.
     fn restore(&mut self) {
         for (&addr, site) in &self.sites {
             let _ = self.mem.write_code(addr, &site.orig);
         }
         let page = self.page;
         let mut keep_page = false;
+        // Stack pointers right after a return into the page, one per call still followed.
+        let mut returned_sp: Vec<u64> = Vec::new();
         let tids: Vec<i32> = self.tasks.keys().copied().collect();
         for tid in tids {
             let Some(mut task) = self.tasks.remove(&tid) else {
@@ -1046,6 +1080,7 @@ impl Engine {
                 if self.mem.read_u64(h.slot) == Some(page) {
                     self.mem.write_data(h.slot, &h.orig.to_le_bytes());
                 }
+                returned_sp.push(h.slot + 8);
             }
             self.abandon_calls(&mut task);
             self.tasks.insert(tid, task);
@@ -1076,10 +1111,45 @@ impl Engine {
             }
         }
         if page != 0 && !keep_page {
-            let _ = self.inject(libc::SYS_munmap, [page, PAGE, 0, 0, 0, 0]);
+            keep_page = self
+                .tasks
+                .keys()
+                .any(|&tid| self.handler_returns_into_page(tid, &returned_sp));
+        }
+        if page != 0 {
+            if keep_page {
+                let _ = self.mem.write_code(page, &RETURN_JUMP);
+            } else {
+                let _ = self.inject(libc::SYS_munmap, [page, PAGE, 0, 0, 0, 0]);
+            }
         }
         self.sites.clear();
         self.page = 0;
+    }
+
+    /// Whether thread `tid` is in a signal handler that interrupted it inside the page, so
+    /// that its sigreturn will bring it back there. The kernel saved the interrupted context on
+    /// the stack the handler runs on, above the handler's stack pointer, with the saved rsp
+    /// right before the saved rip. A saved rip at a copy or its jump back says so by itself; one
+    /// at the return trap must come with the stack pointer of a return from a call we follow
+    /// (a stale swapped return address left in a dead stack slot does not).
+    fn handler_returns_into_page(&self, tid: i32, returned_sp: &[u64]) -> bool {
+        let Ok(regs) = sys::getregs(tid) else {
+            return false;
+        };
+        let mut stack = vec![0u8; SIGFRAME_SCAN];
+        let got = self.mem.read_some(regs.rsp, &mut stack) / 8 * 8;
+        let words: Vec<u64> = stack[..got]
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        words.windows(2).any(|w| {
+            let (saved_sp, saved_ip) = (w[0], w[1]);
+            self.sites
+                .values()
+                .any(|s| saved_ip == s.slot || saved_ip == s.back)
+                || (saved_ip == self.page && returned_sp.contains(&saved_sp))
+        })
     }
 }
 
@@ -1090,5 +1160,272 @@ impl Drop for Engine {
         if !self.sites.is_empty() {
             self.detach();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Detach with a thread parked, by single steps, at each place in and around our code where
+    //! a thread can be stopped, then checks that the thread runs on untraced. The engine waits
+    //! with waitpid(-1), which would reap other tests' children, so each case runs in a process
+    //! of its own (forked from the test) whose only children are the target and the guard.
+    use super::*;
+    use std::{io::Read as _, os::fd::FromRawFd as _, time::Duration};
+
+    use crate::probe::{ebpf::Limits, libc::find_libc};
+
+    /// Runs `case` in a forked process and returns what it returned. The child only reports
+    /// through a pipe and leaves with _exit: it must not touch the test harness's locks.
+    fn in_own_process(case: fn() -> Result<(), String>) -> Result<(), String> {
+        let mut fds = [0; 2];
+        // SAFETY: plain syscall with a valid array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child runs `case` (ptrace, /proc and malloc, which glibc keeps usable
+        // after fork) and ends with _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                std::panic::set_hook(Box::new(|_| {}));
+                let outcome = std::panic::catch_unwind(case)
+                    .unwrap_or_else(|_| Err("the case panicked".into()));
+                let message = outcome.err().unwrap_or_default();
+                // SAFETY: our end of the pipe; then leave without running the harness.
+                unsafe {
+                    libc::write(fds[1], message.as_ptr().cast(), message.len());
+                    libc::_exit(0);
+                }
+            }
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            child => {
+                // SAFETY: closing our copy of the write end; the read end is ours.
+                unsafe { libc::close(fds[1]) };
+                let mut message = String::new();
+                let mut read = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+                read.read_to_string(&mut message)
+                    .expect("read the case's report");
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+                assert!(
+                    libc::WIFEXITED(status),
+                    "the process running the case died: status {status:#x}"
+                );
+                if message.is_empty() {
+                    Ok(())
+                } else {
+                    Err(message)
+                }
+            }
+        }
+    }
+
+    /// How long the child's SIGUSR1 handler takes.
+    const HANDLER_SLEEP: Duration = Duration::from_millis(300);
+
+    extern "C" fn sleep_a_while(_: libc::c_int) {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: HANDLER_SLEEP.as_nanos() as libc::c_long,
+        };
+        // SAFETY: nanosleep is async-signal-safe; a remainder after EINTR is not resumed.
+        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    }
+
+    /// A child that calls malloc and free forever, and sleeps a while in its SIGUSR1 handler.
+    fn allocating_child() -> i32 {
+        // SAFETY: the child installs a handler, then only calls malloc and free, and never
+        // returns.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: a handler that only sleeps.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = sleep_a_while as *const () as usize;
+                    libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+                }
+                loop {
+                    // SAFETY: a plain allocation and its release.
+                    unsafe { libc::free(std::hint::black_box(libc::malloc(64))) };
+                }
+            }
+            pid => pid,
+        }
+    }
+
+    /// Sends the parked child into its SIGUSR1 handler, which saves where it stood on its
+    /// stack and returns there later, and stops it again while the handler sleeps.
+    fn into_handler(e: &mut Engine, pid: i32) -> Result<(), String> {
+        sys::cont(pid, libc::SIGUSR1).map_err(|e| format!("cont: {e}"))?;
+        std::thread::sleep(HANDLER_SLEEP / 6);
+        sys::interrupt(pid).map_err(|e| format!("interrupt: {e}"))?;
+        match sys::wait(pid, false) {
+            Ok(Some((_, Stop::Event(libc::PTRACE_EVENT_STOP, _)))) => {}
+            other => return Err(format!("expected the interrupt's stop, got {other:?}")),
+        }
+        e.set_stopped(pid, 0, false);
+        Ok(())
+    }
+
+    fn attach(pid: i32) -> Result<Engine, String> {
+        let maps = ProcMaps::read(pid as u32).map_err(|e| format!("maps: {e}"))?;
+        let libc = find_libc(&maps).ok_or("the child maps no libc")?;
+        let host = format!("/proc/{pid}/root{libc}");
+        let shared = Arc::new(Shared {
+            book: Arc::new(Mutex::new(Book::new(Limits::default()))),
+            stop: false.into(),
+            untraced: false.into(),
+            tid: 0.into(),
+        });
+        Engine::attach(pid, Path::new(&host), &libc, None, shared)
+            .map(|(engine, _)| engine)
+            .map_err(|e| format!("attach: {e}"))
+    }
+
+    /// Lets the child run, one instruction at a time once it is stopped, handling our traps as
+    /// the engine does, until `here` says it stands where the case wants it; leaves it stopped.
+    fn park(e: &mut Engine, pid: i32, here: impl Fn(&Engine, &Regs) -> bool) -> Result<(), String> {
+        for _ in 0..200_000 {
+            let stop = match sys::wait(pid, false) {
+                Ok(Some((_, stop))) => stop,
+                other => return Err(format!("waitpid: {other:?}")),
+            };
+            match stop {
+                Stop::Signal(libc::SIGTRAP) => {
+                    let info = sys::siginfo(pid).map_err(|e| format!("siginfo: {e}"))?;
+                    if info.si_code == SI_KERNEL {
+                        let mut regs = sys::getregs(pid).map_err(|e| format!("getregs: {e}"))?;
+                        let at = regs.rip - 1;
+                        if e.sites.contains_key(&at) {
+                            e.on_entry(pid, at, &mut regs);
+                        } else if at == e.page && !e.on_return(pid, &mut regs) {
+                            return Err("a return trap no call of ours explains".into());
+                        }
+                        sys::setregs(pid, &regs).map_err(|e| format!("setregs: {e}"))?;
+                    }
+                }
+                Stop::Event(..) => {}
+                other => return Err(format!("unexpected stop {other:?}")),
+            }
+            let regs = sys::getregs(pid).map_err(|e| format!("getregs: {e}"))?;
+            if here(e, &regs) {
+                e.set_stopped(pid, 0, false);
+                return Ok(());
+            }
+            sys::step(pid, 0).map_err(|e| format!("step: {e}"))?;
+        }
+        Err("the child never got there".into())
+    }
+
+    /// Parks the child where `here` says, detaches, and checks that the child runs on
+    /// untraced with libc as it was and the page gone.
+    fn detach_parked(here: fn(&Engine, &Regs) -> bool) -> Result<(), String> {
+        detach_parked_then(here, false)
+    }
+
+    /// As `detach_parked`, with the child sent into a signal handler from where it was parked
+    /// before the detach when `handler` is set: the page then has to stay.
+    fn detach_parked_then(here: fn(&Engine, &Regs) -> bool, handler: bool) -> Result<(), String> {
+        let pid = allocating_child();
+        let result = (|| {
+            let mut e = attach(pid)?;
+            let page = e.page;
+            let sites: Vec<(u64, Vec<u8>)> =
+                e.sites.iter().map(|(&a, s)| (a, s.orig.clone())).collect();
+            park(&mut e, pid, here)?;
+            if handler {
+                into_handler(&mut e, pid)?;
+            }
+            e.detach();
+            std::thread::sleep(HANDLER_SLEEP * 2);
+            let mut status = 0;
+            // SAFETY: our own child.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                return Err(format!(
+                    "the child died after detach: {}",
+                    if libc::WIFSIGNALED(status) {
+                        format!("signal {}", libc::WTERMSIG(status))
+                    } else {
+                        format!("status {status:#x}")
+                    }
+                ));
+            }
+            let mem = Mem::open(pid).map_err(|e| format!("open mem: {e}"))?;
+            for (addr, orig) in sites {
+                let mut now = vec![0u8; orig.len()];
+                mem.read_code(addr, &mut now)
+                    .map_err(|e| format!("read: {e}"))?;
+                if now != orig {
+                    return Err(format!("{addr:#x} holds {now:02x?}, not {orig:02x?}"));
+                }
+            }
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let mapped = maps.lines().any(|l| l.starts_with(&format!("{page:x}-")));
+            if mapped != handler {
+                return Err(format!(
+                    "the page at {page:#x} is {}mapped",
+                    if mapped { "still " } else { "not " }
+                ));
+            }
+            Ok(())
+        })();
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        result
+    }
+
+    fn check(case: fn() -> Result<(), String>, place: &str) {
+        if let Err(e) = in_own_process(case) {
+            panic!("a thread stopped {place} when the tracer detached: {e}");
+        }
+    }
+
+    #[test]
+    fn detach_with_a_thread_at_the_return_trap_before_it_executes() {
+        check(
+            || detach_parked(|e, r| r.rip == e.page),
+            "at the start of the trap page (returned, int3 not yet executed)",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_at_the_copy_of_a_displaced_instruction() {
+        check(
+            || detach_parked(|e, r| e.sites.values().any(|s| r.rip == s.slot)),
+            "at the out-of-line copy of an instruction",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_at_the_jump_back() {
+        check(
+            || detach_parked(|e, r| e.sites.values().any(|s| r.rip == s.back)),
+            "at the jump back from an out-of-line copy",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_in_a_signal_handler_that_interrupted_a_copy() {
+        check(
+            || detach_parked_then(|e, r| e.sites.values().any(|s| r.rip == s.slot), true),
+            "in a signal handler that interrupted it at the out-of-line copy of an instruction",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_in_a_signal_handler_that_interrupted_it_at_the_return_trap() {
+        check(
+            || detach_parked_then(|e, r| r.rip == e.page, true),
+            "in a signal handler that interrupted it at the start of the trap page",
+        );
+    }
+
+    #[test]
+    fn detach_with_a_thread_at_a_breakpoint_not_yet_executed() {
+        check(
+            || detach_parked(|e, r| e.sites.contains_key(&r.rip)),
+            "on an int3 it has not executed yet",
+        );
     }
 }

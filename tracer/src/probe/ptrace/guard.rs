@@ -5,12 +5,14 @@
 //! shares a small table with the tracer (original bytes of every breakpoint, every swapped
 //! return address) and blocks on a pipe. If the pipe closes without the tracer having said
 //! "detached", it writes the original bytes and return addresses back through /proc/PID/mem
-//! and exits. It only reads and writes memory: no allocation, no locks (it is forked from a
-//! threaded process).
+//! (opened by the tracer before the fork, while it was allowed to) and exits. It only reads
+//! and writes memory: no allocation, no locks (it is forked from a threaded process).
 use std::{
     ffi::CString,
     sync::atomic::{AtomicU64, Ordering},
 };
+
+use super::engine::RETURN_JUMP;
 
 /// Breakpoint sites the table holds.
 const MAX_SITES: usize = 16;
@@ -75,10 +77,21 @@ impl Guard {
                 Ordering::Relaxed,
             );
         }
+        // Opened now, while this process traces the target: once it is dead the guard may not
+        // be allowed to open it (a non-root tracer under Yama's ptrace_scope 1, which admits
+        // only ancestors; a target that made itself non-dumpable). An open descriptor keeps
+        // the access it was opened with.
         let mem_path = CString::new(format!("/proc/{target}/mem")).ok()?;
+        // SAFETY: plain syscall with a valid path.
+        let mem = unsafe { libc::open(mem_path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if mem < 0 {
+            return None;
+        }
         let mut fds = [0; 2];
         // SAFETY: plain syscall with a valid array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(mem) };
             return None;
         }
         // SAFETY: the child only makes async-signal-safe system calls (see `watch`).
@@ -89,16 +102,20 @@ impl Guard {
                 unsafe {
                     libc::close(fds[0]);
                     libc::close(fds[1]);
+                    libc::close(mem);
                 }
                 None
             }
             0 => {
                 // SAFETY: in the forked child; never returns.
-                unsafe { watch(fds, table, &mem_path) }
+                unsafe { watch(fds, table, mem) }
             }
             pid => {
-                // SAFETY: closing our copy of the read end.
-                unsafe { libc::close(fds[0]) };
+                // SAFETY: closing our copies of the read end and of the guard's descriptor.
+                unsafe {
+                    libc::close(fds[0]);
+                    libc::close(mem);
+                }
                 Some(Guard {
                     table,
                     pipe: fds[1],
@@ -146,7 +163,7 @@ impl Drop for Guard {
 }
 
 /// The guard process: waits for the tracer to say it is done, or to die.
-unsafe fn watch(fds: [libc::c_int; 2], table: *const Table, mem_path: &CString) -> ! {
+unsafe fn watch(fds: [libc::c_int; 2], table: *const Table, fd: libc::c_int) -> ! {
     unsafe {
         libc::close(fds[1]);
         // Ctrl-C and kills aimed at the tracer's process group must not take the guard first.
@@ -170,13 +187,21 @@ unsafe fn watch(fds: [libc::c_int; 2], table: *const Table, mem_path: &CString) 
             libc::_exit(0);
         }
         // The tracer is gone with its breakpoints in: put the target back.
-        let fd = libc::open(mem_path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if fd < 0 {
-            libc::_exit(1);
-        }
         let t = &*table;
         let page = t.page.load(Ordering::Relaxed);
-        // New calls first (every caller of the allocator), then calls in flight.
+        // First the return trap becomes a jump to the return address just below the stack
+        // pointer: a thread that returns into the page before its slot is written back below
+        // loops there until it is, instead of trapping. Its last three bytes go in first (never
+        // executed while the first is still the int3), then the first byte.
+        let jump = RETURN_JUMP;
+        libc::pwrite(
+            fd,
+            jump[1..].as_ptr().cast(),
+            jump.len() - 1,
+            (page + 1) as libc::off_t,
+        );
+        libc::pwrite(fd, jump.as_ptr().cast(), 1, page as libc::off_t);
+        // New calls next (every caller of the allocator), then calls in flight.
         for s in &t.sites {
             let addr = s[0].load(Ordering::Relaxed);
             if addr == 0 {

@@ -134,6 +134,18 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// Whether signal `sig` is pending for task `tid` itself (not for its whole thread group):
+/// where the kernel queues a trap it raised.
+pub fn signal_pending(tid: i32, sig: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigPnd:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
 /// `si_code` of the kernel's own traps (int3 among them).
 pub const SI_KERNEL: i32 = 0x80;
 
@@ -192,13 +204,51 @@ impl Mem {
     }
 }
 
-/// Outcome of running something inside a stopped tracee.
+/// How a run of code inside a stopped tracee ended.
 #[derive(Debug)]
-pub struct Injected {
-    pub regs: Regs,
-    /// A signal that arrived meanwhile and is now due at the tracee's current
-    /// signal-delivery-stop (its siginfo put back): resume with it. 0 for none.
-    pub resume_sig: i32,
+pub enum Ended {
+    /// `done` accepted a stop: the registers at that stop.
+    Done(Regs),
+    /// The code raised a fault of its own (see [`Fault`]) and was stopped there.
+    Fault(Fault),
+    /// The deadline passed and the caller's check allowed giving the run up where it stood.
+    Abandoned,
+}
+
+/// A signal the code run in the tracee brought on itself: a fault the CPU or the kernel
+/// raised for an instruction it executed (si_code > 0), or an abort() it called. Such a signal
+/// is never passed on to the tracee, which was not running its own code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub sig: i32,
+    pub code: i32,
+    /// The faulting address (si_addr), where the signal has one.
+    pub addr: u64,
+    pub pc: u64,
+}
+
+/// The outcome of [`run_in`].
+#[derive(Debug)]
+pub struct Run {
+    pub ended: Ended,
+    /// Signals meant for the tracee that arrived meanwhile, in order, each with its siginfo.
+    /// They were held back (the run must not be interrupted by the tracee's handlers); the
+    /// caller delivers them when it lets the task go.
+    pub held: Vec<(i32, libc::siginfo_t)>,
+    /// The task now sits in a signal-delivery-stop, where a signal can be delivered with a
+    /// siginfo of the caller's choosing (else in an event stop).
+    pub signal_stop: bool,
+}
+
+/// When a run in the tracee may be given up.
+pub struct Deadline<'a> {
+    /// Before this, the run goes on undisturbed.
+    pub at: std::time::Instant,
+    /// How often, after `at`, the task is stopped and `may_abandon` asked again.
+    pub every: std::time::Duration,
+    /// Asked with the task stopped, from `at` on: whether the run may be given up where it
+    /// stands. A run that is refused goes on.
+    pub may_abandon: &'a mut dyn FnMut(&Regs) -> bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,21 +261,38 @@ pub enum InjectError {
         #[source]
         source: Errno,
     },
+    #[error("the code the tracer ran in task {tid} faulted (signal {}, pc {:#x})", .fault.sig, .fault.pc)]
+    Fault { tid: i32, fault: Fault },
 }
 
-/// Resumes stopped task `tid` with `regs` (single-stepping when `step` is set) and waits until
-/// `done` says a stop is the end, then puts `saved` back. Signals that arrive in between are
-/// held back and the first is handed to the caller to deliver (the others are sent again).
-/// The task must be in a ptrace-stop that ignores the resume signal (an event stop).
+/// Whether signal `sig`, with `info`, stopping task `tid` of process `tgid` while it runs the
+/// tracer's code, was brought on by that code.
+fn is_own_fault(sig: i32, info: &libc::siginfo_t, tgid: i32) -> bool {
+    const SI_TKILL: i32 = -6;
+    let raised_by_cpu = matches!(
+        sig,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP | libc::SIGSYS
+    ) && info.si_code > 0;
+    // SAFETY: si_pid is valid for SI_TKILL, which the check reads first.
+    let aborted =
+        sig == libc::SIGABRT && info.si_code == SI_TKILL && unsafe { info.si_pid() } == tgid;
+    raised_by_cpu || aborted
+}
+
+/// Resumes stopped task `tid` with `regs` (single-stepping when `single_step` is set) and
+/// waits until `done` says a stop is the end, the code faults, or `deadline` allows giving it
+/// up; then puts `saved` back. Signals meant for the tracee that arrive meanwhile are held
+/// back and returned. The task must be in a ptrace-stop that ignores the resume signal.
 pub fn run_in(
     tid: i32,
     saved: &Regs,
     regs: &Regs,
     single_step: bool,
-    deadline: Option<std::time::Instant>,
+    mut deadline: Option<Deadline<'_>>,
     done: impl Fn(Stop, &Regs) -> bool,
-) -> Result<Option<Injected>, InjectError> {
+) -> Result<Run, InjectError> {
     let pt = |source| InjectError::Ptrace { tid, source };
+    let tgid = tid_tgid(tid);
     setregs(tid, regs).map_err(pt)?;
     let resume = |tid| {
         if single_step {
@@ -236,81 +303,69 @@ pub fn run_in(
     };
     resume(tid).map_err(pt)?;
     let mut held: Vec<(i32, libc::siginfo_t)> = Vec::new();
-    let mut timed_out = false;
-    let end_regs = loop {
-        let got = match deadline {
+    let mut next_look = deadline.as_ref().map(|d| d.at);
+    let mut asked_stop = false;
+    let (ended, signal_stop) = loop {
+        let got = match next_look {
             None => wait(tid, false),
-            Some(deadline) => {
-                let now = std::time::Instant::now();
-                match wait(tid, true) {
-                    Ok(None) if now >= deadline && !timed_out => {
-                        // Too slow: stop it where it is and give up the call.
-                        timed_out = true;
+            Some(at) => match wait(tid, true) {
+                Ok(None) => {
+                    if !asked_stop && std::time::Instant::now() >= at {
                         interrupt(tid).map_err(pt)?;
-                        continue;
+                        asked_stop = true;
                     }
-                    Ok(None) => {
-                        std::thread::sleep(std::time::Duration::from_micros(200));
-                        continue;
-                    }
-                    other => other,
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    continue;
                 }
-            }
+                other => other,
+            },
         };
         let (_, stop) = match got {
             Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(Errno::EINTR) => continue,
+            Ok(None) | Err(Errno::EINTR) => continue,
             Err(source) => return Err(pt(source)),
         };
-        match stop {
-            Stop::Exited(_) | Stop::Killed(_) => return Err(InjectError::Exited(tid)),
-            _ if timed_out && matches!(stop, Stop::Event(..) | Stop::Signal(_)) => {
-                if let Stop::Signal(sig) = stop
-                    && let Ok(info) = siginfo(tid)
-                {
-                    held.push((sig, info));
-                }
-                break None;
-            }
-            _ => {}
+        if let Stop::Exited(_) | Stop::Killed(_) = stop {
+            return Err(InjectError::Exited(tid));
         }
         let now_regs = getregs(tid).map_err(pt)?;
         if done(stop, &now_regs) {
-            break Some(now_regs);
+            break (Ended::Done(now_regs), matches!(stop, Stop::Signal(_)));
         }
-        match stop {
-            Stop::Signal(sig) => {
-                if let Ok(info) = siginfo(tid) {
-                    held.push((sig, info));
-                }
-                if single_step {
-                    step(tid, 0)
-                } else {
-                    cont(tid, 0)
-                }
-                .map_err(pt)?;
+        if let Stop::Signal(sig) = stop
+            && let Ok(info) = siginfo(tid)
+        {
+            // A single step's own SIGTRAP is how stepping reports; any other fault ends it.
+            if is_own_fault(sig, &info, tgid) && !(single_step && sig == libc::SIGTRAP) {
+                // SAFETY: si_addr is defined for every fault signal (0 where it means nothing).
+                let addr = unsafe { info.si_addr() } as u64;
+                let fault = Fault {
+                    sig,
+                    code: info.si_code,
+                    addr,
+                    pc: now_regs.rip,
+                };
+                break (Ended::Fault(fault), true);
             }
-            _ => resume(tid).map_err(pt)?,
+            held.push((sig, info));
         }
+        if let (Some(at), Some(d)) = (next_look, deadline.as_mut())
+            && std::time::Instant::now() >= at
+        {
+            asked_stop = false;
+            if (d.may_abandon)(&now_regs) {
+                break (Ended::Abandoned, matches!(stop, Stop::Signal(_)));
+            }
+            next_look = Some(std::time::Instant::now() + d.every);
+        }
+        resume(tid).map_err(pt)?;
     };
     setregs(tid, saved).map_err(pt)?;
-    // The task now sits in a signal-delivery-stop (the step's SIGTRAP, or the return trap's
-    // fault) or, after a timeout, in an event stop: hand the first held signal back with its
-    // own siginfo where the stop allows it, and send any others again.
-    let mut resume_sig = 0;
-    let mut rest = held.into_iter();
-    if let (Some((sig, info)), true) = (rest.next(), end_regs.is_some()) {
-        if set_siginfo(tid, &info).is_ok() {
-            resume_sig = sig;
-        } else {
-            tgkill(tid_tgid(tid), tid, sig);
-        }
-    }
-    for (sig, _) in rest {
-        tgkill(tid_tgid(tid), tid, sig);
-    }
-    Ok(end_regs.map(|regs| Injected { regs, resume_sig }))
+    Ok(Run {
+        ended,
+        held,
+        signal_stop,
+    })
 }
 
 /// The thread group of task `tid` (from /proc).
@@ -347,9 +402,27 @@ pub fn inject_syscall(
     // Not inside a system call: the kernel must not restart anything when it resumes.
     regs.orig_rax = u64::MAX;
     let after = syscall_insn + 2;
-    let done = run_in(tid, &saved, &regs, true, None, |stop, r| {
+    let run = run_in(tid, &saved, &regs, true, None, |stop, r| {
         stop == Stop::Signal(libc::SIGTRAP) && r.rip == after
     })?;
-    let done = done.expect("no deadline, so no timeout");
-    Ok((done.regs.rax as i64, done.resume_sig))
+    let done = match run.ended {
+        Ended::Done(regs) => regs,
+        Ended::Fault(fault) => return Err(InjectError::Fault { tid, fault }),
+        Ended::Abandoned => unreachable!("no deadline, so never abandoned"),
+    };
+    // The task sits in the step's SIGTRAP stop: the first held signal is delivered from there
+    // with its own siginfo, any others are sent again.
+    let mut resume_sig = 0;
+    let mut rest = run.held.into_iter();
+    if let Some((sig, info)) = rest.next() {
+        if set_siginfo(tid, &info).is_ok() {
+            resume_sig = sig;
+        } else {
+            tgkill(tid_tgid(tid), tid, sig);
+        }
+    }
+    for (sig, _) in rest {
+        tgkill(tid_tgid(tid), tid, sig);
+    }
+    Ok((done.rax as i64, resume_sig))
 }
