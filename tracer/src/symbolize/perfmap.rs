@@ -398,7 +398,7 @@ ffffffffffffff00 1000 wraps
         let (tx, rx) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {
-            let mut f = PerfMapFile::new(path);
+            let mut f = PerfMapFile::new(path, vec![0]);
             f.refresh();
             let _ = tx.send(f.map.is_empty());
         });
