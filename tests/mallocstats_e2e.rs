@@ -129,6 +129,20 @@ fn figures_of_a_fragmented_heap_agree_with_mallinfo2_in_the_process() {
     );
 }
 
+/// Runs of malloc-stats against the churning fixture.
+const BUSY_RUNS: u32 = 10;
+/// How long each run may wait for a safe moment.
+const BUSY_WAIT: &str = "2s";
+/// Runs that must answer. Each try stops all 8 churning threads at a random moment, and only
+/// a try that finds all of them outside the allocator can answer. Measured on this 2-core
+/// machine under load: 6 of 10 runs answered within 500 ms at about 30 tries each, so a try
+/// succeeds with p = 1 - 0.4^(1/30) = 3%. A 2 s wait makes about 120 tries, missing with
+/// probability 0.97^120 = 2.6% per run; five or more refusals in ten runs: below 1e-7 (and
+/// below 2e-3 even if a busier machine allowed only half as many tries).
+const BUSY_MIN_ANSWERS: u32 = 5;
+/// The fixture's 8 threads each hold 64 blocks of at least 128 bytes once they have run.
+const CHURN_MIN_HELD: u64 = 8 * 64 * 128;
+
 #[test]
 fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
     setup();
@@ -139,7 +153,8 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
     let pid = target.pid();
 
     let mut answered = 0;
-    for _ in 0..10 {
+    let mut refusals = Vec::new();
+    for _ in 0..BUSY_RUNS {
         let run = run_tracer(
             &[
                 "malloc-stats",
@@ -148,7 +163,7 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
                 "--format",
                 "json",
                 "--wait",
-                "500ms",
+                BUSY_WAIT,
             ],
             EXIT_TIMEOUT,
         );
@@ -157,7 +172,25 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
                 let stats: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
                     panic!("malloc-stats printed no JSON ({e})\n{}", run.describe())
                 });
-                assert!(num(&stats, "in_use_bytes") > 0, "{stats:#}");
+                // What glibc said must be a coherent mallinfo2(): in use and free make up the
+                // arenas' memory exactly, the fixture's blocks are in use, and its threads have
+                // arenas of their own.
+                let (in_use, free, arena) = (
+                    num(&stats, "in_use_bytes"),
+                    num(&stats, "free_bytes"),
+                    num(&stats, "arena_bytes"),
+                );
+                assert_eq!(
+                    in_use + free,
+                    arena,
+                    "in use + free should be exactly the arenas' bytes, as mallinfo2 computes \
+                     them\n{stats:#}"
+                );
+                assert!(
+                    in_use >= CHURN_MIN_HELD && num(&stats, "arenas") >= 2,
+                    "the 8 churning threads hold at least {CHURN_MIN_HELD} bytes in arenas of \
+                     their own\n{stats:#}"
+                );
                 answered += 1;
             }
             Some(2) => {
@@ -167,6 +200,7 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
                     "a refusal should be one line saying no safe moment was found\n{}",
                     run.describe()
                 );
+                refusals.push(lines[0].to_owned());
             }
             _ => panic!(
                 "malloc-stats should answer (0) or refuse (2)\n{}",
@@ -174,6 +208,12 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
             ),
         }
     }
+    assert!(
+        answered >= BUSY_MIN_ANSWERS,
+        "malloc-stats answered {answered} of {BUSY_RUNS} runs (--wait {BUSY_WAIT}); at least \
+         {BUSY_MIN_ANSWERS} should find a safe moment on this fixture. Refusals:\n{}",
+        refusals.join("\n")
+    );
 
     // Still making progress: its threads were not left stuck on an allocator lock.
     let ops = |target: &mut Proc| {
@@ -189,7 +229,8 @@ fn busy_threads_are_never_deadlocked_and_get_an_answer_or_a_clear_refusal() {
     let after = ops(&mut target);
     assert!(
         after > before,
-        "the churning threads made no progress after malloc-stats ran ({answered} of 10 answered): \
+        "the churning threads made no progress after malloc-stats ran ({answered} of {BUSY_RUNS} \
+         answered): \
          ops {before} then {after}"
     );
     let traced = tracer_pid_of(pid);

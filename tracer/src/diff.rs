@@ -69,14 +69,19 @@ pub fn write(d: &Diff, format: DiffFormat, out: &mut dyn Write) -> std::io::Resu
 
 /// Reads a report written by `tracer record --format json`.
 pub fn read_report(path: &Path) -> Result<Report, DiffError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DiffError::Read {
+    let bytes = std::fs::read(path).map_err(|source| DiffError::Read {
         path: path.to_owned(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| DiffError::Parse {
+    parse_report(&bytes).map_err(|source| DiffError::Parse {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Parses the bytes of a saved JSON report (what [`read_report`] read from its file).
+pub fn parse_report(bytes: &[u8]) -> Result<Report, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 /// One stack (code path) in both reports.

@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod diag;
 pub mod diff;
+pub mod fuzzing;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;

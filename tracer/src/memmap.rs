@@ -89,6 +89,11 @@ pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>, SmapsError> {
         };
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((start, end)) = parse_range(first).filter(|_| !first.ends_with(':')) {
+            // The kernel never lists an empty mapping. (It may list one twice, overlapping,
+            // when the mapping grew while smaps was read: the sums below saturate.)
+            if end <= start {
+                return Err(bad());
+            }
             let mut fields = line.split_whitespace();
             let _range = fields.next();
             let perms = fields.next().ok_or_else(bad)?.to_owned();
@@ -110,7 +115,8 @@ pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>, SmapsError> {
             });
         } else if let Some(value) = line.strip_prefix("Rss:") {
             let kb: u64 = value.trim().trim_end_matches("kB").trim().parse().map_err(|_| bad())?;
-            entries.last_mut().ok_or_else(bad)?.rss = kb * 1024;
+            let rss = kb.checked_mul(1024).ok_or_else(bad)?;
+            entries.last_mut().ok_or_else(bad)?.rss = rss;
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             entries.last_mut().ok_or_else(bad)?.vm_flags =
                 flags.split_whitespace().map(str::to_owned).collect();
@@ -172,12 +178,12 @@ pub fn classify(entries: &[SmapsEntry], hints: &Hints) -> Vec<Class> {
         }
         let mut end = e.end;
         for next in &entries[i + 1..] {
-            if next.start != end || next.path.is_some() || end >= e.start + ARENA_HEAP_MAX {
+            if next.start != end || next.path.is_some() || end >= e.start.saturating_add(ARENA_HEAP_MAX) {
                 break;
             }
             end = next.end;
         }
-        if end == e.start + ARENA_HEAP_MAX {
+        if Some(end) == e.start.checked_add(ARENA_HEAP_MAX) {
             arena_blocks.insert(e.start);
         }
     }
@@ -214,7 +220,7 @@ pub fn classify(entries: &[SmapsEntry], hints: &Hints) -> Vec<Class> {
 
 fn is_arena(e: &SmapsEntry, arena_blocks: &HashSet<u64>) -> bool {
     let block = e.start - e.start % ARENA_HEAP_MAX;
-    arena_blocks.contains(&block) && e.end <= block + ARENA_HEAP_MAX
+    arena_blocks.contains(&block) && e.end <= block.saturating_add(ARENA_HEAP_MAX)
 }
 
 /// One class's share of the address space.
@@ -239,11 +245,12 @@ pub fn totals(entries: &[SmapsEntry], classes: &[Class], before: Option<&[ClassT
             };
             for (e, _) in entries.iter().zip(classes).filter(|(_, k)| **k == c) {
                 t.mappings += 1;
-                t.reserved_bytes += e.end - e.start;
-                t.rss_bytes += e.rss;
+                t.reserved_bytes = t.reserved_bytes.saturating_add(e.end - e.start);
+                t.rss_bytes = t.rss_bytes.saturating_add(e.rss);
             }
             if let Some(b) = before.and_then(|b| b.iter().find(|b| b.class == t.class)) {
-                t.rss_delta_bytes = t.rss_bytes as i64 - b.rss_bytes as i64;
+                let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                t.rss_delta_bytes = signed(t.rss_bytes).saturating_sub(signed(b.rss_bytes));
             }
             t
         })
@@ -389,6 +396,29 @@ VmFlags: rd wr mr mw me ac
 Rss:                  24 kB
 VmFlags: rd wr mr mw me gd ac
 ";
+
+    /// Regression (found by `cargo xtask fuzz`, input in fuzz/corpus/smaps): an inverted
+    /// range, an Rss beyond 64 bits and ranges at the top of the address space panicked with
+    /// an arithmetic overflow.
+    #[test]
+    fn hostile_smaps_is_refused_or_summed_without_overflow() {
+        let inverted = "00b6f000-00400000 r--p 00000000 fe:00 1 /bin/x\nRss: 4 kB\n";
+        assert!(parse_smaps(inverted).is_err());
+        let huge = "00400000-00b6f000 r--p 00000000 fe:00 1 /bin/x\nRss: 18446744073709551 kB\n";
+        assert!(parse_smaps(huge).is_err());
+        let top = "fffffffffc000000-ffffffffffffffff rw-p 00000000 00:00 0\nRss: 4 kB\n\
+                   fffffffffc000000-ffffffffffffffff rw-p 00000000 00:00 0\nRss: 4 kB\n";
+        let map = memory_map_of(top, &Regions::default(), vec![], None).unwrap();
+        let reserved: u64 = map.iter().map(|c| c.reserved_bytes).sum();
+        assert_eq!(reserved, 2 * 0x3ff_ffff);
+        // The same huge mapping listed twice (as when a mapping grows while smaps is read):
+        // the sum saturates instead of wrapping.
+        let twice = "1000-fffffffffffff000 rw-p 00000000 00:00 0\nRss: 4 kB\n\
+                     1000-fffffffffffff000 rw-p 00000000 00:00 0\nRss: 4 kB\n";
+        let map = memory_map_of(twice, &Regions::default(), vec![], Some(&map)).unwrap();
+        let anon = map.iter().find(|c| c.class == "anon-other").unwrap();
+        assert_eq!((anon.reserved_bytes, anon.rss_bytes), (u64::MAX, 8192));
+    }
 
     #[test]
     fn every_owner_class_is_recognized() {

@@ -19,6 +19,7 @@
 mod latency;
 mod probes;
 mod run;
+pub mod soak;
 mod table;
 
 use std::{fmt::Write as _, fs, path::Path, time::Instant};

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod prereqs;
 mod symbench;
 mod test;
@@ -25,8 +26,13 @@ commands (all need root):
   test            build, then cargo test --release --workspace with TRACER_BIN set
   bench [PAIRS]   build, then measure this tracer's overhead next to bpftrace, heaptrack and
                   valgrind on a C microbench and a node workload (target/bench/overhead.md)
+  bench soak      build, then trace a node HTTP service under load with --sample-bytes for
+                  SOAK_SECONDS (600): the tracer's RSS and loss counters over time
+                  (target/bench/soak.md; fails if RSS grows 10% after minute 1 or a loss counter grows)
   symbench        build, then time naming a node report's frames, cold and warm
-                  (target/bench/symbolize.md; fails above 2 s or 500 MB cold)";
+                  (target/bench/symbolize.md; fails above 2 s or 500 MB cold)
+  fuzz [TARGET..] install cargo-fuzz if missing, then fuzz the parsers (symbolizer, perfmap,
+                  maps, smaps, report) for FUZZ_SECONDS (600) each (target/fuzz/summary.md)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,7 +62,9 @@ enum Command {
     Demo(demo::Demo),
     Test,
     Bench { pairs: Option<u64> },
+    Soak,
     Symbench,
+    Fuzz { targets: Vec<String> },
 }
 
 /// `None` means the arguments are not a command we know: print the usage.
@@ -70,6 +78,10 @@ fn parse(args: &[String]) -> Option<Command> {
         ["test"] => Some(Command::Test),
         ["bench"] => Some(Command::Bench { pairs: None }),
         ["symbench"] => Some(Command::Symbench),
+        ["bench", "soak"] => Some(Command::Soak),
+        ["fuzz", targets @ ..] => Some(Command::Fuzz {
+            targets: targets.iter().map(|t| (*t).to_owned()).collect(),
+        }),
         ["bench", pairs] => Some(Command::Bench {
             pairs: Some(pairs.parse().ok()?),
         }),
@@ -90,7 +102,9 @@ fn run(command: Command) -> Result<u8> {
         Command::Demo(which) => demo::demo(which),
         Command::Test => test::test(),
         Command::Bench { pairs } => bench::bench(pairs).map(|()| 0),
+        Command::Soak => bench::soak::soak().map(|()| 0),
         Command::Symbench => symbench::symbench().map(|()| 0),
+        Command::Fuzz { targets } => fuzz::fuzz(&targets),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the README's test command. Builds tracer, then runs every test in the
-//! workspace (the integration tests find the binary through TRACER_BIN).
+//! workspace (the integration tests find the binary through TRACER_BIN), then replays the fuzz
+//! corpus once more with overflow checks on.
 
 use anyhow::Result;
 
@@ -21,5 +22,20 @@ pub fn test() -> Result<u8> {
             ])
             .env("TRACER_BIN", &tracer),
     )?;
-    Ok(util::exit_code(status))
+    // The fuzz corpus again, built as the fuzzer builds it: with overflow checks and debug
+    // assertions, which the release build above leaves out.
+    let replay = util::status(util::command("cargo").args([
+        "test",
+        "--profile",
+        "replay",
+        "-p",
+        "tracer",
+        "--test",
+        "fuzz_corpus",
+    ]))?;
+    Ok(if status.success() {
+        util::exit_code(replay)
+    } else {
+        util::exit_code(status)
+    })
 }

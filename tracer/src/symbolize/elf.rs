@@ -634,7 +634,8 @@ impl SymbolTable {
         self.loads
             .iter()
             .find(|l| l.offset <= file_offset && file_offset - l.offset < l.filesz)
-            .map(|l| file_offset - l.offset + l.vaddr)
+            // A segment placed so that the address would pass 2^64 names nothing.
+            .and_then(|l| (file_offset - l.offset).checked_add(l.vaddr))
     }
 
     /// Index of the entry naming `vaddr`.
@@ -1057,6 +1058,24 @@ mod tests {
         );
         assert_eq!(s.jit_hint(), None, "the map exists: no hint");
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Regression (found by `cargo xtask fuzz`, input in fuzz/corpus/symbolizer): a PT_LOAD
+    /// segment whose virtual address is near 2^64 made the offset-to-address translation
+    /// overflow (a panic with overflow checks, a wrapped address naming some other function
+    /// without).
+    #[test]
+    fn a_segment_that_would_pass_two_to_the_64_translates_nothing() {
+        let t = SymbolTable {
+            loads: vec![Load {
+                offset: 0,
+                filesz: 0x1000,
+                vaddr: u64::MAX - 0x10,
+            }],
+            ..SymbolTable::default()
+        };
+        assert_eq!(t.vaddr(0x8), Some(u64::MAX - 0x8));
+        assert_eq!(t.vaddr(0x100), None);
     }
 
     #[test]

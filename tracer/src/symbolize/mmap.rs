@@ -1,7 +1,7 @@
 //! Read-only mappings of module and debug files: only the pages a lookup touches are read, a
 //! fraction of a 98 MB node binary.
 
-use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// A read-only private mapping of a whole file.
@@ -25,7 +25,13 @@ impl Mmap {
     /// [`Mmap::open`], with what the opened file is (so that a check of its identity and the
     /// mapping are of one and the same file).
     pub(crate) fn open_with_meta(path: &Path) -> Option<(Mmap, std::fs::Metadata)> {
-        let file = File::open(path).ok()?;
+        // Non-blocking, so that a FIFO named as a module (a saved report's path, a debuglink
+        // name) is refused below instead of blocking the open until a writer comes.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .ok()?;
         let meta = file.metadata().ok()?;
         if !meta.is_file() {
             // A directory or a device: nothing to symbolize from, and mmap would fail or block.
@@ -78,5 +84,30 @@ impl Drop for Mmap {
         unsafe {
             libc::munmap(self.ptr, self.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a saved report naming a FIFO as a module made `tracer report --resymbolize`
+    /// block forever in open(2).
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("mmap-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("module.so");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Mmap::open(&path).is_none());
+        });
+        let refused = rx.recv_timeout(std::time::Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(refused, Ok(true), "Mmap::open on a FIFO should return None at once");
     }
 }

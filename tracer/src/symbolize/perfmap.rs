@@ -7,6 +7,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// Longest line taken from a perf map: V8's names are at most a few hundred bytes.
+const MAX_LINE: usize = 64 << 10;
+/// Most bytes read from a perf map at one refresh; the rest is read at the next ones.
+const MAX_READ: u64 = 64 << 20;
+
 /// The entries of one perf map, folded into disjoint ranges as they are read.
 #[derive(Debug, Default)]
 pub struct PerfMap {
@@ -18,6 +23,9 @@ pub struct PerfMap {
     /// The end of the file when it was last read did not end a line: those bytes, to be
     /// completed by the next read.
     partial: Vec<u8>,
+    /// The line being read is longer than [`MAX_LINE`]: its bytes are dropped up to its
+    /// newline (it was counted as bad once).
+    skipping: bool,
     /// Lines that were not `hexaddr hexsize name`.
     pub bad_lines: u64,
     /// Entries taken in.
@@ -33,6 +41,9 @@ impl PerfMap {
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
             let (line, tail) = rest.split_at(nl);
             rest = &tail[1..];
+            if std::mem::take(&mut self.skipping) {
+                continue;
+            }
             if self.partial.is_empty() {
                 self.take_line(line);
             } else {
@@ -41,7 +52,16 @@ impl PerfMap {
                 self.take_line(&whole);
             }
         }
-        self.partial.extend_from_slice(rest);
+        if !self.skipping {
+            self.partial.extend_from_slice(rest);
+        }
+        // A file without newlines (garbage, or a sparse file of zeros) must not be held
+        // whole in memory, waiting for a line end.
+        if self.partial.len() > MAX_LINE {
+            self.partial = Vec::new();
+            self.skipping = true;
+            self.bad_lines += 1;
+        }
     }
 
     fn take_line(&mut self, line: &[u8]) {
@@ -200,7 +220,7 @@ impl PerfMapFile {
         }
         let mut bytes = Vec::new();
         // Bounded by what the file holds now; a writer appending meanwhile is read next time.
-        let want = meta.len().saturating_sub(self.map.consumed);
+        let want = meta.len().saturating_sub(self.map.consumed).min(MAX_READ);
         if file.take(want).read_to_end(&mut bytes).is_ok() {
             self.map.feed(&bytes);
         }
@@ -349,6 +369,42 @@ ffffffffffffff00 1000 wraps
         assert_eq!(m.lookup(0x1050), Some("outer"));
         assert_eq!(m.lookup(0x10ff), Some("outer"));
         assert_eq!(m.lookup(0x1100), None);
+    }
+
+    /// Regression: bytes without a newline were all kept, waiting for the line's end, so a
+    /// perf map of zeros (a sparse file) or garbage grew the tracer without bound.
+    #[test]
+    fn an_endless_line_is_dropped_not_kept() {
+        let mut m = PerfMap::default();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..8 {
+            m.feed(&chunk);
+            assert!(m.partial.len() <= MAX_LINE, "{} bytes kept", m.partial.len());
+        }
+        m.feed(b" tail of the long line\n7f0000001000 10 after\n");
+        assert_eq!((m.bad_lines, m.entries), (1, 1));
+        assert_eq!(m.lookup(0x7f0000001008), Some("after"));
+    }
+
+    /// Regression: a FIFO as the perf map blocked the tracer in open(2) forever.
+    #[test]
+    fn a_fifo_as_the_perf_map_does_not_block() {
+        let dir = std::env::temp_dir().join(format!("perfmap-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("perf-1.map");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = PerfMapFile::new(path, vec![0]);
+            f.refresh();
+            let _ = tx.send(f.map.is_empty());
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(done, Ok(true), "refresh on a FIFO should return at once, reading nothing");
     }
 
     #[test]

@@ -1,0 +1,206 @@
+//! A real node HTTP service under continuous load, attached to and detached from again and
+//! again: 40 cycles of about a second alternating full tracing and sampling, then 10 with the
+//! ptrace backend. Every request must be answered within 5 s, byte for byte as before any
+//! tracer came; afterwards none of the tracer's BPF programs or links may be left, and the
+//! service's code pages must read back exactly as before.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::live::{HeldBpf, Service, attach_cycle, code_snapshot, item_paths, leftovers};
+use support::load::{Load, LoadConfig, Outcome, fetch_reference};
+use support::{EXIT_TIMEOUT, eventually, num, setup};
+
+/// Cycles with the eBPF backend, alternating full and `--sample-bytes`; then ptrace ones.
+const EBPF_CYCLES: usize = 40;
+const PTRACE_CYCLES: usize = 10;
+/// How long each cycle records.
+const HOLD: Duration = Duration::from_secs(1);
+/// Every request must be answered within this.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+const CONNECTIONS: usize = 8;
+
+#[test]
+fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
+    setup();
+    let mut service = Service::start();
+    let pid = service.pid();
+    let paths = item_paths(64);
+    let reference = Arc::new(
+        fetch_reference(service.addr, &paths)
+            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
+    );
+    // Warm up untraced (V8 compiles the handler), then take the code pages as they are.
+    let warm = Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections: CONNECTIONS,
+            paths: paths.clone(),
+            max_requests: 2_000,
+            max_duration: Duration::from_secs(20),
+        },
+        reference.clone(),
+    );
+    while !warm.finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warm = warm.stop();
+    assert!(
+        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
+        "the service misbehaves untraced: {}\n{}",
+        warm.summary(),
+        warm.errors.join("\n")
+    );
+    eprintln!("live_e2e: untraced: {}", warm.summary());
+    let code_before = code_snapshot(pid);
+
+    let load = Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections: CONNECTIONS,
+            paths: paths.clone(),
+            max_requests: 10_000_000,
+            max_duration: Duration::from_secs(20 * 60),
+        },
+        reference,
+    );
+
+    let mut plan: Vec<&[&str]> = Vec::new();
+    for i in 0..EBPF_CYCLES {
+        plan.push(if i % 2 == 0 {
+            &["--backend", "ebpf"]
+        } else {
+            &["--backend", "ebpf", "--sample-bytes", "512KiB"]
+        });
+    }
+    plan.extend(std::iter::repeat_n(&["--backend", "ptrace"][..], PTRACE_CYCLES));
+
+    let mut failures = Vec::new();
+    let mut held = HeldBpf::default();
+    let mut walls = Vec::new();
+    let started = Instant::now();
+    for (i, args) in plan.iter().enumerate() {
+        let answered_before = load.answered();
+        match attach_cycle(pid, args, HOLD) {
+            Ok(cycle) => {
+                let ebpf = !args.contains(&"ptrace");
+                if ebpf && (cycle.held.programs.is_empty() || cycle.held.links.is_empty()) {
+                    failures.push(format!(
+                        "cycle {i} ({}): while recording, the tracer held no BPF program or no \
+                         link ({:?})",
+                        args.join(" "),
+                        cycle.held
+                    ));
+                }
+                held.programs.extend(&cycle.held.programs);
+                held.links.extend(&cycle.held.links);
+                let allocs = num(&cycle.report["totals"], "allocs");
+                if allocs == 0 {
+                    failures.push(format!(
+                        "cycle {i} ({}): a service answering requests made no allocation the \
+                         tracer saw in {HOLD:?}: {}",
+                        args.join(" "),
+                        cycle.report["totals"]
+                    ));
+                }
+                walls.push((cycle.attach, cycle.wall));
+                eprintln!(
+                    "live_e2e: cycle {i:2} ({}): attached after {:?}, done after {:?}, allocs {allocs}",
+                    args.join(" "),
+                    cycle.attach,
+                    cycle.wall
+                );
+            }
+            Err(e) => failures.push(format!("cycle {i} ({}): {e}", args.join(" "))),
+        }
+        if load.answered() == answered_before {
+            failures.push(format!(
+                "cycle {i} ({}): the service answered no request while it ran",
+                args.join(" ")
+            ));
+        }
+        if !service.proc.running() {
+            failures.push(format!("the service died during cycle {i} ({})", args.join(" ")));
+            break;
+        }
+    }
+    let cycles_time = started.elapsed();
+    // Some load after the last detach, too.
+    std::thread::sleep(Duration::from_millis(500));
+    let traffic = load.stop();
+    eprintln!(
+        "live_e2e: {} cycles in {:.0} s ({} failed); attach times {:?}..{:?}, cycle times \
+         {:?}..{:?}; load: {}",
+        plan.len(),
+        cycles_time.as_secs_f64(),
+        failures.len(),
+        walls.iter().map(|w| w.0).min().unwrap_or_default(),
+        walls.iter().map(|w| w.0).max().unwrap_or_default(),
+        walls.iter().map(|w| w.1).min().unwrap_or_default(),
+        walls.iter().map(|w| w.1).max().unwrap_or_default(),
+        traffic.summary()
+    );
+
+    assert!(
+        failures.is_empty(),
+        "{} of {} attach/detach cycles failed:\n{}",
+        failures.len(),
+        plan.len(),
+        failures.join("\n\n")
+    );
+
+    let late = traffic.slower_than(ANSWER_WITHIN);
+    assert!(
+        traffic.count(Outcome::Changed) == 0 && late.is_empty() && traffic.errors.is_empty(),
+        "every request must be answered within {ANSWER_WITHIN:?} with the bytes it got before \
+         tracing: {}\nlate or unanswered (first 10): {:?}\nerrors (first 10):\n{}",
+        traffic.summary(),
+        &late[..late.len().min(10)],
+        traffic.errors[..traffic.errors.len().min(10)].join("\n")
+    );
+
+    // Nothing of ours is left in the kernel: every program the tracers held, and every link
+    // to one, is gone (closing is asynchronous in the kernel: give it a moment).
+    let left = eventually(Duration::from_secs(5), || {
+        let (progs, links) = leftovers(&held);
+        if progs.is_empty() && links.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{progs:?} {links:?}"))
+        }
+    });
+    if let Err(left) = left {
+        panic!(
+            "after the tracers exited, BPF objects of theirs are still loaded: {left} (they held \
+             {} programs and {} links in all)",
+            held.programs.len(),
+            held.links.len()
+        );
+    }
+
+    let code_after = code_snapshot(pid);
+    let changed = code_before.differences(&code_after);
+    assert!(
+        changed.is_empty(),
+        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
+         first attach:\n{}",
+        code_before.bytes(),
+        code_before.mappings.len(),
+        changed.join("\n")
+    );
+    assert!(
+        support::tracer_pids(pid).iter().all(|(_, t)| t == "0"),
+        "no thread of the service may stay traced: {:?}",
+        support::tracer_pids(pid)
+    );
+
+    service.proc.signal(libc::SIGTERM);
+    let status = service.proc.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the service should end on SIGTERM with status 0, as it does untraced: {status}"
+    );
+}
