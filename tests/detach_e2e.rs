@@ -46,13 +46,13 @@ fn process_matches_file(pid: i32, sym: &LibcSymbol) -> Result<(), String> {
 /// Regression: every uprobe and tracepoint used to be a perf event of its own, and removing
 /// each waited for a grace period, one after another (about 30 of them: 2.6 s at every exit).
 /// Now the allocator entries, their returns and free are three uprobe-multi links and the
-/// syscalls one raw tracepoint.
+/// syscalls two raw tracepoints (sys_exit for every call, sys_enter for munmap and mremap).
 fn check_probes_attach_in_bulk(links: &[BpfLink], perf_events: usize) {
     let mut kinds: Vec<&str> = links.iter().map(|l| l.kind.as_str()).collect();
     kinds.sort_unstable();
     assert_eq!(
         (kinds, perf_events),
-        (vec!["raw_tracepoint", "uprobe_multi", "uprobe_multi", "uretprobe_multi"], 0),
+        (vec!["raw_tracepoint", "raw_tracepoint", "uprobe_multi", "uprobe_multi", "uretprobe_multi"], 0),
         "while recording, the tracer should hold these links (types as the kernel names them) \
          and no perf event: {links:?}"
     );
