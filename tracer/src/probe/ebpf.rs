@@ -42,9 +42,8 @@ pub enum EbpfError {
     #[error(transparent)]
     Session(#[from] super::session::SessionError),
     #[error(
-        "the main thread of pid {0} has exited (pthread_exit): sampling's process-wide probes \
-         would never fire (the kernel checks them against that thread); record without \
-         --sample-bytes"
+        "the main thread of pid {0} has exited (pthread_exit): the eBPF backend's uprobe-multi \
+         links are checked against that thread's memory, so they would never fire"
     )]
     MainThreadGone(u32),
 }
@@ -128,7 +127,9 @@ impl EbpfProbes {
         limits: Limits,
         syscall_target: Option<SyscallTarget<'_>>,
     ) -> Result<Self, EbpfError> {
-        if limits.sample_bytes.is_some() && thread != pid {
+        // A uprobe-multi link is tied to the thread group leader (a pid that is not a tgid is
+        // refused with ESRCH) and fires only while the leader still has its memory.
+        if thread != pid {
             return Err(EbpfError::MainThreadGone(pid.get()));
         }
         let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
@@ -189,7 +190,7 @@ impl EbpfProbes {
         let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
         let free_offset = free.file_offset + free_at.offset;
         let attach = |name, kind, offsets: &[u64], cookies: &[u64]| {
-            loader.attach(name, kind, libc_path, offsets, cookies, thread.get())
+            loader.attach(name, kind, libc_path, offsets, cookies, pid.get())
         };
         let links = match limits.sample_bytes {
             None => {
