@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, Usage, build_fixture, describe_stacks,
     describe_top, eventually, frame_function, parse_report, proc_state, record_launch_with,
-    run_tracer, setup, start_recording, stop_recording, usage_by_caller,
+    run_tracer, setup, start_recording, usage_by_caller,
 };
 
 /// The `key=value` pairs of the fixture's result line.
@@ -91,13 +91,10 @@ fn kept_by_worker(report: &serde_json::Value) -> (u64, u64) {
     (u.live_bytes, u.live_allocs)
 }
 
-/// A process whose main thread called pthread_exit while another thread runs on is alive
-/// (its main thread shows as a zombie in /proc): the tracer attaches, and counts the worker.
-#[test]
-fn a_process_whose_main_thread_exited_is_refused_in_one_line_and_left_running() {
-    setup();
-    let dir = TempDir::new("leader-exited");
-    let bin = build_fixture(&dir, "leader_exit");
+/// The leader_exit fixture, its main thread already gone (a zombie in /proc) while a worker
+/// runs on.
+fn leader_already_exited(dir: &TempDir) -> Proc {
+    let bin = build_fixture(dir, "leader_exit");
     let mut fixture = Proc::spawn("leader_exit now", Command::new(&bin).arg("now"));
     fixture.expect_stdout_line("ready", LINE_TIMEOUT);
     let pid = fixture.pid();
@@ -106,6 +103,17 @@ fn a_process_whose_main_thread_exited_is_refused_in_one_line_and_left_running() 
         state => Err(format!("main thread state {state:?}")),
     })
     .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
+    fixture
+}
+
+/// A process whose main thread called pthread_exit while another thread runs on is alive,
+/// not a zombie; both backends need that thread, so the tracer refuses it, saying why.
+#[test]
+fn a_process_whose_main_thread_exited_is_refused_in_one_line_and_left_running() {
+    setup();
+    let dir = TempDir::new("leader-exited");
+    let mut fixture = leader_already_exited(&dir);
+    let pid = fixture.pid();
 
     // Both backends are tied to the main thread (uprobe-multi links are checked against
     // its memory; ptrace refuses it): the refusal must say so, not call the process a zombie.
@@ -182,15 +190,8 @@ fn main_thread_exits_while_recorded(extra: &[&str], exact: bool) {
 fn sampling_refuses_a_process_whose_main_thread_exited() {
     setup();
     let dir = TempDir::new("leader-exited-sampling");
-    let bin = build_fixture(&dir, "leader_exit");
-    let mut fixture = Proc::spawn("leader_exit now", Command::new(&bin).arg("now"));
-    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let mut fixture = leader_already_exited(&dir);
     let pid = fixture.pid();
-    eventually(Duration::from_secs(10), || match proc_state(pid) {
-        Some('Z') => Ok(()),
-        state => Err(format!("main thread state {state:?}")),
-    })
-    .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
     let args = ["record", "--sample-bytes", "4KiB", "--duration", "1s", "--pid", &pid.to_string()];
     let finished = run_tracer(&args, EXIT_TIMEOUT);
     let lines: Vec<&str> = finished.stderr.lines().filter(|l| !l.trim().is_empty()).collect();

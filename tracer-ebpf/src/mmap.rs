@@ -75,17 +75,7 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let ret: i64 = ctx.arg(1);
-    // The syscall argument registers of x86-64, in order (r10, not rcx, holds the fourth).
-    let args = unsafe {
-        [
-            read(&raw const (*regs).rdi)?,
-            read(&raw const (*regs).rsi)?,
-            read(&raw const (*regs).rdx)?,
-            read(&raw const (*regs).r10)?,
-            read(&raw const (*regs).r8)?,
-            read(&raw const (*regs).r9)?,
-        ]
-    };
+    let args = syscall_args(regs)?;
     let ip = read(unsafe { &raw const (*regs).rip })?;
     let sp = read(unsafe { &raw const (*regs).rsp })?;
     let event = SyscallEvent {
@@ -120,17 +110,7 @@ fn try_sys_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let regs: *const pt_regs = ctx.arg(0);
-    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.map_err(|_| 1u32);
-    let args = unsafe {
-        [
-            read(&raw const (*regs).rdi)?,
-            read(&raw const (*regs).rsi)?,
-            read(&raw const (*regs).rdx)?,
-            read(&raw const (*regs).r10)?,
-            read(&raw const (*regs).r8)?,
-            read(&raw const (*regs).r9)?,
-        ]
-    };
+    let args = syscall_args(regs)?;
     // Only the range matters here; the exit event carries the stack.
     let event = SyscallEvent {
         args,
@@ -146,6 +126,23 @@ fn try_sys_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
         count(syscall_counter::EVENTS_LOST);
     }
     Ok(0)
+}
+
+/// The six syscall arguments from the task's saved user registers: x86-64's argument
+/// registers in order (r10, not rcx, holds the fourth).
+fn syscall_args(regs: *const pt_regs) -> Result<[u64; 6], u32> {
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.map_err(|_| 1u32);
+    // SAFETY: only field addresses are taken; the kernel reads them with a checked helper.
+    unsafe {
+        Ok([
+            read(&raw const (*regs).rdi)?,
+            read(&raw const (*regs).rsi)?,
+            read(&raw const (*regs).rdx)?,
+            read(&raw const (*regs).r10)?,
+            read(&raw const (*regs).r8)?,
+            read(&raw const (*regs).r9)?,
+        ])
+    }
 }
 
 /// The return address into whoever called the libc wrapper that is making this syscall.
