@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod gdb;
 pub mod live;
 pub mod load;
 
@@ -309,9 +310,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(label: &str, cmd: &mut Command) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null());
+        Self::spawn_piped(label, cmd)
+    }
+
+    /// [`Proc::spawn`] with a pipe to the process's stdin, for fixtures told when to go on.
+    pub fn spawn_with_stdin(label: &str, cmd: &mut Command) -> (Proc, std::process::ChildStdin) {
+        cmd.stdin(Stdio::piped());
+        let mut proc = Self::spawn_piped(label, cmd);
+        let stdin = proc.child.stdin.take().expect("stdin is piped");
+        (proc, stdin)
+    }
+
+    fn spawn_piped(label: &str, cmd: &mut Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {label} (`{cmd:?}`): {e}"));

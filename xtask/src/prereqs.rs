@@ -14,8 +14,18 @@ const BPF_LINKER_VERSION: &str = "0.10.1";
 /// Debian packages the tests use: gcc builds their C fixtures, bpftool checks that no BPF
 /// program is left behind, binutils splits debug files (objcopy, strip), golang-go brings
 /// `go tool pprof`, which reads the pprof export back, and tmux runs `tracer top` in a real
-/// terminal.
-const DEBIAN_PACKAGES: &[&str] = &["gcc", "bpftool", "binutils", "golang-go", "tmux"];
+/// terminal. g++ builds the C++ unwind fixture, whose stacks are compared with gdb's `bt`
+/// (with its Python), which names glibc's frames and inlined functions from libc6-dbg.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "gcc",
+    "bpftool",
+    "binutils",
+    "golang-go",
+    "tmux",
+    "g++",
+    "gdb",
+    "libc6-dbg",
+];
 
 /// The tests trace the official Node build at this path.
 const NODE: &str = "/usr/bin/node";
