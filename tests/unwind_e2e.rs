@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use support::gdb::{
     ExecMapping, GdbPlan, GdbRun, compare, exec_mappings, gdb_attach, gdb_entries, gdb_launch,
-    invented_frames, normalize_name, send_line, tracer_entries,
+    invented_frames, matching_prefix, normalize_name, send_line, show_entry, tracer_entries,
 };
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, describe_top, fixtures_dir, num, record_launch_ok,
@@ -335,4 +335,166 @@ fn no_invented_frames_launch() {
 #[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_attach() {
     check_no_invented_frames(attached());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node: the share of sampled allocation stacks that equal gdb's
+
+const NODE: &str = "/usr/bin/node";
+/// Rounds of fixtures/unwind_node.js's workload: about 25,000 malloc-family calls.
+const NODE_ROUNDS: &str = "200";
+/// gdb prints every k-th allocator call's stack, at most SAMPLES of them...
+const NODE_EVERY: u64 = 50;
+const NODE_SAMPLES: u64 = 400;
+/// ...with frames 0-7 (the allocator and seven callers), compared as in the issue.
+const NODE_DEPTH: usize = 8;
+/// How long the workload may take under gdb (it runs about 8 times slower there).
+const NODE_WORKLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn waiting_node() -> (Proc, std::process::ChildStdin) {
+    let script = fixtures_dir().join("unwind_node.js");
+    let mut cmd = Command::new(NODE);
+    cmd.arg(&script).arg(NODE_ROUNDS);
+    let (mut proc, stdin) = Proc::spawn_with_stdin("node unwind_node.js", &mut cmd);
+    proc.expect_stdout_line("ready", LINE_TIMEOUT);
+    (proc, stdin)
+}
+
+/// The node workload recorded by the tracer (attached), then sampled by gdb (attached to a
+/// second run): for each of gdb's stacks, whether some stack of the report has the same
+/// frames 0-7 (the rule of support/gdb.rs; JIT frames compare as "JIT" and end the
+/// comparison, since their addresses differ between two runs). Prints the share, and the most
+/// common places where the tracer's closest stack leaves gdb's.
+///
+/// The bar, 95%, is below the 98.8% the issue expects once the callers of frameless code
+/// (operator new) are recovered, for what two runs of a JIT do differently.
+#[test]
+#[ignore = "needs the CFI walker (issue 11)"]
+fn node_stacks_match_gdb() {
+    setup();
+    assert!(
+        Path::new(NODE).exists(),
+        "{NODE} is missing; these tests expect node 20 there"
+    );
+
+    let (mut node, mut stdin) = waiting_node();
+    let mut tracer = start_recording(node.pid(), &["--format", "json", "--top", "0"]);
+    send_line(&mut stdin, "go");
+    node.expect_stdout_line("done", NODE_WORKLOAD_TIMEOUT);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", node.pid()))
+        .unwrap_or_else(|e| panic!("read node's maps: {e}"));
+    let exec = exec_mappings(&maps.lines().collect::<Vec<_>>());
+    let (_, report) = stop_recording(&mut tracer);
+    drop(stdin);
+    node.wait_exit(EXIT_TIMEOUT);
+
+    let plan = GdbPlan {
+        breaks: ["malloc", "calloc", "realloc"]
+            .iter()
+            .map(|f| ((*f).to_owned(), String::new()))
+            .collect(),
+        label: "$rdi".to_owned(),
+        every: NODE_EVERY,
+        max_hits: NODE_SAMPLES,
+        depth: NODE_DEPTH as u64,
+    };
+    let (mut node, mut stdin) = waiting_node();
+    let session = gdb_attach(&plan, node.pid());
+    send_line(&mut stdin, "go");
+    node.expect_stdout_line("done", NODE_WORKLOAD_TIMEOUT);
+    drop(stdin);
+    let gdb = session.finish();
+    node.wait_exit(EXIT_TIMEOUT);
+
+    let sampled = gdb.stacks.len();
+    assert!(
+        sampled >= 200,
+        "gdb printed only {sampled} stacks (every {NODE_EVERY}th call, at most {NODE_SAMPLES}): \
+         too few for a share\n{}",
+        support::truncate(&gdb.output, 4000)
+    );
+    let recorded: Vec<Vec<support::gdb::Entry>> =
+        stacks(&report).iter().map(tracer_entries).collect();
+    let mut equal = 0;
+    let mut departures: std::collections::BTreeMap<String, usize> = Default::default();
+    let nothing = Vec::new();
+    // (samples, equal) by the file of gdb's entry 1, the allocator's caller.
+    let mut by_caller_file: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for stack in &gdb.stacks {
+        let want = gdb_entries(stack);
+        let caller_file = want
+            .get(1)
+            .and_then(|e| e.module.as_deref())
+            .map_or("(no file: JIT)", |m| m.rsplit('/').next().unwrap_or(m))
+            .to_owned();
+        by_caller_file.entry(caller_file.clone()).or_default().0 += 1;
+        // The closest recorded stack: the longest equal prefix, then the most of gdb's
+        // places anywhere in it (so a stack that lost one frame beats an unrelated one).
+        let score = |t: &Vec<support::gdb::Entry>| {
+            let shared = want
+                .iter()
+                .take(NODE_DEPTH)
+                .filter(|g| {
+                    t.iter()
+                        .any(|e| e.module == g.module && (e.offset == g.offset || !e.exact))
+                })
+                .count();
+            (matching_prefix(&want, t, NODE_DEPTH), shared)
+        };
+        let closest = recorded.iter().max_by_key(|t| score(t)).unwrap_or(&nothing);
+        let best = score(closest).0;
+        if best >= NODE_DEPTH {
+            equal += 1;
+            by_caller_file.entry(caller_file).or_default().1 += 1;
+            continue;
+        }
+        let same_place = |a: Option<&support::gdb::Entry>, b: Option<&support::gdb::Entry>| {
+            matches!((a, b), (Some(a), Some(b))
+                if a.module == b.module && (a.offset == b.offset || !a.exact))
+        };
+        let key = if closest.len() == best {
+            format!(
+                "entry {best}: the tracer's stack ends; gdb goes on with {}",
+                show_entry(want.get(best))
+            )
+        } else if same_place(closest.get(best), want.get(best + 1)) {
+            format!("entry {best}: lost {}", show_entry(want.get(best)))
+        } else {
+            format!(
+                "entry {best}: gdb {} | tracer {}",
+                show_entry(want.get(best)),
+                show_entry(closest.get(best))
+            )
+        };
+        *departures.entry(key).or_default() += 1;
+    }
+    let share = 100.0 * equal as f64 / sampled as f64;
+    let mut common: Vec<(String, usize)> = departures.into_iter().collect();
+    common.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let summary = format!(
+        "node: {equal} of {sampled} sampled allocation stacks ({share:.1}%) equal gdb's frames 0-{}\n\
+         by the file of the allocator's caller (gdb's entry 1): {}\n\
+         frames of the report outside node's executable mappings at the end: {} \
+         (JIT code freed before the end counts here too)\n\
+         where the closest recorded stack leaves gdb's (count, first differing entry):\n{}",
+        NODE_DEPTH - 1,
+        by_caller_file
+            .iter()
+            .map(|(file, (n, ok))| format!("{file} {ok} of {n} equal"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        {
+            let invented = invented_frames(&report, &exec);
+            let first: Vec<&str> = invented.iter().take(3).map(String::as_str).collect();
+            format!("{}\n    {}", invented.len(), first.join("\n    "))
+        },
+        common
+            .iter()
+            .take(15)
+            .map(|(k, n)| format!("  {n:>4}  {k}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!("{summary}");
+    assert!(share >= 95.0, "{summary}");
 }

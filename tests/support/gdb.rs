@@ -26,6 +26,9 @@
 //!   called>` is a real frame here.
 //! - **name**: equal after [`normalize_name`], except for gdb's signal-trampoline frame, which
 //!   gdb names with nothing to compare (the place must still match).
+//! - A report stack merged from several kernel stacks (`variants` > 1: call sites the report
+//!   cannot tell apart, e.g. two calls in one function without debug lines) shows one
+//!   variant's addresses: its named frames compare by module and name only.
 //!
 //! How far: gdb's frames up to and including the first one named `main` (what `bt` shows by
 //! default; beyond it are libc's start-up frames, which the report need not show); all of
@@ -308,6 +311,9 @@ pub struct Entry {
     pub inlined: bool,
     /// gdb's `<signal handler called>` frame (its name is not compared).
     pub sigtramp: bool,
+    /// False for a named frame of a report stack merged from several kernel stacks: the
+    /// report keeps one variant's address for it, so only its module and name compare.
+    pub exact: bool,
 }
 
 impl Entry {
@@ -348,12 +354,14 @@ pub fn gdb_entries(stack: &GdbStack) -> Vec<Entry> {
             name: f.name.clone(),
             inlined: f.kind == GdbKind::Inline,
             sigtramp: f.kind == GdbKind::Sigtramp,
+            exact: true,
         })
         .collect()
 }
 
 /// A report stack's frames as entries.
 pub fn tracer_entries(stack: &Value) -> Vec<Entry> {
+    let merged = stack.get("variants").and_then(Value::as_u64).unwrap_or(1) > 1;
     stack
         .get("frames")
         .and_then(Value::as_array)
@@ -363,14 +371,16 @@ pub fn tracer_entries(stack: &Value) -> Vec<Entry> {
         .map(|f| {
             let module = f.get("module").and_then(Value::as_str).map(str::to_owned);
             let address = f.get("address").and_then(Value::as_u64).unwrap_or(0);
+            let name = f.get("function").and_then(Value::as_str).map(str::to_owned);
             Entry {
+                exact: !(merged && name.is_some()),
                 offset: if module.is_some() {
                     f.get("offset").and_then(Value::as_u64).unwrap_or(0)
                 } else {
                     address
                 },
                 module,
-                name: f.get("function").and_then(Value::as_str).map(str::to_owned),
+                name,
                 inlined: f.get("inlined").and_then(Value::as_bool) == Some(true),
                 sigtramp: false,
             }
@@ -434,7 +444,7 @@ pub fn normalize_name(name: &str) -> String {
             None => break,
         }
     }
-    for suffix in [".part.", ".isra.", ".constprop.", ".cold"] {
+    for suffix in [".part", ".isra", ".constprop", ".cold"] {
         if let Some(i) = s.find(suffix) {
             s.truncate(i);
         }
@@ -458,7 +468,7 @@ pub fn normalize_name(name: &str) -> String {
 
 fn entries_equal(gdb: &Entry, tracer: &Entry) -> bool {
     gdb.module == tracer.module
-        && gdb.offset == tracer.offset
+        && (gdb.offset == tracer.offset || !tracer.exact)
         && gdb.inlined == tracer.inlined
         && (gdb.sigtramp
             || match (&gdb.name, &tracer.name) {
@@ -505,13 +515,15 @@ pub fn compare(gdb: &[Entry], tracer: &[Entry]) -> Result<(), String> {
                     "the tracer's stack ends after {i} entries; gdb goes on with {}",
                     g.show()
                 ),
-                (Some(g), Some(t)) if g.module != t.module || g.offset != t.offset => format!(
-                    "entry {i}: gdb has {} at {}, the tracer {} at {}",
-                    g.name.as_deref().unwrap_or("??"),
-                    g.place(),
-                    t.name.as_deref().unwrap_or("??"),
-                    t.place()
-                ),
+                (Some(g), Some(t)) if g.module != t.module || (g.offset != t.offset && t.exact) => {
+                    format!(
+                        "entry {i}: gdb has {} at {}, the tracer {} at {}",
+                        g.name.as_deref().unwrap_or("??"),
+                        g.place(),
+                        t.name.as_deref().unwrap_or("??"),
+                        t.place()
+                    )
+                }
                 (Some(g), Some(t)) if g.inlined != t.inlined => format!(
                     "entry {i}: inlined on one side only (gdb {}, tracer {})",
                     g.inlined, t.inlined
@@ -528,6 +540,37 @@ pub fn compare(gdb: &[Entry], tracer: &[Entry]) -> Result<(), String> {
             Err(format!("{what}\n{table}"))
         }
     }
+}
+
+/// How many of the first `n` entries of gdb's stack the tracer's stack has equal, under the
+/// rule of [`compare`], reading both from entry 0. An entry gdb can place in no file (JIT
+/// code) equals one the tracer places in none either, whatever the address (two runs of a
+/// JIT compiler put code at different addresses), and ends the comparison there: what lies
+/// beyond it is not comparable across runs. Returns `n` (or gdb's length if shorter, when the
+/// tracer's stack has that length too) for a full match.
+pub fn matching_prefix(gdb: &[Entry], tracer: &[Entry], n: usize) -> usize {
+    let want = &gdb[..gdb.len().min(n)];
+    for (i, g) in want.iter().enumerate() {
+        let Some(t) = tracer.get(i) else {
+            return i;
+        };
+        if g.module.is_none() {
+            return if t.module.is_none() { n } else { i };
+        }
+        if !entries_equal(g, t) {
+            return i;
+        }
+    }
+    if want.len() < n && tracer.len() != want.len() {
+        // gdb's stack ended early: the tracer's must end there too.
+        return want.len();
+    }
+    n
+}
+
+/// A short "name module+offset" of an entry, for summaries.
+pub fn show_entry(entry: Option<&Entry>) -> String {
+    entry.map_or_else(|| "(stack ends)".to_owned(), Entry::show)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,8 +605,8 @@ pub fn exec_mappings(lines: &[&str]) -> Vec<ExecMapping> {
         .collect()
 }
 
-/// Every frame of every stack of `report` whose address lies in no executable mapping, or
-/// that the tracer itself could place in no module, one line each.
+/// Every frame of every stack of `report` whose address lies in no executable mapping (file
+/// or anonymous: JIT code is real code), one line each.
 pub fn invented_frames(report: &Value, exec: &[ExecMapping]) -> Vec<String> {
     let mut found = Vec::new();
     for stack in super::stacks(report) {
@@ -576,7 +619,7 @@ pub fn invented_frames(report: &Value, exec: &[ExecMapping]) -> Vec<String> {
             let address = f.get("address").and_then(Value::as_u64).unwrap_or(0);
             let module = f.get("module").and_then(Value::as_str);
             let mapped = exec.iter().any(|m| m.start <= address && address < m.end);
-            if !mapped || module.is_none() {
+            if !mapped {
                 let names: Vec<String> = frames
                     .iter()
                     .map(|f| match f.get("function").and_then(Value::as_str) {
