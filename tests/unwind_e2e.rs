@@ -123,23 +123,36 @@ fn exec_from_output(lines: &[String]) -> Vec<ExecMapping> {
     exec_mappings(&maps)
 }
 
+/// gdb's stacks of a launched fixture (one session for both backends).
+fn gdb_launched() -> &'static GdbRun {
+    static GDB: OnceLock<GdbRun> = OnceLock::new();
+    GDB.get_or_init(|| gdb_launch(&plan(), fixture(), &[] as &[&str]))
+}
+
+fn record_launched(how: &'static str, extra: &[&str]) -> Observed {
+    setup();
+    let exe = fixture();
+    let dir = TempDir::new("unwind-launch");
+    let launch = record_launch_ok(&dir, extra, &[exe]);
+    let lines: Vec<String> = launch.finished.stdout.lines().map(str::to_owned).collect();
+    let exec = exec_from_output(&lines);
+    Observed {
+        how,
+        report: launch.report,
+        gdb: gdb_launched().clone(),
+        exec,
+    }
+}
+
 fn launched() -> &'static Observed {
     static LAUNCH: OnceLock<Observed> = OnceLock::new();
-    LAUNCH.get_or_init(|| {
-        setup();
-        let exe = fixture();
-        let dir = TempDir::new("unwind-launch");
-        let launch = record_launch_ok(&dir, &[], &[exe]);
-        let lines: Vec<String> = launch.finished.stdout.lines().map(str::to_owned).collect();
-        let exec = exec_from_output(&lines);
-        let gdb = gdb_launch(&plan(), exe, &[] as &[&str]);
-        Observed {
-            how: "launch mode",
-            report: launch.report,
-            gdb,
-            exec,
-        }
-    })
+    LAUNCH.get_or_init(|| record_launched("launch mode", &[]))
+}
+
+/// Launch mode with the ptrace backend, which walks the stack in user space.
+fn launched_ptrace() -> &'static Observed {
+    static LAUNCH: OnceLock<Observed> = OnceLock::new();
+    LAUNCH.get_or_init(|| record_launched("launch mode, ptrace backend", &["--backend", "ptrace"]))
 }
 
 /// Starts the fixture with --wait and returns it once it said "ready", with its stdin.
@@ -246,32 +259,44 @@ fn names_from_gdb_and_from_symbol_tables_compare_equal() {
     assert_eq!(normalize_name("operator()"), "operator()");
 }
 
+/// For each path: a test in launch mode, one in attach mode (eBPF), one in launch mode with
+/// the ptrace backend.
 macro_rules! path_tests {
-    ($( $launch:ident, $attach:ident, $path:literal, [$($ignore:tt)*] );* $(;)?) => {$(
-        #[test]
-        $($ignore)*
-        fn $launch() {
-            check_path(launched(), $path);
-        }
+    ($( $name:ident, $path:literal, [$($ignore:tt)*] );* $(;)?) => {$(
+        mod $name {
+            use super::*;
 
-        #[test]
-        $($ignore)*
-        fn $attach() {
-            check_path(attached(), $path);
+            #[test]
+            $($ignore)*
+            fn launch() {
+                check_path(launched(), $path);
+            }
+
+            #[test]
+            $($ignore)*
+            fn attach() {
+                check_path(attached(), $path);
+            }
+
+            #[test]
+            $($ignore)*
+            fn ptrace() {
+                check_path(launched_ptrace(), $path);
+            }
         }
     )*};
 }
 
 path_tests! {
-    malloc_from_frame_pointer_code_launch, malloc_from_frame_pointer_code_attach, "malloc", [];
-    new_char_array_launch, new_char_array_attach, "new", [#[ignore = "needs the CFI walker (issue 11)"]];
-    new_std_string_launch, new_std_string_attach, "string", [#[ignore = "needs the CFI walker (issue 11)"]];
-    strdup_launch, strdup_attach, "strdup", [#[ignore = "needs the CFI walker (issue 11)"]];
-    qsort_comparator_launch, qsort_comparator_attach, "qsort", [#[ignore = "needs the CFI walker (issue 11)"]];
-    omit_frame_pointer_library_launch, omit_frame_pointer_library_attach, "deep", [#[ignore = "needs the CFI walker (issue 11)"]];
-    signal_handler_launch, signal_handler_attach, "signal", [#[ignore = "needs the CFI walker (issue 11)"]];
-    dlopened_library_launch, dlopened_library_attach, "dlopen", [#[ignore = "needs the CFI walker (issue 11)"]];
-    inlined_functions_launch, inlined_functions_attach, "inline", [];
+    malloc_from_frame_pointer_code, "malloc", [];
+    new_char_array, "new", [#[ignore = "needs the CFI walker (issue 11)"]];
+    new_std_string, "string", [#[ignore = "needs the CFI walker (issue 11)"]];
+    strdup, "strdup", [#[ignore = "needs the CFI walker (issue 11)"]];
+    qsort_comparator, "qsort", [#[ignore = "needs the CFI walker (issue 11)"]];
+    omit_frame_pointer_library, "deep", [#[ignore = "needs the CFI walker (issue 11)"]];
+    signal_handler, "signal", [#[ignore = "needs the CFI walker (issue 11)"]];
+    dlopened_library, "dlopen", [#[ignore = "needs the CFI walker (issue 11)"]];
+    inlined_functions, "inline", [];
 }
 
 /// The deep library must really use rbp as a general register (else its path would test
@@ -335,6 +360,12 @@ fn no_invented_frames_launch() {
 #[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_attach() {
     check_no_invented_frames(attached());
+}
+
+#[test]
+#[ignore = "needs the CFI walker (issue 11)"]
+fn no_invented_frames_ptrace() {
+    check_no_invented_frames(launched_ptrace());
 }
 
 // ---------------------------------------------------------------------------------------------

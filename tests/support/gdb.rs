@@ -149,6 +149,7 @@ pub struct GdbStack {
 }
 
 /// A finished gdb session: its stacks, and everything it printed (for failure messages).
+#[derive(Clone)]
 pub struct GdbRun {
     pub stacks: Vec<GdbStack>,
     pub output: String,
