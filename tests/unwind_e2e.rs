@@ -529,3 +529,118 @@ fn node_stacks_match_gdb() {
     println!("{summary}");
     assert!(share >= 95.0, "{summary}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The comparison itself, on fixed input (no process): it must accept equal stacks and name
+// the first difference of unequal ones.
+
+const GDB_SAMPLE: &str = "\
+program output in between is skipped
+GDB-HIT\t1\tmalloc\t5120
+GDB-FRAME\t0\tnormal\t0x7ffff7ab6930\t/usr/lib/x86_64-linux-gnu/libc.so.6\t0x98930\t__GI___libc_malloc
+GDB-FRAME\t1\tnormal\t0x7ffff7ca958c\t/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30\t0xa958c\toperator new(unsigned long)
+GDB-FRAME\t2\tinline\t0x555555555474\t/x/unwind_paths\t0x1474\tinner
+GDB-FRAME\t3\tnormal\t0x555555555474\t/x/unwind_paths\t0x1474\tleaf_new
+GDB-FRAME\t4\tnormal\t0x555555555484\t/x/unwind_paths\t0x1484\tp2_new
+GDB-FRAME\t5\tnormal\t0x555555555824\t/x/unwind_paths\t0x1824\tmain
+GDB-FRAME\t6\tnormal\t0x7ffff7a4524a\t/usr/lib/x86_64-linux-gnu/libc.so.6\t0x2724a\t__libc_start_call_main
+GDB-END\t1
+GDB-DONE\t1
+";
+
+fn report_frame(module: &str, offset: u64, function: &str, inlined: bool) -> Value {
+    serde_json::json!({
+        "address": 0x1000_0000 + offset, "module": module, "offset": offset,
+        "function": function, "file": null, "line": null, "inlined": inlined, "kind": "native",
+    })
+}
+
+fn sample_report_stack(skip_leaf_new: bool, variants: u64) -> Value {
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let mut frames = vec![
+        report_frame(libc, 0x98930, "malloc", false),
+        report_frame(
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30",
+            0xa958c,
+            "operator new(unsigned long)",
+            false,
+        ),
+    ];
+    if !skip_leaf_new {
+        frames.push(report_frame("/x/unwind_paths", 0x1474, "inner", true));
+        frames.push(report_frame(
+            "/x/unwind_paths",
+            0x1474,
+            "leaf_new(unsigned long)",
+            false,
+        ));
+    }
+    frames.push(report_frame("/x/unwind_paths", 0x1484, "p2_new()", false));
+    frames.push(report_frame("/x/unwind_paths", 0x1824, "main", false));
+    // Past gdb's main: not compared.
+    frames.push(report_frame(libc, 0x99999, "anything", false));
+    serde_json::json!({ "frames": frames, "variants": variants })
+}
+
+#[test]
+fn comparison_accepts_equal_stacks_and_names_the_first_difference() {
+    let parsed = support::gdb::parse_output(GDB_SAMPLE).expect("the sample parses");
+    assert_eq!(parsed.len(), 1);
+    assert_eq!((parsed[0].label, parsed[0].frames.len()), (5120, 7));
+    let gdb = gdb_entries(&parsed[0]);
+
+    let same = tracer_entries(&sample_report_stack(false, 1));
+    compare(&gdb, &same).unwrap_or_else(|diff| panic!("equal stacks compared unequal:\n{diff}"));
+    assert_eq!(matching_prefix(&gdb, &same, 6), 6);
+
+    let lost = tracer_entries(&sample_report_stack(true, 1));
+    let diff = compare(&gdb, &lost).expect_err("a stack without leaf_new must differ");
+    assert!(
+        diff.starts_with("entry 2: gdb has inner at unwind_paths+0x1474, the tracer p2_new() at unwind_paths+0x1484"),
+        "the first difference should be named first:\n{diff}"
+    );
+    assert_eq!(matching_prefix(&gdb, &lost, 6), 2);
+
+    // One frame moved within its function: unequal, unless the report merged variants.
+    let mut moved = sample_report_stack(false, 1);
+    moved["frames"][4]["offset"] = 0x1490.into();
+    let diff = compare(&gdb, &tracer_entries(&moved)).expect_err("another call site must differ");
+    assert!(
+        diff.starts_with("entry 4: gdb has p2_new at unwind_paths+0x1484"),
+        "{diff}"
+    );
+    moved["variants"] = 2.into();
+    compare(&gdb, &tracer_entries(&moved))
+        .unwrap_or_else(|diff| panic!("a merged stack compares by name:\n{diff}"));
+
+    // An inlined entry must be inlined on both sides.
+    let mut flat = sample_report_stack(false, 1);
+    flat["frames"][2]["inlined"] = false.into();
+    let diff = compare(&gdb, &tracer_entries(&flat)).expect_err("inlined flag differs");
+    assert!(
+        diff.starts_with("entry 2: inlined on one side only"),
+        "{diff}"
+    );
+}
+
+#[test]
+fn invented_frames_are_those_outside_every_executable_mapping() {
+    let exec = exec_mappings(&[
+        "555555554000-555555555000 r--p 00000000 fe:00 1 /x/unwind_paths",
+        "555555555000-555555556000 r-xp 00001000 fe:00 1 /x/unwind_paths",
+        "7f0000000000-7f0000001000 r-xp 00000000 00:00 0 ",
+    ]);
+    assert_eq!(exec.len(), 2, "{exec:?}");
+    let frame = |address: u64| serde_json::json!({ "address": address, "module": null });
+    let report = serde_json::json!({ "stacks": [
+        { "frames": [frame(0x5555_5555_5100), frame(0x7f00_0000_0010)] },
+        { "frames": [frame(0x5555_5555_5100), frame(0x20), frame(0x5555_5555_4100)] },
+    ]});
+    let invented = invented_frames(&report, &exec);
+    assert_eq!(invented.len(), 2, "{invented:#?}");
+    assert!(invented[0].starts_with("frame 1 at 0x20 "), "{invented:#?}");
+    assert!(
+        invented[1].starts_with("frame 2 at 0x555555554100 "),
+        "{invented:#?}"
+    );
+}
