@@ -2,8 +2,10 @@
 //! (-O1 -fno-omit-frame-pointer) allocates once per path, each path with a size of its own,
 //! through operator new, std::string, strdup, qsort's comparator, a -O2 -fomit-frame-pointer
 //! library that uses rbp as a general register, a signal handler, a dlopen'ed library and
-//! inlined functions. The tracer records it and gdb stops at the same calls, in launch mode and
-//! in attach mode; the comparison rule is in support/gdb.rs.
+//! inlined functions. The tracer records it and gdb stops at the same calls; each path is
+//! checked in launch mode, attach mode, launch mode with the ptrace backend, and attach mode
+//! sampling every allocation (`path::{launch,attach,ptrace,sampling}`). The comparison rule is
+//! in support/gdb.rs.
 //!
 //! The paths that need an unwinder reading CFI are `#[ignore]`d with the reason "needs the CFI
 //! walker (issue 11)": they fail today, each with a table of where its stack leaves gdb's.
@@ -164,25 +166,10 @@ fn waiting_fixture() -> (Proc, std::process::ChildStdin) {
     (proc, stdin)
 }
 
-fn attached() -> &'static Observed {
-    static ATTACH: OnceLock<Observed> = OnceLock::new();
-    ATTACH.get_or_init(|| {
-        setup();
-        // The tracer attaches to a waiting fixture, which then allocates.
-        let (mut target, mut stdin) = waiting_fixture();
-        let mut tracer = start_recording(target.pid(), &["--format", "json", "--top", "0"]);
-        send_line(&mut stdin, "go");
-        target.expect_stdout_line("maps-end", LINE_TIMEOUT);
-        let (_, report) = stop_recording(&mut tracer);
-        let exec = exec_from_output(target.stdout.seen());
-        drop(stdin);
-        let status = target.wait_exit(EXIT_TIMEOUT);
-        assert!(
-            status.success(),
-            "the fixture should exit 0 after the tracer detached: {status}"
-        );
-
-        // gdb attaches to another run of it, the same way.
+/// gdb's stacks of a fixture it attached to (one session for every attach-mode recording).
+fn gdb_attached() -> &'static GdbRun {
+    static GDB: OnceLock<GdbRun> = OnceLock::new();
+    GDB.get_or_init(|| {
         let (mut target, mut stdin) = waiting_fixture();
         let session = gdb_attach(&plan(), target.pid());
         send_line(&mut stdin, "go");
@@ -194,12 +181,50 @@ fn attached() -> &'static Observed {
             status.success(),
             "the fixture under gdb should exit 0: {status}"
         );
-        Observed {
-            how: "attach mode",
-            report,
-            gdb,
-            exec,
-        }
+        gdb
+    })
+}
+
+/// The tracer attaches (with `extra` options) to a waiting fixture, which then allocates.
+fn record_attached(how: &'static str, extra: &[&str]) -> Observed {
+    setup();
+    let (mut target, mut stdin) = waiting_fixture();
+    let mut args = vec!["--format", "json", "--top", "0"];
+    args.extend_from_slice(extra);
+    let mut tracer = start_recording(target.pid(), &args);
+    send_line(&mut stdin, "go");
+    target.expect_stdout_line("maps-end", LINE_TIMEOUT);
+    let (_, report) = stop_recording(&mut tracer);
+    let exec = exec_from_output(target.stdout.seen());
+    drop(stdin);
+    let status = target.wait_exit(EXIT_TIMEOUT);
+    assert!(
+        status.success(),
+        "the fixture should exit 0 after the tracer detached: {status}"
+    );
+    Observed {
+        how,
+        report,
+        gdb: gdb_attached().clone(),
+        exec,
+    }
+}
+
+fn attached() -> &'static Observed {
+    static ATTACH: OnceLock<Observed> = OnceLock::new();
+    ATTACH.get_or_init(|| record_attached("attach mode", &[]))
+}
+
+/// Attach mode, sampling every allocation (`--sample-bytes 1`: an allocation of s bytes is
+/// sampled with probability 1 - e^-s): sampling mode runs without the mmap tracepoints, so
+/// the dlopen'ed library must be found another way.
+fn attached_sampling() -> &'static Observed {
+    static ATTACH: OnceLock<Observed> = OnceLock::new();
+    ATTACH.get_or_init(|| {
+        record_attached(
+            "attach mode, sampling (--sample-bytes 1)",
+            &["--sample-bytes", "1"],
+        )
     })
 }
 
@@ -260,7 +285,7 @@ fn names_from_gdb_and_from_symbol_tables_compare_equal() {
 }
 
 /// For each path: a test in launch mode, one in attach mode (eBPF), one in launch mode with
-/// the ptrace backend.
+/// the ptrace backend, one in attach mode sampling every allocation.
 macro_rules! path_tests {
     ($( $name:ident, $path:literal, [$($ignore:tt)*] );* $(;)?) => {$(
         mod $name {
@@ -282,6 +307,12 @@ macro_rules! path_tests {
             $($ignore)*
             fn ptrace() {
                 check_path(launched_ptrace(), $path);
+            }
+
+            #[test]
+            $($ignore)*
+            fn sampling() {
+                check_path(attached_sampling(), $path);
             }
         }
     )*};
@@ -366,6 +397,12 @@ fn no_invented_frames_attach() {
 #[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_ptrace() {
     check_no_invented_frames(launched_ptrace());
+}
+
+#[test]
+#[ignore = "needs the CFI walker (issue 11)"]
+fn no_invented_frames_sampling() {
+    check_no_invented_frames(attached_sampling());
 }
 
 // ---------------------------------------------------------------------------------------------
