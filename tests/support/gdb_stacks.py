@@ -105,10 +105,15 @@ class AllocBreak(gdb.Breakpoint):
 
 
 def function_address(name):
-    # The libc function itself, not a PLT stub: gdb's `info address` of the minimal symbol
-    # of libc.so.6 (with libc6-dbg, the symbol is found through the debug file too).
-    value = gdb.parse_and_eval("(long)&'%s'" % name)
-    return int(value)
+    """The address of libc's function `name` (where the tracer's uprobe sits), never a PLT
+    stub of the program: checked against the process's mappings."""
+    address = int(gdb.parse_and_eval("(long)&'%s'" % name))
+    for start, end, _, path in file_mappings(gdb.selected_inferior().pid):
+        if start <= address < end:
+            if path.rsplit("/", 1)[-1].startswith("libc.so"):
+                return address
+            raise gdb.GdbError("%s resolves to %#x in %s, not in libc" % (name, address, path))
+    raise gdb.GdbError("%s resolves to %#x, which no file mapping holds" % (name, address))
 
 
 gdb.execute("set pagination off")
