@@ -28,16 +28,20 @@ use support::{
 };
 
 /// Each path of fixtures/unwind_paths.cpp and the size it mallocs (its table says the same).
-const PATHS: &[(&str, u64)] = &[
-    ("malloc", 5110),
-    ("new", 5120),
-    ("string", 5130),
-    ("strdup", 5140),
-    ("qsort", 5150),
-    ("deep", 5160),
-    ("signal", 5170),
-    ("dlopen", 5180),
-    ("inline", 5190),
+/// Each path of fixtures/unwind_paths.cpp: the allocator it calls and the bytes it asks for
+/// (the fixture's table says the same).
+const PATHS: &[(&str, &str, u64)] = &[
+    ("malloc", "malloc", 5110),
+    ("new", "malloc", 5120),
+    ("string", "malloc", 5130),
+    ("strdup", "malloc", 5140),
+    ("qsort", "malloc", 5150),
+    ("deep", "malloc", 5160),
+    ("signal", "malloc", 5170),
+    ("dlopen", "malloc", 5180),
+    ("inline", "malloc", 5190),
+    ("calloc", "calloc", 5200),
+    ("realloc", "realloc", 5220),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -108,8 +112,8 @@ struct Observed {
 }
 
 fn plan() -> GdbPlan {
-    let sizes: Vec<u64> = PATHS.iter().map(|&(_, size)| size).collect();
-    GdbPlan::malloc_sizes(&sizes)
+    let calls: Vec<(&str, u64)> = PATHS.iter().map(|&(_, f, size)| (f, size)).collect();
+    GdbPlan::sizes(&calls)
 }
 
 fn exec_from_output(lines: &[String]) -> Vec<ExecMapping> {
@@ -248,15 +252,15 @@ fn tracer_stack<'a>(seen: &'a Observed, path: &str, size: u64) -> &'a Value {
 }
 
 fn check_path(seen: &Observed, path: &str) {
-    let &(_, size) = PATHS
+    let &(_, function, size) = PATHS
         .iter()
-        .find(|(p, _)| *p == path)
+        .find(|(p, _, _)| *p == path)
         .unwrap_or_else(|| panic!("no path {path} in PATHS"));
     let tracer = tracer_entries(tracer_stack(seen, path, size));
-    let gdb = gdb_entries(seen.gdb.stack_labelled(i64::try_from(size).expect("small")));
+    let gdb = gdb_entries(seen.gdb.stack_of(function, size));
     if let Err(diff) = compare(&gdb, &tracer) {
         panic!(
-            "{}, path {path} (malloc({size})): the tracer's stack differs from gdb's bt\n{diff}",
+            "{}, path {path} ({function}, {size} bytes): the tracer's stack differs from gdb's bt\n{diff}",
             seen.how
         );
     }
@@ -328,6 +332,8 @@ path_tests! {
     signal_handler, "signal", [#[ignore = "needs the CFI walker (issue 11)"]];
     dlopened_library, "dlopen", [#[ignore = "needs the CFI walker (issue 11)"]];
     inlined_functions, "inline", [];
+    calloc_from_frame_pointer_code, "calloc", [];
+    realloc_from_frame_pointer_code, "realloc", [];
 }
 
 /// The deep library must really use rbp as a general register (else its path would test
@@ -461,7 +467,6 @@ fn node_stacks_match_gdb() {
             .iter()
             .map(|f| ((*f).to_owned(), String::new()))
             .collect(),
-        label: "$rdi".to_owned(),
         every: NODE_EVERY,
         max_hits: NODE_SAMPLES,
         depth: NODE_DEPTH as u64,
@@ -623,7 +628,7 @@ fn sample_report_stack(skip_leaf_new: bool, variants: u64) -> Value {
 fn comparison_accepts_equal_stacks_and_names_the_first_difference() {
     let parsed = support::gdb::parse_output(GDB_SAMPLE).expect("the sample parses");
     assert_eq!(parsed.len(), 1);
-    assert_eq!((parsed[0].label, parsed[0].frames.len()), (5120, 7));
+    assert_eq!((parsed[0].size, parsed[0].frames.len()), (5120, 7));
     let gdb = gdb_entries(&parsed[0]);
 
     let same = tracer_entries(&sample_report_stack(false, 1));

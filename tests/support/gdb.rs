@@ -58,8 +58,6 @@ pub struct GdbPlan {
     /// symbol: `malloc`, `calloc`, `realloc`), taken when the condition (a gdb expression over
     /// the argument registers, e.g. `$rdi == 5110`) holds; an empty condition always holds.
     pub breaks: Vec<(String, String)>,
-    /// A gdb expression printed with each stop (`$rdi` for malloc's size).
-    pub label: String,
     /// Print the stack at every k-th hit whose condition holds.
     pub every: u64,
     /// Stop after this many stacks, then detach (attach mode) or kill the program (0: run to
@@ -70,16 +68,25 @@ pub struct GdbPlan {
 }
 
 impl GdbPlan {
-    /// malloc calls whose size is one of `sizes`, every one, all frames.
-    pub fn malloc_sizes(sizes: &[u64]) -> Self {
-        let condition = sizes
-            .iter()
-            .map(|s| format!("$rdi == {s}"))
-            .collect::<Vec<_>>()
-            .join(" || ");
+    /// Calls of `(function, size)`: malloc, calloc (size = nmemb * size) or realloc asked
+    /// for exactly that many bytes; every one, all frames.
+    pub fn sizes(calls: &[(&str, u64)]) -> Self {
+        let mut breaks: Vec<(String, String)> = Vec::new();
+        for &(function, size) in calls {
+            let bytes = match function {
+                "malloc" => "$rdi",
+                "calloc" => "$rdi * $rsi",
+                "realloc" => "$rsi",
+                other => panic!("no size argument known for {other}"),
+            };
+            let test = format!("{bytes} == {size}");
+            match breaks.iter_mut().find(|(f, _)| f == function) {
+                Some((_, condition)) => *condition = format!("{condition} || {test}"),
+                None => breaks.push((function.to_owned(), test)),
+            }
+        }
         GdbPlan {
-            breaks: vec![("malloc".to_owned(), condition)],
-            label: "$rdi".to_owned(),
+            breaks,
             every: 1,
             max_hits: 0,
             depth: 0,
@@ -94,9 +101,8 @@ impl GdbPlan {
             .collect::<Vec<_>>()
             .join(";");
         assert!(
-            !breaks.contains('"') && !self.label.contains('"'),
-            "gdb plan must not contain double quotes: {breaks} {}",
-            self.label
+            !breaks.contains('"'),
+            "gdb plan must not contain double quotes: {breaks}"
         );
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/gdb_stacks.py");
         vec![
@@ -104,8 +110,6 @@ impl GdbPlan {
             "-nx".into(),
             "-ex".into(),
             format!("set $tracer_breaks = \"{breaks}\""),
-            "-ex".into(),
-            format!("set $tracer_label = \"{}\"", self.label),
             "-ex".into(),
             format!("set $tracer_every = {}", self.every),
             "-ex".into(),
@@ -140,11 +144,11 @@ pub struct GdbFrame {
     pub name: Option<String>,
 }
 
-/// One stop: the breakpoint's function, the plan's label (e.g. malloc's size) and the frames.
+/// One stop: the breakpoint's function, the bytes it was asked for, and the frames.
 #[derive(Clone, Debug)]
 pub struct GdbStack {
     pub function: String,
-    pub label: i64,
+    pub size: u64,
     pub frames: Vec<GdbFrame>,
 }
 
@@ -156,13 +160,17 @@ pub struct GdbRun {
 }
 
 impl GdbRun {
-    /// The only stack whose label is `label`; panics, showing gdb's output, if there is none
-    /// or more than one.
-    pub fn stack_labelled(&self, label: i64) -> &GdbStack {
-        let found: Vec<&GdbStack> = self.stacks.iter().filter(|s| s.label == label).collect();
+    /// The only stack of a `function` call asked for `size` bytes; panics, showing gdb's
+    /// output, if there is none or more than one.
+    pub fn stack_of(&self, function: &str, size: u64) -> &GdbStack {
+        let found: Vec<&GdbStack> = self
+            .stacks
+            .iter()
+            .filter(|s| s.function == function && s.size == size)
+            .collect();
         assert!(
             found.len() == 1,
-            "gdb stopped {} times with label {label}, expected once\n--- gdb output (first 6000 bytes) ---\n{}",
+            "gdb stopped {} times at {function}({size} bytes), expected once\n--- gdb output (first 6000 bytes) ---\n{}",
             found.len(),
             super::truncate(&self.output, 6000)
         );
@@ -252,9 +260,9 @@ pub fn parse_output(text: &str) -> Result<Vec<GdbStack>, String> {
                 }
                 current = Some(GdbStack {
                     function: fields[2].to_owned(),
-                    label: fields[3]
+                    size: fields[3]
                         .parse()
-                        .map_err(|e| format!("bad label in {line:?}: {e}"))?,
+                        .map_err(|e| format!("bad size in {line:?}: {e}"))?,
                     frames: Vec::new(),
                 });
             }
@@ -621,8 +629,10 @@ pub fn invented_frames(report: &Value, exec: &[ExecMapping]) -> Vec<String> {
             let module = f.get("module").and_then(Value::as_str);
             let mapped = exec.iter().any(|m| m.start <= address && address < m.end);
             if !mapped {
+                // The stack up to the frame after the invented one.
                 let names: Vec<String> = frames
                     .iter()
+                    .take(i + 2)
                     .map(|f| match f.get("function").and_then(Value::as_str) {
                         Some(n) => super::truncate(n, 40).to_owned(),
                         None => format!(

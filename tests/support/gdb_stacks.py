@@ -6,10 +6,10 @@
 #   $tracer_every    stop at every k-th hit that meets the condition (1: every hit)
 #   $tracer_max_hits stop collecting after this many stops (0: no limit)
 #   $tracer_depth    frames per stop (0: all)
-#   $tracer_label    an expression printed with each stop, e.g. "$rdi" (malloc's size)
 # Output, one line each, tab-separated:
 #   GDB-READY                         breakpoints are set, the inferior is about to run
-#   GDB-HIT <n> <function> <label>    a stop at <function>'s first instruction
+#   GDB-HIT <n> <function> <size>     a stop at <function>'s first instruction, asked for
+#                                     <size> bytes (0 for a function not in SIZES)
 #   GDB-FRAME <level> <kind> <pc> <module> <offset> <name>
 #                                     kind: normal | inline | sigtramp | other; pc and offset
 #                                     in hex; module "-" when no file mapping holds pc; name
@@ -34,7 +34,8 @@ BREAKS = conv("tracer_breaks", "malloc:1")
 EVERY = max(1, conv("tracer_every", 1))
 MAX_HITS = conv("tracer_max_hits", 0)
 DEPTH = conv("tracer_depth", 0)
-LABEL = conv("tracer_label", "0")
+# The bytes each allocator is asked for, from its argument registers at its first instruction.
+SIZES = {"malloc": "$rdi", "calloc": "$rdi * $rsi", "realloc": "$rsi"}
 
 
 def file_mappings(pid):
@@ -59,8 +60,8 @@ def print_stack(function):
     state["hits"] += 1
     n = state["hits"]
     maps = file_mappings(gdb.selected_inferior().pid)
-    label = int(gdb.parse_and_eval(LABEL))
-    print("GDB-HIT\t%d\t%s\t%d" % (n, function, label))
+    size = int(gdb.parse_and_eval("(unsigned long)(%s)" % SIZES.get(function, "0")))
+    print("GDB-HIT\t%d\t%s\t%d" % (n, function, size))
     frame = gdb.newest_frame()
     level = 0
     while frame is not None and (DEPTH == 0 or level < DEPTH):
