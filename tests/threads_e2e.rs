@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, Usage, build_fixture, describe_stacks,
-    describe_top, eventually, frame_function, parse_report, proc_state, record_launch_with,
-    run_tracer, setup, start_recording, usage_by_caller,
+    describe_top, eventually, frame_function, proc_state, record_launch_with,
+    run_tracer, setup, start_recording, stop_recording, usage_by_caller,
 };
 
 /// The `key=value` pairs of the fixture's result line.
@@ -106,47 +106,66 @@ fn leader_already_exited(dir: &TempDir) -> Proc {
     fixture
 }
 
+/// Signals the worker `rounds` times, waiting for each round's "allocated".
+fn worker_allocates(fixture: &mut Proc, rounds: u64) {
+    for _ in 0..rounds {
+        fixture.signal(libc::SIGUSR1);
+        fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    }
+}
+
+/// Ends the fixture: the worker prints "ok" and the process exits 0.
+fn fixture_ends_well(mut fixture: Proc) {
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+    let status = fixture.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "the fixture should run on and exit 0 after the tracer");
+}
+
 /// A process whose main thread called pthread_exit while another thread runs on is alive,
-/// not a zombie; both backends need that thread, so the tracer refuses it, saying why.
+/// not a zombie: the eBPF backend traces its other threads exactly (the uprobe-multi links
+/// are tied to the exited main thread, so the tracer anchors them on a live one).
 #[test]
-fn a_process_whose_main_thread_exited_is_refused_in_one_line_and_left_running() {
+fn a_process_whose_main_thread_exited_is_traced_exactly() {
     setup();
     let dir = TempDir::new("leader-exited");
     let mut fixture = leader_already_exited(&dir);
     let pid = fixture.pid();
 
-    // Both backends are tied to the main thread (uprobe-multi links are checked against
-    // its memory; ptrace refuses it): the refusal must say so, not call the process a zombie.
-    let finished = run_tracer(&["record", "--pid", &pid.to_string(), "--duration", "1s"], EXIT_TIMEOUT);
+    let mut tracer = start_recording(pid, &["--format", "json", "--top", "0"]);
+    worker_allocates(&mut fixture, 3);
+    let (_, report) = stop_recording(&mut tracer);
+    assert_eq!(
+        kept_by_worker(&report),
+        (3 * WORKER_KEEPS.0, 3 * WORKER_KEEPS.1),
+        "what the worker kept in three rounds after the main thread had exited\n{}",
+        describe_top(&report, 5)
+    );
+    fixture_ends_well(fixture);
+}
+
+/// The ptrace backend cannot seize an exited main thread: it refuses in one line that says
+/// why, not calling the process a zombie, and leaves it running.
+#[test]
+fn ptrace_refuses_a_process_whose_main_thread_exited_in_one_line() {
+    setup();
+    let dir = TempDir::new("leader-exited-ptrace");
+    let mut fixture = leader_already_exited(&dir);
+    let pid = fixture.pid();
+    let args = ["record", "--backend", "ptrace", "--pid", &pid.to_string(), "--duration", "1s"];
+    let finished = run_tracer(&args, EXIT_TIMEOUT);
     let lines: Vec<&str> = finished.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(finished.status.code(), Some(2), "{}", finished.describe());
     assert_eq!(lines.len(), 1, "one line expected\n{}", finished.describe());
     assert!(lines[0].contains("pthread_exit") && !lines[0].contains("zombie"), "{}", finished.describe());
-    fixture.signal(libc::SIGUSR1);
-    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
-    fixture.signal(libc::SIGUSR2);
-    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
-    let status = fixture.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "the fixture should run on and exit 0 after the refusal");
+    worker_allocates(&mut fixture, 1);
+    fixture_ends_well(fixture);
 }
 
-/// The main thread exits while the tracer records. The kernel drops the eBPF uprobes with
-/// the thread they were opened on, so recording cannot go on unseen: it ends at once, with the
-/// report of what was seen and one line saying why, not as if the process had exited.
+/// The main thread exits while the tracer records: recording goes on, and what the worker
+/// keeps before and after is counted exactly.
 #[test]
-fn the_main_thread_exiting_while_recorded_ends_the_recording_saying_why() {
-    main_thread_exits_while_recorded(&[], true);
-}
-
-/// Sampling's uprobe-multi links are checked against the main thread too (measured: samples
-/// stopped the moment it exited).
-#[test]
-fn the_main_thread_exiting_while_recorded_with_sampling_ends_the_recording_saying_why() {
-    main_thread_exits_while_recorded(&["--sample-bytes", "4KiB"], false);
-}
-
-/// `exact`: the worker's blocks are counted exactly (not sampled).
-fn main_thread_exits_while_recorded(extra: &[&str], exact: bool) {
+fn the_main_thread_exiting_while_recorded_leaves_the_recording_going() {
     setup();
     let dir = TempDir::new("leader-exits");
     let bin = build_fixture(&dir, "leader_exit");
@@ -154,55 +173,46 @@ fn main_thread_exits_while_recorded(extra: &[&str], exact: bool) {
     fixture.expect_stdout_line("ready", LINE_TIMEOUT);
     let pid = fixture.pid();
 
-    let mut args = vec!["--format", "json", "--top", "0", "--backend", "ebpf"];
-    args.extend(extra);
-    let mut tracer = start_recording(pid, &args);
-    fixture.signal(libc::SIGUSR1);
-    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let mut tracer = start_recording(pid, &["--format", "json", "--top", "0", "--backend", "ebpf"]);
+    worker_allocates(&mut fixture, 1);
     fixture.signal(libc::SIGHUP);
     fixture.expect_stdout_line("leaving", LINE_TIMEOUT);
-    let finished = tracer.finish(EXIT_TIMEOUT);
-    assert_eq!(finished.status.code(), Some(0), "{}", finished.describe());
-    let report = parse_report(&finished.stdout, &finished);
-    if exact {
-        assert_eq!(
-            kept_by_worker(&report),
-            WORKER_KEEPS,
-            "what the worker kept before the main thread exited\n{}",
-            describe_top(&report, 5)
-        );
-    }
-    let said = format!(
-        "tracer: thread {pid} of pid {pid} exited while other threads run on; the kernel removes \
-         uprobes with the thread they were opened on, so recording ends here (attach again to go on)"
+    eventually(Duration::from_secs(10), || match proc_state(pid) {
+        Some('Z') => Ok(()),
+        state => Err(format!("main thread state {state:?}")),
+    })
+    .unwrap_or_else(|why| panic!("the fixture's main thread did not exit: {why}"));
+    worker_allocates(&mut fixture, 2);
+    let (_, report) = stop_recording(&mut tracer);
+    assert_eq!(
+        kept_by_worker(&report),
+        (3 * WORKER_KEEPS.0, 3 * WORKER_KEEPS.1),
+        "what the worker kept, one round before the main thread exited and two after\n{}",
+        describe_top(&report, 5)
     );
-    assert!(
-        finished.stderr.lines().any(|l| l == said),
-        "the tracer should say {said:?}\n{}",
-        finished.describe()
-    );
-    assert!(fixture.running(), "the worker should run on");
-    fixture.signal(libc::SIGUSR2);
-    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+    fixture_ends_well(fixture);
 }
 
+/// Sampling too: every allocation here comes after the main thread exited, and the estimate
+/// is within the sampler's bounds.
 #[test]
-fn sampling_refuses_a_process_whose_main_thread_exited() {
+fn sampling_traces_a_process_whose_main_thread_exited() {
     setup();
     let dir = TempDir::new("leader-exited-sampling");
     let mut fixture = leader_already_exited(&dir);
     let pid = fixture.pid();
-    let args = ["record", "--sample-bytes", "4KiB", "--duration", "1s", "--pid", &pid.to_string()];
-    let finished = run_tracer(&args, EXIT_TIMEOUT);
-    let lines: Vec<&str> = finished.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut tracer = start_recording(pid, &["--format", "json", "--top", "0", "--sample-bytes", "4KiB"]);
+    let rounds = 10;
+    worker_allocates(&mut fixture, rounds);
+    let (_, report) = stop_recording(&mut tracer);
+    // 300,000 bytes at one sample per 4 KiB on average: ~73 samples, so the estimate's
+    // relative standard deviation is ~12%; +-50% is four of them.
+    let truth = rounds * WORKER_KEEPS.0;
+    let (estimate, _) = kept_by_worker(&report);
     assert!(
-        finished.status.code() == Some(2)
-            && lines.len() == 1
-            && lines[0].contains("main thread of pid")
-            && lines[0].contains("pthread_exit"),
-        "sampling would record nothing here (its probes are checked against the exited main \
-         thread): expected one line saying so and exit status 2\n{}",
-        finished.describe()
+        estimate as f64 > truth as f64 * 0.5 && (estimate as f64) < truth as f64 * 1.5,
+        "sampled estimate of the worker's {truth} live bytes: {estimate}\n{}",
+        describe_top(&report, 5)
     );
-    assert!(fixture.running(), "the fixture should run on");
+    fixture_ends_well(fixture);
 }

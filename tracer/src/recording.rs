@@ -310,25 +310,21 @@ impl Recording {
         if self.exited {
             return Status::Ended;
         }
-        if let Some(thread) = self.probes.as_ref().and_then(|p| p.bound_thread())
-            && !target::task_alive(pid, thread)
-        {
-            // Not the process's exit (all its threads go at once, some a moment later):
-            // one thread ended while others run on.
-            std::thread::sleep(Duration::from_millis(100));
-            if target::is_alive(pid) {
-                diag::warn(format_args!(
-                    "thread {thread} of pid {pid} exited while other threads run on; the kernel \
-                     removes uprobes with the thread they were opened on, so recording ends here \
-                     (attach again to go on)"
-                ));
-                return Status::Ended;
-            }
-            // The whole process is going. A launched command's exit status comes from the
-            // launcher on a later tick (`top` shows it, and does not wait for it after).
-            if self.launched.is_none() {
-                self.exited = true;
-                return Status::Ended;
+        if !target::task_alive(pid, self.task) {
+            // The thread /proc shows the process through has exited (the main thread called
+            // pthread_exit, say): another live one takes its place. None left is the
+            // process's exit; a launched command's status comes from the launcher on a later
+            // tick (`top` shows it, and does not wait for it after).
+            match target::live_task(pid) {
+                Some(task) => {
+                    self.task = task;
+                    self.symbolizer.set_jit_pid(task);
+                }
+                None if self.launched.is_none() => {
+                    self.exited = true;
+                    return Status::Ended;
+                }
+                None => {}
             }
         }
         if self.last_maps.elapsed() >= MAPS_REFRESH {
@@ -363,7 +359,7 @@ impl Recording {
         let probes = self.probes.as_mut().context("the probes are detached")?;
         self.peak.observe(probes.as_mut());
         let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
-        let held = StackMemory::measure(self.info.pid, &self.regions).ok();
+        let held = StackMemory::measure(self.task, &self.regions).ok();
         let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());
         self.peak.apply(&mut profile.totals);
         Ok(profile)
@@ -410,7 +406,7 @@ impl Recording {
             Some((smaps, present)) if self.exit_code.is_some() => {
                 StackMemory::at_exit(smaps, present, &self.regions).ok()
             }
-            _ => StackMemory::measure(self.info.pid, &self.regions).ok(),
+            _ => StackMemory::measure(self.task, &self.regions).ok(),
         };
         let probes = self.probes.as_mut().context("the probes are detached")?;
         let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());

@@ -101,7 +101,7 @@ fn exited(fields: &[String]) -> bool {
 }
 
 /// A live (not zombie) thread of process `pid`: `pid` itself when its main thread is live.
-fn live_task(pid: u32) -> Option<u32> {
+pub fn live_task(pid: u32) -> Option<u32> {
     if !exited(&stat_fields(pid)?.1) {
         return Some(pid);
     }

@@ -20,6 +20,7 @@ use tracer_common::{
 use super::{
     Backend, Counters, ProbeError, ProbeSite, Snapshot, StackSample, allocator_losses, libc,
     placement,
+    anchor,
     session::{self, LinkKind, UprobeLink},
     syscalls::SyscallTracing,
 };
@@ -42,10 +43,15 @@ pub enum EbpfError {
     #[error(transparent)]
     Session(#[from] super::session::SessionError),
     #[error(
-        "the main thread of pid {0} has exited (pthread_exit): the eBPF backend's uprobe-multi \
-         links are checked against that thread's memory, so they would never fire"
+        "the main thread of pid {pid} has exited (pthread_exit), and the uprobes that stand in \
+         for it cannot be opened on its thread {thread}: {source}"
     )]
-    MainThreadGone(u32),
+    Anchor {
+        pid: u32,
+        thread: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Sizes of the kernel-side tables, and the sampling rate.
@@ -78,10 +84,8 @@ pub struct EbpfProbes {
     syscalls: Option<SyscallTracing>,
     /// Said once on stderr by the caller: what could not be traced, and why.
     pub warnings: Vec<String>,
-    /// The thread the uprobes were opened on (the per-call perf events), or checked against
-    /// (sampling's uprobe-multi links, by the main thread): the kernel stops them when it
-    /// exits.
-    thread: u32,
+    /// Stand-ins for an exited main thread (see `anchor`); empty for most processes.
+    anchors: Vec<std::os::fd::OwnedFd>,
     /// Sampling mode: the mean bytes per sample.
     sampling: Option<u64>,
     /// The allocator and free probes; empty once detached.
@@ -127,11 +131,6 @@ impl EbpfProbes {
         limits: Limits,
         syscall_target: Option<SyscallTarget<'_>>,
     ) -> Result<Self, EbpfError> {
-        // A uprobe-multi link is tied to the thread group leader (a pid that is not a tgid is
-        // refused with ESRCH) and fires only while the leader still has its memory.
-        if thread != pid {
-            return Err(EbpfError::MainThreadGone(pid.get()));
-        }
         let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
         let tgid = pid.get();
         let mut ebpf = EbpfLoader::new()
@@ -189,6 +188,18 @@ impl EbpfProbes {
         let offsets: Vec<u64> = sites.iter().map(|s| s.2).collect();
         let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
         let free_offset = free.file_offset + free_at.offset;
+        // A uprobe-multi link is tied to the thread group leader (a pid that is not a tgid is
+        // refused with ESRCH), whose memory decides where its breakpoints go: a leader that
+        // has exited needs a stand-in on a live thread, opened before the links.
+        let anchors = if thread == pid {
+            Vec::new()
+        } else {
+            let mut at = offsets.clone();
+            at.push(free_offset);
+            anchor::Anchors::open(libc_path, &at, thread.get())
+                .map_err(|source| EbpfError::Anchor { pid: pid.get(), thread: thread.get(), source })?
+                .into_fds()
+        };
         let attach = |name, kind, offsets: &[u64], cookies: &[u64]| {
             loader.attach(name, kind, libc_path, offsets, cookies, pid.get())
         };
@@ -256,7 +267,7 @@ impl EbpfProbes {
             syscalls,
             warnings,
             sampling,
-            thread: thread.get(),
+            anchors,
         })
     }
 
@@ -359,10 +370,6 @@ impl Backend for EbpfProbes {
         "ebpf"
     }
 
-    fn bound_thread(&self) -> Option<u32> {
-        Some(self.thread)
-    }
-
     fn sites(&self) -> &[ProbeSite] {
         &self.sites
     }
@@ -387,6 +394,7 @@ impl Backend for EbpfProbes {
         if let Some(syscalls) = &mut self.syscalls {
             closing.extend(syscalls.take_links());
         }
+        closing.extend(self.anchors.drain(..).map(|fd| Box::new(fd) as Box<dyn Send>));
         close_at_once(closing);
     }
 

@@ -1,6 +1,7 @@
 //! Probe backends. A backend attaches to a process and hands out [`Snapshot`]s: plain values
 //! that everything downstream (aggregate, symbolize, report) works on without knowing which
 //! backend produced them.
+pub mod anchor;
 pub mod batch;
 pub mod ebpf;
 pub mod libc;
@@ -84,12 +85,6 @@ pub trait Backend {
     fn sites(&self) -> &[ProbeSite];
     /// The totals so far.
     fn snapshot(&mut self) -> Result<Snapshot, ProbeError>;
-
-    /// The thread the kernel ties the probes to, when it ties them to one: they stop firing
-    /// when it exits, even while the process's other threads run on.
-    fn bound_thread(&self) -> Option<u32> {
-        None
-    }
 
     /// Removes every probe, so that the target runs as before, and keeps what was recorded:
     /// snapshots after it give the final figures. A backend that cannot keep its figures

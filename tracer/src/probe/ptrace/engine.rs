@@ -156,6 +156,52 @@ fn list_tasks(pid: i32) -> Result<Vec<i32>, PtraceError> {
         .collect())
 }
 
+/// How far the out-of-line page may lie from any byte of libc: RIP-relative operands and
+/// 32-bit branches reach ±2 GiB; the rest is margin.
+const PAGE_REACH: u64 = (2 << 30) - (16 << 20);
+
+/// Page addresses for the out-of-line page, nearest to libc first: in every gap between the
+/// mappings `used` (start, end; any order), the page of the gap closest to libc's span
+/// `libc` (start, end), when all of libc and the page are within [`PAGE_REACH`] of each
+/// other. A process like node fills the space just below libc with its own reservations,
+/// so the page may have to go far below, or above it.
+pub fn page_candidates(used: &[(u64, u64)], libc: (u64, u64)) -> Vec<u64> {
+    let (lo, hi) = libc;
+    let mut used = used.to_vec();
+    used.sort_unstable();
+    // Never the first MiB (mmap_min_addr), never the top of the user address space.
+    let floor = 1u64 << 20;
+    let ceiling = 0x7fff_ffff_f000u64;
+    let mut gaps = Vec::new();
+    let mut at = floor;
+    for &(start, end) in &used {
+        if start > at {
+            gaps.push((at, start));
+        }
+        at = at.max(end);
+    }
+    if ceiling > at {
+        gaps.push((at, ceiling));
+    }
+    let mut candidates: Vec<(u64, u64)> = gaps
+        .into_iter()
+        .filter(|&(start, end)| end - start >= PAGE)
+        .filter_map(|(start, end)| {
+            let last = (end - PAGE) & !(PAGE - 1);
+            let first = (start + PAGE - 1) & !(PAGE - 1);
+            if first > last {
+                return None;
+            }
+            // The page of the gap nearest to libc.
+            let page = if last < lo { last } else if first > hi { first } else { first.max(lo.min(last)) };
+            let distance = if page + PAGE <= lo { hi - page } else { (page + PAGE).saturating_sub(lo) };
+            (distance <= PAGE_REACH).then_some((distance, page))
+        })
+        .collect();
+    candidates.sort_unstable();
+    candidates.into_iter().map(|(_, page)| page).collect()
+}
+
 /// Whether task `other` shares process `pid`'s memory.
 fn shares_mm(pid: i32, other: i32) -> bool {
     // SAFETY: plain syscall; 0 means the two address spaces are the same.
@@ -343,16 +389,18 @@ impl Engine {
                 (within < m.end - m.start).then_some(m.start + within)
             })
         };
-        let lowest = maps
+        let libc_span = maps
             .mappings()
             .iter()
             .filter(|m| m.path.as_deref() == Some(libc_target))
-            .map(|m| m.start)
-            .min()
+            .fold(None, |span: Option<(u64, u64)>, m| {
+                Some(span.map_or((m.start, m.end), |(lo, hi)| (lo.min(m.start), hi.max(m.end))))
+            })
             .ok_or_else(|| PtraceError::NotMapped {
                 pid,
                 libc: libc_target.to_owned(),
             })?;
+        let used: Vec<(u64, u64)> = maps.mappings().iter().map(|m| (m.start, m.end)).collect();
 
         // A `syscall` instruction in libc, through which calls are made in the target.
         let sc = &functions["syscall"];
@@ -378,7 +426,7 @@ impl Engine {
         }
         wanted.insert(0, ("free", None, functions["free"].file_offset));
 
-        self.page = self.map_page(lowest)?;
+        self.page = self.map_page(&page_candidates(&used, libc_span))?;
         let mut page_bytes = vec![0u8; (SLOTS_START + SLOT_SIZE * wanted.len() as u64) as usize];
         page_bytes[0] = INT3;
         let mut sites = Vec::new();
@@ -446,18 +494,12 @@ impl Engine {
         Ok(sites)
     }
 
-    /// Maps the out-of-line page in the target, within reach of RIP-relative operands and
-    /// 32-bit branches in libc: the first free page below it, in 1 MiB steps.
-    fn map_page(&mut self, below: u64) -> Result<u64, PtraceError> {
+    /// Maps the out-of-line page in the target at the first of `candidates` still free (the
+    /// target may map memory meanwhile: a taken place is skipped).
+    fn map_page(&mut self, candidates: &[u64]) -> Result<u64, PtraceError> {
         let prot = (libc::PROT_READ | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | MAP_FIXED_NOREPLACE;
-        for step in 1..=512u64 {
-            let Some(hint) = below.checked_sub(step << 20) else {
-                break;
-            };
-            if hint < 1 << 20 {
-                break;
-            }
+        for &hint in candidates.iter().take(64) {
             let r = self.inject(libc::SYS_mmap, [hint, PAGE, prot, flags, u64::MAX, 0])?;
             if r == hint as i64 {
                 return Ok(hint);
@@ -472,9 +514,10 @@ impl Engine {
                 )));
             }
         }
-        Err(PtraceError::Page(
-            "no free page within 512 MiB below libc".into(),
-        ))
+        Err(PtraceError::Page(format!(
+            "no free page within {} MiB of libc",
+            PAGE_REACH >> 20
+        )))
     }
 
     /// Runs a system call in some stopped task of the target (one whose memory is the
@@ -1427,5 +1470,46 @@ mod tests {
             || detach_parked(|e, r| e.sites.contains_key(&r.rip)),
             "on an int3 it has not executed yet",
         );
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_page_goes_right_below_libc_when_that_is_free() {
+        let libc = (0x7f00_0000_0000, 0x7f00_0020_0000);
+        let used = [(0x5555_0000_0000, 0x5555_0001_0000), libc, (0x7ffd_0000_0000, 0x7ffd_0002_1000)];
+        let c = page_candidates(&used, libc);
+        assert_eq!(c[0], libc.0 - PAGE);
+        assert_eq!(c[1], libc.1, "next: right above libc");
+    }
+
+    /// node's shape: V8's reservations fill gigabytes just below libc.
+    #[test]
+    fn a_crowded_space_below_libc_moves_the_page_past_it_or_above() {
+        let libc = (0x7f00_0000_0000, 0x7f00_0020_0000);
+        let v8 = (libc.0 - GIB, libc.0);
+        let above = (libc.1, libc.1 + 100 * MIB);
+        let used = [v8, libc, above];
+        let c = page_candidates(&used, libc);
+        assert_eq!(c[0], above.1, "nearest: right above what follows libc, 100 MiB away");
+        assert_eq!(c[1], v8.0 - PAGE, "then right below the reservation, 1 GiB away");
+        for &page in &c {
+            assert!(page + PAGE <= v8.0 || page >= above.1, "{page:#x} overlaps a mapping");
+            let far = if page < libc.0 { libc.1 - page } else { page + PAGE - libc.0 };
+            assert!(far <= PAGE_REACH, "{page:#x} is out of reach");
+        }
+    }
+
+    #[test]
+    fn nothing_within_reach_gives_no_candidate() {
+        let libc = (0x7f00_0000_0000, 0x7f00_0020_0000);
+        let used = [(libc.0 - 3 * GIB, libc.0), libc, (libc.1, libc.1 + 3 * GIB)];
+        assert!(page_candidates(&used, libc).is_empty());
     }
 }
