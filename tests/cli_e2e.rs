@@ -210,6 +210,12 @@ fn failing_both_backends_is_one_line() {
     setup();
     let mut target = Proc::spawn("sleep 60", Command::new("/bin/sleep").arg("60"));
     let pid = target.pid();
+    // Until its loader has mapped the C library, `sleep` is rightly refused for that alone.
+    eventually(Duration::from_secs(10), || {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.contains("libc.so") { Ok(()) } else { Err("libc not mapped yet".to_owned()) }
+    })
+    .unwrap_or_else(|why| panic!("sleep never mapped its C library: {why}"));
     // SAFETY: plain syscall; the seize ends when this test's thread exits or the child dies.
     let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
     assert_eq!(seized, 0, "PTRACE_SEIZE {pid}: {}", std::io::Error::last_os_error());
