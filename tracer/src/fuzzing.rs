@@ -166,6 +166,10 @@ pub fn perfmap(data: &[u8]) {
 /// used to normalize addresses and as the start of the mmap-family bookkeeping.
 pub fn maps(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
+    // A torn reading is mended rather than refused; the result must keep the invariant.
+    if let Ok(mended) = ProcMaps::parse_torn(&text) {
+        assert!(mended.mappings().windows(2).all(|w| w[0].end <= w[1].start));
+    }
     let Ok(maps) = ProcMaps::parse(&text) else {
         return;
     };

@@ -151,11 +151,59 @@ impl ProcMaps {
     }
 
     /// Reads and parses `/proc/PID/maps`; fails if the process is gone or not readable.
+    ///
+    /// The kernel does not print the file atomically: while the process maps and unmaps (any
+    /// live, multi-threaded target), one reading can show a mapping twice or two that overlap.
+    /// A torn reading is read again a few times; if every reading is torn, the last one is
+    /// mended by [`ProcMaps::parse_torn`], since refusing the maps of a busy process would
+    /// refuse the normal case.
     pub fn read(pid: u32) -> Result<ProcMaps, MapsError> {
+        const READINGS: usize = 4;
         let path = PathBuf::from(format!("/proc/{pid}/maps"));
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| MapsError::Read { path, source })?;
-        ProcMaps::parse(&text)
+        let mut text = String::new();
+        for _ in 0..READINGS {
+            text = std::fs::read_to_string(&path).map_err(|source| MapsError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            match ProcMaps::parse(&text) {
+                Err(MapsError::Overlap { .. }) => continue,
+                done => return done,
+            }
+        }
+        ProcMaps::parse_torn(&text)
+    }
+
+    /// Parses a reading that may be torn by concurrent changes: where mappings overlap, the one
+    /// printed later wins (the kernel prints in address order, so a later line was read later
+    /// and is the newer view of that range). Malformed lines are still an error.
+    pub fn parse_torn(text: &str) -> Result<ProcMaps, MapsError> {
+        let mut by_start: std::collections::BTreeMap<u64, Mapping> = Default::default();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let m = parse_line(line).map_err(|reason| MapsError::BadLine {
+                line_no: i + 1,
+                line: line.to_owned(),
+                reason,
+            })?;
+            // Drop every earlier mapping that overlaps this one: those starting inside it, and
+            // the one starting before it if it reaches past its start.
+            let inside: Vec<u64> = by_start.range(m.start..m.end).map(|(&s, _)| s).collect();
+            for s in inside {
+                by_start.remove(&s);
+            }
+            if let Some((&s, prev)) = by_start.range(..m.start).next_back()
+                && prev.end > m.start
+            {
+                by_start.remove(&s);
+            }
+            by_start.insert(m.start, m);
+        }
+        Ok(ProcMaps {
+            mappings: by_start.into_values().collect(),
+        })
     }
 
     /// The mapping containing `addr` (start inclusive, end exclusive).
@@ -394,6 +442,62 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             ProcMaps::parse(text),
             Err(MapsError::Overlap { line_no: 2, .. })
         ));
+    }
+
+    #[test]
+    fn a_torn_reading_keeps_the_later_of_overlapping_lines() {
+        // As a reading taken while the process remaps can look: 2000-4000 was read first, then
+        // the range was remapped as 1000-3000 and 3000-5000, printed after it; 6000-7000 twice.
+        let text = "\
+            2000-4000 rw-p 0 00:00 0\n\
+            6000-7000 r--p 0 08:01 5 /c\n\
+            1000-3000 r-xp 0 08:01 1 /a\n\
+            3000-5000 r-xp 0 08:01 1 /b\n\
+            6000-7000 r--p 0 08:01 5 /c\n\
+            9000-a000 rw-p 0 00:00 0\n";
+        assert!(ProcMaps::parse(text).is_err(), "the strict parser sees the tear");
+        let maps = ProcMaps::parse_torn(text).expect("mended");
+        let spans: Vec<(u64, u64, Option<&str>)> = maps
+            .mappings()
+            .iter()
+            .map(|m| (m.start, m.end, m.path.as_deref()))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (0x1000, 0x3000, Some("/a")),
+                (0x3000, 0x5000, Some("/b")),
+                (0x6000, 0x7000, Some("/c")),
+                (0x9000, 0xa000, None),
+            ]
+        );
+        assert!(ProcMaps::parse_torn("1000-2000 rw-p nonsense").is_err());
+    }
+
+    #[test]
+    fn the_maps_of_a_process_that_maps_and_unmaps_all_the_time_are_read() {
+        // Threads that keep mapping and unmapping while this thread reads its own maps: the
+        // condition under which the kernel prints overlapping lines (seen in CI).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churners: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let v: Vec<Vec<u8>> = (0..8).map(|i| vec![1u8; (1 << 20) + i * 4096]).collect();
+                        drop(v);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..200 {
+            let maps = ProcMaps::read(std::process::id()).expect("read own maps while they change");
+            assert!(maps.mappings().windows(2).all(|w| w[0].end <= w[1].start));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in churners {
+            t.join().unwrap();
+        }
     }
 
     #[test]
