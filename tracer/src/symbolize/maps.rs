@@ -483,14 +483,30 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             .map(|_| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
+                    const LEN: usize = 64 * 4096;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let v: Vec<Vec<u8>> = (0..8).map(|i| vec![1u8; (1 << 20) + i * 4096]).collect();
-                        drop(v);
+                        // SAFETY: a fresh anonymous mapping of our own, split by mprotect and
+                        // unmapped again; nothing else refers to it.
+                        unsafe {
+                            let p = libc::mmap(
+                                std::ptr::null_mut(),
+                                LEN,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                                -1,
+                                0,
+                            );
+                            assert_ne!(p, libc::MAP_FAILED);
+                            for page in (0..64).step_by(2) {
+                                libc::mprotect(p.cast::<u8>().add(page * 4096).cast(), 4096, libc::PROT_READ);
+                            }
+                            libc::munmap(p, LEN);
+                        }
                     }
                 })
             })
             .collect();
-        for _ in 0..200 {
+        for _ in 0..500 {
             let maps = ProcMaps::read(std::process::id()).expect("read own maps while they change");
             assert!(maps.mappings().windows(2).all(|w| w[0].end <= w[1].start));
         }
