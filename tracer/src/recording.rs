@@ -109,6 +109,8 @@ pub struct Recording {
     launched: Option<Launched>,
     /// A launched command's smaps and resident pages at its exit stop.
     at_exit: Option<(String, crate::pagemap::Present)>,
+    /// When a launched command stopped to exit: the moment `--min-age` measures ages at.
+    exit_seen: Option<Instant>,
     /// Whether node was started with the perf-map flags by us (see [`Recording::end`]).
     added_jit_flags: bool,
     start: Instant,
@@ -229,6 +231,7 @@ impl Recording {
             sampling,
             launched,
             at_exit: None,
+            exit_seen: None,
             added_jit_flags,
             start: Instant::now(),
             last_maps: Instant::now(),
@@ -281,8 +284,9 @@ impl Recording {
         if let Some(l) = &self.launched {
             while let Ok(event) = l.events.try_recv() {
                 match event {
-                    LaunchEvent::Exiting { maps: text, smaps, present } => {
-                        if let Ok(m) = ProcMaps::parse(&text) {
+                    LaunchEvent::Exiting { at, maps: text, smaps, present } => {
+                        self.exit_seen = Some(at);
+                        if let Ok(m) = ProcMaps::parse(&text).or_else(|_| ProcMaps::parse_torn(&text)) {
                             self.maps.update(m);
                         }
                         self.at_exit = Some((smaps.clone(), present));
@@ -375,7 +379,7 @@ impl Recording {
     /// The final profile (blocks younger than `min_age` not counted as live); then the
     /// probes come off and a launched command runs on by itself.
     pub fn finish(&mut self, min_age: Option<Duration>) -> anyhow::Result<Profile> {
-        self.ended_at.get_or_insert_with(Instant::now);
+        let ended_at = *self.ended_at.get_or_insert_with(Instant::now);
         // Let the target go first; the final numbers stay readable, and naming comes last.
         if let Some(probes) = &mut self.probes {
             probes.detach();
@@ -386,7 +390,10 @@ impl Recording {
         self.peak.observe(probes.as_mut());
         let mut snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
         if let Some(min_age) = min_age {
-            let old = probes.live_older_than(min_age).map_err(|e| anyhow::anyhow!(e))?;
+            // A block's age is taken when the recording ended (a launched command: at its exit
+            // stop), not now: reading and naming may come seconds later on a loaded machine.
+            let at = self.exit_seen.unwrap_or(ended_at);
+            let old = probes.live_older_than(min_age, at).map_err(|e| anyhow::anyhow!(e))?;
             for s in &mut snapshot.stacks {
                 let (bytes, count) = old.get(&s.id).copied().unwrap_or((0, 0));
                 s.live_bytes = bytes as i64;

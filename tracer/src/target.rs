@@ -213,8 +213,10 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
 #[derive(Debug)]
 pub enum LaunchEvent {
     /// The process is exiting: /proc/PID/maps and /proc/PID/smaps, read just before it goes,
-    /// and which pages of its mappings were in RAM.
+    /// and which pages of its mappings were in RAM; `at` is when it stopped to exit (ages of
+    /// blocks, for `--min-age`, are taken at that moment, not when the report is made).
     Exiting {
+        at: std::time::Instant,
         maps: String,
         smaps: String,
         present: crate::pagemap::Present,
@@ -244,9 +246,11 @@ pub struct Handover {
 impl LaunchEvent {
     /// What is worth reading of a process at its exit stop, while its memory is still there.
     pub fn exiting(pid: u32) -> LaunchEvent {
+        let at = std::time::Instant::now();
         let read = |what: &str| std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
         let smaps = read("smaps");
         LaunchEvent::Exiting {
+            at,
             maps: read("maps"),
             present: crate::memmap::present_at_exit(pid, &smaps),
             smaps,

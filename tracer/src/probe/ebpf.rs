@@ -422,8 +422,13 @@ impl Backend for EbpfProbes {
         Some(frames)
     }
 
-    fn live_older_than(&mut self, min_age: Duration) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
-        let now = monotonic_ns();
+    fn live_older_than(
+        &mut self,
+        min_age: Duration,
+        at: std::time::Instant,
+    ) -> Result<StdHashMap<u64, (u64, u64)>, ProbeError> {
+        // `at` on the kernel's clock (timestamps are CLOCK_MONOTONIC, as Instant is).
+        let now = monotonic_ns().saturating_sub(at.elapsed().as_nanos() as u64);
         let cutoff = now.saturating_sub(min_age.as_nanos() as u64);
         let fd = match self.ebpf.map("LIVE").ok_or("BPF map LIVE missing")? {
             aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),

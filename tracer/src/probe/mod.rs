@@ -113,10 +113,12 @@ pub trait Backend {
         None
     }
 
-    /// Per stack id, the (bytes, count) of live blocks allocated at least `min_age` ago.
+    /// Per stack id, the (bytes, count) of live blocks that were at least `min_age` old at
+    /// the moment `at` (in the past).
     fn live_older_than(
         &mut self,
         _min_age: std::time::Duration,
+        _at: std::time::Instant,
     ) -> Result<std::collections::HashMap<u64, (u64, u64)>, ProbeError> {
         Err(format!("--min-age is not supported by the {} backend", self.name()).into())
     }

@@ -324,12 +324,12 @@ impl Book {
         self.stacks.get(&id).cloned()
     }
 
-    /// Per stack, the bytes and number of live blocks allocated at least `min_age` ago.
-    pub fn live_older_than(&self, min_age: Duration) -> HashMap<u64, (u64, u64)> {
-        let now = Instant::now();
+    /// Per stack, the bytes and number of live blocks that were at least `min_age` old at the
+    /// moment `at`.
+    pub fn live_older_than(&self, min_age: Duration, at: Instant) -> HashMap<u64, (u64, u64)> {
         let mut by_stack: HashMap<u64, (u64, u64)> = HashMap::new();
         for live in self.live.values() {
-            if now.duration_since(live.born) >= min_age {
+            if at.saturating_duration_since(live.born) >= min_age {
                 let e = by_stack.entry(live.stack).or_default();
                 e.0 += live.size;
                 e.1 += 1;

@@ -248,13 +248,14 @@ impl Backend for PtraceProbes {
     fn live_older_than(
         &mut self,
         min_age: Duration,
+        at: std::time::Instant,
     ) -> Result<std::collections::HashMap<u64, (u64, u64)>, ProbeError> {
         Ok(self
             .shared
             .book
             .lock()
             .expect("book lock")
-            .live_older_than(min_age))
+            .live_older_than(min_age, at))
     }
 }
 
