@@ -66,9 +66,9 @@ impl Dwarf {
             }
             let bytes: &'static [u8] = match file.section_by_name(id.name()) {
                 Some(s) if s.kind() != object::SectionKind::UninitializedData => {
-                    match s.uncompressed_data() {
-                        Ok(Cow::Borrowed(b)) => b,
-                        Ok(Cow::Owned(v)) => {
+                    match believable(&s).then(|| s.uncompressed_data()) {
+                        Some(Ok(Cow::Borrowed(b))) => b,
+                        Some(Ok(Cow::Owned(v))) => {
                             let boxed = v.into_boxed_slice();
                             // SAFETY: see above; the box is kept in `owned` for as long as
                             // `context` lives.
@@ -77,8 +77,9 @@ impl Dwarf {
                             owned.push(boxed);
                             b
                         }
-                        // A section that cannot be decompressed is as good as absent.
-                        Err(_) => &[],
+                        // A section that cannot be decompressed (or claims a size no real
+                        // compression gives) is as good as absent.
+                        None | Some(Err(_)) => &[],
                     }
                 }
                 _ => &[],
@@ -182,4 +183,17 @@ mod tests {
             "{frames:?}"
         );
     }
+}
+
+/// Most a compressed debug section may claim to grow by. A hostile or corrupt header can claim
+/// any size, and the decompressor reserves it up front (the fuzzer asked for 37 PB); zlib
+/// cannot expand more than about 1032:1, and real debug sections compress 3-10:1.
+const MAX_EXPANSION: u64 = 1100;
+
+/// Refuses a compressed section whose claimed size no real compression gives.
+fn believable<'d, S: object::ObjectSection<'d>>(section: &S) -> bool {
+    section.compressed_data().is_ok_and(|c| {
+        c.format == object::CompressionFormat::None
+            || c.uncompressed_size <= (c.data.len() as u64).saturating_mul(MAX_EXPANSION).max(1 << 20)
+    })
 }
