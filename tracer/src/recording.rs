@@ -286,7 +286,8 @@ impl Recording {
                 match event {
                     LaunchEvent::Exiting { at, maps: text, smaps, present } => {
                         self.exit_seen = Some(at);
-                        if let Ok(m) = ProcMaps::parse(&text).or_else(|_| ProcMaps::parse_torn(&text)) {
+                        // One reading, taken while other threads may still map: mended if torn.
+                        if let Ok(m) = ProcMaps::parse_torn(&text) {
                             self.maps.update(m);
                         }
                         self.at_exit = Some((smaps.clone(), present));

@@ -136,6 +136,19 @@ impl Dwarf {
     }
 }
 
+/// Most a compressed debug section may claim to grow by. A hostile or corrupt header can claim
+/// any size, and the decompressor reserves it up front (the fuzzer asked for 37 PB); zlib
+/// cannot expand more than about 1032:1, and real debug sections compress 3-10:1.
+const MAX_EXPANSION: u64 = 1100;
+
+/// Refuses a compressed section whose claimed size no real compression gives.
+fn believable<'d, S: object::ObjectSection<'d>>(section: &S) -> bool {
+    section.compressed_data().is_ok_and(|c| {
+        c.format == object::CompressionFormat::None
+            || c.uncompressed_size <= (c.data.len() as u64).saturating_mul(MAX_EXPANSION).max(1 << 20)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,15 +198,3 @@ mod tests {
     }
 }
 
-/// Most a compressed debug section may claim to grow by. A hostile or corrupt header can claim
-/// any size, and the decompressor reserves it up front (the fuzzer asked for 37 PB); zlib
-/// cannot expand more than about 1032:1, and real debug sections compress 3-10:1.
-const MAX_EXPANSION: u64 = 1100;
-
-/// Refuses a compressed section whose claimed size no real compression gives.
-fn believable<'d, S: object::ObjectSection<'d>>(section: &S) -> bool {
-    section.compressed_data().is_ok_and(|c| {
-        c.format == object::CompressionFormat::None
-            || c.uncompressed_size <= (c.data.len() as u64).saturating_mul(MAX_EXPANSION).max(1 << 20)
-    })
-}

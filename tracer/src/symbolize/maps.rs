@@ -119,18 +119,7 @@ impl ProcMaps {
     /// Parses the text of a maps file. Blank lines are ignored; a malformed line, or two
     /// overlapping mappings, is an error naming the line.
     pub fn parse(text: &str) -> Result<ProcMaps, MapsError> {
-        let mut mappings: Vec<(usize, Mapping)> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let mapping = parse_line(line).map_err(|reason| MapsError::BadLine {
-                line_no: i + 1,
-                line: line.to_owned(),
-                reason,
-            })?;
-            mappings.push((i + 1, mapping));
-        }
+        let mut mappings: Vec<(usize, Mapping)> = numbered_lines(text).collect::<Result<_, _>>()?;
         // The kernel already prints in address order; sorting keeps hand-written or
         // concatenated input usable too.
         mappings.sort_by_key(|(_, m)| m.start);
@@ -179,15 +168,8 @@ impl ProcMaps {
     /// and is the newer view of that range). Malformed lines are still an error.
     pub fn parse_torn(text: &str) -> Result<ProcMaps, MapsError> {
         let mut by_start: std::collections::BTreeMap<u64, Mapping> = Default::default();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let m = parse_line(line).map_err(|reason| MapsError::BadLine {
-                line_no: i + 1,
-                line: line.to_owned(),
-                reason,
-            })?;
+        for numbered in numbered_lines(text) {
+            let (_, m) = numbered?;
             // Drop every earlier mapping that overlaps this one: those starting inside it, and
             // the one starting before it if it reaches past its start.
             let inside: Vec<u64> = by_start.range(m.start..m.end).map(|(&s, _)| s).collect();
@@ -275,6 +257,23 @@ fn next_field<'a>(rest: &mut &'a str) -> Option<&'a str> {
     let (field, tail) = s.split_at(end);
     *rest = tail;
     Some(field)
+}
+
+/// The mappings of a maps file's non-blank lines, each with its 1-based line number; a
+/// malformed line is an error naming it.
+fn numbered_lines(text: &str) -> impl Iterator<Item = Result<(usize, Mapping), MapsError>> + '_ {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            parse_line(line)
+                .map(|m| (i + 1, m))
+                .map_err(|reason| MapsError::BadLine {
+                    line_no: i + 1,
+                    line: line.to_owned(),
+                    reason,
+                })
+        })
 }
 
 fn parse_line(line: &str) -> Result<Mapping, &'static str> {
