@@ -169,12 +169,115 @@ pub mod counter {
     /// Not a loss: live malloc-family bytes (two's complement sum over CPUs), so that user
     /// space reads the total with one lookup.
     pub const LIVE_BYTES: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// CFI walk (`--unwind dwarf|auto`): stacks cut short, by why. The allocation is counted
+    /// in full under the frames found so far.
+    /// The pc lies in code without unwind rows, and frame pointers are not allowed (dwarf).
+    pub const UNWIND_NO_ROWS: u32 = 16;
+    /// A stack slot or saved register could not be read, or the frame went the wrong way
+    /// (the stack pointer must grow from frame to frame).
+    pub const UNWIND_BAD_FRAME: u32 = 17;
+    /// A return address outside every executable mapping of the process: not a frame.
+    pub const UNWIND_OUTSIDE_MAPPINGS: u32 = 18;
+    /// The rows say the CFA or the return address is found in a way the walker cannot do.
+    pub const UNWIND_UNSUPPORTED: u32 = 19;
+    /// The stack was deeper than `MAX_FRAMES` (not a failure of the walk).
+    pub const UNWIND_DEPTH_CAP: u32 = 20;
+    pub const COUNT: u32 = 21;
+}
+
+/// How a stack is walked in the kernel; a value of the `UNWIND_MODE` global.
+pub mod unwind_mode {
+    /// `bpf_get_stack` (frame pointers), with the allocator's caller read at the probe.
+    pub const FP: u64 = 0;
+    /// Unwind rows only: a frame without rows ends the stack (counted).
+    pub const DWARF: u64 = 1;
+    /// Unwind rows where a module has them, frame pointers elsewhere.
+    pub const AUTO: u64 = 2;
+}
+
+/// How to find the caller's frame, for the addresses from a row's `pc` to the next row's.
+/// Values of [`UnwindRow::kind`].
+pub mod row_kind {
+    /// CFA = rsp + `cfa_off`; return address at CFA - 8.
+    pub const CFA_RSP: u8 = 0;
+    /// CFA = rbp + `cfa_off`; return address at CFA - 8.
+    pub const CFA_RBP: u8 = 1;
+    /// A PLT entry: CFA = rsp + `cfa_off`, plus 8 when (pc & 15) >= `rbp` (the shape every
+    /// linker writes for its .plt section).
+    pub const PLT: u8 = 2;
+    /// A signal frame (`__restore_rt`): the interrupted registers are in the ucontext at rsp.
+    pub const SIGNAL: u8 = 3;
+    /// The return address is undefined here (`_start`, a thread's start): the stack ends.
+    pub const END: u8 = 4;
+    /// No rows cover these addresses (between functions).
+    pub const NONE: u8 = 5;
+    /// Rows exist, in a form the walker does not follow.
+    pub const UNSUPPORTED: u8 = 6;
+}
+
+/// Where `__restore_rt`'s ucontext keeps the interrupted registers, from rsp at its first
+/// instruction (x86-64 `struct rt_sigframe` minus the return address slot already popped).
+pub mod sigframe {
+    pub const RBP: u64 = 120;
+    pub const RSP: u64 = 160;
+    pub const RIP: u64 = 168;
+}
+
+/// One unwind row of a module: from `pc` (the module's ELF virtual address) up to the next
+/// row's, the CFA rule (`kind`, `cfa_off`) and where rbp was saved: `rbp` * 8 bytes from the
+/// CFA, or 0 when rbp still holds the caller's value. Sorted by `pc` within a module.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_off: i16,
+    pub kind: u8,
+    pub rbp: i8,
+}
+
+/// One executable mapping of the traced process: `start..end`, `bias` (pc - bias is the
+/// module's ELF address), and its rows in the rows array (`rows_len` 0: none, walk by frame
+/// pointer). Sorted by `start` in its table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    pub rows_first: u32,
+    pub rows_len: u32,
+}
+
+/// Mapping table slots: two halves of `MAX_UNWIND_MAPPINGS` (user space fills the one not in
+/// use, then flips [`UnwindHeader::active`]).
+pub const MAX_UNWIND_MAPPINGS: u32 = 512;
+
+/// Slot 0 of the `UNWIND_HEADER` array: which half of the mapping table is in use, and how
+/// many entries each half holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindHeader {
+    pub active: u32,
+    pub _pad: u32,
+    pub len: [u32; 2],
+}
+
+/// Each frame's stack pointer (CFA of the frame below) and frame pointer, slot for slot with
+/// a captured [`StackBuf`]'s frames, for callers that read a frame's slots (V8 frames).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FrameRegs {
+    pub sp: [u64; MAX_FRAMES],
+    pub fp: [u64; MAX_FRAMES],
 }
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C), made only of u64/i64/u32 fields laid out without padding.
+    unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::UnwindMapping {}
+    unsafe impl aya::Pod for super::UnwindHeader {}
+    unsafe impl aya::Pod for super::FrameRegs {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::LiveAlloc {}
     unsafe impl aya::Pod for super::StackStats {}

@@ -1,0 +1,248 @@
+//! Stack unwinding from CFI (issue 11): rows built in user space from each module's
+//! `.eh_frame`, the table of executable mappings that says which rows serve which addresses,
+//! and the walk itself in plain Rust (the ptrace backend's, and the model of the BPF walker in
+//! tracer-ebpf/src/stack.rs). Nothing here touches the kernel.
+pub mod rows;
+
+use std::collections::HashMap;
+
+use object::{Object as _, ObjectSegment as _};
+use tracer_common::{UnwindMapping, UnwindRow, row_kind, sigframe};
+
+use crate::symbolize::maps::{Mapping, ProcMaps};
+
+/// How stacks are walked (`--unwind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// Frame pointers only (the kernel's `bpf_get_stack`), the allocator's caller read at the probe.
+    Fp,
+    /// Unwind rows only: a frame in code without rows ends the stack.
+    Dwarf,
+    /// Rows where a module has them, frame pointers elsewhere.
+    #[default]
+    Auto,
+}
+
+impl UnwindMode {
+    pub fn bpf_value(self) -> u64 {
+        match self {
+            UnwindMode::Fp => tracer_common::unwind_mode::FP,
+            UnwindMode::Dwarf => tracer_common::unwind_mode::DWARF,
+            UnwindMode::Auto => tracer_common::unwind_mode::AUTO,
+        }
+    }
+}
+
+/// A module's rows and the file-offset-to-address relation of its loadable segments.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleUnwind {
+    pub rows: Vec<UnwindRow>,
+    /// (file offset, ELF address, size in the file) of each PT_LOAD segment.
+    loads: Vec<(u64, u64, u64)>,
+}
+
+impl ModuleUnwind {
+    pub fn from_elf(data: &[u8]) -> Result<ModuleUnwind, rows::RowsError> {
+        let file = object::File::parse(data).map_err(rows::RowsError::Elf)?;
+        let loads = file
+            .segments()
+            .map(|s| {
+                let (offset, size) = s.file_range();
+                (offset, s.address(), size)
+            })
+            .collect();
+        Ok(ModuleUnwind { rows: rows::rows_from_elf(data)?, loads })
+    }
+
+    /// pc - bias is the ELF address, for a mapping of this file at `start` from file offset
+    /// `offset`.
+    pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
+        let &(seg_off, vaddr, _) = self
+            .loads
+            .iter()
+            .find(|&&(o, _, size)| offset >= o && offset < o + size.max(1))?;
+        Some(start.wrapping_sub(vaddr + (offset - seg_off)))
+    }
+}
+
+/// The mappings a walk may find a return address in, sorted: each executable file mapping
+/// (with its module's rows, if it has any), and each run of adjacent anonymous mappings that
+/// holds executable code (JIT code spaces: their pages turn executable after any reading of
+/// the maps file, so the whole reservation counts).
+///
+/// `rows_of(mapping)` gives (first row, row count, bias) for a file mapping whose module's rows
+/// are loaded.
+pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Option<(u32, u32, u64)>) -> Vec<UnwindMapping> {
+    let mut out: Vec<UnwindMapping> = Vec::new();
+    let all = maps.mappings();
+    let mut i = 0;
+    while i < all.len() {
+        let m = &all[i];
+        let anonymous = m.path.is_none();
+        if anonymous {
+            // A run of adjacent anonymous mappings.
+            let mut j = i;
+            let mut exec = false;
+            while j < all.len() && all[j].path.is_none() && (j == i || all[j].start == all[j - 1].end) {
+                exec |= all[j].perms.as_bytes().get(2) == Some(&b'x');
+                j += 1;
+            }
+            if exec {
+                out.push(UnwindMapping { start: m.start, end: all[j - 1].end, bias: 0, rows_first: 0, rows_len: 0 });
+            }
+            i = j;
+            continue;
+        }
+        if m.perms.as_bytes().get(2) == Some(&b'x') {
+            let (rows_first, rows_len, bias) = rows_of(m).unwrap_or((0, 0, 0));
+            out.push(UnwindMapping { start: m.start, end: m.end, bias, rows_first, rows_len });
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Registers at the start of a walk.
+#[derive(Clone, Copy, Debug)]
+pub struct Regs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// Why a walk ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The outermost frame (undefined return address, or 0).
+    End,
+    NoRows,
+    BadFrame,
+    OutsideMappings,
+    Unsupported,
+    DepthCap,
+}
+
+/// One walked frame: its pc, and its stack and frame pointers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// The table a user-space walk reads: sorted mappings and the rows they point into.
+pub struct Table<'a> {
+    pub mappings: &'a [UnwindMapping],
+    pub rows: &'a [UnwindRow],
+}
+
+impl Table<'_> {
+    fn mapping(&self, pc: u64) -> Option<&UnwindMapping> {
+        let i = self.mappings.partition_point(|m| m.start <= pc);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        (pc < m.end).then_some(m)
+    }
+
+    /// The row for `pc` in mapping `m`: Some(None) when the module has rows but none covers pc.
+    fn row(&self, m: &UnwindMapping, pc: u64) -> Option<Option<UnwindRow>> {
+        if m.rows_len == 0 {
+            return None;
+        }
+        let first = m.rows_first as usize;
+        let rows = self.rows.get(first..first + m.rows_len as usize)?;
+        Some(rows::lookup(rows, pc.wrapping_sub(m.bias)))
+    }
+}
+
+/// Walks a stack as the BPF walker does: rows where a module has them, frame pointers where
+/// it has none (unless `mode` is [`UnwindMode::Dwarf`]). `read(addr)` reads a word of the
+/// target's memory.
+pub fn walk(regs: Regs, table: &Table<'_>, mode: UnwindMode, max: usize, read: impl Fn(u64) -> Option<u64>) -> (Vec<Frame>, Stop) {
+    let mut frames = Vec::new();
+    let (mut pc, mut sp, mut bp) = (regs.ip, regs.sp, regs.bp);
+    // The first frame's pc and the pc of a frame a signal interrupted are exact; the others are
+    // return addresses, which may lie past the end of their call's function.
+    let mut exact = true;
+    loop {
+        frames.push(Frame { pc, sp, bp });
+        if frames.len() >= max {
+            return (frames, Stop::DepthCap);
+        }
+        let lookup_pc = if exact { pc } else { pc - 1 };
+        let row = table.mapping(lookup_pc).and_then(|m| table.row(m, lookup_pc));
+        let (cfa, ra, next_bp, next_exact) = match row {
+            Some(Some(r)) => match r.kind {
+                row_kind::END => return (frames, Stop::End),
+                row_kind::CFA_RSP | row_kind::CFA_RBP | row_kind::PLT => {
+                    let base = if r.kind == row_kind::CFA_RBP { bp } else { sp };
+                    let mut cfa = base.wrapping_add(r.cfa_off as i64 as u64);
+                    if r.kind == row_kind::PLT && (pc & 15) >= r.rbp as u64 {
+                        cfa += 8;
+                    }
+                    let Some(ra) = read(cfa - 8) else { return (frames, Stop::BadFrame) };
+                    let next_bp = if r.kind != row_kind::PLT && r.rbp != 0 {
+                        match read(cfa.wrapping_add((r.rbp as i64 * 8) as u64)) {
+                            Some(v) => v,
+                            None => return (frames, Stop::BadFrame),
+                        }
+                    } else {
+                        bp
+                    };
+                    (cfa, ra, next_bp, false)
+                }
+                row_kind::SIGNAL => {
+                    let (Some(ip), Some(nsp), Some(nbp)) =
+                        (read(sp + sigframe::RIP), read(sp + sigframe::RSP), read(sp + sigframe::RBP))
+                    else {
+                        return (frames, Stop::BadFrame);
+                    };
+                    (nsp, ip, nbp, true)
+                }
+                _ => return (frames, Stop::Unsupported),
+            },
+            Some(None) | None if mode == UnwindMode::Dwarf => return (frames, Stop::NoRows),
+            _ => {
+                // Frame pointer: the caller's rbp at rbp, the return address above it.
+                if bp == 0 {
+                    return (frames, Stop::End);
+                }
+                let (Some(saved), Some(ra)) = (read(bp), read(bp + 8)) else {
+                    return (frames, Stop::BadFrame);
+                };
+                (bp + 16, ra, saved, false)
+            }
+        };
+        if ra == 0 {
+            return (frames, Stop::End);
+        }
+        if cfa <= sp && !next_exact {
+            return (frames, Stop::BadFrame);
+        }
+        if table.mapping(if next_exact { ra } else { ra - 1 }).is_none() {
+            return (frames, Stop::OutsideMappings);
+        }
+        (pc, sp, bp, exact) = (ra, cfa, next_bp, next_exact);
+    }
+}
+
+/// Rows of the modules a process maps, built once per file.
+#[derive(Default)]
+pub struct ModuleCache {
+    by_file: HashMap<(u64, u64), Option<std::sync::Arc<ModuleUnwind>>>,
+}
+
+impl ModuleCache {
+    /// The rows of the file `m` maps, read through `open` (a path this process can read).
+    pub fn get(&mut self, m: &Mapping, read: impl FnOnce() -> Option<Vec<u8>>) -> Option<std::sync::Arc<ModuleUnwind>> {
+        self.by_file
+            .entry((m.dev, m.inode))
+            .or_insert_with(|| {
+                let data = read()?;
+                ModuleUnwind::from_elf(&data).ok().map(std::sync::Arc::new)
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;
