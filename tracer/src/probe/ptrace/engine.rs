@@ -142,6 +142,8 @@ pub(super) struct Engine {
     guard: Option<Guard>,
     /// Exit status of the target, once it is gone.
     pub exit_code: Option<i32>,
+    /// Unwind rows of the target's modules, made at the first allocation.
+    unwind: Option<crate::unwind::process::ProcessTables>,
 }
 
 fn ptrace_err(pid: i32, tid: i32) -> impl Fn(Errno) -> PtraceError {
@@ -233,6 +235,7 @@ impl Engine {
             launch,
             guard: None,
             exit_code: None,
+            unwind: None,
         };
         let held = e.launch.is_some();
         if let Err(err) = e.seize_all(held) {
@@ -842,36 +845,32 @@ impl Engine {
         }
     }
 
-    /// The return address and the stack as the BPF side records it: the allocator's entry,
-    /// its caller from the top of the stack, then the frame-pointer chain from %rbp.
-    fn capture(&self, at: u64, regs: &Regs) -> Option<(u64, Vec<u64>)> {
+    /// The return address and the stack: the allocator's entry, then the frames a walk of
+    /// the unwind rows finds (frame pointers in code without rows; see `crate::unwind`).
+    fn capture(&mut self, at: u64, regs: &Regs) -> Option<(u64, Vec<u64>)> {
         let sp = regs.rsp;
         let mut chunk = [0u8; STACK_CHUNK];
         let got = self.mem.read_some(sp, &mut chunk) as u64;
         if got < 8 {
             return None;
         }
-        let word = |off: u64| {
-            u64::from_le_bytes(chunk[off as usize..off as usize + 8].try_into().unwrap())
+        let ret = u64::from_le_bytes(chunk[..8].try_into().unwrap());
+        let mem = &self.mem;
+        let read = |addr: u64| {
+            if addr >= sp && addr.saturating_add(8) <= sp + got {
+                let off = (addr - sp) as usize;
+                return Some(u64::from_le_bytes(chunk[off..off + 8].try_into().unwrap()));
+            }
+            let mut word = [0u8; 8];
+            mem.read(addr, &mut word).then(|| u64::from_le_bytes(word))
         };
-        let ret = word(0);
-        let mut frames = vec![at, ret];
-        let mut fp = regs.rbp;
-        while frames.len() < MAX_FRAMES {
-            let (next, ra) = if fp >= sp && fp.saturating_add(16) <= sp + got {
-                (word(fp - sp), word(fp - sp + 8))
-            } else {
-                let mut pair = [0u8; 16];
-                if !self.mem.read(fp, &mut pair) {
-                    break;
-                }
-                (
-                    u64::from_le_bytes(pair[..8].try_into().unwrap()),
-                    u64::from_le_bytes(pair[8..].try_into().unwrap()),
-                )
-            };
-            frames.push(ra);
-            fp = next;
+        let tables = self
+            .unwind
+            .get_or_insert_with(|| crate::unwind::process::ProcessTables::new(self.pid as u32, crate::unwind::UnwindMode::Auto));
+        let (mut frames, _) = tables.pcs(crate::unwind::Regs { ip: at, sp, bp: regs.rbp }, MAX_FRAMES, read);
+        // The caller is on top of the stack at the entry, whatever the rows say.
+        if frames.len() < 2 {
+            frames.push(ret);
         }
         Some((ret, frames))
     }

@@ -1,0 +1,83 @@
+//! One process's unwind table in user space (the ptrace backend's): rows of every module it
+//! maps, loaded once per file, and its executable mappings, read again when a walk meets an
+//! address the last reading did not know (a library dlopen'ed since).
+use std::{collections::HashMap, time::{Duration, Instant}};
+
+use tracer_common::{UnwindMapping, UnwindRow};
+
+use super::{ModuleCache, Regs, Stop, Table, UnwindMode, plan_mappings, walk};
+use crate::symbolize::maps::ProcMaps;
+
+/// Code without rows re-reads the maps at most this often.
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
+
+pub struct ProcessTables {
+    pid: u32,
+    cache: ModuleCache,
+    rows: Vec<UnwindRow>,
+    /// (dev, inode) -> (first row, row count) in `rows`.
+    placed: HashMap<(u64, u64), (u32, u32)>,
+    mappings: Vec<UnwindMapping>,
+    last_read: Option<Instant>,
+    pub mode: UnwindMode,
+}
+
+impl ProcessTables {
+    pub fn new(pid: u32, mode: UnwindMode) -> ProcessTables {
+        let mut t = ProcessTables {
+            pid,
+            cache: ModuleCache::default(),
+            rows: Vec::new(),
+            placed: HashMap::new(),
+            mappings: Vec::new(),
+            last_read: None,
+            mode,
+        };
+        t.refresh();
+        t
+    }
+
+    /// Reads the process's maps again and loads the rows of modules new to it.
+    pub fn refresh(&mut self) {
+        self.last_read = Some(Instant::now());
+        let Ok(maps) = ProcMaps::read(self.pid) else { return };
+        let pid = self.pid;
+        let (cache, rows, placed) = (&mut self.cache, &mut self.rows, &mut self.placed);
+        self.mappings = plan_mappings(&maps, |m| {
+            let path = m.path.as_deref()?;
+            let module = cache.get(m, || {
+                std::fs::read(format!("/proc/{pid}/root{path}"))
+                    .ok()
+                    .or_else(|| std::fs::read(m.file().map_files_path(pid)).ok())
+            })?;
+            let bias = module.bias(m.start, m.offset)?;
+            let &mut (first, len) = placed.entry((m.dev, m.inode)).or_insert_with(|| {
+                let first = rows.len() as u32;
+                rows.extend_from_slice(&module.rows);
+                (first, module.rows.len() as u32)
+            });
+            Some((first, len, bias))
+        });
+    }
+
+    pub fn table(&self) -> Table<'_> {
+        Table { mappings: &self.mappings, rows: &self.rows }
+    }
+
+    /// The stack's pcs from `regs`, leaf first; the maps are read again once when the walk
+    /// meets an address they did not know.
+    pub fn pcs(&mut self, regs: Regs, max: usize, read: impl Fn(u64) -> Option<u64>) -> (Vec<u64>, Stop) {
+        let (frames, stop) = walk(regs, &self.table(), self.mode, max, &read);
+        // A return address in no mapping may be in a library mapped since (dlopen, whose code
+        // can allocate microseconds after it is mapped): the maps are read again at once.
+        // Code without rows is read again only now and then.
+        let stale = self.last_read.is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
+        let (frames, stop) = if stop == Stop::OutsideMappings || (stop == Stop::NoRows && stale) {
+            self.refresh();
+            walk(regs, &self.table(), self.mode, max, &read)
+        } else {
+            (frames, stop)
+        };
+        (frames.iter().map(|f| f.pc).collect(), stop)
+    }
+}
