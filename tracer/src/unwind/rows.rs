@@ -55,13 +55,13 @@ pub fn rows_from_elf(data: &[u8]) -> Result<Vec<UnwindRow>, RowsError> {
             collect(&eh, &bases, &mut spans).map_err(|source| RowsError::Cfi { section: ".eh_frame", source })?;
         }
     }
-    if spans.is_empty() {
-        if let Some(section) = file.section_by_name(".debug_frame") {
-            let bytes = section.uncompressed_data().map_err(RowsError::Elf)?;
-            let mut df = DebugFrame::new(&bytes, LittleEndian);
-            df.set_address_size(8);
-            collect(&df, &bases, &mut spans).map_err(|source| RowsError::Cfi { section: ".debug_frame", source })?;
-        }
+    if spans.is_empty()
+        && let Some(section) = file.section_by_name(".debug_frame")
+    {
+        let bytes = section.uncompressed_data().map_err(RowsError::Elf)?;
+        let mut df = DebugFrame::new(&bytes, LittleEndian);
+        df.set_address_size(8);
+        collect(&df, &bases, &mut spans).map_err(|source| RowsError::Cfi { section: ".debug_frame", source })?;
     }
     pack(spans)
 }
