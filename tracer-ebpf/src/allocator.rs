@@ -219,7 +219,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
     pending.sp = slot;
     pending.ret_addr = ret_addr;
     take_old_block(&mut pending);
-    pending.stack = stack::capture_with_caller(ctx.as_ptr(), ret_addr);
+    pending.stack = stack::capture_with_caller(ctx.as_ptr(), &probe_regs(ctx), ret_addr);
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);
         if pending.had_old == 1 {
@@ -227,6 +227,15 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
         }
     }
     Ok(0)
+}
+
+/// The user registers at the probe, where a stack walk starts.
+#[inline(always)]
+fn probe_regs(ctx: &ProbeContext) -> stack::UserRegs {
+    // SAFETY: the program's context is the task's saved user registers.
+    unsafe {
+        stack::UserRegs { ip: (*ctx.regs).rip, sp: (*ctx.regs).rsp, bp: (*ctx.regs).rbp }
+    }
 }
 
 /// Where the return address of the call being entered lies (its slot), and what it is (0
@@ -368,7 +377,7 @@ fn start_sampled_call(
     pending.sampled = sampled as u32;
     take_old_block(&mut pending);
     if sampled {
-        pending.stack = stack::capture_with_caller(ctx.as_ptr(), ret_addr);
+        pending.stack = stack::capture_with_caller(ctx.as_ptr(), &probe_regs(ctx), ret_addr);
     }
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);

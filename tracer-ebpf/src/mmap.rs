@@ -78,10 +78,11 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
     let args = syscall_args(regs)?;
     let ip = read(unsafe { &raw const (*regs).rip })?;
     let sp = read(unsafe { &raw const (*regs).rsp })?;
+    let bp = read(unsafe { &raw const (*regs).rbp })?;
     let event = SyscallEvent {
         args,
         ret,
-        stack: stack::capture_with_caller(ctx.as_ptr(), wrapper_caller(ip, sp)),
+        stack: stack::capture_with_caller(ctx.as_ptr(), &stack::UserRegs { ip, sp, bp }, wrapper_caller(ip, sp)),
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         tid: tid as u32,
         sys: nr,

@@ -1,18 +1,37 @@
-//! User stack capture with the direct caller recovered.
+//! User stack capture: the walker of issue 11, or the kernel's frame-pointer walk.
 //!
-//! An entry uprobe on glibc's malloc fires before malloc has pushed anything that a
-//! frame-pointer walk understands, so the kernel's walk (regs->ip, then the saved frame
-//! pointers) never sees the return address into the caller: the function that called malloc
-//! would be missing. The return address is still at a known offset from the stack pointer, so
-//! we read it and put it in slot 1. Stacks are kept by a 64-bit hash of their frames; a hash
-//! hit is checked frame by frame, so two stacks that share a hash are never merged.
+//! `--unwind dwarf|auto` (UNWIND_MODE 1 or 2): our own walk, one frame per `bpf_loop`
+//! iteration. Each frame's pc is looked up in the table of the target's executable mappings
+//! (a binary search over one half of `UNWIND_MAPPINGS`, the half `UNWIND_HEADER` says is in
+//! use), then in that module's unwind rows (a binary search over its slice of `UNWIND_ROWS`),
+//! built in user space from `.eh_frame` (tracer/src/unwind). A mapping without rows (JIT code,
+//! a module without CFI) is walked by frame pointer in auto mode and ends the stack in dwarf
+//! mode. The walk is tracer/src/unwind/mod.rs's `walk`, step for step; a change to one is a
+//! change to both. Each frame's stack and frame pointer are kept in `FRAME_REGS`, slot for
+//! slot, for callers that read a frame's slots.
+//!
+//! `--unwind fp` (0): `bpf_get_stack`. An entry uprobe on glibc's malloc fires before malloc
+//! has pushed anything that a frame-pointer walk understands, so the kernel's walk (regs->ip,
+//! then the saved frame pointers) never sees the return address into the caller; it is read
+//! at the probe and put in slot 1.
+//!
+//! Stacks are kept by a 64-bit hash of their frames; a hash hit is checked frame by frame, so
+//! two stacks that share a hash are never merged.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::generated::bpf_get_stack,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_get_stack, bpf_loop},
+    },
+    macros::map,
+    maps::{Array, PerCpuArray},
 };
-use tracer_common::{MAX_FRAMES, STACK_LOST, StackBuf, counter};
+use tracer_common::{
+    FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, StackBuf, UnwindHeader, UnwindMapping,
+    UnwindRow, counter, row_kind, sigframe, unwind_mode,
+};
 
-use crate::maps::{STACKS, claim_scratch, count, release_scratch};
+use crate::maps::{PENDING, SCRATCH, SCRATCH_SLOTS, STACKS, claim_scratch, count, release_scratch};
 
 const BPF_F_USER_STACK: u64 = 1 << 8;
 const E2BIG: i32 = -7;
@@ -23,21 +42,66 @@ const EEXIST: i32 = -17;
 #[unsafe(no_mangle)]
 static STACK_HASH_MASK: u64 = u64::MAX;
 
-/// Captures the user stack of the current task with `caller` (0 when unknown; user space
-/// drops it) in slot 1, from any program type that `bpf_get_stack` accepts.
+/// How stacks are walked (`tracer_common::unwind_mode`); set by user space before load.
+#[unsafe(no_mangle)]
+static UNWIND_MODE: u64 = unwind_mode::FP;
+
+/// `BPF_F_MMAPABLE`: user space writes the rows straight into the array's memory.
+const MMAPABLE: u32 = 1 << 10;
+
+/// Every loaded module's rows, each module a sorted slice; sized by user space before load.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, MMAPABLE);
+
+/// Two halves of sorted mappings: user space fills the half not in use, then flips
+/// `UnwindHeader::active`, so a walk never sees a half-written table.
+#[map]
+static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+
+#[map]
+static UNWIND_HEADER: Array<UnwindHeader> = Array::with_max_entries(1, 0);
+
+/// Each walked frame's stack and frame pointer, per scratch slot.
+#[map]
+static FRAME_REGS: PerCpuArray<FrameRegs> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// The user registers a walk starts from.
+#[derive(Clone, Copy)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
 #[inline(always)]
-pub fn capture_with_caller(ctx: *mut core::ffi::c_void, caller: u64) -> u64 {
+fn unwind_mode() -> u64 {
+    // SAFETY: a plain read of our own global, volatile so the build-time value is not folded.
+    unsafe { core::ptr::read_volatile(&UNWIND_MODE) }
+}
+
+/// Captures the user stack of the current task, from any program type that `bpf_get_stack`
+/// accepts: walked from `regs` (dwarf, auto), or by the kernel with `caller` (0 when unknown;
+/// user space drops it) in slot 1 (fp).
+#[inline(always)]
+pub fn capture_with_caller(ctx: *mut core::ffi::c_void, regs: &UserRegs, caller: u64) -> u64 {
     let Some((slot, buf)) = claim_scratch() else {
         return STACK_LOST;
     };
-    // SAFETY: `buf` is a scratch value of this CPU that we own until it is released.
-    let key = capture_into(ctx, caller, unsafe { &mut *buf });
+    let got = if unwind_mode() == unwind_mode::FP {
+        // SAFETY: `buf` is a scratch value of this CPU that we own until it is released.
+        kernel_walk(ctx, caller, unsafe { &mut *buf })
+    } else {
+        // The walk writes the buffer through the map on each iteration.
+        own_walk(slot, regs)
+    };
+    // SAFETY: as above; nothing else refers to the buffer now.
+    let key = if got { store(unsafe { &mut *buf }) } else { STACK_LOST };
     release_scratch(slot);
     key
 }
 
 #[inline(always)]
-fn capture_into(ctx: *mut core::ffi::c_void, caller: u64, buf: &mut StackBuf) -> u64 {
+fn kernel_walk(ctx: *mut core::ffi::c_void, caller: u64, buf: &mut StackBuf) -> bool {
     let size = ((MAX_FRAMES - 1) * 8) as u32;
     // Frames go to slots 1.., so that slot 0 can take the ip and slot 1 the caller.
     let got = unsafe {
@@ -50,14 +114,271 @@ fn capture_into(ctx: *mut core::ffi::c_void, caller: u64, buf: &mut StackBuf) ->
     };
     if got <= 0 {
         count(counter::DROP_STACK_UNAVAILABLE);
-        return STACK_LOST;
+        return false;
     }
     let frames = (got as usize / 8).min(MAX_FRAMES - 1);
     buf.frames[0] = buf.frames[1];
     buf.frames[1] = caller;
-    let len = frames + 1;
-    buf.len = len as u64;
+    buf.len = (frames + 1) as u64;
+    true
+}
 
+/// Why a walk ended, as a counter index; `NO_STOP` while it goes on, `END` at the outermost
+/// frame (no loss).
+const NO_STOP: u32 = u32::MAX;
+const END: u32 = u32::MAX - 1;
+
+/// The walk's state, on the program's stack, handed to each `bpf_loop` iteration.
+#[repr(C)]
+struct Walk {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    /// The slot of the return address of the allocator call in flight on this thread, and the
+    /// real return address: a return probe put its trampoline's address in that slot.
+    pending_slot: u64,
+    pending_ret: u64,
+    /// 1 when `pc` is exact (the first frame, or a frame a signal interrupted), 0 when it is a
+    /// return address (looked up at pc - 1: a call may be the last instruction of a function).
+    exact: u32,
+    len: u32,
+    stop: u32,
+    slot: u32,
+    /// Mappings in the half in use, and where that half starts.
+    maps_len: u32,
+    maps_base: u32,
+    dwarf_only: u32,
+    _pad: u32,
+}
+
+#[inline(always)]
+fn own_walk(slot: u32, regs: &UserRegs) -> bool {
+    let Some(header) = UNWIND_HEADER.get(0) else { return false };
+    let active = header.active & 1;
+    let maps_len = header.len[active as usize].min(MAX_UNWIND_MAPPINGS);
+    let tid = bpf_get_current_pid_tgid();
+    let (pending_slot, pending_ret) = match PENDING.get_ptr(tid) {
+        // SAFETY: a map value; read once, by value.
+        Some(p) => unsafe { ((*p).sp, (*p).ret_addr) },
+        None => (0, 0),
+    };
+    let mut walk = Walk {
+        pc: regs.ip,
+        sp: regs.sp,
+        bp: regs.bp,
+        pending_slot,
+        pending_ret,
+        exact: 1,
+        len: 0,
+        stop: NO_STOP,
+        slot,
+        maps_len,
+        maps_base: active * MAX_UNWIND_MAPPINGS,
+        dwarf_only: (unwind_mode() == unwind_mode::DWARF) as u32,
+        _pad: 0,
+    };
+    // SAFETY: the callback is a static function of this object; `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_FRAMES as u32,
+            step as *mut core::ffi::c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    let Some(buf) = SCRATCH.get_ptr_mut(slot) else { return false };
+    if walk.len == 0 {
+        count(counter::DROP_STACK_UNAVAILABLE);
+        return false;
+    }
+    match walk.stop {
+        END => {}
+        // bpf_loop ran out of iterations: the buffer is full.
+        NO_STOP => count(counter::UNWIND_DEPTH_CAP),
+        reason => count(reason),
+    }
+    // SAFETY: our scratch slot, owned until released.
+    unsafe { (*buf).len = walk.len as u64 };
+    true
+}
+
+/// One frame: records it, then finds its caller. Returns 1 to end the walk.
+#[inline(never)]
+extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Walk` on the stack of `own_walk`, which waits for the loop.
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    // The loop's index (iteration i records frame i), not a count kept in `w`: the verifier
+    // sees it as any number, so it checks this body once rather than once per frame.
+    let i = index as u32;
+    if index >= MAX_FRAMES as u64 {
+        w.stop = counter::UNWIND_DEPTH_CAP;
+        return 1;
+    }
+    let (Some(buf), Some(regs)) = (SCRATCH.get_ptr_mut(w.slot), FRAME_REGS.get_ptr_mut(w.slot)) else {
+        w.stop = counter::UNWIND_BAD_FRAME;
+        return 1;
+    };
+    let at = (i as usize) & (MAX_FRAMES - 1);
+    // SAFETY: this CPU's scratch values of the slot we own.
+    unsafe {
+        (*buf).frames[at] = w.pc;
+        (*regs).sp[at] = w.sp;
+        (*regs).fp[at] = w.bp;
+    }
+    w.len = i + 1;
+    match caller(w) {
+        Ok(()) => 0,
+        Err(stop) => {
+            w.stop = stop;
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn read(addr: u64) -> Result<u64, u32> {
+    // SAFETY: a checked read of the target's memory; a fault is an error.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| counter::UNWIND_BAD_FRAME)
+}
+
+/// Moves `w` to the caller's frame, or says why there is none.
+#[inline(always)]
+fn caller(w: &mut Walk) -> Result<(), u32> {
+    let lookup_pc = if w.exact != 0 { w.pc } else { w.pc.wrapping_sub(1) };
+    let mapping = find_mapping(w, lookup_pc);
+    let row = match &mapping {
+        Some(m) if m.rows_len != 0 => find_row(m, lookup_pc),
+        _ => None,
+    };
+    let (cfa, ra_slot, next_bp, next_exact) = match row {
+        Some(r) if r.kind == row_kind::END => return Err(END),
+        Some(r) if r.kind == row_kind::CFA_RSP || r.kind == row_kind::CFA_RBP || r.kind == row_kind::PLT => {
+            let base = if r.kind == row_kind::CFA_RBP { w.bp } else { w.sp };
+            let mut cfa = base.wrapping_add(r.cfa_off as i64 as u64);
+            if r.kind == row_kind::PLT && (w.pc & 15) >= r.rbp as u64 {
+                cfa = cfa.wrapping_add(8);
+            }
+            let next_bp = if r.kind != row_kind::PLT && r.rbp != 0 {
+                read(cfa.wrapping_add((r.rbp as i64 * 8) as u64))?
+            } else {
+                w.bp
+            };
+            (cfa, cfa.wrapping_sub(8), next_bp, 0)
+        }
+        Some(r) if r.kind == row_kind::SIGNAL => {
+            let sp = w.sp;
+            (read(sp + sigframe::RSP)?, sp + sigframe::RIP, read(sp + sigframe::RBP)?, 1)
+        }
+        Some(r) if r.kind != row_kind::NONE => return Err(counter::UNWIND_UNSUPPORTED),
+        _ if w.dwarf_only != 0 => return Err(counter::UNWIND_NO_ROWS),
+        _ => {
+            // Frame pointer: the caller's rbp at rbp, the return address above it.
+            if w.bp == 0 {
+                return Err(END);
+            }
+            (w.bp.wrapping_add(16), w.bp.wrapping_add(8), read(w.bp)?, 0)
+        }
+    };
+    let mut ra = read(ra_slot)?;
+    if ra_slot == w.pending_slot && w.pending_slot != 0 {
+        // The allocator call in flight: its return probe's trampoline stands in that slot.
+        ra = w.pending_ret;
+    }
+    if ra == 0 {
+        return Err(END);
+    }
+    if cfa <= w.sp && next_exact == 0 {
+        return Err(counter::UNWIND_BAD_FRAME);
+    }
+    let next_lookup = if next_exact != 0 { ra } else { ra.wrapping_sub(1) };
+    if find_mapping(w, next_lookup).is_none() {
+        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
+    }
+    w.pc = ra;
+    w.sp = cfa;
+    w.bp = next_bp;
+    w.exact = next_exact;
+    Ok(())
+}
+
+/// A binary search's state: the first index of `lo..hi` whose entry starts above `pc`.
+#[repr(C)]
+struct Bisect {
+    pc: u64,
+    lo: u32,
+    hi: u32,
+}
+
+/// One halving over the mapping table (each search is its own `bpf_loop`, so the verifier
+/// checks one step, not every path through all of them).
+#[inline(never)]
+extern "C" fn map_bisect(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Bisect` of `find_mapping`, which waits for the loop.
+    let b = unsafe { &mut *(ctx as *mut Bisect) };
+    if b.lo >= b.hi {
+        return 1;
+    }
+    let mid = b.lo + (b.hi - b.lo) / 2;
+    let Some(m) = UNWIND_MAPPINGS.get(mid) else { return 1 };
+    if m.start <= b.pc {
+        b.lo = mid + 1;
+    } else {
+        b.hi = mid;
+    }
+    0
+}
+
+#[inline(never)]
+extern "C" fn row_bisect(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Bisect` of `find_row`, which waits for the loop.
+    let b = unsafe { &mut *(ctx as *mut Bisect) };
+    if b.lo >= b.hi {
+        return 1;
+    }
+    let mid = b.lo + (b.hi - b.lo) / 2;
+    let Some(r) = UNWIND_ROWS.get(mid) else { return 1 };
+    if r.pc as u64 <= b.pc {
+        b.lo = mid + 1;
+    } else {
+        b.hi = mid;
+    }
+    0
+}
+
+/// The mapping holding `pc`: a binary search over the half of the table in use.
+#[inline(always)]
+fn find_mapping(w: &Walk, pc: u64) -> Option<UnwindMapping> {
+    let mut b = Bisect { pc, lo: w.maps_base, hi: w.maps_base + w.maps_len };
+    // SAFETY: a static callback; `b` outlives the call. 2^10 > MAX_UNWIND_MAPPINGS.
+    unsafe { bpf_loop(10, map_bisect as *mut core::ffi::c_void, (&raw mut b).cast(), 0) };
+    if b.lo <= w.maps_base {
+        return None;
+    }
+    let m = *UNWIND_MAPPINGS.get(b.lo - 1)?;
+    (pc < m.end).then_some(m)
+}
+
+/// The row covering `pc` in mapping `m`'s rows: the last one that starts at or below it.
+#[inline(always)]
+fn find_row(m: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
+    let addr = pc.wrapping_sub(m.bias);
+    if addr > u32::MAX as u64 {
+        return None;
+    }
+    let first = m.rows_first;
+    let mut b = Bisect { pc: addr, lo: first, hi: first.wrapping_add(m.rows_len) };
+    // SAFETY: as above. 2^24 rows is more than UNWIND_ROWS can hold.
+    unsafe { bpf_loop(24, row_bisect as *mut core::ffi::c_void, (&raw mut b).cast(), 0) };
+    if b.lo <= first {
+        return None;
+    }
+    UNWIND_ROWS.get(b.lo - 1).copied()
+}
+
+/// The key of the stack in `buf` (stored if new), or [`STACK_LOST`].
+#[inline(always)]
+fn store(buf: &mut StackBuf) -> u64 {
+    let len = buf.len as usize;
     // FNV-1a over the frames, one 64-bit word at a time.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_FRAMES {

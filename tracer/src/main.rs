@@ -202,6 +202,10 @@ struct RecordArgs {
     /// slower), or auto (eBPF, falling back to ptrace when BPF cannot be loaded or attached).
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendArg,
+    /// How stacks are walked: auto (unwind tables from .eh_frame where a module has them,
+    /// frame pointers elsewhere), dwarf (unwind tables only), or fp (frame pointers only).
+    #[arg(long, value_enum, default_value = "auto")]
+    unwind: UnwindArg,
     /// At the end, also ask glibc's allocator for its own figures (mallinfo2, malloc_info),
     /// called inside the stopped target as `tracer malloc-stats` does.
     #[arg(long)]
@@ -259,6 +263,23 @@ impl TopArgs {
             jit_symbols: !self.no_jit_symbols,
             debug_dirs: self.debug_dir,
         })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UnwindArg {
+    Auto,
+    Dwarf,
+    Fp,
+}
+
+impl From<UnwindArg> for tracer::unwind::UnwindMode {
+    fn from(u: UnwindArg) -> Self {
+        match u {
+            UnwindArg::Auto => Self::Auto,
+            UnwindArg::Dwarf => Self::Dwarf,
+            UnwindArg::Fp => Self::Fp,
+        }
     }
 }
 
@@ -325,6 +346,7 @@ impl RecordArgs {
                 max_live: self.max_live,
                 max_stacks: self.max_stacks,
                 sample_bytes: self.sample_bytes,
+                unwind: self.unwind.into(),
             },
             backend: self.backend.into(),
             malloc_stats: self.malloc_stats,

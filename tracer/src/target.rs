@@ -458,11 +458,26 @@ fn launcher(
             }
         }
     }
-    let Some((libc, maps)) = found else {
+    let Some((libc, mut maps)) = found else {
         kill();
         let _ = setup.send(Err(TargetError::NoLibc { what: command }));
         return;
     };
+    // Follow the loader until it has mapped every library the program needs (its first
+    // system call that is not about mapping files), so that the stack walker's tables hold
+    // them before any of their code runs. No library code has run yet at that point.
+    match follow_until_loaded(pid) {
+        Ok(()) => {
+            if let Ok(m) = ProcMaps::read(pid_u32) {
+                maps = m;
+            }
+        }
+        Err(e) => {
+            kill();
+            let _ = setup.send(Err(e));
+            return;
+        }
+    }
     let info = inspect(pid_u32).unwrap_or(ProcessInfo {
         pid: pid_u32,
         task: pid_u32,
@@ -525,6 +540,47 @@ fn launcher(
         return;
     }
     follow_traced(pid, &control, &events);
+}
+
+/// Steps a traced process, stopped at a system call's exit, up to the entry of the first
+/// system call that the dynamic loader does not make while it maps libraries (TLS set-up:
+/// arch_prctl(ARCH_SET_FS), set_tid_address and the like).
+fn follow_until_loaded(pid: Pid) -> Result<(), TargetError> {
+    const ARCH_SET_FS: u64 = 0x1002;
+    let pid_u32 = pid.as_raw() as u32;
+    let mapping_files = |nr: u64, arg0: u64| match nr as libc::c_long {
+        libc::SYS_read | libc::SYS_open | libc::SYS_close | libc::SYS_stat | libc::SYS_fstat
+        | libc::SYS_lseek | libc::SYS_mmap | libc::SYS_mprotect | libc::SYS_munmap | libc::SYS_brk
+        | libc::SYS_pread64 | libc::SYS_access | libc::SYS_openat | libc::SYS_newfstatat
+        | libc::SYS_statx => true,
+        libc::SYS_arch_prctl => arg0 != ARCH_SET_FS,
+        _ => false,
+    };
+    for _ in 0..MAX_LOADER_SYSCALLS {
+        ptrace::syscall(pid, None).map_err(|source| TargetError::Ptrace { what: "syscall", pid: pid_u32, source })?;
+        match waitpid(pid, None) {
+            Ok(WaitStatus::PtraceSyscall(_)) => {
+                let Ok(regs) = ptrace::getregs(pid) else { continue };
+                let at_entry = regs.rax as i64 == -(libc::ENOSYS as i64);
+                if at_entry && !mapping_files(regs.orig_rax, regs.rdi) {
+                    return Ok(());
+                }
+            }
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                let _ = ptrace::syscall(pid, sig);
+                let _ = waitpid(pid, None);
+            }
+            Ok(status) => {
+                return Err(TargetError::ExitedEarly {
+                    command: format!("pid {pid}"),
+                    status: exit_code(status).unwrap_or(-1),
+                });
+            }
+            Err(source) => return Err(TargetError::Ptrace { what: "wait", pid: pid_u32, source }),
+        }
+    }
+    // A loader that never stops mapping: go on with what is mapped now.
+    Ok(())
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable

@@ -24,7 +24,14 @@ use super::{
     session::{self, LinkKind, UprobeLink},
     syscalls::SyscallTracing,
 };
-use crate::symbolize::maps::ProcMaps;
+use crate::{
+    symbolize::maps::ProcMaps,
+    unwind::{UnwindMode, kernel::KernelTables},
+};
+
+/// With the walker's tables loaded and no mmap-family events to say when a library appears
+/// (sampling mode), the maps are read again this often.
+const UNWIND_POLL: Duration = Duration::from_millis(200);
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -42,6 +49,8 @@ pub enum EbpfError {
     Libc(#[from] libc::LibcError),
     #[error(transparent)]
     Session(#[from] super::session::SessionError),
+    #[error("load the unwind tables")]
+    Unwind(#[from] crate::unwind::kernel::TablesError),
     #[error(
         "the main thread of pid {pid} has exited (pthread_exit), and the uprobes that stand in \
          for it cannot be opened on its thread {thread}: {source}"
@@ -64,6 +73,8 @@ pub struct Limits {
     /// Sampling mode: one sample per this many allocated bytes on average (Poisson), per-stack
     /// figures are estimates. None records every call.
     pub sample_bytes: Option<u64>,
+    /// How stacks are walked (`--unwind`).
+    pub unwind: UnwindMode,
 }
 
 impl Default for Limits {
@@ -72,6 +83,7 @@ impl Default for Limits {
             max_live: 512 * 1024,
             max_stacks: 64 * 1024,
             sample_bytes: None,
+            unwind: UnwindMode::default(),
         }
     }
 }
@@ -90,6 +102,10 @@ pub struct EbpfProbes {
     sampling: Option<u64>,
     /// The allocator and free probes; empty once detached.
     links: Vec<UprobeLink>,
+    /// The BPF walker's tables (`--unwind dwarf|auto`), and when the maps were last read.
+    unwind: Option<(KernelTables, std::time::Instant)>,
+    pid: u32,
+    unwind_mode: UnwindMode,
 }
 
 impl Drop for EbpfProbes {
@@ -133,15 +149,26 @@ impl EbpfProbes {
     ) -> Result<Self, EbpfError> {
         let functions = libc::functions(libc_path, libc::REQUIRED, libc::OPTIONAL)?;
         let tgid = pid.get();
+        // The walker's rows for every module mapped now, built before load to size the array.
+        let walk_maps = match limits.unwind {
+            UnwindMode::Fp => None,
+            _ => Some(ProcMaps::read(tgid).unwrap_or_default()),
+        };
+        let mut tables = walk_maps.as_ref().map(|maps| KernelTables::new(tgid, maps));
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
             .override_global("STACK_HASH_MASK", &stack_hash_mask(), true)
+            .override_global("UNWIND_MODE", &limits.unwind.bpf_value(), true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
+            .map_max_entries("UNWIND_ROWS", tables.as_ref().map_or(1, KernelTables::capacity_wanted))
             .load(PROGRAMS)
             .map_err(EbpfError::Load)?;
+        if let (Some(t), Some(maps)) = (&mut tables, &walk_maps) {
+            t.install(&mut ebpf, maps)?;
+        }
 
         {
             // Allocations whose stack is lost still count, under this key; it must exist
@@ -268,7 +295,21 @@ impl EbpfProbes {
             warnings,
             sampling,
             anchors,
+            unwind: tables.map(|t| (t, std::time::Instant::now())),
+            pid: tgid,
+            unwind_mode: limits.unwind,
         })
+    }
+
+    /// Loads the rows of libraries mapped since the walker's tables were last written.
+    fn refresh_unwind(&mut self) {
+        let Some((tables, at)) = &mut self.unwind else { return };
+        *at = std::time::Instant::now();
+        let Ok(maps) = ProcMaps::read(self.pid) else { return };
+        let _ = tables.refresh(&mut self.ebpf, &maps);
+        for module in tables.full.drain(..) {
+            self.warnings.push(format!("no room for the unwind rows of {module}: its frames are walked by frame pointer"));
+        }
     }
 
     /// Reads the current per-stack totals and counters.
@@ -295,7 +336,7 @@ impl EbpfProbes {
         for (id, s) in rows {
             if id != STACK_LOST && !self.stacks.contains_key(&id) {
                 if let Ok(buf) = stack_map.get(&id, 0) {
-                    self.stacks.insert(id, clean_frames(&buf));
+                    self.stacks.insert(id, clean_frames(&buf, self.unwind_mode));
                 }
             }
             // Sampling mode keeps estimated counts in fixed point.
@@ -399,7 +440,20 @@ impl Backend for EbpfProbes {
     }
 
     fn drain_syscalls(&mut self) -> Vec<SyscallEvent> {
-        self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default()
+        let events = self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default();
+        // New code to walk through: an executable mapping made (dlopen), or made executable.
+        let new_code = events.iter().any(|e| {
+            e.phase == tracer_common::phase::EXIT
+                && e.ret >= 0
+                && matches!(e.sys, tracer_common::sys::MMAP | tracer_common::sys::MPROTECT)
+                && e.args[2] & ::libc::PROT_EXEC as u64 != 0
+        });
+        let poll_due = self.syscalls.is_none()
+            && self.unwind.as_ref().is_some_and(|(_, at)| at.elapsed() >= UNWIND_POLL);
+        if new_code || poll_due {
+            self.refresh_unwind();
+        }
+        events
     }
 
     fn live_total_peak(&mut self) -> Option<i64> {
@@ -417,7 +471,7 @@ impl Backend for EbpfProbes {
         }
         let map: HashMap<&MapData, u64, StackBuf> =
             HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
-        let frames = clean_frames(&map.get(&id, 0).ok()?);
+        let frames = clean_frames(&map.get(&id, 0).ok()?, self.unwind_mode);
         self.stacks.insert(id, frames.clone());
         Some(frames)
     }
@@ -484,13 +538,15 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Frames of a kernel stack record, leaf first. Slot 1 holds the return address read at the
-/// probe; when the kernel's own walk already included it (probes on `push %rbp` or
-/// `endbr64`), slot 2 repeats it and one copy goes. Zero entries go too.
-fn clean_frames(buf: &StackBuf) -> Vec<u64> {
+/// Frames of a kernel stack record, leaf first. With `--unwind fp`, slot 1 holds the return
+/// address read at the probe; when the kernel's own walk already included it (probes on
+/// `push %rbp` or `endbr64`), slot 2 repeats it and one copy goes. Our own walk records each
+/// frame once (a function calling itself repeats a return address, which stays). Zero entries
+/// go too.
+fn clean_frames(buf: &StackBuf, mode: UnwindMode) -> Vec<u64> {
     let len = (buf.len as usize).min(buf.frames.len());
     let mut frames = buf.frames[..len].to_vec();
-    if frames.len() > 2 && frames[1] == frames[2] {
+    if mode == UnwindMode::Fp && frames.len() > 2 && frames[1] == frames[2] {
         frames.remove(2);
     }
     // An unreadable caller in slot 1, or the end marker some walks leave: not frames.
@@ -511,16 +567,22 @@ mod tests {
 
     #[test]
     fn caller_recovered_by_the_probe_is_kept() {
-        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x30])), vec![0x10, 0x20, 0x30]);
+        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x30]), UnwindMode::Fp), vec![0x10, 0x20, 0x30]);
     }
 
     #[test]
     fn caller_also_found_by_the_kernel_appears_once() {
-        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x20, 0x30])), vec![0x10, 0x20, 0x30]);
+        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x20, 0x30]), UnwindMode::Fp), vec![0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn a_walked_stack_keeps_a_repeated_return_address() {
+        // f calling itself: two frames with one return address.
+        assert_eq!(clean_frames(&buf(&[0x10, 0x20, 0x20, 0x30]), UnwindMode::Auto), vec![0x10, 0x20, 0x20, 0x30]);
     }
 
     #[test]
     fn unreadable_caller_is_dropped() {
-        assert_eq!(clean_frames(&buf(&[0x10, 0, 0x30])), vec![0x10, 0x30]);
+        assert_eq!(clean_frames(&buf(&[0x10, 0, 0x30]), UnwindMode::Fp), vec![0x10, 0x30]);
     }
 }

@@ -60,6 +60,14 @@ pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
         ("stack_collision", c(counter::STACK_COLLISION)),
         ("stack_insert_failed", c(counter::STACK_INSERT_FAILED)),
         ("peak_contended", c(counter::PEAK_CONTENDED)),
+        // Stacks the walker cut short (the allocation itself is counted, under the frames
+        // found): why each stopped.
+        ("stack_cut_no_unwind_rows", c(counter::UNWIND_NO_ROWS)),
+        ("stack_cut_bad_frame", c(counter::UNWIND_BAD_FRAME)),
+        ("stack_cut_outside_mappings", c(counter::UNWIND_OUTSIDE_MAPPINGS)),
+        ("stack_cut_unsupported_rule", c(counter::UNWIND_UNSUPPORTED)),
+        // Not a failure: deeper than the frames kept.
+        ("stack_depth_cap", c(counter::UNWIND_DEPTH_CAP)),
     ]
 }
 

@@ -20,6 +20,7 @@ use aya::{Ebpf, maps::Map};
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_BTF_LOAD: libc::c_long = 18;
 /// `BPF_PROG_TYPE_KPROBE`: uprobe programs are kprobe programs to the kernel.
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `enum bpf_attach_type` values, as in this kernel's BTF.
@@ -62,6 +63,10 @@ const LOG_SIZE: usize = 1 << 20;
 pub enum SessionError {
     #[error("parse the BPF object")]
     Parse(#[source] aya_obj::ParseError),
+    #[error("the BPF object's BTF")]
+    Btf(#[source] aya_obj::btf::BtfError),
+    #[error("load the BPF object's BTF")]
+    BtfLoad(#[source] io::Error),
     #[error("relocate the BPF programs against their maps")]
     Relocate(#[source] aya_obj::relocation::EbpfRelocationError),
     #[error("BPF program {0} is not in the object")]
@@ -122,6 +127,27 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    /// The object's BTF, and which of its functions each subprogram is: the verifier needs
+    /// them for a program that passes a callback (the stack walker's `bpf_loop`).
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+}
+
+/// BPF_BTF_LOAD's attr.
+#[repr(C)]
+#[derive(Default)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
 }
 
 /// BPF_LINK_CREATE's attr with its `uprobe_multi` member.
@@ -178,12 +204,28 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<OwnedFd> {
 /// programs are loaded for uprobe-multi links.
 pub struct Loader {
     obj: aya_obj::Object,
+    btf: Option<OwnedFd>,
 }
 
 impl Loader {
     /// `elf` is the object `ebpf` was loaded from.
     pub fn new(ebpf: &Ebpf, elf: &[u8]) -> Result<Loader, SessionError> {
         let mut obj = aya_obj::Object::parse(elf).map_err(SessionError::Parse)?;
+        // Every BTF kind this kernel (6.6+, for uprobe-multi) knows: nothing to strip, only
+        // the fix-ups an object file needs (section sizes, variable offsets).
+        let features = aya_obj::btf::BtfFeatures::new(true, true, true, true, true, true, true, true);
+        let btf = match obj.fixup_and_sanitize_btf(&features).map_err(SessionError::Btf)? {
+            Some(btf) => {
+                let bytes = btf.to_bytes();
+                let attr = BtfLoadAttr {
+                    btf: bytes.as_ptr() as u64,
+                    btf_size: bytes.len() as u32,
+                    ..BtfLoadAttr::default()
+                };
+                Some(bpf(BPF_BTF_LOAD, (&raw const attr).cast(), size_of::<BtfLoadAttr>()).map_err(SessionError::BtfLoad)?)
+            }
+            None => None,
+        };
         let maps: Vec<(String, aya_obj::Map)> = obj.maps.drain().collect();
         let mut fds = Vec::with_capacity(maps.len());
         for (map_name, _) in &maps {
@@ -204,7 +246,7 @@ impl Loader {
         )
         .map_err(relocate)?;
         obj.relocate_calls(&text_sections).map_err(relocate)?;
-        Ok(Loader { obj })
+        Ok(Loader { obj, btf })
     }
 
     /// Loads program `name` for a link of `kind` and attaches it to `path` at each file
@@ -280,6 +322,13 @@ impl Loader {
             expected_attach_type: kind.attach_type(),
             ..ProgLoadAttr::default()
         };
+        if let Some(btf) = &self.btf {
+            let funcs = &function.func_info.func_info;
+            attr.prog_btf_fd = btf.as_raw_fd() as u32;
+            attr.func_info_rec_size = function.func_info_rec_size as u32;
+            attr.func_info = funcs.as_ptr() as u64;
+            attr.func_info_cnt = funcs.len() as u32;
+        }
         match bpf(
             BPF_PROG_LOAD,
             (&raw const attr).cast(),
@@ -335,6 +384,10 @@ mod tests {
     fn attr_layouts_match_the_kernel() {
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_btf_fd), 72);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, func_info), 80);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, line_info), 96);
+        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
         assert_eq!(std::mem::offset_of!(LinkCreateAttr, path), 16);
         assert_eq!(std::mem::offset_of!(LinkCreateAttr, cnt), 48);
         assert_eq!(std::mem::offset_of!(LinkCreateAttr, pid), 56);

@@ -2,6 +2,7 @@
 //! `.eh_frame`, the table of executable mappings that says which rows serve which addresses,
 //! and the walk itself in plain Rust (the ptrace backend's, and the model of the BPF walker in
 //! tracer-ebpf/src/stack.rs). Nothing here touches the kernel.
+pub mod kernel;
 pub mod process;
 pub mod rows;
 

@@ -44,12 +44,8 @@ impl ProcessTables {
         let pid = self.pid;
         let (cache, rows, placed) = (&mut self.cache, &mut self.rows, &mut self.placed);
         self.mappings = plan_mappings(&maps, |m| {
-            let path = m.path.as_deref()?;
-            let module = cache.get(m, || {
-                std::fs::read(format!("/proc/{pid}/root{path}"))
-                    .ok()
-                    .or_else(|| std::fs::read(m.file().map_files_path(pid)).ok())
-            })?;
+            m.path.as_deref()?;
+            let module = cache.get(m, || read_module(pid, m))?;
             let bias = module.bias(m.start, m.offset)?;
             let &mut (first, len) = placed.entry((m.dev, m.inode)).or_insert_with(|| {
                 let first = rows.len() as u32;
@@ -80,4 +76,13 @@ impl ProcessTables {
         };
         (frames.iter().map(|f| f.pc).collect(), stop)
     }
+}
+
+/// The bytes of the file `m` maps, as the process sees it (through its root, or the mapping
+/// itself when the path no longer leads to it).
+pub fn read_module(pid: u32, m: &crate::symbolize::maps::Mapping) -> Option<Vec<u8>> {
+    let path = m.path.as_deref()?;
+    std::fs::read(format!("/proc/{pid}/root{path}"))
+        .ok()
+        .or_else(|| std::fs::read(m.file().map_files_path(pid)).ok())
 }

@@ -70,6 +70,11 @@ pub fn clean_frames(mut frames: Vec<u64>) -> Vec<u64> {
 }
 
 impl Book {
+    /// How this recording walks stacks (`--unwind`).
+    pub fn unwind_mode(&self) -> crate::unwind::UnwindMode {
+        self.limits.unwind
+    }
+
     pub fn new(limits: Limits) -> Book {
         let mut stats = HashMap::new();
         // As on the BPF side, allocations whose stack is lost are counted under this key,
@@ -353,6 +358,7 @@ mod tests {
         max_live: 1024,
         max_stacks: 1024,
         sample_bytes: None,
+        unwind: crate::unwind::UnwindMode::Auto,
     };
 
     fn totals(book: &Book, stack: u64) -> (i64, i64, u64, u64) {
@@ -454,6 +460,7 @@ mod tests {
             max_live: 1,
             max_stacks: 2,
             sample_bytes: None,
+            unwind: crate::unwind::UnwindMode::Auto,
         });
         let s1 = b.intern_stack(&[1]);
         let s2 = b.intern_stack(&[2]);

@@ -864,9 +864,11 @@ impl Engine {
             let mut word = [0u8; 8];
             mem.read(addr, &mut word).then(|| u64::from_le_bytes(word))
         };
-        let tables = self
-            .unwind
-            .get_or_insert_with(|| crate::unwind::process::ProcessTables::new(self.pid as u32, crate::unwind::UnwindMode::Auto));
+        if self.unwind.is_none() {
+            let mode = self.book.lock().map(|b| b.unwind_mode()).unwrap_or_default();
+            self.unwind = Some(crate::unwind::process::ProcessTables::new(self.pid as u32, mode));
+        }
+        let Some(tables) = self.unwind.as_mut() else { return None };
         let (mut frames, _) = tables.pcs(crate::unwind::Regs { ip: at, sp, bp: regs.rbp }, MAX_FRAMES, read);
         // The caller is on top of the stack at the entry, whatever the rows say.
         if frames.len() < 2 {
