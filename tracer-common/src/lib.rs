@@ -262,6 +262,30 @@ pub struct UnwindHeader {
     pub len: [u32; 2],
 }
 
+/// Bytes of the user stack copied for a walk that user space finishes.
+pub const DEFERRED_STACK_BYTES: usize = 8192;
+
+/// Marks the last frame of a stack whose walk met code the kernel's tables did not hold yet
+/// (a library mapped moments ago): the frame is this bit with a token that names the
+/// [`DeferredStack`] from which user space finishes the walk. No user address has it.
+pub const DEFERRED_TOKEN: u64 = 1 << 63;
+
+/// The rest of a walk, for user space: the frame the kernel could not place, and a copy of the
+/// stack from its stack pointer up.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DeferredStack {
+    pub token: u64,
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// 1 when `pc` is exact rather than a return address.
+    pub exact: u32,
+    /// Bytes of `bytes` that hold the stack from `sp`.
+    pub copied: u32,
+    pub bytes: [u8; DEFERRED_STACK_BYTES],
+}
+
 /// Each frame's stack pointer (CFA of the frame below) and frame pointer, slot for slot with
 /// a captured [`StackBuf`]'s frames, for callers that read a frame's slots (V8 frames).
 #[repr(C)]
@@ -278,6 +302,7 @@ mod user {
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindHeader {}
     unsafe impl aya::Pod for super::FrameRegs {}
+    unsafe impl aya::Pod for super::DeferredStack {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::LiveAlloc {}
     unsafe impl aya::Pod for super::StackStats {}

@@ -17,17 +17,19 @@
 //!
 //! Stacks are kept by a 64-bit hash of their frames; a hash hit is checked frame by frame, so
 //! two stacks that share a hash are never merged.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_stack, bpf_loop},
+        generated::{bpf_get_smp_processor_id, bpf_get_stack, bpf_loop, bpf_probe_read_user as read_user_bytes},
     },
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, StackBuf, UnwindHeader, UnwindMapping,
+    DEFERRED_STACK_BYTES, DEFERRED_TOKEN, DeferredStack, FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, StackBuf, UnwindHeader, UnwindMapping,
     UnwindRow, counter, row_kind, sigframe, unwind_mode,
 };
 
@@ -64,6 +66,14 @@ static UNWIND_HEADER: Array<UnwindHeader> = Array::with_max_entries(1, 0);
 /// Each walked frame's stack and frame pointer, per scratch slot.
 #[map]
 static FRAME_REGS: PerCpuArray<FrameRegs> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Walks that met code the tables do not hold yet, for user space to finish.
+#[map]
+static DEFERRED_STACKS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Per-CPU sequence numbers of deferred walks: with the CPU, a token no other walk has.
+#[map]
+static DEFERRED_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The user registers a walk starts from.
 #[derive(Clone, Copy)]
@@ -191,15 +201,61 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
         count(counter::DROP_STACK_UNAVAILABLE);
         return false;
     }
+    let mut len = walk.len;
     match walk.stop {
         END => {}
         // bpf_loop ran out of iterations: the buffer is full.
         NO_STOP => count(counter::UNWIND_DEPTH_CAP),
+        counter::UNWIND_OUTSIDE_MAPPINGS if len < MAX_FRAMES as u32 => match defer(&walk) {
+            // The last frame names the rest, which user space walks.
+            Some(token) => {
+                // SAFETY: our scratch slot; len < MAX_FRAMES.
+                unsafe { (*buf).frames[(len as usize) & (MAX_FRAMES - 1)] = token };
+                len += 1;
+            }
+            None => count(counter::UNWIND_OUTSIDE_MAPPINGS),
+        },
         reason => count(reason),
     }
     // SAFETY: our scratch slot, owned until released.
-    unsafe { (*buf).len = walk.len as u64 };
+    unsafe { (*buf).len = len as u64 };
     true
+}
+
+/// Sends the rest of a walk that reached code the tables do not hold (a library mapped since
+/// they were written: its first calls can come microseconds after the mmap) to user space,
+/// with a copy of the stack; returns the token that stands for it, or None if it could not be
+/// sent.
+#[inline(always)]
+fn defer(walk: &Walk) -> Option<u64> {
+    let seq = DEFERRED_SEQ.get_ptr_mut(0)?;
+    // SAFETY: a valid map value, changed only atomically.
+    let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(seq, 1) };
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let token = DEFERRED_TOKEN | (cpu << 40) | (n & ((1 << 40) - 1));
+    let mut entry = DEFERRED_STACKS.reserve::<DeferredStack>(0)?;
+    let d = entry.as_mut_ptr();
+    // SAFETY: the reserved record, ours until submitted or discarded.
+    unsafe {
+        (*d).token = token;
+        (*d).pc = walk.pc;
+        (*d).sp = walk.sp;
+        (*d).bp = walk.bp;
+        (*d).exact = walk.exact;
+        (*d).copied = 0;
+        // The stack's top may lie closer than the full copy to the end of its mapping.
+        let dst = (&raw mut (*d).bytes).cast::<core::ffi::c_void>();
+        let src = walk.sp as *const core::ffi::c_void;
+        if read_user_bytes(dst, DEFERRED_STACK_BYTES as u32, src) == 0 {
+            (*d).copied = DEFERRED_STACK_BYTES as u32;
+        } else if read_user_bytes(dst, 2048, src) == 0 {
+            (*d).copied = 2048;
+        } else if read_user_bytes(dst, 256, src) == 0 {
+            (*d).copied = 256;
+        }
+    }
+    entry.submit(0);
+    Some(token)
 }
 
 /// One frame: records it, then finds its caller. Returns 1 to end the walk.
@@ -245,11 +301,11 @@ fn read(addr: u64) -> Result<u64, u32> {
 #[inline(always)]
 fn caller(w: &mut Walk) -> Result<(), u32> {
     let lookup_pc = if w.exact != 0 { w.pc } else { w.pc.wrapping_sub(1) };
-    let mapping = find_mapping(w, lookup_pc);
-    let row = match &mapping {
-        Some(m) if m.rows_len != 0 => find_row(m, lookup_pc),
-        _ => None,
+    // Code in no known mapping has no frame pointer rule either (see unwind::walk).
+    let Some(mapping) = find_mapping(w, lookup_pc) else {
+        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
     };
+    let row = if mapping.rows_len != 0 { find_row(&mapping, lookup_pc) } else { None };
     let (cfa, ra_slot, next_bp, next_exact) = match row {
         Some(r) if r.kind == row_kind::END => return Err(END),
         Some(r) if r.kind == row_kind::CFA_RSP || r.kind == row_kind::CFA_RBP || r.kind == row_kind::PLT => {
@@ -291,13 +347,15 @@ fn caller(w: &mut Walk) -> Result<(), u32> {
         return Err(counter::UNWIND_BAD_FRAME);
     }
     let next_lookup = if next_exact != 0 { ra } else { ra.wrapping_sub(1) };
-    if find_mapping(w, next_lookup).is_none() {
-        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
-    }
+    let known = find_mapping(w, next_lookup).is_some();
+    // Outside every mapping, the caller is kept in `w` for user space to go on from.
     w.pc = ra;
     w.sp = cfa;
     w.bp = next_bp;
     w.exact = next_exact;
+    if !known {
+        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
+    }
     Ok(())
 }
 

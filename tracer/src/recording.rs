@@ -288,6 +288,9 @@ impl Recording {
                         self.exit_seen = Some(at);
                         // One reading, taken while other threads may still map: mended if torn.
                         if let Ok(m) = ProcMaps::parse_torn(&text) {
+                            if let Some(probes) = &mut self.probes {
+                                probes.exiting(&m);
+                            }
                             self.maps.update(m);
                         }
                         self.at_exit = Some((smaps.clone(), present));

@@ -104,6 +104,16 @@ pub struct EbpfProbes {
     links: Vec<UprobeLink>,
     /// The BPF walker's tables (`--unwind dwarf|auto`), and when the maps were last read.
     unwind: Option<(KernelTables, std::time::Instant)>,
+    /// Walks the kernel handed over (see `DeferredStack`), the tables that finish them (made
+    /// at the first), and their frames by token.
+    deferred: Option<aya::maps::RingBuf<MapData>>,
+    finisher: Option<crate::unwind::process::ProcessTables>,
+    finished: StdHashMap<u64, Vec<u64>>,
+    /// The target's maps as last read (or as given at its exit, then `exit_maps`).
+    last_maps: Option<ProcMaps>,
+    exit_maps: bool,
+    /// Handed-over walks not finished yet (their process gone before its exit was seen).
+    unfinished: Vec<tracer_common::DeferredStack>,
     pid: u32,
     unwind_mode: UnwindMode,
 }
@@ -286,6 +296,17 @@ impl EbpfProbes {
                 }
             }
         };
+        // Taken out of the object only now: the loaders above look up every map by name.
+        let deferred = match limits.unwind {
+            UnwindMode::Fp => None,
+            _ => {
+                let map = ebpf.take_map("DEFERRED_STACKS").ok_or(EbpfError::Map {
+                    name: "DEFERRED_STACKS",
+                    source: aya::maps::MapError::InvalidName { name: "DEFERRED_STACKS".into() },
+                })?;
+                Some(aya::maps::RingBuf::try_from(map).map_err(|source| EbpfError::Map { name: "DEFERRED_STACKS", source })?)
+            }
+        };
         Ok(EbpfProbes {
             ebpf,
             stacks: StdHashMap::new(),
@@ -296,9 +317,71 @@ impl EbpfProbes {
             sampling,
             anchors,
             unwind: tables.map(|t| (t, std::time::Instant::now())),
+            deferred,
+            finisher: None,
+            finished: StdHashMap::new(),
+            last_maps: walk_maps.clone(),
+            exit_maps: false,
+            unfinished: Vec::new(),
             pid: tgid,
             unwind_mode: limits.unwind,
         })
+    }
+
+    /// Finishes the walks the kernel handed over, from their stack copies, with tables of
+    /// this process's current mappings (a walk is handed over when it meets a library the
+    /// kernel's tables did not hold yet, which they hold now or soon: they are refreshed too).
+    fn finish_deferred(&mut self, final_pass: bool) {
+        let Some(ring) = &mut self.deferred else { return };
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<tracer_common::DeferredStack>() {
+                // SAFETY: the kernel wrote a whole DeferredStack (checked length); read unaligned.
+                self.unfinished.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<tracer_common::DeferredStack>()) });
+            }
+        }
+        if self.unfinished.is_empty() {
+            return;
+        }
+        let alive = ProcMaps::read(self.pid).is_ok();
+        if !alive && !self.exit_maps && !final_pass {
+            // Gone before its exit stop was seen: the maps read there are the right ones.
+            return;
+        }
+        let records = std::mem::take(&mut self.unfinished);
+        self.refresh_unwind();
+        let (pid, mode) = (self.pid, self.unwind_mode);
+        let fresh = self.finisher.is_none();
+        let finisher = self.finisher.get_or_insert_with(|| crate::unwind::process::ProcessTables::new(pid, mode));
+        if let (true, Some(maps)) = (fresh, &self.last_maps) {
+            // The process may be gone: the last reading of its maps stands in.
+            finisher.refresh_from(maps);
+        }
+        for d in records {
+            let copied = (d.copied as usize).min(d.bytes.len());
+            let read = |addr: u64| {
+                let off = addr.checked_sub(d.sp)? as usize;
+                let word = d.bytes.get(off..off.checked_add(8)?.min(copied))?;
+                Some(u64::from_le_bytes(word.try_into().ok()?))
+            };
+            let regs = crate::unwind::Regs { ip: d.pc, sp: d.sp, bp: d.bp };
+            let (pcs, _) = finisher.pcs_from(regs, d.exact != 0, tracer_common::MAX_FRAMES, read);
+            self.finished.insert(d.token, pcs);
+        }
+    }
+
+    /// A stack's frames with a handed-over walk's token replaced by its frames; None while
+    /// they are not known yet.
+    fn complete(&self, mut frames: Vec<u64>) -> Option<Vec<u64>> {
+        match frames.last() {
+            Some(&token) if token & tracer_common::DEFERRED_TOKEN != 0 => {
+                let rest = self.finished.get(&token)?;
+                frames.pop();
+                frames.extend_from_slice(rest);
+                frames.truncate(tracer_common::MAX_FRAMES);
+                Some(frames)
+            }
+            _ => Some(frames),
+        }
     }
 
     /// Loads the rows of libraries mapped since the walker's tables were last written.
@@ -307,6 +390,10 @@ impl EbpfProbes {
         *at = std::time::Instant::now();
         let Ok(maps) = ProcMaps::read(self.pid) else { return };
         let _ = tables.refresh(&mut self.ebpf, &maps);
+        if let Some(f) = &mut self.finisher {
+            f.refresh_from(&maps);
+        }
+        self.last_maps = Some(maps);
         for module in tables.full.drain(..) {
             self.warnings.push(format!("no room for the unwind rows of {module}: its frames are walked by frame pointer"));
         }
@@ -320,6 +407,9 @@ impl EbpfProbes {
             source: aya::maps::MapError::InvalidName { name: name.into() },
         };
 
+        // Walks handed over are sent before their stacks are stored: finished first, every
+        // stack read below that has one finds it.
+        self.finish_deferred(true);
         let stats: HashMap<&MapData, u64, StackStats> =
             HashMap::try_from(self.ebpf.map("STATS").ok_or_else(|| missing("STATS"))?)
                 .map_err(map_err("STATS"))?;
@@ -336,7 +426,9 @@ impl EbpfProbes {
         for (id, s) in rows {
             if id != STACK_LOST && !self.stacks.contains_key(&id) {
                 if let Ok(buf) = stack_map.get(&id, 0) {
-                    self.stacks.insert(id, clean_frames(&buf, self.unwind_mode));
+                    if let Some(frames) = self.complete(clean_frames(&buf, self.unwind_mode)) {
+                        self.stacks.insert(id, frames);
+                    }
                 }
             }
             // Sampling mode keeps estimated counts in fixed point.
@@ -453,7 +545,20 @@ impl Backend for EbpfProbes {
         if new_code || poll_due {
             self.refresh_unwind();
         }
+        self.finish_deferred(false);
         events
+    }
+
+    fn exiting(&mut self, maps: &ProcMaps) {
+        if self.deferred.is_none() {
+            return;
+        }
+        if let Some(f) = &mut self.finisher {
+            f.refresh_from(maps);
+        }
+        self.last_maps = Some(maps.clone());
+        self.exit_maps = true;
+        self.finish_deferred(true);
     }
 
     fn live_total_peak(&mut self) -> Option<i64> {
@@ -471,7 +576,14 @@ impl Backend for EbpfProbes {
         }
         let map: HashMap<&MapData, u64, StackBuf> =
             HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
-        let frames = clean_frames(&map.get(&id, 0).ok()?, self.unwind_mode);
+        let raw = clean_frames(&map.get(&id, 0).ok()?, self.unwind_mode);
+        let frames = match self.complete(raw.clone()) {
+            Some(f) => f,
+            None => {
+                self.finish_deferred(true);
+                self.complete(raw)?
+            }
+        };
         self.stacks.insert(id, frames.clone());
         Some(frames)
     }

@@ -112,6 +112,10 @@ pub trait Backend {
     /// Live malloc-family bytes of all stacks together: the most since the last call where
     /// the backend sees every change (ptrace), else the total now (a sample). None when the
     /// backend cannot tell.
+    /// The target is exiting and its memory map as it was read at the exit stop: what a
+    /// backend that still has work about the process (walks to finish) needs of it.
+    fn exiting(&mut self, _maps: &crate::symbolize::maps::ProcMaps) {}
+
     fn live_total_peak(&mut self) -> Option<i64> {
         None
     }

@@ -160,18 +160,36 @@ impl Table<'_> {
 /// it has none (unless `mode` is [`UnwindMode::Dwarf`]). `read(addr)` reads a word of the
 /// target's memory.
 pub fn walk(regs: Regs, table: &Table<'_>, mode: UnwindMode, max: usize, read: impl Fn(u64) -> Option<u64>) -> (Vec<Frame>, Stop) {
+    walk_from(regs, true, table, mode, max, read)
+}
+
+/// [`walk`] from a frame whose pc is `exact`, or a return address (the rest of a walk the
+/// kernel began).
+pub fn walk_from(
+    regs: Regs,
+    exact: bool,
+    table: &Table<'_>,
+    mode: UnwindMode,
+    max: usize,
+    read: impl Fn(u64) -> Option<u64>,
+) -> (Vec<Frame>, Stop) {
     let mut frames = Vec::new();
     let (mut pc, mut sp, mut bp) = (regs.ip, regs.sp, regs.bp);
     // The first frame's pc and the pc of a frame a signal interrupted are exact; the others are
     // return addresses, which may lie past the end of their call's function.
-    let mut exact = true;
+    let mut exact = exact;
     loop {
         frames.push(Frame { pc, sp, bp });
         if frames.len() >= max {
             return (frames, Stop::DepthCap);
         }
         let lookup_pc = if exact { pc } else { pc - 1 };
-        let row = table.mapping(lookup_pc).and_then(|m| table.row(m, lookup_pc));
+        // Code in no known mapping has no frame pointer rule either: only a mapping known to
+        // hold code without rows is walked by frame pointer.
+        let Some(mapping) = table.mapping(lookup_pc) else {
+            return (frames, Stop::OutsideMappings);
+        };
+        let row = table.row(mapping, lookup_pc);
         let (cfa, ra, next_bp, next_exact) = match row {
             Some(Some(r)) => match r.kind {
                 row_kind::END => return (frames, Stop::End),

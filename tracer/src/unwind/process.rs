@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::{Duration, Instant}};
 
 use tracer_common::{UnwindMapping, UnwindRow};
 
-use super::{ModuleCache, Regs, Stop, Table, UnwindMode, plan_mappings, walk};
+use super::{ModuleCache, Regs, Stop, Table, UnwindMode, plan_mappings, walk_from};
 use crate::symbolize::maps::ProcMaps;
 
 /// Code without rows re-reads the maps at most this often.
@@ -41,9 +41,14 @@ impl ProcessTables {
     pub fn refresh(&mut self) {
         self.last_read = Some(Instant::now());
         let Ok(maps) = ProcMaps::read(self.pid) else { return };
+        self.refresh_from(&maps);
+    }
+
+    /// Takes `maps` as the process's mappings (a reading made elsewhere, or at its exit).
+    pub fn refresh_from(&mut self, maps: &ProcMaps) {
         let pid = self.pid;
         let (cache, rows, placed) = (&mut self.cache, &mut self.rows, &mut self.placed);
-        self.mappings = plan_mappings(&maps, |m| {
+        self.mappings = plan_mappings(maps, |m| {
             m.path.as_deref()?;
             let module = cache.get(m, || read_module(pid, m))?;
             let bias = module.bias(m.start, m.offset)?;
@@ -63,14 +68,19 @@ impl ProcessTables {
     /// The stack's pcs from `regs`, leaf first; the maps are read again once when the walk
     /// meets an address they did not know.
     pub fn pcs(&mut self, regs: Regs, max: usize, read: impl Fn(u64) -> Option<u64>) -> (Vec<u64>, Stop) {
-        let (frames, stop) = walk(regs, &self.table(), self.mode, max, &read);
+        self.pcs_from(regs, true, max, read)
+    }
+
+    /// [`Self::pcs`] from a frame whose pc is a return address unless `exact`.
+    pub fn pcs_from(&mut self, regs: Regs, exact: bool, max: usize, read: impl Fn(u64) -> Option<u64>) -> (Vec<u64>, Stop) {
+        let (frames, stop) = walk_from(regs, exact, &self.table(), self.mode, max, &read);
         // A return address in no mapping may be in a library mapped since (dlopen, whose code
         // can allocate microseconds after it is mapped): the maps are read again at once.
         // Code without rows is read again only now and then.
         let stale = self.last_read.is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
         let (frames, stop) = if stop == Stop::OutsideMappings || (stop == Stop::NoRows && stale) {
             self.refresh();
-            walk(regs, &self.table(), self.mode, max, &read)
+            walk_from(regs, exact, &self.table(), self.mode, max, &read)
         } else {
             (frames, stop)
         };
@@ -85,4 +95,11 @@ pub fn read_module(pid: u32, m: &crate::symbolize::maps::Mapping) -> Option<Vec<
     std::fs::read(format!("/proc/{pid}/root{path}"))
         .ok()
         .or_else(|| std::fs::read(m.file().map_files_path(pid)).ok())
+        // A process gone (its walks finished after its exit) has no /proc entry: the file as
+        // this process sees it, if it is the same one.
+        .or_else(|| {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(path).ok()?;
+            (meta.ino() == m.inode).then(|| std::fs::read(path).ok()).flatten()
+        })
 }
