@@ -7,11 +7,10 @@
 //! sampling every allocation (`path::{launch,attach,ptrace,sampling}`). The comparison rule is
 //! in support/gdb.rs.
 //!
-//! The paths that need an unwinder reading CFI are `#[ignore]`d with the reason "needs the CFI
-//! walker (issue 11)" in the eBPF modes: they fail today, each with a table of where its stack
-//! leaves gdb's. The ptrace backend already walks the unwind rows (in user space), so its
-//! variant of every path runs.
-//! `cargo test ... -- --ignored` runs them.
+//! The eBPF modes walk the stack in the kernel from the unwind rows (`--unwind auto`, the
+//! default), the ptrace backend walks the same rows in user space. A failure prints both stacks
+//! side by side with the first difference named. `node_stacks_match_gdb` measures the share of
+//! a node workload's stacks that equal gdb's.
 
 mod support;
 
@@ -293,31 +292,27 @@ fn names_from_gdb_and_from_symbol_tables_compare_equal() {
 /// For each path: a test in launch mode, one in attach mode (eBPF), one in launch mode with
 /// the ptrace backend, one in attach mode sampling every allocation.
 macro_rules! path_tests {
-    ($( $name:ident, $path:literal, [$($ignore:tt)*] );* $(;)?) => {$(
+    ($( $name:ident, $path:literal );* $(;)?) => {$(
         mod $name {
             use super::*;
 
             #[test]
-            $($ignore)*
             fn launch() {
                 check_path(launched(), $path);
             }
 
             #[test]
-            $($ignore)*
             fn attach() {
                 check_path(attached(), $path);
             }
 
-            // The ptrace backend walks the rows in user space (unwind::process): no path of
-            // it waits for the BPF walker.
+            // The ptrace backend walks the same rows in user space (unwind::process).
             #[test]
             fn ptrace() {
                 check_path(launched_ptrace(), $path);
             }
 
             #[test]
-            $($ignore)*
             fn sampling() {
                 check_path(attached_sampling(), $path);
             }
@@ -326,17 +321,17 @@ macro_rules! path_tests {
 }
 
 path_tests! {
-    malloc_from_frame_pointer_code, "malloc", [];
-    new_char_array, "new", [#[ignore = "needs the CFI walker (issue 11)"]];
-    new_std_string, "string", [#[ignore = "needs the CFI walker (issue 11)"]];
-    strdup, "strdup", [#[ignore = "needs the CFI walker (issue 11)"]];
-    qsort_comparator, "qsort", [#[ignore = "needs the CFI walker (issue 11)"]];
-    omit_frame_pointer_library, "deep", [#[ignore = "needs the CFI walker (issue 11)"]];
-    signal_handler, "signal", [#[ignore = "needs the CFI walker (issue 11)"]];
-    dlopened_library, "dlopen", [#[ignore = "needs the CFI walker (issue 11)"]];
-    inlined_functions, "inline", [];
-    calloc_from_frame_pointer_code, "calloc", [];
-    realloc_from_frame_pointer_code, "realloc", [];
+    malloc_from_frame_pointer_code, "malloc";
+    new_char_array, "new";
+    new_std_string, "string";
+    strdup, "strdup";
+    qsort_comparator, "qsort";
+    omit_frame_pointer_library, "deep";
+    signal_handler, "signal";
+    dlopened_library, "dlopen";
+    inlined_functions, "inline";
+    calloc_from_frame_pointer_code, "calloc";
+    realloc_from_frame_pointer_code, "realloc";
 }
 
 /// The deep library must really use rbp as a general register (else its path would test
@@ -391,13 +386,11 @@ fn check_no_invented_frames(seen: &Observed) {
 }
 
 #[test]
-#[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_launch() {
     check_no_invented_frames(launched());
 }
 
 #[test]
-#[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_attach() {
     check_no_invented_frames(attached());
 }
@@ -408,7 +401,6 @@ fn no_invented_frames_ptrace() {
 }
 
 #[test]
-#[ignore = "needs the CFI walker (issue 11)"]
 fn no_invented_frames_sampling() {
     check_no_invented_frames(attached_sampling());
 }
@@ -445,7 +437,6 @@ fn waiting_node() -> (Proc, std::process::ChildStdin) {
 /// The bar, 95%, is below the 98.8% the issue expects once the callers of frameless code
 /// (operator new) are recovered, for what two runs of a JIT do differently.
 #[test]
-#[ignore = "needs the CFI walker (issue 11)"]
 fn node_stacks_match_gdb() {
     setup();
     assert!(
@@ -624,6 +615,37 @@ fn sample_report_stack(skip_leaf_new: bool, variants: u64) -> Value {
     // Past gdb's main: not compared.
     frames.push(report_frame(libc, 0x99999, "anything", false));
     serde_json::json!({ "frames": frames, "variants": variants })
+}
+
+/// The name the comparison gives a frame gdb leaves unnamed (node's second mapping of its
+/// builtins) agrees with binutils: `nm` for the symbol's address, `readelf -l` for the segment
+/// that loads it, and a file offset inside the symbol names it; one just outside does not.
+#[test]
+fn unnamed_gdb_frames_are_named_from_the_symbol_table() {
+    let symbol = "Builtins_JSBuiltinsConstructStub";
+    let nm = run(Command::new("nm").args(["-S", NODE]), "nm node");
+    let (addr, size) = nm
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4 && f[3] == symbol).then(|| {
+                (u64::from_str_radix(f[0], 16).unwrap(), u64::from_str_radix(f[1], 16).unwrap())
+            })
+        })
+        .unwrap_or_else(|| panic!("nm shows no {symbol} in {NODE}"));
+    let segments = run(Command::new("readelf").args(["-lW", NODE]), "readelf -l node");
+    let offset = segments
+        .lines()
+        .filter(|l| l.trim_start().starts_with("LOAD"))
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+            let (off, vaddr, filesz) = (hex(f[1]), hex(f[2]), hex(f[4]));
+            (addr >= vaddr && addr < vaddr + filesz).then(|| off + (addr - vaddr))
+        })
+        .unwrap_or_else(|| panic!("no PT_LOAD of {NODE} holds {addr:#x}"));
+    assert_eq!(support::gdb::symbol_at_file_offset(NODE, offset + 5).as_deref(), Some(symbol));
+    assert_ne!(support::gdb::symbol_at_file_offset(NODE, offset + size).as_deref(), Some(symbol));
 }
 
 #[test]

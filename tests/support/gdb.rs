@@ -483,8 +483,57 @@ fn entries_equal(gdb: &Entry, tracer: &Entry) -> bool {
             || match (&gdb.name, &tracer.name) {
                 (Some(a), Some(b)) => normalize_name(a) == normalize_name(b),
                 (None, None) => true,
+                // gdb places the frame in a file but names no function: node's embedded
+                // builtins, which node maps a second time at another address, where gdb
+                // looks for no symbol. The same place, named as the file's symbol table
+                // names that offset, is the same frame.
+                (None, Some(b)) => {
+                    gdb.offset == tracer.offset
+                        && gdb.module.as_deref().and_then(|m| symbol_at_file_offset(m, gdb.offset))
+                            .is_some_and(|s| normalize_name(&s) == normalize_name(b))
+                }
                 _ => false,
             })
+}
+
+/// The symbol of ELF file `path` (its .symtab, else .dynsym) whose range holds the address
+/// that file offset `offset` is loaded at, found through the file's PT_LOAD headers.
+pub fn symbol_at_file_offset(path: &str, offset: u64) -> Option<String> {
+    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Table = Arc<(Vec<(u64, u64, u64)>, Vec<(u64, u64, String)>)>;
+    static TABLES: OnceLock<Mutex<HashMap<String, Option<Table>>>> = OnceLock::new();
+    let table = TABLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(path.to_owned())
+        .or_insert_with(|| {
+            let data = std::fs::read(path).ok()?;
+            let file = object::File::parse(&*data).ok()?;
+            let loads = file
+                .segments()
+                .map(|s| {
+                    let (off, size) = s.file_range();
+                    (off, size, s.address())
+                })
+                .collect();
+            let symbols = if file.symbols().next().is_some() { file.symbols() } else { file.dynamic_symbols() };
+            let mut syms: Vec<(u64, u64, String)> = symbols
+                .filter(|s| s.is_definition() && s.size() > 0)
+                .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_owned())))
+                .collect();
+            syms.sort();
+            Some(Arc::new((loads, syms)))
+        })
+        .clone()?;
+    let (loads, syms) = &*table;
+    let &(seg_off, _, seg_addr) = loads.iter().find(|&&(o, size, _)| offset >= o && offset < o + size)?;
+    let addr = seg_addr + (offset - seg_off);
+    let i = syms.partition_point(|s| s.0 <= addr);
+    let (start, size, name) = syms.get(i.checked_sub(1)?)?;
+    (addr < start + size).then(|| name.clone())
 }
 
 /// Compares the tracer's stack with gdb's under the rule in the module doc. `Err` holds a
