@@ -334,6 +334,39 @@ path_tests! {
     realloc_from_frame_pointer_code, "realloc";
 }
 
+/// `--unwind fp` is the kernel's frame-pointer walk: the path through frame-pointer code
+/// still equals gdb's, and the one through glibc's frameless `strdup` does not (so the default
+/// walker is really another one).
+#[test]
+fn frame_pointer_mode_walks_frame_pointers_only() {
+    let fp = record_launched("launch mode, --unwind fp", &["--unwind", "fp"]);
+    check_path(&fp, "malloc");
+    let &(_, function, size) = PATHS.iter().find(|(p, _, _)| *p == "strdup").expect("strdup path");
+    let tracer = tracer_entries(tracer_stack(&fp, "strdup", size));
+    let gdb = gdb_entries(fp.gdb.stack_of(function, size));
+    assert!(
+        compare(&gdb, &tracer).is_err(),
+        "with --unwind fp the strdup path should lose frames inside glibc, yet it equals gdb's"
+    );
+}
+
+/// `--unwind dwarf` ends a stack at the first frame without rows (JIT code), counted; `auto`
+/// walks those by frame pointer, so the same node script has no such cut there.
+#[test]
+fn dwarf_mode_counts_frames_without_rows() {
+    setup();
+    let script = "const k = []; function keep(n) { for (let i = 0; i < n; i++) k.push(Buffer.alloc(4096 + i)); }                   for (let r = 0; r < 50; r++) keep(100);";
+    let cut = |mode: &str| {
+        let dir = TempDir::new("unwind-dwarf");
+        let launch = record_launch_ok(&dir, &["--unwind", mode, "--no-jit-symbols"], &[NODE, "-e", script]);
+        num(&launch.report["totals"]["dropped"], "stack_cut_no_unwind_rows")
+    };
+    let dwarf = cut("dwarf");
+    let auto = cut("auto");
+    assert!(dwarf > 0, "--unwind dwarf: no stack was cut at a frame without unwind rows (JIT code)");
+    assert_eq!(auto, 0, "--unwind auto walks code without rows by frame pointer, yet {auto} stacks were cut there");
+}
+
 /// The deep library must really use rbp as a general register (else its path would test
 /// nothing a frame-pointer walk cannot do): every deep_* function writes rbp from something
 /// other than rsp.

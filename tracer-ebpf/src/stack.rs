@@ -17,13 +17,15 @@
 //!
 //! Stacks are kept by a 64-bit hash of their frames; a hash hit is checked frame by frame, so
 //! two stacks that share a hash are never merged.
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_smp_processor_id, bpf_get_stack, bpf_loop, bpf_probe_read_user as read_user_bytes},
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_find_vma, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_loop,
+            bpf_probe_read_user as read_user_bytes,
+        },
     },
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
@@ -48,6 +50,19 @@ static STACK_HASH_MASK: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static UNWIND_MODE: u64 = unwind_mode::FP;
 
+/// Offsets of `vm_area_struct`'s `vm_flags` and `vm_file` in the running kernel (from its
+/// BTF), set by user space before load; u64::MAX when unknown (then no address outside the
+/// table is taken for code).
+#[unsafe(no_mangle)]
+static VMA_FLAGS_OFFSET: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static VMA_FILE_OFFSET: u64 = u64::MAX;
+
+/// `VM_EXEC` and `VM_IO` in `vm_flags`. The kernel's uprobe trampoline page ([uprobes]) is
+/// anonymous and executable too, but VM_IO, and no frame's code.
+const VM_EXEC: u64 = 0x4;
+const VM_IO: u64 = 0x4000;
+
 /// `BPF_F_MMAPABLE`: user space writes the rows straight into the array's memory.
 const MMAPABLE: u32 = 1 << 10;
 
@@ -69,11 +84,7 @@ static FRAME_REGS: PerCpuArray<FrameRegs> = PerCpuArray::with_max_entries(SCRATC
 
 /// Walks that met code the tables do not hold yet, for user space to finish.
 #[map]
-static DEFERRED_STACKS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
-
-/// Per-CPU sequence numbers of deferred walks: with the CPU, a token no other walk has.
-#[map]
-static DEFERRED_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static DEFERRED_STACKS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// The user registers a walk starts from.
 #[derive(Clone, Copy)]
@@ -228,11 +239,11 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
 /// sent.
 #[inline(always)]
 fn defer(walk: &Walk) -> Option<u64> {
-    let seq = DEFERRED_SEQ.get_ptr_mut(0)?;
-    // SAFETY: a valid map value, changed only atomically.
-    let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(seq, 1) };
+    // Unique: two walks on one CPU (one preempting the other included) read different
+    // nanoseconds; 2^52 ns is 52 days.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
-    let token = DEFERRED_TOKEN | (cpu << 40) | (n & ((1 << 40) - 1));
+    let now = unsafe { bpf_ktime_get_ns() };
+    let token = DEFERRED_TOKEN | ((cpu & 0x3ff) << 52) | (now & ((1 << 52) - 1));
     let mut entry = DEFERRED_STACKS.reserve::<DeferredStack>(0)?;
     let d = entry.as_mut_ptr();
     // SAFETY: the reserved record, ours until submitted or discarded.
@@ -301,11 +312,14 @@ fn read(addr: u64) -> Result<u64, u32> {
 #[inline(always)]
 fn caller(w: &mut Walk) -> Result<(), u32> {
     let lookup_pc = if w.exact != 0 { w.pc } else { w.pc.wrapping_sub(1) };
-    // Code in no known mapping has no frame pointer rule either (see unwind::walk).
-    let Some(mapping) = find_mapping(w, lookup_pc) else {
-        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
+    // Code in no known mapping has no frame pointer rule either (see unwind::walk), unless
+    // it is anonymous code the table does not hold yet (JIT code, checked as it was found).
+    let row = match find_mapping(w, lookup_pc) {
+        Some(m) if m.rows_len != 0 => find_row(&m, lookup_pc),
+        Some(_) => None,
+        None if anonymous_code(lookup_pc) => None,
+        None => return Err(counter::UNWIND_OUTSIDE_MAPPINGS),
     };
-    let row = if mapping.rows_len != 0 { find_row(&mapping, lookup_pc) } else { None };
     let (cfa, ra_slot, next_bp, next_exact) = match row {
         Some(r) if r.kind == row_kind::END => return Err(END),
         Some(r) if r.kind == row_kind::CFA_RSP || r.kind == row_kind::CFA_RBP || r.kind == row_kind::PLT => {
@@ -347,7 +361,10 @@ fn caller(w: &mut Walk) -> Result<(), u32> {
         return Err(counter::UNWIND_BAD_FRAME);
     }
     let next_lookup = if next_exact != 0 { ra } else { ra.wrapping_sub(1) };
-    let known = find_mapping(w, next_lookup).is_some();
+    // Code mapped since the table was written: JIT code (anonymous and executable, which the
+    // kernel can say) is walked by frame pointer like the JIT code in the table; a file's code
+    // goes to user space (see `defer`).
+    let known = find_mapping(w, next_lookup).is_some() || anonymous_code(next_lookup);
     // Outside every mapping, the caller is kept in `w` for user space to go on from.
     w.pc = ra;
     w.sp = cfa;
@@ -357,6 +374,57 @@ fn caller(w: &mut Walk) -> Result<(), u32> {
         return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
     }
     Ok(())
+}
+
+/// What `vma_is_anonymous_code` found: 1 when the address lies in anonymous executable memory.
+#[repr(C)]
+struct VmaCheck {
+    flags_offset: u64,
+    file_offset: u64,
+    anonymous_code: u64,
+}
+
+/// Whether `addr` lies in anonymous executable memory of the current task, as its memory map
+/// says now (JIT code mapped since the walker's table was written).
+#[inline(always)]
+fn anonymous_code(addr: u64) -> bool {
+    // SAFETY: plain reads of our own read-only globals.
+    let (flags_offset, file_offset) =
+        unsafe { (core::ptr::read_volatile(&VMA_FLAGS_OFFSET), core::ptr::read_volatile(&VMA_FILE_OFFSET)) };
+    if flags_offset == u64::MAX || file_offset == u64::MAX {
+        return false;
+    }
+    let mut check = VmaCheck { flags_offset, file_offset, anonymous_code: 0 };
+    // SAFETY: the current task; a static callback; `check` outlives the call. The kernel takes
+    // the memory map's lock only if it is free (else: not found).
+    let found = unsafe {
+        bpf_find_vma(
+            bpf_get_current_task_btf(),
+            addr,
+            vma_is_anonymous_code as *mut core::ffi::c_void,
+            (&raw mut check).cast(),
+            0,
+        )
+    };
+    found == 0 && check.anonymous_code != 0
+}
+
+#[inline(never)]
+extern "C" fn vma_is_anonymous_code(
+    _task: *mut core::ffi::c_void,
+    vma: *mut core::ffi::c_void,
+    ctx: *mut core::ffi::c_void,
+) -> i64 {
+    // SAFETY: `ctx` is the `VmaCheck` of `anonymous_code`, which waits for the call.
+    let c = unsafe { &mut *(ctx as *mut VmaCheck) };
+    let at = vma as u64;
+    // SAFETY: checked reads of the kernel's vm_area_struct.
+    let flags = unsafe { bpf_probe_read_kernel((at + c.flags_offset) as *const u64) };
+    let file = unsafe { bpf_probe_read_kernel((at + c.file_offset) as *const u64) };
+    if let (Ok(flags), Ok(file)) = (flags, file) {
+        c.anonymous_code = (flags & (VM_EXEC | VM_IO) == VM_EXEC && file == 0) as u64;
+    }
+    0
 }
 
 /// A binary search's state: the first index of `lo..hi` whose entry starts above `pc`.

@@ -9,8 +9,9 @@
 //!   BENCH_RUNS [5]              runs of each contender on each workload
 //!   BENCH_PAIRS [2000000]       malloc+free pairs per C run (`cargo xtask bench PAIRS` too)
 //!   BENCH_NODE_ROUNDS [6000]    rounds of bench/node_workload.js (about a second untraced)
-//!   BENCH_TOOLS [all]           comma list of: full,sampled,bt-memleak,bt-count,floor,heaptrack,massif
-//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,node,latency
+//!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-fp,bt-memleak,
+//!                               bt-count,floor,heaptrack,massif
+//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,cxx_deep,node,latency
 //!   BENCH_TRACER [built here]   the tracer binary to measure (e.g. an older build, to compare)
 //! `latency` times the tracer itself, alone (see `latency`): starting and stopping it.
 //! The slowest contenders run a fraction of those sizes (see `contenders`); the tables say
@@ -94,7 +95,15 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         Contender {
             key: "full",
             name: "tracer, full (every call, stacks)",
-            tool: Tool::Tracer { sample_bytes: None },
+            tool: Tool::Tracer { sample_bytes: None, unwind: None },
+            c_divisor: 1,
+            node_divisor: 1,
+            package: None,
+        },
+        Contender {
+            key: "full-fp",
+            name: "tracer, full, --unwind fp (frame pointers only)",
+            tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp") },
             c_divisor: 1,
             node_divisor: 1,
             package: None,
@@ -104,6 +113,18 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             name: "tracer, --sample-bytes 512KiB",
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
+                unwind: None,
+            },
+            c_divisor: 1,
+            node_divisor: 1,
+            package: None,
+        },
+        Contender {
+            key: "sampled-fp",
+            name: "tracer, --sample-bytes 512KiB --unwind fp",
+            tool: Tool::Tracer {
+                sample_bytes: Some(SAMPLE_BYTES),
+                unwind: Some("fp"),
             },
             c_divisor: 1,
             node_divisor: 1,
@@ -179,6 +200,14 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
             .arg(bench_dir.join("malloc_free.c")),
     )?;
 
+    let deep_new = out_dir.join("deep_new");
+    util::run(
+        util::command("g++")
+            .args(["-O2", "-fno-omit-frame-pointer", "-o"])
+            .arg(&deep_new)
+            .arg(bench_dir.join("deep_new.cpp")),
+    )?;
+
     let wanted = |key: &str, list: &Option<Vec<String>>| {
         list.as_ref().is_none_or(|l| l.iter().any(|k| k == key))
     };
@@ -231,6 +260,17 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
                 metric: "ns_per_pair=",
                 size_name: "pairs",
                 unit: "ns per call pair",
+            },
+            config.pairs,
+        ),
+        (
+            Workload {
+                key: "cxx_deep",
+                title: "new char[64] + delete[] 20 frames deep (bench/deep_new.cpp)".into(),
+                argv: vec![deep_new.clone().into()],
+                metric: "ns_per_pair=",
+                size_name: "pairs",
+                unit: "ns per pair",
             },
             config.pairs,
         ),
@@ -582,6 +622,37 @@ fn render(
                     show(ours),
                     show(theirs),
                     verdict(ours <= 1.2 * theirs)
+                );
+            }
+        }
+    }
+    // Issue 11: what walking the unwind rows costs over frame pointers alone.
+    if let Some(row) = by_key("cxx_deep") {
+        if let (Some(auto), Some(fp)) = (find(row, "tracer, full (every"), find(row, "tracer, full, --unwind fp")) {
+            let (a, f) = (median(&auto.added()), median(&fp.added()));
+            let _ = writeln!(
+                out,
+                "- cxx_deep: full mode walking the unwind rows adds at most 0.5 µs per pair over                  frame pointers: {} vs {} ns added per pair, {} ns more — {}.",
+                table::num(a),
+                table::num(f),
+                table::num(a - f),
+                verdict(a - f <= 500.0)
+            );
+        }
+    }
+    if let Some(row) = by_key("node") {
+        for (auto_name, fp_name, mode) in [
+            ("tracer, full (every", "tracer, full, --unwind fp", "full"),
+            ("tracer, --sample-bytes 512KiB", "tracer, --sample-bytes 512KiB --unwind fp", "sampling"),
+        ] {
+            let auto = row.iter().find(|s| s.contender.starts_with(auto_name) && !s.contender.contains("--unwind") && !s.runs.is_empty());
+            if let (Some(auto), Some(fp)) = (auto, find(row, fp_name)) {
+                let (a, f) = (median(&auto.ratios()), median(&fp.ratios()));
+                let _ = writeln!(
+                    out,
+                    "- node, {mode}: the unwind rows slow node at most 10% more than frame pointers:                      {a:.2}× vs {f:.2}× untraced, {:+.1}% — {}.",
+                    (a / f - 1.0) * 100.0,
+                    verdict(a <= 1.10 * f)
                 );
             }
         }

@@ -165,11 +165,16 @@ impl EbpfProbes {
             _ => Some(ProcMaps::read(tgid).unwrap_or_default()),
         };
         let mut tables = walk_maps.as_ref().map(|maps| KernelTables::new(tgid, maps));
+        // Lets the walker ask the kernel whether an address it has no table entry for is JIT
+        // code mapped since; without the kernel's BTF it does not ask.
+        let vma = super::btf::vma_offsets().unwrap_or((u64::MAX, u64::MAX));
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("SAMPLE_BYTES", &limits.sample_bytes.unwrap_or(0), true)
             .override_global("STACK_HASH_MASK", &stack_hash_mask(), true)
             .override_global("UNWIND_MODE", &limits.unwind.bpf_value(), true)
+            .override_global("VMA_FLAGS_OFFSET", &vma.0, true)
+            .override_global("VMA_FILE_OFFSET", &vma.1, true)
             .map_max_entries("LIVE", limits.max_live)
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)

@@ -3,6 +3,7 @@
 //! backend produced them.
 pub mod anchor;
 pub mod batch;
+pub mod btf;
 pub mod ebpf;
 pub mod libc;
 pub mod placement;

@@ -95,7 +95,8 @@ pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Optio
             i = j;
             continue;
         }
-        if m.perms.as_bytes().get(2) == Some(&b'x') {
+        // The kernel's uprobe trampolines: a return address there stands for another one.
+        if m.perms.as_bytes().get(2) == Some(&b'x') && m.path.as_deref() != Some("[uprobes]") {
             let (rows_first, rows_len, bias) = rows_of(m).unwrap_or((0, 0, 0));
             out.push(UnwindMapping { start: m.start, end: m.end, bias, rows_first, rows_len });
         }
@@ -179,16 +180,21 @@ pub fn walk_from(
     // return addresses, which may lie past the end of their call's function.
     let mut exact = exact;
     loop {
-        frames.push(Frame { pc, sp, bp });
+        let lookup_pc = if exact { pc } else { pc - 1 };
+        // Code in no known mapping has no frame pointer rule either: only a mapping known to
+        // hold code without rows is walked by frame pointer. The first frame of a walk that
+        // starts at a probe is kept whatever it is (its pc is where the probe fired); one that
+        // starts at a return address (the rest of a walk the kernel began) must be code.
+        let mapping = table.mapping(lookup_pc);
+        if mapping.is_some() || (frames.is_empty() && exact) {
+            frames.push(Frame { pc, sp, bp });
+        }
+        let Some(mapping) = mapping else {
+            return (frames, Stop::OutsideMappings);
+        };
         if frames.len() >= max {
             return (frames, Stop::DepthCap);
         }
-        let lookup_pc = if exact { pc } else { pc - 1 };
-        // Code in no known mapping has no frame pointer rule either: only a mapping known to
-        // hold code without rows is walked by frame pointer.
-        let Some(mapping) = table.mapping(lookup_pc) else {
-            return (frames, Stop::OutsideMappings);
-        };
         let row = table.row(mapping, lookup_pc);
         let (cfa, ra, next_bp, next_exact) = match row {
             Some(Some(r)) => match r.kind {

@@ -31,6 +31,8 @@ pub enum Tool {
     /// This tracer in attach mode; `Some(n)` samples one allocation per n bytes on average.
     Tracer {
         sample_bytes: Option<&'static str>,
+        /// `--unwind`; None leaves the default (auto).
+        unwind: Option<&'static str>,
     },
     /// A bpftrace script, run with `-p PID`; it gets the pid as `$1`. `probes` are the libc
     /// functions it puts uprobes on (to see when they are in place).
@@ -343,7 +345,7 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
     let mut bpftrace = None;
     let mut floor = None;
     match tool {
-        Tool::Tracer { sample_bytes } => {
+        Tool::Tracer { sample_bytes, unwind } => {
             let report = env.scratch.join("report.json");
             let mut c = util::command(&env.tracer);
             c.args(["record", "--format", "json", "-o"])
@@ -351,6 +353,9 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
                 .args(["--pid", &pid.to_string()]);
             if let Some(n) = sample_bytes {
                 c.args(["--sample-bytes", n]);
+            }
+            if let Some(u) = unwind {
+                c.args(["--unwind", u]);
             }
             let mut p = Proc::spawn("tracer", &mut c)?;
             let wanted = format!("tracer: recording pid {pid}");
