@@ -113,7 +113,7 @@ pub fn capture_with_caller(ctx: *mut core::ffi::c_void, regs: &UserRegs, caller:
         kernel_walk(ctx, caller, unsafe { &mut *buf })
     } else {
         // The walk writes the buffer through the map on each iteration.
-        own_walk(slot, regs)
+        walk_stack(slot, regs.ip, regs.sp, regs.bp) != 0
     };
     // SAFETY: as above; nothing else refers to the buffer now.
     let key = if got { store(unsafe { &mut *buf }) } else { STACK_LOST };
@@ -172,8 +172,26 @@ struct Walk {
     _pad: u32,
 }
 
+/// Walks the current task's user stack from `ip`, `sp` and `bp` into scratch slot `slot`;
+/// returns the frames recorded (0: none). A global function: the verifier checks it once, on
+/// its own, rather than once for every way a program reaches it (the sampling program reaches
+/// it along many paths, which would take it past the verifier's budget).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn walk_stack(slot: u32, ip: u64, sp: u64, bp: u64) -> u64 {
+    let regs = UserRegs { ip, sp, bp };
+    if own_walk(slot, &regs) {
+        1
+    } else {
+        0
+    }
+}
+
 #[inline(always)]
 fn own_walk(slot: u32, regs: &UserRegs) -> bool {
+    if slot >= SCRATCH_SLOTS {
+        return false;
+    }
     let Some(header) = UNWIND_HEADER.get(0) else { return false };
     let active = header.active & 1;
     let maps_len = header.len[active as usize].min(MAX_UNWIND_MAPPINGS);
@@ -281,6 +299,17 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         w.stop = counter::UNWIND_DEPTH_CAP;
         return 1;
     }
+    // Where this frame's code is: a mapping of the table (with rows or without), JIT code the
+    // table does not hold yet (the kernel says so), or nowhere known. Nowhere known ends the
+    // walk before the frame is recorded (a return address is then data, or code user space
+    // places: see `defer`), except for the probe's own pc.
+    let lookup_pc = if w.exact != 0 { w.pc } else { w.pc.wrapping_sub(1) };
+    let mapping = find_mapping(w, lookup_pc);
+    let known = mapping.is_some() || anonymous_code(lookup_pc);
+    if !known && i != 0 {
+        w.stop = counter::UNWIND_OUTSIDE_MAPPINGS;
+        return 1;
+    }
     let (Some(buf), Some(regs)) = (SCRATCH.get_ptr_mut(w.slot), FRAME_REGS.get_ptr_mut(w.slot)) else {
         w.stop = counter::UNWIND_BAD_FRAME;
         return 1;
@@ -293,7 +322,16 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         (*regs).fp[at] = w.bp;
     }
     w.len = i + 1;
-    match caller(w) {
+    if !known {
+        // The probe's pc in unknown code: nothing to go on from, nothing to hand over.
+        w.stop = counter::UNWIND_BAD_FRAME;
+        return 1;
+    }
+    let row = match mapping {
+        Some(m) if m.rows_len != 0 => find_row(&m, lookup_pc),
+        _ => None,
+    };
+    match caller(w, row) {
         Ok(()) => 0,
         Err(stop) => {
             w.stop = stop;
@@ -308,18 +346,10 @@ fn read(addr: u64) -> Result<u64, u32> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| counter::UNWIND_BAD_FRAME)
 }
 
-/// Moves `w` to the caller's frame, or says why there is none.
+/// Moves `w` to the caller's frame by `row` (None: by frame pointer), or says why there is
+/// none. Whether the caller's code is known is the next step's question.
 #[inline(always)]
-fn caller(w: &mut Walk) -> Result<(), u32> {
-    let lookup_pc = if w.exact != 0 { w.pc } else { w.pc.wrapping_sub(1) };
-    // Code in no known mapping has no frame pointer rule either (see unwind::walk), unless
-    // it is anonymous code the table does not hold yet (JIT code, checked as it was found).
-    let row = match find_mapping(w, lookup_pc) {
-        Some(m) if m.rows_len != 0 => find_row(&m, lookup_pc),
-        Some(_) => None,
-        None if anonymous_code(lookup_pc) => None,
-        None => return Err(counter::UNWIND_OUTSIDE_MAPPINGS),
-    };
+fn caller(w: &mut Walk, row: Option<UnwindRow>) -> Result<(), u32> {
     let (cfa, ra_slot, next_bp, next_exact) = match row {
         Some(r) if r.kind == row_kind::END => return Err(END),
         Some(r) if r.kind == row_kind::CFA_RSP || r.kind == row_kind::CFA_RBP || r.kind == row_kind::PLT => {
@@ -360,19 +390,10 @@ fn caller(w: &mut Walk) -> Result<(), u32> {
     if cfa <= w.sp && next_exact == 0 {
         return Err(counter::UNWIND_BAD_FRAME);
     }
-    let next_lookup = if next_exact != 0 { ra } else { ra.wrapping_sub(1) };
-    // Code mapped since the table was written: JIT code (anonymous and executable, which the
-    // kernel can say) is walked by frame pointer like the JIT code in the table; a file's code
-    // goes to user space (see `defer`).
-    let known = find_mapping(w, next_lookup).is_some() || anonymous_code(next_lookup);
-    // Outside every mapping, the caller is kept in `w` for user space to go on from.
     w.pc = ra;
     w.sp = cfa;
     w.bp = next_bp;
     w.exact = next_exact;
-    if !known {
-        return Err(counter::UNWIND_OUTSIDE_MAPPINGS);
-    }
     Ok(())
 }
 

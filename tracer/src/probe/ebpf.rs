@@ -115,6 +115,8 @@ pub struct EbpfProbes {
     /// Handed-over walks not finished yet (their process gone before its exit was seen).
     unfinished: Vec<tracer_common::DeferredStack>,
     pid: u32,
+    /// A live thread of the process (its leader, unless that has exited).
+    thread: u32,
     unwind_mode: UnwindMode,
 }
 
@@ -162,9 +164,10 @@ impl EbpfProbes {
         // The walker's rows for every module mapped now, built before load to size the array.
         let walk_maps = match limits.unwind {
             UnwindMode::Fp => None,
-            _ => Some(ProcMaps::read(tgid).unwrap_or_default()),
+            _ => Some(read_maps(tgid, thread.get()).unwrap_or_default()),
         };
-        let mut tables = walk_maps.as_ref().map(|maps| KernelTables::new(tgid, maps));
+        // Files are read through a live thread's /proc entry (an exited leader has none).
+        let mut tables = walk_maps.as_ref().map(|maps| KernelTables::new(thread.get(), maps));
         // Lets the walker ask the kernel whether an address it has no table entry for is JIT
         // code mapped since; without the kernel's BTF it does not ask.
         let vma = super::btf::vma_offsets().unwrap_or((u64::MAX, u64::MAX));
@@ -329,6 +332,7 @@ impl EbpfProbes {
             exit_maps: false,
             unfinished: Vec::new(),
             pid: tgid,
+            thread: thread.get(),
             unwind_mode: limits.unwind,
         })
     }
@@ -347,14 +351,14 @@ impl EbpfProbes {
         if self.unfinished.is_empty() {
             return;
         }
-        let alive = ProcMaps::read(self.pid).is_ok();
+        let alive = read_maps(self.pid, self.thread).is_some();
         if !alive && !self.exit_maps && !final_pass {
             // Gone before its exit stop was seen: the maps read there are the right ones.
             return;
         }
         let records = std::mem::take(&mut self.unfinished);
         self.refresh_unwind();
-        let (pid, mode) = (self.pid, self.unwind_mode);
+        let (pid, mode) = (self.thread, self.unwind_mode);
         let fresh = self.finisher.is_none();
         let finisher = self.finisher.get_or_insert_with(|| crate::unwind::process::ProcessTables::new(pid, mode));
         if let (true, Some(maps)) = (fresh, &self.last_maps) {
@@ -393,7 +397,7 @@ impl EbpfProbes {
     fn refresh_unwind(&mut self) {
         let Some((tables, at)) = &mut self.unwind else { return };
         *at = std::time::Instant::now();
-        let Ok(maps) = ProcMaps::read(self.pid) else { return };
+        let Some(maps) = read_maps(self.pid, self.thread) else { return };
         let _ = tables.refresh(&mut self.ebpf, &maps);
         if let Some(f) = &mut self.finisher {
             f.refresh_from(&maps);
@@ -644,6 +648,15 @@ fn stack_hash_mask() -> u64 {
     match std::env::var(HASH_BITS_VAR).ok().and_then(|v| v.parse::<u32>().ok()) {
         Some(bits @ 1..=63) => (1u64 << bits) - 1,
         _ => u64::MAX,
+    }
+}
+
+/// The process's mappings, through its leader, or through `thread` when the leader has
+/// exited (its own /proc entry then shows no mappings).
+fn read_maps(pid: u32, thread: u32) -> Option<ProcMaps> {
+    match ProcMaps::read(pid) {
+        Ok(m) if !m.mappings().is_empty() => Some(m),
+        _ => ProcMaps::read(thread).ok().filter(|m| !m.mappings().is_empty()),
     }
 }
 
