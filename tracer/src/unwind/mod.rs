@@ -195,7 +195,8 @@ pub fn walk_from(
         if frames.len() >= max {
             return (frames, Stop::DepthCap);
         }
-        let row = table.row(mapping, lookup_pc);
+        // Frame pointers only: the rows are not looked at.
+        let row = if mode == UnwindMode::Fp { None } else { table.row(mapping, lookup_pc) };
         let (cfa, ra, next_bp, next_exact) = match row {
             Some(Some(r)) => match r.kind {
                 row_kind::END => return (frames, Stop::End),

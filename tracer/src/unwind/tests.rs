@@ -132,3 +132,32 @@ fn walk_follows_rows_then_frame_pointers_and_stops_outside_mappings() {
     let (frames, stop) = walk(Regs { ip: 0x40_1010, sp: 0x7000, bp: 0 }, &table, UnwindMode::Dwarf, 16, |a| mem.get(&a).copied());
     assert_eq!((frames.len(), stop), (2, Stop::NoRows));
 }
+
+/// The rest of a walk the kernel handed over starts at a return address: one in no mapping
+/// adds no frame (it is data, or code not known yet), one in a mapping is looked up at pc - 1.
+/// And with `--unwind fp` the rows are not looked at.
+#[test]
+fn handed_over_walks_and_frame_pointer_mode() {
+    let rows = vec![
+        UnwindRow { pc: 0x1000, cfa_off: 8, kind: row_kind::CFA_RSP, rbp: 0 },
+        UnwindRow { pc: 0x1010, cfa_off: 16, kind: row_kind::CFA_RSP, rbp: 0 },
+        UnwindRow { pc: 0x1100, cfa_off: 0, kind: row_kind::NONE, rbp: 0 },
+    ];
+    let mappings = vec![UnwindMapping { start: 0x40_0000, end: 0x40_2000, bias: 0x40_0000, rows_first: 0, rows_len: 3 }];
+    let table = Table { mappings: &mappings, rows: &rows };
+    let mem: HashMap<u64, u64> = [(0x7008, 0x66_0000), (0x7000, 0x40_1050)].into();
+    let read = |a: u64| mem.get(&a).copied();
+
+    let (frames, stop) = walk_from(Regs { ip: 0x66_0000, sp: 0x7000, bp: 0 }, false, &table, UnwindMode::Auto, 16, read);
+    assert_eq!((frames.len(), stop), (0, Stop::OutsideMappings));
+
+    // A return address right after a call that ends its function's first row: pc - 1 finds
+    // the first row (CFA rsp+8: the caller at 0x7000), not the second (rsp+16: 0x7008, which
+    // holds no code address).
+    let (frames, _) = walk_from(Regs { ip: 0x40_1010, sp: 0x7000, bp: 0 }, false, &table, UnwindMode::Auto, 16, read);
+    assert_eq!(frames.iter().map(|f| f.pc).collect::<Vec<_>>(), vec![0x40_1010, 0x40_1050], "{frames:?}");
+
+    // Frame pointers only: bp 0 ends the walk at once, whatever the rows would say.
+    let (frames, stop) = walk(Regs { ip: 0x40_1010, sp: 0x7000, bp: 0 }, &table, UnwindMode::Fp, 16, read);
+    assert_eq!((frames.len(), stop), (1, Stop::End));
+}

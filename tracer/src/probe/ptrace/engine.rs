@@ -869,10 +869,15 @@ impl Engine {
             self.unwind = Some(crate::unwind::process::ProcessTables::new(self.pid as u32, mode));
         }
         let Some(tables) = self.unwind.as_mut() else { return None };
+        let fp_only = tables.mode == crate::unwind::UnwindMode::Fp;
         let (mut frames, _) = tables.pcs(crate::unwind::Regs { ip: at, sp, bp: regs.rbp }, MAX_FRAMES, read);
-        // The caller is on top of the stack at the entry, whatever the rows say.
+        // The caller is on top of the stack at the entry, whatever the rows say; a
+        // frame-pointer walk from the entry skips it (as the kernel's does with --unwind fp).
         if frames.len() < 2 {
             frames.push(ret);
+        } else if fp_only && frames[1] != ret {
+            frames.insert(1, ret);
+            frames.truncate(MAX_FRAMES);
         }
         Some((ret, frames))
     }
