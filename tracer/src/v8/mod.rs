@@ -1,0 +1,46 @@
+//! Names for JavaScript frames read from a live node process's own memory, with the object
+//! layout taken from the node binary's `v8dbg_*` post-mortem metadata.
+//!
+//! Three steps, each usable alone: [`layout`] reads the constants from the binary once;
+//! [`frame`] reads the few words of one V8 frame that identify its function (what a stack
+//! capture would record); [`resolve`] turns a SharedFunctionInfo into function, script and
+//! line. Objects move and die, so every step checks type words and bounds before trusting a
+//! pointer and answers with an error rather than a guess.
+
+pub mod frame;
+mod heap;
+pub mod layout;
+pub mod memory;
+pub mod resolve;
+
+pub use frame::{JsFrame, read_frame};
+pub use layout::{MissingConstant, ScopeInfoLayout, V8Layout};
+pub use memory::{FakeMemory, Memory, ProcessMemory, ReadError};
+pub use resolve::{JsFunction, JsIdentity, resolve_function};
+
+/// Why a frame or a function could not be read: the frame is not a JS frame, or an object did
+/// not check out (moved, freed, or never what the slot was assumed to hold).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum V8Error {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("frame marker {0:#x} in the context slot: a typed V8 frame, not a JavaScript one")]
+    TypedFrame(u64),
+    #[error("{what} is {value:#x}, not a heap object pointer")]
+    NotHeapObject { what: &'static str, value: u64 },
+    #[error("{what} at {addr:#x} has a map whose own map is not a Map")]
+    BadMap { what: &'static str, addr: u64 },
+    #[error("{what} at {addr:#x} has instance type {found}, expected {expected}")]
+    WrongType {
+        what: &'static str,
+        addr: u64,
+        found: u16,
+        expected: &'static str,
+    },
+    #[error("{what} is {value:#x}, not a Smi")]
+    NotSmi { what: &'static str, value: u64 },
+    #[error("{what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+}

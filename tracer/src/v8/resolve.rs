@@ -1,0 +1,312 @@
+//! From a SharedFunctionInfo to what a person reads: function name, script, and the line and
+//! column where the function starts, computed the way V8's own perf map computes them.
+
+use super::V8Error;
+use super::heap::{Heap, MAX_NAME_UNITS, MAX_SOURCE_UNITS};
+use super::layout::{ScopeInfoLayout, V8Layout};
+use super::memory::Memory;
+
+/// Line ends binary-searched in a Script's cached table, at most this many entries.
+const MAX_LINE_ENDS: i64 = 1 << 24;
+/// Context locals a ScopeInfo may declare before it is taken as garbage.
+const MAX_CONTEXT_LOCALS: i64 = 1 << 16;
+
+/// One JavaScript function, named. `line`/`column` are 1-based, as in node's perf map
+/// (`JS:~name script:line:column`); they are `None` only when this V8 version's ScopeInfo
+/// layout is unknown ([`V8Layout::scope_info_gap`] says so in one line).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JsFunction {
+    /// V8's debug name: the function's own name, else the name V8 inferred for it (`obj.f`
+    /// for `obj.f = function () {}`), else empty (anonymous).
+    pub name: String,
+    /// The Script's name: the file's path for node's CommonJS and ES modules.
+    pub script: String,
+    /// Offset of the function's start (its parameter list) in the script's source, in UTF-16 units.
+    pub start_position: Option<u32>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+}
+
+/// What stays the same for a function across GCs, tiers and address reuse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JsIdentity {
+    pub script: String,
+    pub start_position: u32,
+}
+
+impl JsFunction {
+    pub fn identity(&self) -> Option<JsIdentity> {
+        Some(JsIdentity {
+            script: self.script.clone(),
+            start_position: self.start_position?,
+        })
+    }
+}
+
+/// Names the function whose SharedFunctionInfo is at `shared` (an untagged address, as
+/// [`JsFrame::shared`](super::JsFrame::shared) gives it).
+pub fn resolve_function<M: Memory + ?Sized>(
+    mem: &M,
+    l: &V8Layout,
+    shared: u64,
+) -> Result<JsFunction, V8Error> {
+    let h = Heap::new(mem, l);
+    let sfi = h.typed(
+        "SharedFunctionInfo",
+        shared + l.heap_object_tag,
+        l.type_shared_function_info,
+        "SHARED_FUNCTION_INFO_TYPE",
+    )?;
+
+    let name_word = h.field(sfi, l.sfi_name_or_scope_info)?;
+    let scope_info = scope_info(&h, name_word)?;
+    let name = match &scope_info {
+        Some(si) => si.debug_name(&h)?,
+        None if h.is_smi(name_word) => {
+            // The no-name sentinel is Smi zero; any other Smi is not a name.
+            if h.smi("SharedFunctionInfo name", name_word)? != 0 {
+                return Err(V8Error::Invalid {
+                    what: "SharedFunctionInfo name",
+                    detail: format!("Smi {name_word:#x}"),
+                });
+            }
+            String::new()
+        }
+        None => h.string("SharedFunctionInfo name", name_word, MAX_NAME_UNITS)?,
+    };
+
+    let script_word = h.field(sfi, l.sfi_script_or_debug_info)?;
+    let script = h.typed("SharedFunctionInfo's script", script_word, l.type_script, "SCRIPT_TYPE")?;
+    let script_name = script_name(&h, script)?;
+
+    let (start_position, line, column) = match (&scope_info, l.scope_info) {
+        (Some(si), Some(layout)) => {
+            let start = si.start_position(&h, &layout)?;
+            let (line, column) = line_and_column(&h, script, start)?;
+            (Some(start), Some(line), Some(column))
+        }
+        (_, None) => (None, None, None),
+        // A compiled function always has a ScopeInfo; one without is not running JS code.
+        (None, Some(_)) => {
+            return Err(V8Error::Invalid {
+                what: "SharedFunctionInfo",
+                detail: "no ScopeInfo, so no start position".to_string(),
+            });
+        }
+    };
+    Ok(JsFunction {
+        name,
+        script: script_name,
+        start_position,
+        line,
+        column,
+    })
+}
+
+fn script_name<M: Memory + ?Sized>(h: &Heap<'_, M>, script: u64) -> Result<String, V8Error> {
+    let word = h.field(script, h.l.script_name)?;
+    let (_, ty) = h.object("Script name", word)?;
+    if ty == h.l.type_oddball {
+        // undefined: code from eval or `new Function` has no script name.
+        return Ok(String::new());
+    }
+    h.string("Script name", word, MAX_NAME_UNITS)
+}
+
+/// A checked ScopeInfo: its address and the words of its fixed part.
+struct ScopeInfo {
+    addr: u64,
+    flags: u64,
+    context_locals: u64,
+}
+
+fn scope_info<M: Memory + ?Sized>(h: &Heap<'_, M>, word: u64) -> Result<Option<ScopeInfo>, V8Error> {
+    if !h.is_heap_object(word) {
+        return Ok(None);
+    }
+    let (addr, ty) = h.object("SharedFunctionInfo name_or_scope_info", word)?;
+    if ty != h.l.type_scope_info {
+        return Ok(None);
+    }
+    let mut si = ScopeInfo {
+        addr,
+        flags: 0,
+        context_locals: 0,
+    };
+    let flags = h.smi("ScopeInfo flags", si.slot_word(h, 0)?)?;
+    let locals = h.smi("ScopeInfo context local count", si.slot_word(h, h.l.scope_info_context_local_count)?)?;
+    if !(0..=MAX_CONTEXT_LOCALS).contains(&locals) || flags < 0 {
+        return Err(V8Error::Invalid {
+            what: "ScopeInfo",
+            detail: format!("flags {flags:#x}, {locals} context locals"),
+        });
+    }
+    si.flags = flags as u64;
+    si.context_locals = locals as u64;
+    Ok(Some(si))
+}
+
+impl ScopeInfo {
+    /// ScopeInfo is a HeapObject whose tagged slots follow its map word; the metadata's
+    /// `scopeinfo_idx_*` count in those slots.
+    fn slot_word<M: Memory + ?Sized>(&self, h: &Heap<'_, M>, index: u64) -> Result<u64, V8Error> {
+        h.field(self.addr, h.l.heap_object_map + 8 + 8 * index)
+    }
+
+    fn bit(&self, bit: u32) -> bool {
+        self.flags >> bit & 1 == 1
+    }
+
+    /// Index of the first slot after the context locals' names and infos and the saved class
+    /// variable: where the function variable (name, slot) entry would be.
+    fn function_variable_index(&self, h: &Heap<'_, impl Memory + ?Sized>, s: &ScopeInfoLayout) -> u64 {
+        let n = self.context_locals;
+        let names = if n < s.max_inlined_local_names { n } else { 1 };
+        h.l.scope_info_first_vars + names + n + u64::from(self.bit(s.has_saved_class_variable_bit))
+    }
+
+    fn has_function_variable(&self, s: &ScopeInfoLayout) -> bool {
+        self.flags >> s.function_variable_shift & 3 != 0
+    }
+
+    fn inferred_name_index(&self, h: &Heap<'_, impl Memory + ?Sized>, s: &ScopeInfoLayout) -> u64 {
+        self.function_variable_index(h, s) + if self.has_function_variable(s) { 2 } else { 0 }
+    }
+
+    /// V8's SharedFunctionInfo::DebugName for a compiled function: the name in the function
+    /// variable entry, else the inferred name, else empty.
+    fn debug_name<M: Memory + ?Sized>(&self, h: &Heap<'_, M>) -> Result<String, V8Error> {
+        let Some(s) = h.l.scope_info else {
+            return Err(V8Error::Unsupported(
+                h.l.scope_info_gap().unwrap_or_default(),
+            ));
+        };
+        if self.has_function_variable(&s) {
+            let word = self.slot_word(h, self.function_variable_index(h, &s))?;
+            if !(h.is_smi(word) && h.smi("function name", word)? == 0) {
+                let name = h.string("function name", word, MAX_NAME_UNITS)?;
+                if !name.is_empty() {
+                    return Ok(name);
+                }
+            }
+        }
+        if self.bit(s.has_inferred_name_bit) {
+            let word = self.slot_word(h, self.inferred_name_index(h, &s))?;
+            let (_, ty) = h.object("inferred name", word)?;
+            if ty != h.l.type_oddball {
+                return h.string("inferred name", word, MAX_NAME_UNITS);
+            }
+        }
+        Ok(String::new())
+    }
+
+    fn start_position<M: Memory + ?Sized>(&self, h: &Heap<'_, M>, s: &ScopeInfoLayout) -> Result<u32, V8Error> {
+        let scope_type = self.flags & s.scope_type_mask;
+        if self.bit(s.is_empty_bit) || scope_type > s.last_positioned_scope_type {
+            return Err(V8Error::Invalid {
+                what: "ScopeInfo",
+                detail: format!("scope type {scope_type} carries no source position"),
+            });
+        }
+        let index = self.inferred_name_index(h, s) + u64::from(self.bit(s.has_inferred_name_bit));
+        let start = h.smi("ScopeInfo start position", self.slot_word(h, index)?)?;
+        let end = h.smi("ScopeInfo end position", self.slot_word(h, index + 1)?)?;
+        if start < 0 || end < start || end > i64::from(i32::MAX) {
+            return Err(V8Error::Invalid {
+                what: "ScopeInfo positions",
+                detail: format!("start {start}, end {end}"),
+            });
+        }
+        Ok(start as u32)
+    }
+}
+
+/// 1-based line and column of `position` in the script, as V8's Script::GetLineNumber and
+/// GetColumnNumber count them (line terminators: LF, CR not before LF, U+2028, U+2029). Uses
+/// the Script's cached line ends when V8 has computed them, else scans the source.
+fn line_and_column<M: Memory + ?Sized>(h: &Heap<'_, M>, script: u64, position: u32) -> Result<(u32, u32), V8Error> {
+    let l = h.l;
+    let source = h.field(script, l.script_source)?;
+    let source_len = h.length_of("Script source", source)?;
+    if position as usize > source_len {
+        return Err(V8Error::Invalid {
+            what: "function start position",
+            detail: format!("{position} beyond a source of {source_len} units"),
+        });
+    }
+    let ends_word = h.field(script, l.script_line_ends)?;
+    if let Ok(ends) = h.typed("Script line ends", ends_word, l.type_fixed_array, "FIXED_ARRAY_TYPE") {
+        return line_from_ends(h, ends, position);
+    }
+    if position as usize > MAX_SOURCE_UNITS {
+        return Err(V8Error::Invalid {
+            what: "function start position",
+            detail: format!("{position} is past the {MAX_SOURCE_UNITS} source units scanned"),
+        });
+    }
+    let units = h.prefix_units("Script source", source, position as usize)?;
+    Ok(line_in_units(&units))
+}
+
+/// Line and column of the position just past `prefix` (the source before it).
+pub(crate) fn line_in_units(prefix: &[u16]) -> (u32, u32) {
+    let mut line = 0u32;
+    let mut line_start = 0usize;
+    for (i, &c) in prefix.iter().enumerate() {
+        let ends_line = match c {
+            0x0a | 0x2028 | 0x2029 => true,
+            // CR LF is one terminator, at the LF; a CR at the prefix's end is followed by the
+            // character at the position itself, which is not part of any earlier line.
+            0x0d => prefix.get(i + 1) != Some(&0x0a),
+            _ => false,
+        };
+        if ends_line {
+            line += 1;
+            line_start = i + 1;
+        }
+    }
+    (line + 1, (prefix.len() - line_start) as u32 + 1)
+}
+
+fn line_from_ends<M: Memory + ?Sized>(h: &Heap<'_, M>, ends: u64, position: u32) -> Result<(u32, u32), V8Error> {
+    let l = h.l;
+    let count = h.smi("line ends length", h.field(ends, l.fixed_array_length)?)?;
+    if !(1..=MAX_LINE_ENDS).contains(&count) {
+        return Err(V8Error::Invalid {
+            what: "Script line ends",
+            detail: format!("{count} entries"),
+        });
+    }
+    let end_at = |i: i64| -> Result<i64, V8Error> {
+        h.smi("line end", h.field(ends, l.fixed_array_data + 8 * i as u64)?)
+    };
+    // First line whose end is at or after the position.
+    let (mut lo, mut hi) = (0i64, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if end_at(mid)? < i64::from(position) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == count {
+        return Err(V8Error::Invalid {
+            what: "Script line ends",
+            detail: format!("position {position} after the last line end"),
+        });
+    }
+    let line_start = if lo == 0 {
+        0
+    } else {
+        let prev = end_at(lo - 1)?;
+        if prev >= end_at(lo)? || prev < 0 {
+            return Err(V8Error::Invalid {
+                what: "Script line ends",
+                detail: "not increasing".to_string(),
+            });
+        }
+        prev + 1
+    };
+    Ok((lo as u32 + 1, (i64::from(position) - line_start) as u32 + 1))
+}
