@@ -48,7 +48,15 @@ pub fn read_frame<M: Memory + ?Sized>(mem: &M, l: &V8Layout, fp: u64) -> Result<
         return Err(V8Error::TypedFrame(context));
     }
     let function_word = mem.read_u64(slot(fp, l.off_fp_function))?;
-    let function = h.typed("frame's function slot", function_word, l.type_js_function, "JS_FUNCTION_TYPE")?;
+    let (function, ty) = h.object("frame's function slot", function_word)?;
+    if !l.js_function_types.contains(&ty) {
+        return Err(V8Error::WrongType {
+            what: "frame's function slot",
+            addr: function,
+            found: ty,
+            expected: "a JSFunction type",
+        });
+    }
     let shared_word = h.field(function, l.js_function_shared)?;
     let shared = h.typed(
         "JSFunction's shared",

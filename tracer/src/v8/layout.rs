@@ -75,7 +75,11 @@ pub struct V8Layout {
     pub heap_object_map: u64,
     pub map_instance_type: u64,
 
-    pub type_js_function: u16,
+    /// Instance types of JSFunction objects: `v8dbg_type_JSFunction__JS_FUNCTION_TYPE` is the
+    /// first; class constructors and builtin constructors take the next ones. The metadata has
+    /// no last type, so it is read from the binary's own `IsJSFunction_NonInline` (see
+    /// [`js_function_types`]); if that code has another shape, only the first type counts.
+    pub js_function_types: std::ops::RangeInclusive<u16>,
     pub type_shared_function_info: u16,
     pub type_scope_info: u16,
     pub type_script: u16,
@@ -121,6 +125,9 @@ pub struct V8Layout {
     pub scope_info: Option<ScopeInfoLayout>,
 }
 
+/// V8's out-of-line `IsJSFunction(HeapObject)`, whose code gives the JSFunction type range.
+const IS_JS_FUNCTION: &str = "_ZN2v88internal22IsJSFunction_NonInlineENS0_10HeapObjectE";
+
 /// Reads the `v8dbg_*` int constants (and V8's version numbers) from an ELF's symbol table.
 struct Constants<'f, 'a> {
     file: &'f object::File<'a>,
@@ -149,6 +156,35 @@ impl<'f, 'a> Constants<'f, 'a> {
         }
     }
 
+    /// The last JSFunction instance type, from V8's out-of-line type check, which compiles to
+    /// `movzwl instance_type; sub $FIRST, %ax; cmp $(LAST - FIRST), %ax; setbe`. The `sub`
+    /// must subtract the metadata's first type, or the code is not what this expects.
+    fn last_js_function_type(&self, first: u16) -> Option<u16> {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+        let &(index, address) = self.by_name.get(IS_JS_FUNCTION)?;
+        let section = self.file.section_by_index(index?).ok()?;
+        let code = section.data_range(address, 32).ok()??;
+        let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+        let mut subtracted = false;
+        for ins in decoder.iter().take(8) {
+            match ins.mnemonic() {
+                Mnemonic::Sub if ins.op_count() == 2 => {
+                    subtracted = ins.immediate(1) == u64::from(first);
+                    if !subtracted {
+                        return None;
+                    }
+                }
+                Mnemonic::Cmp if subtracted && ins.op_count() == 2 => {
+                    let width = u16::try_from(ins.immediate(1)).ok()?;
+                    return first.checked_add(width);
+                }
+                Mnemonic::Ret => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
     fn offset(&self, name: &'static str) -> Result<u64, MissingConstant> {
         let v = self.int(name)?;
         u64::try_from(v).map_err(|_| MissingConstant::Unsupported { name, value: v })
@@ -167,7 +203,9 @@ impl V8Layout {
         let mut by_name = std::collections::HashMap::new();
         for sym in file.symbols() {
             if let Ok(name) = sym.name()
-                && (name.starts_with("v8dbg_") || name.starts_with("_ZN2v88internal7Version"))
+                && (name.starts_with("v8dbg_")
+                    || name.starts_with("_ZN2v88internal7Version")
+                    || name == IS_JS_FUNCTION)
             {
                 by_name.insert(name, (sym.section_index(), sym.address()));
             }
@@ -215,7 +253,10 @@ impl V8Layout {
             off_fp_bytecode_offset: c.int("v8dbg_off_fp_bytecode_offset")?,
             heap_object_map: c.offset("v8dbg_class_HeapObject__map__Map")?,
             map_instance_type: c.offset("v8dbg_class_Map__instance_type__uint16_t")?,
-            type_js_function: c.type_tag("v8dbg_type_JSFunction__JS_FUNCTION_TYPE")?,
+            js_function_types: {
+                let first = c.type_tag("v8dbg_type_JSFunction__JS_FUNCTION_TYPE")?;
+                first..=c.last_js_function_type(first).unwrap_or(first)
+            },
             type_shared_function_info: c
                 .type_tag("v8dbg_type_SharedFunctionInfo__SHARED_FUNCTION_INFO_TYPE")?,
             type_scope_info: c.type_tag("v8dbg_type_ScopeInfo__SCOPE_INFO_TYPE")?,
@@ -296,9 +337,11 @@ mod tests {
             (-16, -8, -32, -40)
         );
         assert_eq!((l.heap_object_map, l.map_instance_type), (0, 12));
+        // IsJSFunction_NonInline: `sub $0x812,%ax; cmp $0xf,%ax; setbe` (gdb disassembly).
+        assert_eq!(l.js_function_types, 2066..=2081);
         assert_eq!(
-            (l.type_js_function, l.type_shared_function_info, l.type_scope_info, l.type_script),
-            (2066, 262, 261, 167)
+            (l.type_shared_function_info, l.type_scope_info, l.type_script),
+            (262, 261, 167)
         );
         assert_eq!((l.type_fixed_array, l.type_bytecode_array), (175, 191));
         assert_eq!((l.type_map, l.type_oddball), (255, 131));

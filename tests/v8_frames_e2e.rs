@@ -1,0 +1,482 @@
+//! JavaScript frames named from V8's own objects: node runs a chain of named functions in
+//! every tier and spins in the innermost; the test stops it with ptrace, walks the frame
+//! pointers, and names each JS frame through `tracer::v8` (function, script, start line and
+//! column), checking every one against node's perf map. Then the same chain without
+//! `--interpreted-frames-native-stack`, where interpreted frames all run in the one embedded
+//! InterpreterEntryTrampoline, must still name each frame by its own function.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::ptrace;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use object::{Object, ObjectSegment, ObjectSymbol};
+use support::{fixtures_dir, require_root};
+use tracer::symbolize::perfmap::PerfMap;
+use tracer::v8::{JsFunction, Memory, ProcessMemory, V8Layout, read_frame, resolve_function};
+
+const NODE: &str = "/usr/bin/node";
+const MAX_FRAMES: usize = 256;
+
+/// A node process running the fixture; killed (and its perf map removed) when dropped.
+struct Node {
+    child: Child,
+}
+
+impl Node {
+    fn start(extra: &[&str]) -> Node {
+        assert!(
+            Path::new(NODE).is_file(),
+            "{NODE} is missing; this test needs node 20 there"
+        );
+        let script = fixtures_dir().join("v8_frames.js");
+        let mut child = Command::new(NODE)
+            .args(extra)
+            .arg("--allow-natives-syntax")
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {NODE}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the fixture's first line");
+        assert_eq!(
+            line.trim(),
+            "spinning",
+            "the fixture should say it is spinning (did node reject a flag?)"
+        );
+        // Let it get into the loop.
+        std::thread::sleep(Duration::from_millis(300));
+        Node { child }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid()));
+    }
+}
+
+/// One frame of the frame-pointer chain: the pc running in it and its frame pointer.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    pc: u64,
+    fp: u64,
+}
+
+/// Stops the main thread, takes its registers and walks rbp; then lets node go on.
+fn stop_and_walk(pid: i32, mem: &ProcessMemory) -> Vec<Frame> {
+    let p = Pid::from_raw(pid);
+    ptrace::attach(p).unwrap_or_else(|e| panic!("ptrace attach {pid}: {e}"));
+    match waitpid(p, Some(WaitPidFlag::__WALL)) {
+        Ok(WaitStatus::Stopped(_, _)) => {}
+        other => panic!("node {pid} did not stop after attach: {other:?}"),
+    }
+    let regs = ptrace::getregs(p).unwrap_or_else(|e| panic!("getregs {pid}: {e}"));
+    let mut frames = vec![Frame {
+        pc: regs.rip,
+        fp: regs.rbp,
+    }];
+    let mut fp = regs.rbp;
+    while frames.len() < MAX_FRAMES {
+        let (Ok(next), Ok(ret)) = (mem.read_u64(fp), mem.read_u64(fp + 8)) else {
+            break;
+        };
+        // The stack grows down: a caller's frame is above its callee's.
+        if next <= fp || ret == 0 {
+            break;
+        }
+        frames.push(Frame { pc: ret, fp: next });
+        fp = next;
+    }
+    ptrace::detach(p, None).unwrap_or_else(|e| panic!("ptrace detach {pid}: {e}"));
+    frames
+}
+
+/// What node's perf map says of a JS frame: `JS:<tier marker><name> <script>:<line>:<column>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PerfName {
+    marker: String,
+    name: String,
+    script: String,
+    line: u32,
+    column: u32,
+}
+
+fn parse_perf_name(entry: &str) -> Option<PerfName> {
+    let rest = entry.strip_prefix("JS:")?;
+    let (head, location) = rest.rsplit_once(' ')?;
+    let mut parts = location.rsplitn(3, ':');
+    let column = parts.next()?.parse().ok()?;
+    let line = parts.next()?.parse().ok()?;
+    let script = parts.next()?.to_string();
+    let marker_len = head.starts_with(['~', '^', '+', '*']) as usize;
+    Some(PerfName {
+        marker: head[..marker_len].to_string(),
+        name: head[marker_len..].to_string(),
+        script,
+        line,
+        column,
+    })
+}
+
+fn tier(marker: &str) -> &'static str {
+    match marker {
+        "~" | "" => "interpreted",
+        "^" => "baseline",
+        "+" => "maglev",
+        "*" => "turbofan",
+        _ => "unknown",
+    }
+}
+
+fn read_perf_map(pid: i32) -> PerfMap {
+    let path = format!("/tmp/perf-{pid}.map");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut map = PerfMap::default();
+    map.feed(&bytes);
+    assert!(!map.is_empty(), "{path} has no entries");
+    map
+}
+
+/// Where node's embedded InterpreterEntryTrampoline lies, as link-time addresses, and a way to
+/// map a pc to one (node's builtins are also mapped a second time at a 0x7f... address).
+struct Trampoline {
+    start: u64,
+    end: u64,
+    /// (start, end, file offset) of executable mappings of the node binary.
+    maps: Vec<(u64, u64, u64)>,
+    /// (file offset, vaddr, size) of the binary's PT_LOAD segments.
+    loads: Vec<(u64, u64, u64)>,
+}
+
+impl Trampoline {
+    fn find(pid: i32, elf: &object::File) -> Trampoline {
+        let sym = elf
+            .symbols()
+            .find(|s| s.name() == Ok("Builtins_InterpreterEntryTrampoline"))
+            .expect("node has a Builtins_InterpreterEntryTrampoline symbol");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.ends_with(NODE) && l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (a, b) = f[0].split_once('-').unwrap();
+                (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                    u64::from_str_radix(f[2], 16).unwrap(),
+                )
+            })
+            .collect();
+        let loads = elf
+            .segments()
+            .map(|s| (s.file_range().0, s.address(), s.size()))
+            .collect();
+        Trampoline {
+            start: sym.address(),
+            end: sym.address() + sym.size().max(1),
+            maps,
+            loads,
+        }
+    }
+
+    fn contains(&self, pc: u64) -> bool {
+        let Some(&(start, _, off)) = self.maps.iter().find(|(s, e, _)| (*s..*e).contains(&pc)) else {
+            return false;
+        };
+        let file_off = pc - start + off;
+        self.loads.iter().any(|&(fo, va, size)| {
+            (fo..fo + size).contains(&file_off) && (self.start..self.end).contains(&(file_off - fo + va))
+        })
+    }
+}
+
+/// A JS frame found on the stack, with what the resolver made of it.
+struct Seen {
+    depth: usize,
+    how: String,
+    resolved: Result<JsFunction, String>,
+    bytecode_offset: Option<u32>,
+    took: Duration,
+}
+
+fn name_frame(mem: &ProcessMemory, layout: &V8Layout, fp: u64) -> (Result<JsFunction, String>, Option<u32>, Duration) {
+    let t = Instant::now();
+    let r = read_frame(mem, layout, fp).map_err(|e| format!("frame: {e}")).and_then(|f| {
+        resolve_function(mem, layout, f.shared)
+            .map(|j| (j, f.bytecode_offset))
+            .map_err(|e| format!("resolve: {e}"))
+    });
+    let took = t.elapsed();
+    match r {
+        Ok((j, off)) => (Ok(j), off, took),
+        Err(e) => (Err(e), None, took),
+    }
+}
+
+fn show(j: &Result<JsFunction, String>) -> String {
+    match j {
+        Ok(j) => format!(
+            "{:?} {}:{}:{}",
+            j.name,
+            j.script,
+            j.line.map_or("-".into(), |l| l.to_string()),
+            j.column.map_or("-".into(), |c| c.to_string())
+        ),
+        Err(e) => format!("UNNAMED ({e})"),
+    }
+}
+
+fn still_running(pid: i32) {
+    let stat = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        (f[0].to_string(), f[11].parse::<u64>().unwrap())
+    };
+    let (state, utime) = stat();
+    std::thread::sleep(Duration::from_millis(300));
+    let (state2, utime2) = stat();
+    assert!(
+        !matches!(state.as_str(), "t" | "T") && !matches!(state2.as_str(), "t" | "T"),
+        "node should run on after the detach, state {state} then {state2}"
+    );
+    assert!(utime2 > utime, "node should keep spinning after the detach (utime {utime} -> {utime2})");
+}
+
+/// The chain of the fixture, innermost first, as the perf map names it.
+const CHAIN: &[&str] = &[
+    "spinForever",
+    "spinVia",
+    "optimizedMiddle",
+    "Klass",
+    "anonymous",
+    "methodInterp",
+    "obj.assigned",
+    "arrow",
+    "baselineOuter",
+    "outermostInterpreted",
+];
+
+#[test]
+fn v8_frames_are_named_as_the_perf_map_names_them() {
+    require_root();
+    let elf_bytes = std::fs::read(NODE).unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
+    let elf = object::File::parse(&*elf_bytes).unwrap();
+    let node = Node::start(&["--perf-basic-prof", "--interpreted-frames-native-stack"]);
+    let pid = node.pid();
+    let mem = ProcessMemory::new(pid);
+    let trampoline = Trampoline::find(pid, &elf);
+
+    let frames = stop_and_walk(pid, &mem);
+    // The perf map is read after the stop: every code object on the stack is in it by then.
+    let perf = read_perf_map(pid);
+
+    let mut js = Vec::new();
+    let mut mismatches = Vec::new();
+    let mut tiers = std::collections::BTreeMap::new();
+    let mut in_trampoline = 0;
+    for (depth, f) in frames.iter().enumerate() {
+        let entry = perf.lookup(f.pc);
+        let expected = entry.and_then(parse_perf_name);
+        let embedded = trampoline.contains(f.pc);
+        if expected.is_none() && !embedded {
+            continue;
+        }
+        let (resolved, bytecode_offset, took) = name_frame(&mem, &layout, f.fp);
+        let how = match &expected {
+            Some(p) => format!("perf map JS:{}{} ({})", p.marker, p.name, tier(&p.marker)),
+            None => {
+                in_trampoline += 1;
+                "embedded InterpreterEntryTrampoline".to_string()
+            }
+        };
+        if let Some(p) = &expected {
+            *tiers.entry(tier(&p.marker)).or_insert(0) += 1;
+            let agrees = resolved.as_ref().is_ok_and(|j| {
+                j.name == p.name
+                    && j.script == p.script
+                    && j.line == Some(p.line)
+                    && j.column == Some(p.column)
+            });
+            if !agrees {
+                mismatches.push(format!(
+                    "#{depth} pc {:#x} fp {:#x}: perf map {}:{}:{} {:?}, resolver {}",
+                    f.pc,
+                    f.fp,
+                    p.script,
+                    p.line,
+                    p.column,
+                    p.name,
+                    show(&resolved)
+                ));
+            }
+            // Interpreted frames keep their bytecode offset and baseline ones keep other data
+            // there. Optimized code entered by on-stack replacement runs in the interpreted
+            // frame it replaced, whose slots still hold the loop's offset: any answer is right.
+            let expect_offset = match tier(&p.marker) {
+                "interpreted" => Some(true),
+                "baseline" => Some(false),
+                _ => None,
+            };
+            if expect_offset.is_some_and(|e| e != bytecode_offset.is_some()) {
+                mismatches.push(format!(
+                    "#{depth} {}: {} frame with bytecode offset {bytecode_offset:?}",
+                    p.name,
+                    tier(&p.marker)
+                ));
+            }
+        } else if resolved.as_ref().map_or(true, |j| j.script.is_empty()) {
+            mismatches.push(format!(
+                "#{depth} pc {:#x} in the embedded trampoline: {}",
+                f.pc,
+                show(&resolved)
+            ));
+        }
+        js.push(Seen {
+            depth,
+            how,
+            resolved,
+            bytecode_offset,
+            took,
+        });
+    }
+    still_running(pid);
+
+    let listing: String = js
+        .iter()
+        .map(|s| {
+            format!(
+                "  #{:<3} {:<60} -> {} bytecode offset {:?} ({} us)\n",
+                s.depth,
+                s.how,
+                show(&s.resolved),
+                s.bytecode_offset,
+                s.took.as_micros()
+            )
+        })
+        .collect();
+    let named = js.iter().filter(|s| s.resolved.is_ok()).count();
+    let total_us: u128 = js.iter().map(|s| s.took.as_micros()).sum();
+    eprintln!(
+        "{} frames walked, {} JS frames ({in_trampoline} in the embedded trampoline), {named} named, \
+         {:.1} us per frame (read + resolve, first time)\n{listing}",
+        frames.len(),
+        js.len(),
+        total_us as f64 / js.len().max(1) as f64
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} JS frames disagree with the perf map:\n{}\nall JS frames:\n{listing}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    let ours: Vec<&str> = js
+        .iter()
+        .filter_map(|s| s.resolved.as_ref().ok())
+        .filter(|j| j.script.ends_with("v8_frames.js") && !j.name.is_empty())
+        .map(|j| j.name.as_str())
+        .collect();
+    assert_eq!(ours, CHAIN, "the fixture's functions, innermost first\n{listing}");
+    for t in ["interpreted", "baseline", "turbofan"] {
+        assert!(
+            tiers.get(t).copied().unwrap_or(0) > 0,
+            "no {t} frame on the stack: the fixture did not force its tiers ({tiers:?})\n{listing}"
+        );
+    }
+
+    // The cost of naming one frame again, once the objects are in the page cache.
+    let (jsf, _) = js
+        .iter()
+        .find(|s| s.resolved.is_ok())
+        .map(|s| (frames[s.depth], ()))
+        .unwrap();
+    let rounds = 2000;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let f = read_frame(&mem, &layout, jsf.fp).unwrap();
+        resolve_function(&mem, &layout, f.shared).unwrap();
+    }
+    eprintln!(
+        "read_frame + resolve_function: {:.1} us each over {rounds} rounds",
+        t.elapsed().as_secs_f64() * 1e6 / rounds as f64
+    );
+}
+
+#[test]
+fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
+    require_root();
+    let elf_bytes = std::fs::read(NODE).unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
+    let elf = object::File::parse(&*elf_bytes).unwrap();
+    // Without --interpreted-frames-native-stack every interpreted function runs in the same
+    // embedded trampoline: only the frame's own slots can tell them apart.
+    let node = Node::start(&["--perf-basic-prof"]);
+    let pid = node.pid();
+    let mem = ProcessMemory::new(pid);
+    let trampoline = Trampoline::find(pid, &elf);
+    let frames = stop_and_walk(pid, &mem);
+    let perf = read_perf_map(pid);
+
+    let mut names = Vec::new();
+    let mut listing = String::new();
+    let mut in_trampoline = 0;
+    let mut unnamed = 0;
+    for (depth, f) in frames.iter().enumerate() {
+        let perf_name = perf.lookup(f.pc).and_then(parse_perf_name);
+        let embedded = trampoline.contains(f.pc);
+        if perf_name.is_none() && !embedded {
+            continue;
+        }
+        let (resolved, offset, _) = name_frame(&mem, &layout, f.fp);
+        if embedded {
+            in_trampoline += 1;
+            if offset.is_none() {
+                listing.push_str("  (no bytecode offset in an interpreted frame)\n");
+                unnamed += 1;
+            }
+        }
+        if let (Some(p), Ok(j)) = (&perf_name, &resolved)
+            && (p.name != j.name || p.line != j.line.unwrap_or(0))
+        {
+            unnamed += 1;
+        }
+        listing.push_str(&format!(
+            "  #{depth:<3} {:<40} -> {}\n",
+            if embedded { "embedded trampoline".to_string() } else { format!("JS:{}{}", perf_name.as_ref().unwrap().marker, perf_name.as_ref().unwrap().name) },
+            show(&resolved)
+        ));
+        match resolved {
+            Ok(j) => {
+                if j.script.ends_with("v8_frames.js") && !j.name.is_empty() {
+                    names.push(j.name);
+                }
+            }
+            Err(_) => unnamed += 1,
+        }
+    }
+    still_running(pid);
+    eprintln!("{in_trampoline} frames in the embedded trampoline\n{listing}");
+    assert_eq!(unnamed, 0, "frames left unnamed or named differently from the perf map\n{listing}");
+    assert_eq!(names, CHAIN, "each trampoline frame named by its own function\n{listing}");
+    // spinVia, Klass, anonymous, methodInterp, obj.assigned, arrow, outermostInterpreted run
+    // interpreted here, so in the one trampoline.
+    assert!(in_trampoline >= 7, "{in_trampoline} frames in the trampoline, expected at least 7\n{listing}");
+}
