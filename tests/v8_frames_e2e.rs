@@ -16,7 +16,7 @@ use nix::sys::ptrace;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use object::{Object, ObjectSegment, ObjectSymbol};
-use support::{fixtures_dir, require_root};
+use support::{TempDir, fixtures_dir, require_root};
 use tracer::symbolize::perfmap::PerfMap;
 use tracer::v8::{JsFunction, Memory, ProcessMemory, V8Layout, read_frame, resolve_function};
 
@@ -26,6 +26,8 @@ const MAX_FRAMES: usize = 256;
 /// A node process running the fixture; killed (and its perf map removed) when dropped.
 struct Node {
     child: Child,
+    /// node's working directory: the perf-map flags also make it write a V8 log there.
+    _dir: TempDir,
 }
 
 impl Node {
@@ -35,7 +37,9 @@ impl Node {
             "{NODE} is missing; this test needs node 20 there"
         );
         let script = fixtures_dir().join("v8_frames.js");
+        let dir = TempDir::new("v8-frames");
         let mut child = Command::new(NODE)
+            .current_dir(dir.path())
             .args(extra)
             .arg("--allow-natives-syntax")
             .arg(&script)
@@ -55,7 +59,7 @@ impl Node {
         );
         // Let it get into the loop.
         std::thread::sleep(Duration::from_millis(300));
-        Node { child }
+        Node { child, _dir: dir }
     }
 
     fn pid(&self) -> i32 {
