@@ -177,7 +177,9 @@ impl Trampoline {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap()
             .lines()
-            .filter(|l| l.ends_with(NODE) && l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+            .filter(|l| {
+                l.ends_with(NODE) && l.split_whitespace().nth(1).is_some_and(|p| p.contains('x'))
+            })
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 let (a, b) = f[0].split_once('-').unwrap();
@@ -201,12 +203,14 @@ impl Trampoline {
     }
 
     fn contains(&self, pc: u64) -> bool {
-        let Some(&(start, _, off)) = self.maps.iter().find(|(s, e, _)| (*s..*e).contains(&pc)) else {
+        let Some(&(start, _, off)) = self.maps.iter().find(|(s, e, _)| (*s..*e).contains(&pc))
+        else {
             return false;
         };
         let file_off = pc - start + off;
         self.loads.iter().any(|&(fo, va, size)| {
-            (fo..fo + size).contains(&file_off) && (self.start..self.end).contains(&(file_off - fo + va))
+            (fo..fo + size).contains(&file_off)
+                && (self.start..self.end).contains(&(file_off - fo + va))
         })
     }
 }
@@ -220,13 +224,19 @@ struct Seen {
     took: Duration,
 }
 
-fn name_frame(mem: &ProcessMemory, layout: &V8Layout, fp: u64) -> (Result<JsFunction, String>, Option<u32>, Duration) {
+fn name_frame(
+    mem: &ProcessMemory,
+    layout: &V8Layout,
+    fp: u64,
+) -> (Result<JsFunction, String>, Option<u32>, Duration) {
     let t = Instant::now();
-    let r = read_frame(mem, layout, fp).map_err(|e| format!("frame: {e}")).and_then(|f| {
-        resolve_function(mem, layout, f.shared)
-            .map(|j| (j, f.bytecode_offset))
-            .map_err(|e| format!("resolve: {e}"))
-    });
+    let r = read_frame(mem, layout, fp)
+        .map_err(|e| format!("frame: {e}"))
+        .and_then(|f| {
+            resolve_function(mem, layout, f.shared)
+                .map(|j| (j, f.bytecode_offset))
+                .map_err(|e| format!("resolve: {e}"))
+        });
     let took = t.elapsed();
     match r {
         Ok((j, off)) => (Ok(j), off, took),
@@ -261,7 +271,10 @@ fn still_running(pid: i32) {
         !matches!(state.as_str(), "t" | "T") && !matches!(state2.as_str(), "t" | "T"),
         "node should run on after the detach, state {state} then {state2}"
     );
-    assert!(utime2 > utime, "node should keep spinning after the detach (utime {utime} -> {utime2})");
+    assert!(
+        utime2 > utime,
+        "node should keep spinning after the detach (utime {utime} -> {utime2})"
+    );
 }
 
 /// The chain of the fixture, innermost first, as the perf map names it.
@@ -281,7 +294,8 @@ const CHAIN: &[&str] = &[
 #[test]
 fn v8_frames_are_named_as_the_perf_map_names_them() {
     require_root();
-    let elf_bytes = std::fs::read(NODE).unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let elf_bytes = std::fs::read(NODE)
+        .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
     let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
     let elf = object::File::parse(&*elf_bytes).unwrap();
     let node = Node::start(&["--perf-basic-prof", "--interpreted-frames-native-stack"]);
@@ -398,7 +412,10 @@ fn v8_frames_are_named_as_the_perf_map_names_them() {
         .filter(|j| j.script.ends_with("v8_frames.js") && !j.name.is_empty())
         .map(|j| j.name.as_str())
         .collect();
-    assert_eq!(ours, CHAIN, "the fixture's functions, innermost first\n{listing}");
+    assert_eq!(
+        ours, CHAIN,
+        "the fixture's functions, innermost first\n{listing}"
+    );
     for t in ["interpreted", "baseline", "turbofan"] {
         assert!(
             tiers.get(t).copied().unwrap_or(0) > 0,
@@ -427,7 +444,8 @@ fn v8_frames_are_named_as_the_perf_map_names_them() {
 #[test]
 fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
     require_root();
-    let elf_bytes = std::fs::read(NODE).unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let elf_bytes = std::fs::read(NODE)
+        .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
     let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
     let elf = object::File::parse(&*elf_bytes).unwrap();
     // Without --interpreted-frames-native-stack every interpreted function runs in the same
@@ -464,7 +482,15 @@ fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
         }
         listing.push_str(&format!(
             "  #{depth:<3} {:<40} -> {}\n",
-            if embedded { "embedded trampoline".to_string() } else { format!("JS:{}{}", perf_name.as_ref().unwrap().marker, perf_name.as_ref().unwrap().name) },
+            if embedded {
+                "embedded trampoline".to_string()
+            } else {
+                format!(
+                    "JS:{}{}",
+                    perf_name.as_ref().unwrap().marker,
+                    perf_name.as_ref().unwrap().name
+                )
+            },
             show(&resolved)
         ));
         match resolved {
@@ -478,9 +504,18 @@ fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
     }
     still_running(pid);
     eprintln!("{in_trampoline} frames in the embedded trampoline\n{listing}");
-    assert_eq!(unnamed, 0, "frames left unnamed or named differently from the perf map\n{listing}");
-    assert_eq!(names, CHAIN, "each trampoline frame named by its own function\n{listing}");
+    assert_eq!(
+        unnamed, 0,
+        "frames left unnamed or named differently from the perf map\n{listing}"
+    );
+    assert_eq!(
+        names, CHAIN,
+        "each trampoline frame named by its own function\n{listing}"
+    );
     // spinVia, Klass, anonymous, methodInterp, obj.assigned, arrow, outermostInterpreted run
     // interpreted here, so in the one trampoline.
-    assert!(in_trampoline >= 7, "{in_trampoline} frames in the trampoline, expected at least 7\n{listing}");
+    assert!(
+        in_trampoline >= 7,
+        "{in_trampoline} frames in the trampoline, expected at least 7\n{listing}"
+    );
 }

@@ -77,8 +77,12 @@ fn bytecode_offset<M: Memory + ?Sized>(h: &Heap<'_, M>, fp: u64) -> Result<Optio
     let l = h.l;
     let array_word = h.mem.read_u64(slot(fp, l.off_fp_bytecode_array))?;
     let offset_word = h.mem.read_u64(slot(fp, l.off_fp_bytecode_offset))?;
-    let Ok(array) = h.typed("bytecode array slot", array_word, l.type_bytecode_array, "BYTECODE_ARRAY_TYPE")
-    else {
+    let Ok(array) = h.typed(
+        "bytecode array slot",
+        array_word,
+        l.type_bytecode_array,
+        "BYTECODE_ARRAY_TYPE",
+    ) else {
         return Ok(None);
     };
     let Ok(raw) = h.smi("bytecode offset slot", offset_word) else {

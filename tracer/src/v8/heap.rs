@@ -118,7 +118,12 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
     }
 
     /// The whole string `word` points at as UTF-16 units, refused beyond `max` units.
-    pub fn string_units(&self, what: &'static str, word: u64, max: usize) -> Result<Vec<u16>, V8Error> {
+    pub fn string_units(
+        &self,
+        what: &'static str,
+        word: u64,
+        max: usize,
+    ) -> Result<Vec<u16>, V8Error> {
         let len = self.length_of(what, word)?;
         if len > max {
             return Err(V8Error::Invalid {
@@ -130,7 +135,12 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
     }
 
     /// The first `count` units of the string `word` points at (count <= its length).
-    pub fn prefix_units(&self, what: &'static str, word: u64, count: usize) -> Result<Vec<u16>, V8Error> {
+    pub fn prefix_units(
+        &self,
+        what: &'static str,
+        word: u64,
+        count: usize,
+    ) -> Result<Vec<u16>, V8Error> {
         let mut out = Vec::with_capacity(count);
         let mut pieces = 0;
         self.append(what, word, 0, count, 0, &mut pieces, &mut out)?;
@@ -175,10 +185,13 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
             });
         }
         let len = self.string_length(addr)?;
-        let end = start.checked_add(count).filter(|e| *e <= len).ok_or_else(|| V8Error::Invalid {
-            what,
-            detail: format!("range {start}+{count} beyond a string of {len} units"),
-        })?;
+        let end = start
+            .checked_add(count)
+            .filter(|e| *e <= len)
+            .ok_or_else(|| V8Error::Invalid {
+                what,
+                detail: format!("range {start}+{count} beyond a string of {len} units"),
+            })?;
         if count == 0 {
             return Ok(());
         }
@@ -188,13 +201,18 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
         if repr == l.seq_string_tag {
             if one_byte {
                 let mut buf = vec![0u8; count];
-                self.mem.read(addr + l.seq_one_byte_chars + start as u64, &mut buf)?;
+                self.mem
+                    .read(addr + l.seq_one_byte_chars + start as u64, &mut buf)?;
                 out.extend(buf.iter().map(|b| u16::from(*b)));
             } else {
                 debug_assert_eq!(ty & l.string_encoding_mask, l.two_byte_string_tag);
                 let mut buf = vec![0u8; count * 2];
-                self.mem.read(addr + l.seq_two_byte_chars + 2 * start as u64, &mut buf)?;
-                out.extend(buf.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+                self.mem
+                    .read(addr + l.seq_two_byte_chars + 2 * start as u64, &mut buf)?;
+                out.extend(
+                    buf.chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]])),
+                );
             }
             Ok(())
         } else if repr == l.cons_string_tag {
@@ -204,7 +222,9 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
             if first_len > len {
                 return Err(V8Error::Invalid {
                     what,
-                    detail: format!("cons string's first part ({first_len}) longer than it ({len})"),
+                    detail: format!(
+                        "cons string's first part ({first_len}) longer than it ({len})"
+                    ),
                 });
             }
             if start < first_len {
@@ -213,7 +233,15 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
             }
             if end > first_len {
                 let from = start.max(first_len) - first_len;
-                self.append(what, second, from, end - first_len - from, depth + 1, pieces, out)?;
+                self.append(
+                    what,
+                    second,
+                    from,
+                    end - first_len - from,
+                    depth + 1,
+                    pieces,
+                    out,
+                )?;
             }
             Ok(())
         } else if repr == l.thin_string_tag {

@@ -137,10 +137,11 @@ struct Constants<'f, 'a> {
 
 impl<'f, 'a> Constants<'f, 'a> {
     fn int(&self, name: &'static str) -> Result<i64, MissingConstant> {
-        let sym = self.by_name.get(name).ok_or(MissingConstant::Missing(name))?;
-        let value = self
-            .read_i32(sym)
+        let sym = self
+            .by_name
+            .get(name)
             .ok_or(MissingConstant::Missing(name))?;
+        let value = self.read_i32(sym).ok_or(MissingConstant::Missing(name))?;
         Ok(value as i64)
     }
 
@@ -210,16 +211,25 @@ impl V8Layout {
                 by_name.insert(name, (sym.section_index(), sym.address()));
             }
         }
-        let c = Constants { file: &file, by_name };
+        let c = Constants {
+            file: &file,
+            by_name,
+        };
 
         let tagged = c.int("v8dbg_TaggedSize")?;
         let pointer = c.int("v8dbg_SystemPointerSize")?;
         if pointer != 8 {
-            return Err(MissingConstant::Unsupported { name: "v8dbg_SystemPointerSize", value: pointer });
+            return Err(MissingConstant::Unsupported {
+                name: "v8dbg_SystemPointerSize",
+                value: pointer,
+            });
         }
         if tagged != pointer {
             // Compressed pointers: see the type's doc.
-            return Err(MissingConstant::Unsupported { name: "v8dbg_TaggedSize", value: tagged });
+            return Err(MissingConstant::Unsupported {
+                name: "v8dbg_TaggedSize",
+                value: tagged,
+            });
         }
 
         let version = match (
@@ -238,7 +248,10 @@ impl V8Layout {
         let smi_value_shift = u32::try_from(shift_size + smi_tag_size)
             .ok()
             .filter(|s| *s == 32)
-            .ok_or(MissingConstant::Unsupported { name: "v8dbg_SmiShiftSize", value: shift_size })?;
+            .ok_or(MissingConstant::Unsupported {
+                name: "v8dbg_SmiShiftSize",
+                value: shift_size,
+            })?;
 
         Ok(V8Layout {
             version,
@@ -295,7 +308,8 @@ impl V8Layout {
             thin_actual: c.offset("v8dbg_class_ThinString__actual__String")?,
             scope_info_first_vars: c.offset("v8dbg_scopeinfo_idx_first_vars")?,
             scope_info_context_local_count: c.offset("v8dbg_scopeinfo_idx_ncontextlocals")?,
-            scope_info: version.and_then(|(major, minor)| ScopeInfoLayout::for_version(major, minor)),
+            scope_info: version
+                .and_then(|(major, minor)| ScopeInfoLayout::for_version(major, minor)),
         })
     }
 
@@ -321,7 +335,8 @@ mod tests {
     const NODE: &str = "/usr/bin/node";
 
     fn node_layout() -> V8Layout {
-        let data = std::fs::read(NODE).unwrap_or_else(|e| panic!("{NODE}: {e}; the v8 tests expect node 20 there"));
+        let data = std::fs::read(NODE)
+            .unwrap_or_else(|e| panic!("{NODE}: {e}; the v8 tests expect node 20 there"));
         V8Layout::from_elf(&data).unwrap_or_else(|e| panic!("{NODE}: {e}"))
     }
 
@@ -333,36 +348,69 @@ mod tests {
         assert_eq!((l.heap_object_tag, l.heap_object_tag_mask), (1, 3));
         assert_eq!((l.smi_tag, l.smi_tag_mask, l.smi_value_shift), (0, 1, 32));
         assert_eq!(
-            (l.off_fp_function, l.off_fp_context, l.off_fp_bytecode_array, l.off_fp_bytecode_offset),
+            (
+                l.off_fp_function,
+                l.off_fp_context,
+                l.off_fp_bytecode_array,
+                l.off_fp_bytecode_offset
+            ),
             (-16, -8, -32, -40)
         );
         assert_eq!((l.heap_object_map, l.map_instance_type), (0, 12));
         // IsJSFunction_NonInline: `sub $0x812,%ax; cmp $0xf,%ax; setbe` (gdb disassembly).
         assert_eq!(l.js_function_types, 2066..=2081);
         assert_eq!(
-            (l.type_shared_function_info, l.type_scope_info, l.type_script),
+            (
+                l.type_shared_function_info,
+                l.type_scope_info,
+                l.type_script
+            ),
             (262, 261, 167)
         );
         assert_eq!((l.type_fixed_array, l.type_bytecode_array), (175, 191));
         assert_eq!((l.type_map, l.type_oddball), (255, 131));
         assert_eq!(
-            (l.js_function_shared, l.sfi_name_or_scope_info, l.sfi_script_or_debug_info),
+            (
+                l.js_function_shared,
+                l.sfi_name_or_scope_info,
+                l.sfi_script_or_debug_info
+            ),
             (24, 16, 32)
         );
-        assert_eq!((l.script_name, l.script_source, l.script_line_ends), (16, 8, 56));
+        assert_eq!(
+            (l.script_name, l.script_source, l.script_line_ends),
+            (16, 8, 56)
+        );
         assert_eq!((l.fixed_array_length, l.fixed_array_data), (8, 16));
         assert_eq!(l.first_nonstring_type, 128);
-        assert_eq!((l.string_encoding_mask, l.string_representation_mask), (8, 7));
         assert_eq!(
-            (l.seq_string_tag, l.cons_string_tag, l.sliced_string_tag, l.thin_string_tag),
+            (l.string_encoding_mask, l.string_representation_mask),
+            (8, 7)
+        );
+        assert_eq!(
+            (
+                l.seq_string_tag,
+                l.cons_string_tag,
+                l.sliced_string_tag,
+                l.thin_string_tag
+            ),
             (0, 1, 3, 5)
         );
         assert_eq!((l.one_byte_string_tag, l.two_byte_string_tag), (8, 0));
-        assert_eq!((l.string_length, l.seq_one_byte_chars, l.seq_two_byte_chars), (12, 16, 16));
+        assert_eq!(
+            (l.string_length, l.seq_one_byte_chars, l.seq_two_byte_chars),
+            (12, 16, 16)
+        );
         assert_eq!((l.cons_first, l.cons_second, l.thin_actual), (16, 24, 16));
         assert_eq!((l.sliced_parent, l.sliced_offset), (16, 24));
-        assert_eq!((l.scope_info_first_vars, l.scope_info_context_local_count), (3, 2));
-        assert!(l.scope_info.is_some(), "V8 11.3's ScopeInfo layout should be known");
+        assert_eq!(
+            (l.scope_info_first_vars, l.scope_info_context_local_count),
+            (3, 2)
+        );
+        assert!(
+            l.scope_info.is_some(),
+            "V8 11.3's ScopeInfo layout should be known"
+        );
         assert_eq!(l.scope_info_gap(), None);
     }
 

@@ -12,6 +12,8 @@ mod heap;
 pub mod layout;
 pub mod memory;
 pub mod resolve;
+#[cfg(test)]
+mod tests;
 
 pub use frame::{JsFrame, read_frame};
 pub use layout::{MissingConstant, ScopeInfoLayout, V8Layout};

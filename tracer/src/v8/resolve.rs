@@ -76,7 +76,12 @@ pub fn resolve_function<M: Memory + ?Sized>(
     };
 
     let script_word = h.field(sfi, l.sfi_script_or_debug_info)?;
-    let script = h.typed("SharedFunctionInfo's script", script_word, l.type_script, "SCRIPT_TYPE")?;
+    let script = h.typed(
+        "SharedFunctionInfo's script",
+        script_word,
+        l.type_script,
+        "SCRIPT_TYPE",
+    )?;
     let script_name = script_name(&h, script)?;
 
     let (start_position, line, column) = match (&scope_info, l.scope_info) {
@@ -120,7 +125,10 @@ struct ScopeInfo {
     context_locals: u64,
 }
 
-fn scope_info<M: Memory + ?Sized>(h: &Heap<'_, M>, word: u64) -> Result<Option<ScopeInfo>, V8Error> {
+fn scope_info<M: Memory + ?Sized>(
+    h: &Heap<'_, M>,
+    word: u64,
+) -> Result<Option<ScopeInfo>, V8Error> {
     if !h.is_heap_object(word) {
         return Ok(None);
     }
@@ -134,7 +142,10 @@ fn scope_info<M: Memory + ?Sized>(h: &Heap<'_, M>, word: u64) -> Result<Option<S
         context_locals: 0,
     };
     let flags = h.smi("ScopeInfo flags", si.slot_word(h, 0)?)?;
-    let locals = h.smi("ScopeInfo context local count", si.slot_word(h, h.l.scope_info_context_local_count)?)?;
+    let locals = h.smi(
+        "ScopeInfo context local count",
+        si.slot_word(h, h.l.scope_info_context_local_count)?,
+    )?;
     if !(0..=MAX_CONTEXT_LOCALS).contains(&locals) || flags < 0 {
         return Err(V8Error::Invalid {
             what: "ScopeInfo",
@@ -159,7 +170,11 @@ impl ScopeInfo {
 
     /// Index of the first slot after the context locals' names and infos and the saved class
     /// variable: where the function variable (name, slot) entry would be.
-    fn function_variable_index(&self, h: &Heap<'_, impl Memory + ?Sized>, s: &ScopeInfoLayout) -> u64 {
+    fn function_variable_index(
+        &self,
+        h: &Heap<'_, impl Memory + ?Sized>,
+        s: &ScopeInfoLayout,
+    ) -> u64 {
         let n = self.context_locals;
         let names = if n < s.max_inlined_local_names { n } else { 1 };
         h.l.scope_info_first_vars + names + n + u64::from(self.bit(s.has_saved_class_variable_bit))
@@ -200,7 +215,11 @@ impl ScopeInfo {
         Ok(String::new())
     }
 
-    fn start_position<M: Memory + ?Sized>(&self, h: &Heap<'_, M>, s: &ScopeInfoLayout) -> Result<u32, V8Error> {
+    fn start_position<M: Memory + ?Sized>(
+        &self,
+        h: &Heap<'_, M>,
+        s: &ScopeInfoLayout,
+    ) -> Result<u32, V8Error> {
         let scope_type = self.flags & s.scope_type_mask;
         if self.bit(s.is_empty_bit) || scope_type > s.last_positioned_scope_type {
             return Err(V8Error::Invalid {
@@ -224,7 +243,11 @@ impl ScopeInfo {
 /// 1-based line and column of `position` in the script, as V8's Script::GetLineNumber and
 /// GetColumnNumber count them (line terminators: LF, CR not before LF, U+2028, U+2029). Uses
 /// the Script's cached line ends when V8 has computed them, else scans the source.
-fn line_and_column<M: Memory + ?Sized>(h: &Heap<'_, M>, script: u64, position: u32) -> Result<(u32, u32), V8Error> {
+fn line_and_column<M: Memory + ?Sized>(
+    h: &Heap<'_, M>,
+    script: u64,
+    position: u32,
+) -> Result<(u32, u32), V8Error> {
     let l = h.l;
     let source = h.field(script, l.script_source)?;
     let source_len = h.length_of("Script source", source)?;
@@ -235,7 +258,12 @@ fn line_and_column<M: Memory + ?Sized>(h: &Heap<'_, M>, script: u64, position: u
         });
     }
     let ends_word = h.field(script, l.script_line_ends)?;
-    if let Ok(ends) = h.typed("Script line ends", ends_word, l.type_fixed_array, "FIXED_ARRAY_TYPE") {
+    if let Ok(ends) = h.typed(
+        "Script line ends",
+        ends_word,
+        l.type_fixed_array,
+        "FIXED_ARRAY_TYPE",
+    ) {
         return line_from_ends(h, ends, position);
     }
     if position as usize > MAX_SOURCE_UNITS {
@@ -244,20 +272,21 @@ fn line_and_column<M: Memory + ?Sized>(h: &Heap<'_, M>, script: u64, position: u
             detail: format!("{position} is past the {MAX_SOURCE_UNITS} source units scanned"),
         });
     }
-    let units = h.prefix_units("Script source", source, position as usize)?;
-    Ok(line_in_units(&units))
+    let wanted = (position as usize + 1).min(source_len);
+    let units = h.prefix_units("Script source", source, wanted)?;
+    Ok(line_in_units(&units, position as usize))
 }
 
-/// Line and column of the position just past `prefix` (the source before it).
-pub(crate) fn line_in_units(prefix: &[u16]) -> (u32, u32) {
+/// Line and column of `position` given the source's first units (at least `position` of them,
+/// and the one at `position` when there is one: a CR there may pair with an LF after it).
+pub(crate) fn line_in_units(units: &[u16], position: usize) -> (u32, u32) {
     let mut line = 0u32;
     let mut line_start = 0usize;
-    for (i, &c) in prefix.iter().enumerate() {
+    for (i, &c) in units.iter().enumerate().take(position) {
         let ends_line = match c {
             0x0a | 0x2028 | 0x2029 => true,
-            // CR LF is one terminator, at the LF; a CR at the prefix's end is followed by the
-            // character at the position itself, which is not part of any earlier line.
-            0x0d => prefix.get(i + 1) != Some(&0x0a),
+            // CR LF is one line end, counted at the LF.
+            0x0d => units.get(i + 1) != Some(&0x0a),
             _ => false,
         };
         if ends_line {
@@ -265,10 +294,14 @@ pub(crate) fn line_in_units(prefix: &[u16]) -> (u32, u32) {
             line_start = i + 1;
         }
     }
-    (line + 1, (prefix.len() - line_start) as u32 + 1)
+    (line + 1, (position - line_start) as u32 + 1)
 }
 
-fn line_from_ends<M: Memory + ?Sized>(h: &Heap<'_, M>, ends: u64, position: u32) -> Result<(u32, u32), V8Error> {
+fn line_from_ends<M: Memory + ?Sized>(
+    h: &Heap<'_, M>,
+    ends: u64,
+    position: u32,
+) -> Result<(u32, u32), V8Error> {
     let l = h.l;
     let count = h.smi("line ends length", h.field(ends, l.fixed_array_length)?)?;
     if !(1..=MAX_LINE_ENDS).contains(&count) {
@@ -278,7 +311,10 @@ fn line_from_ends<M: Memory + ?Sized>(h: &Heap<'_, M>, ends: u64, position: u32)
         });
     }
     let end_at = |i: i64| -> Result<i64, V8Error> {
-        h.smi("line end", h.field(ends, l.fixed_array_data + 8 * i as u64)?)
+        h.smi(
+            "line end",
+            h.field(ends, l.fixed_array_data + 8 * i as u64)?,
+        )
     };
     // First line whose end is at or after the position.
     let (mut lo, mut hi) = (0i64, count);
