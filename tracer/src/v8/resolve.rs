@@ -272,9 +272,13 @@ fn line_and_column<M: Memory + ?Sized>(
             detail: format!("{position} is past the {MAX_SOURCE_UNITS} source units scanned"),
         });
     }
-    let wanted = (position as usize + 1).min(source_len);
-    let units = h.prefix_units("Script source", source, wanted)?;
-    Ok(line_in_units(&units, position as usize))
+    let position = position as usize;
+    let mut units = h.prefix_units("Script source", source, position)?;
+    // Only a CR just before the position needs the unit at the position (CR LF pairs).
+    if units.last() == Some(&0x0d) && position < source_len {
+        units = h.prefix_units("Script source", source, position + 1)?;
+    }
+    Ok(line_in_units(&units, position))
 }
 
 /// Line and column of `position` given the source's first units (at least `position` of them,
