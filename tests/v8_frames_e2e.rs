@@ -519,3 +519,117 @@ fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
         "{in_trampoline} frames in the trampoline, expected at least 7\n{listing}"
     );
 }
+
+/// Executable anonymous mappings: where V8 puts the code it generates.
+fn jit_ranges(pid: i32) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[1].contains('x')).then(|| {
+                let (a, b) = f[0].split_once('-').unwrap();
+                (
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// (name, script, line, column) of the fixture's own frames, innermost first.
+type Named = (String, String, u32, u32);
+
+fn fixture_frames(named: impl Iterator<Item = JsFunction>) -> Vec<Named> {
+    named
+        .filter(|j| j.script.ends_with("v8_frames.js") && !j.name.is_empty())
+        .map(|j| (j.name, j.script, j.line.unwrap_or(0), j.column.unwrap_or(0)))
+        .collect()
+}
+
+#[test]
+fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
+    require_root();
+    let elf_bytes = std::fs::read(NODE)
+        .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
+    let elf = object::File::parse(&*elf_bytes).unwrap();
+
+    // The reference: the same fixture with the perf-map flags, named by its perf map alone.
+    let flagged = Node::start(&["--perf-basic-prof", "--interpreted-frames-native-stack"]);
+    let mem = ProcessMemory::new(flagged.pid());
+    let frames = stop_and_walk(flagged.pid(), &mem);
+    let perf = read_perf_map(flagged.pid());
+    // Every JS frame, node's own modules' included.
+    let reference: Vec<Named> = frames
+        .iter()
+        .filter_map(|f| perf.lookup(f.pc).and_then(parse_perf_name))
+        .map(|p| (p.name, p.script, p.line, p.column))
+        .collect();
+    drop(flagged);
+
+    // No perf-map flags: the frames to name are those whose pc lies in generated code
+    // (executable anonymous mappings) or in the embedded interpreter trampoline.
+    let node = Node::start(&[]);
+    let pid = node.pid();
+    assert!(
+        !Path::new(&format!("/tmp/perf-{pid}.map")).exists(),
+        "node without flags should write no perf map"
+    );
+    let mem = ProcessMemory::new(pid);
+    let trampoline = Trampoline::find(pid, &elf);
+    let jit = jit_ranges(pid);
+    let frames = stop_and_walk(pid, &mem);
+    let mut listing = String::new();
+    let mut named = Vec::new();
+    let mut unnamed = Vec::new();
+    let mut total = 0;
+    for (depth, f) in frames.iter().enumerate() {
+        let in_jit = jit.iter().any(|(s, e)| (*s..*e).contains(&f.pc));
+        let in_trampoline = trampoline.contains(f.pc);
+        if !in_jit && !in_trampoline {
+            continue;
+        }
+        total += 1;
+        let (resolved, _, _) = name_frame(&mem, &layout, f.fp);
+        listing.push_str(&format!(
+            "  #{depth:<3} {:<12} pc {:#x} -> {}\n",
+            if in_jit { "jit" } else { "trampoline" },
+            f.pc,
+            show(&resolved)
+        ));
+        match resolved {
+            Ok(j) => named.push(j),
+            Err(e) => unnamed.push(format!("#{depth}: {e}")),
+        }
+    }
+    still_running(pid);
+    eprintln!(
+        "no flags: {total} frames in generated code or the trampoline, {} named\n{listing}",
+        named.len()
+    );
+    let all: Vec<Named> = named
+        .iter()
+        .map(|j| {
+            let j = j.clone();
+            (j.name, j.script, j.line.unwrap_or(0), j.column.unwrap_or(0))
+        })
+        .collect();
+    let ours = fixture_frames(named.into_iter());
+    assert_eq!(
+        ours.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(),
+        CHAIN,
+        "the fixture's functions, innermost first\n{listing}"
+    );
+    assert_eq!(
+        all, reference,
+        "names, scripts, lines and columns should equal the flagged run's perf map\n{listing}"
+    );
+    assert!(
+        unnamed.is_empty(),
+        "{} of {total} frames in V8 code unnamed:\n{}\n{listing}",
+        unnamed.len(),
+        unnamed.join("\n")
+    );
+}

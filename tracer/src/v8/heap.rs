@@ -14,6 +14,42 @@ const MAX_STRING_DEPTH: u32 = 64;
 /// String pieces visited for one string.
 const MAX_STRING_PIECES: u32 = 100_000;
 
+/// Byte offset of `data()` in the vtable of `v8::String::ExternalOneByteStringResource` and
+/// `ExternalStringResource`: the 7th virtual function in v8-primitive.h's order (two
+/// destructors, IsCacheable, Dispose, Lock, Unlock, data). Node 20's
+/// `ExternalOneByteString::GetChars` calls `*(vtable + 0x30)` for it.
+const EXTERNAL_DATA_SLOT: u64 = 0x30;
+
+/// If `code` is a function returning a field of its `this` (`rdi`), the field's offset:
+/// `mov rax, [rdi + disp]` with only frame setup and `ret` around it.
+fn getter_offset(code: &[u8], ip: u64) -> Option<u64> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    let mut offset = None;
+    for ins in Decoder::with_ip(64, code, ip, DecoderOptions::NONE)
+        .iter()
+        .take(8)
+    {
+        match ins.mnemonic() {
+            Mnemonic::Endbr64 | Mnemonic::Leave | Mnemonic::Nop => {}
+            Mnemonic::Push | Mnemonic::Pop if ins.op0_register() == Register::RBP => {}
+            Mnemonic::Mov
+                if ins.op0_register() == Register::RBP && ins.op1_register() == Register::RSP => {}
+            Mnemonic::Mov
+                if offset.is_none()
+                    && ins.op0_register() == Register::RAX
+                    && ins.op1_kind() == OpKind::Memory
+                    && ins.memory_base() == Register::RDI
+                    && ins.memory_index() == Register::None =>
+            {
+                offset = Some(ins.memory_displacement64());
+            }
+            Mnemonic::Ret => return offset,
+            _ => return None,
+        }
+    }
+    None
+}
+
 pub struct Heap<'a, M: Memory + ?Sized> {
     pub mem: &'a M,
     pub l: &'a V8Layout,
@@ -156,6 +192,29 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
         })
     }
 
+    /// Where an external string's characters are. They sit in embedder memory, returned by
+    /// the resource's virtual `data()`; this follows that call only when `data()` is a plain
+    /// getter (`return this->field;`, decoded from the target's own code), and reads the field.
+    /// Anything else (a computed pointer, a lock) is refused.
+    fn external_chars(&self, what: &'static str, addr: u64) -> Result<u64, V8Error> {
+        let refuse = |detail: String| V8Error::Invalid { what, detail };
+        let resource = self.field(addr, self.l.external_resource)?;
+        if resource == 0 || resource % 8 != 0 {
+            return Err(refuse(format!("external resource pointer {resource:#x}")));
+        }
+        let vtable = self.mem.read_u64(resource)?;
+        let data_fn = self.mem.read_u64(vtable + EXTERNAL_DATA_SLOT)?;
+        let mut code = [0u8; 24];
+        self.mem.read(data_fn, &mut code)?;
+        let offset = getter_offset(&code, data_fn)
+            .ok_or_else(|| refuse(format!("data() at {data_fn:#x} is not a plain getter")))?;
+        let chars = self.mem.read_u64(resource + offset)?;
+        if chars == 0 {
+            return Err(refuse("external resource with no data".to_string()));
+        }
+        Ok(chars)
+    }
+
     /// Appends units [start, start + count) of the string at `word` to `out`.
     #[expect(clippy::too_many_arguments, reason = "one recursive walk's state")]
     fn append(
@@ -255,11 +314,23 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
                 detail: format!("sliced string offset {offset}"),
             })?;
             self.append(what, parent, offset + start, count, depth + 1, pieces, out)
+        } else if repr == l.external_string_tag {
+            let chars = self.external_chars(what, addr)?;
+            let width = if one_byte { 1 } else { 2 };
+            let mut buf = vec![0u8; count * width];
+            self.mem.read(chars + (start * width) as u64, &mut buf)?;
+            if one_byte {
+                out.extend(buf.iter().map(|b| u16::from(*b)));
+            } else {
+                out.extend(
+                    buf.chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]])),
+                );
+            }
+            Ok(())
         } else {
-            // External strings keep their characters in embedder memory behind a resource
-            // object whose layout the metadata does not give.
             Err(V8Error::Unsupported(format!(
-                "{what}: string representation {repr} (external) is not read"
+                "{what}: string representation {repr} is not read"
             )))
         }
     }

@@ -109,6 +109,7 @@ pub struct V8Layout {
     pub cons_string_tag: u16,
     pub sliced_string_tag: u16,
     pub thin_string_tag: u16,
+    pub external_string_tag: u16,
     pub string_length: u64,
     pub seq_one_byte_chars: u64,
     pub seq_two_byte_chars: u64,
@@ -117,6 +118,8 @@ pub struct V8Layout {
     pub sliced_parent: u64,
     pub sliced_offset: u64,
     pub thin_actual: u64,
+    /// Where an external string keeps its `v8::String::External*StringResource*`.
+    pub external_resource: u64,
 
     pub scope_info_first_vars: u64,
     pub scope_info_context_local_count: u64,
@@ -298,6 +301,7 @@ impl V8Layout {
             cons_string_tag: c.type_tag("v8dbg_ConsStringTag")?,
             sliced_string_tag: c.type_tag("v8dbg_SlicedStringTag")?,
             thin_string_tag: c.type_tag("v8dbg_ThinStringTag")?,
+            external_string_tag: c.type_tag("v8dbg_ExternalStringTag")?,
             string_length: c.offset("v8dbg_class_String__length__int32_t")?,
             seq_one_byte_chars: c.offset("v8dbg_class_SeqOneByteString__chars__char")?,
             seq_two_byte_chars: c.offset("v8dbg_class_SeqTwoByteString__chars__char")?,
@@ -306,6 +310,7 @@ impl V8Layout {
             sliced_parent: c.offset("v8dbg_class_SlicedString__parent__String")?,
             sliced_offset: c.offset("v8dbg_class_SlicedString__offset__SMI")?,
             thin_actual: c.offset("v8dbg_class_ThinString__actual__String")?,
+            external_resource: c.offset("v8dbg_class_ExternalString__resource__Object")?,
             scope_info_first_vars: c.offset("v8dbg_scopeinfo_idx_first_vars")?,
             scope_info_context_local_count: c.offset("v8dbg_scopeinfo_idx_ncontextlocals")?,
             scope_info: version
@@ -403,6 +408,7 @@ mod tests {
         );
         assert_eq!((l.cons_first, l.cons_second, l.thin_actual), (16, 24, 16));
         assert_eq!((l.sliced_parent, l.sliced_offset), (16, 24));
+        assert_eq!((l.external_resource, l.external_string_tag), (16, 2));
         assert_eq!(
             (l.scope_info_first_vars, l.scope_info_context_local_count),
             (3, 2)

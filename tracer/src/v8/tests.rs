@@ -128,6 +128,25 @@ impl FakeHeap {
         s
     }
 
+    /// A one-byte external string whose resource has a vtable whose data() is `code`, and
+    /// keeps its characters' address at offset 0x10.
+    fn external(&mut self, text: &str, code: &[u8]) -> u64 {
+        let chars = self.alloc(text.len().max(1)) - 1;
+        self.mem.write(chars, text.as_bytes());
+        let code_at = self.alloc(32) - 1;
+        self.mem.write(code_at, code);
+        let vtable = self.alloc(64) - 1;
+        self.mem.write_u64(vtable + 0x30, code_at);
+        let resource = self.alloc(32) - 1;
+        self.mem.write_u64(resource, vtable);
+        self.mem.write_u64(resource + 0x10, chars);
+        let s = self.object(10, 32);
+        self.set_len(s, text.len());
+        let off = self.l.external_resource;
+        self.set(s, off, resource);
+        s
+    }
+
     fn heap(&self) -> Heap<'_, FakeMemory> {
         Heap::new(&self.mem, &self.l)
     }
@@ -239,6 +258,14 @@ fn v8_strings_of_every_shape_decode() {
         h.heap().prefix_units("p", whole, 5).unwrap(),
         "obj.a".encode_utf16().collect::<Vec<_>>()
     );
+    // External strings (node's own module sources): data() is `return this->data_;`, with
+    // the frame setup node's -fno-omit-frame-pointer build gives it.
+    let getter = [0x55, 0x48, 0x89, 0xe5, 0x48, 0x8b, 0x47, 0x10, 0x5d, 0xc3];
+    let ext = h.external("'use strict';\nfunction f() {}", &getter);
+    assert_eq!(h.read(ext).unwrap(), "'use strict';\nfunction f() {}");
+    let lean = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x8b, 0x47, 0x10, 0xc3];
+    let ext = h.external("abc", &lean);
+    assert_eq!(h.heap().prefix_units("p", ext, 2).unwrap(), vec![97, 98]);
     let empty = h.one_byte("");
     assert_eq!(h.read(empty).unwrap(), "");
 }
@@ -246,14 +273,20 @@ fn v8_strings_of_every_shape_decode() {
 #[test]
 fn v8_strings_that_do_not_check_out_are_errors() {
     let mut h = FakeHeap::new();
-    // External strings keep characters outside the heap: refused, not guessed.
-    let ext = h.object(10, 32);
-    h.set_len(ext, 4);
+    // An external string whose resource's data() computes its pointer: refused.
+    let ext = h.external(
+        "text",
+        &[0x48, 0x8b, 0x47, 0x10, 0x48, 0x83, 0xc0, 0x01, 0xc3],
+    );
     assert!(
-        matches!(h.read(ext), Err(V8Error::Unsupported(_))),
+        matches!(h.read(ext), Err(V8Error::Invalid { .. })),
         "{:?}",
         h.read(ext)
     );
+    // ... or has no resource.
+    let ext = h.object(10, 32);
+    h.set_len(ext, 4);
+    assert!(h.read(ext).is_err());
     // Not a string type.
     let sfi = h.object(h.l.type_shared_function_info, 64);
     assert!(matches!(h.read(sfi), Err(V8Error::WrongType { .. })));
