@@ -18,7 +18,7 @@ mod tests;
 pub use frame::{JsFrame, read_frame};
 pub use layout::{MissingConstant, ScopeInfoLayout, V8Layout};
 pub use memory::{CachedMemory, FakeMemory, Memory, ProcessMemory, ReadError};
-pub use resolve::{JsFunction, JsIdentity, resolve_function};
+pub use resolve::{JsFunction, JsIdentity, resolve_frame, resolve_function};
 
 /// Why a frame or a function could not be read: the frame is not a JS frame, or an object did
 /// not check out (moved, freed, or never what the slot was assumed to hold).

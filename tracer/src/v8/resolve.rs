@@ -4,6 +4,7 @@
 use super::V8Error;
 use super::heap::{Heap, MAX_NAME_UNITS, MAX_SOURCE_UNITS};
 use super::layout::{ScopeInfoLayout, V8Layout};
+use super::frame::JsFrame;
 use super::memory::Memory;
 
 /// Line ends binary-searched in a Script's cached table, at most this many entries.
@@ -41,6 +42,37 @@ impl JsFunction {
             start_position: self.start_position?,
         })
     }
+}
+
+/// Names the function of a frame captured earlier, after checking that the JSFunction it
+/// recorded still points at the same SharedFunctionInfo: after a compacting GC both addresses
+/// may hold other objects, and a lone SharedFunctionInfo address could name another function.
+pub fn resolve_frame<M: Memory + ?Sized>(
+    mem: &M,
+    l: &V8Layout,
+    frame: &JsFrame,
+) -> Result<JsFunction, V8Error> {
+    let h = Heap::new(mem, l);
+    let (function, ty) = h.object("captured JSFunction", frame.function + l.heap_object_tag)?;
+    if !l.js_function_types.contains(&ty) {
+        return Err(V8Error::WrongType {
+            what: "captured JSFunction",
+            addr: function,
+            found: ty,
+            expected: "a JSFunction type",
+        });
+    }
+    let shared = h.field(function, l.js_function_shared)?;
+    if shared != frame.shared + l.heap_object_tag {
+        return Err(V8Error::Invalid {
+            what: "captured JSFunction",
+            detail: format!(
+                "now points at {shared:#x}, not the captured SharedFunctionInfo {:#x} (moved or reused)",
+                frame.shared
+            ),
+        });
+    }
+    resolve_function(mem, l, frame.shared)
 }
 
 /// Names the function whose SharedFunctionInfo is at `shared` (an untagged address, as

@@ -5,7 +5,7 @@ use super::heap::{Heap, MAX_NAME_UNITS};
 use super::layout::V8Layout;
 use super::memory::FakeMemory;
 use super::resolve::line_in_units;
-use super::{V8Error, read_frame, resolve_function};
+use super::{V8Error, read_frame, resolve_frame, resolve_function};
 
 fn node_layout() -> V8Layout {
     let data =
@@ -501,6 +501,12 @@ fn v8_frames_give_function_shared_info_and_bytecode_offset() {
         (f.function, f.shared, f.bytecode_offset),
         (function - 1, sfi - 1, Some(7))
     );
+    assert_eq!(resolve_frame(&h.mem, &h.l, &f).unwrap().name, "f");
+    // The function now points elsewhere (moved, or its address reused): refused.
+    let other = h.sfi(si, h.l.heap_object_tag);
+    h.set(function, h.l.js_function_shared, other);
+    assert!(matches!(resolve_frame(&h.mem, &h.l, &f), Err(V8Error::Invalid { .. })));
+    h.set(function, h.l.js_function_shared, sfi);
 
     // A class constructor's type lies in the JSFunction range too.
     let ctor = h.object(*h.l.js_function_types.end(), 64);
