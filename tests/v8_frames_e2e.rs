@@ -19,7 +19,8 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 use support::{TempDir, fixtures_dir, require_root};
 use tracer::symbolize::perfmap::PerfMap;
 use tracer::v8::{
-    CachedMemory, JsFunction, Memory, ProcessMemory, V8Layout, read_frame, resolve_function,
+    CachedMemory, JsFunction, Memory, ProcessMemory, V8Layout, read_frame, resolve_frame,
+    resolve_function,
 };
 
 const NODE: &str = "/usr/bin/node";
@@ -34,11 +35,15 @@ struct Node {
 
 impl Node {
     fn start(extra: &[&str]) -> Node {
+        Node::start_script("v8_frames.js", extra)
+    }
+
+    fn start_script(name: &str, extra: &[&str]) -> Node {
         assert!(
             Path::new(NODE).is_file(),
             "{NODE} is missing; this test needs node 20 there"
         );
-        let script = fixtures_dir().join("v8_frames.js");
+        let script = fixtures_dir().join(name);
         let dir = TempDir::new("v8-frames");
         let mut child = Command::new(NODE)
             .current_dir(dir.path())
@@ -86,6 +91,15 @@ struct Frame {
 
 /// Stops the main thread, takes its registers and walks rbp; then lets node go on.
 fn stop_and_walk(pid: i32, mem: &ProcessMemory) -> Vec<Frame> {
+    stop_walk_and(pid, mem, |_| ()).0
+}
+
+/// Like [`stop_and_walk`], and runs `while_stopped` on the frames before node goes on.
+fn stop_walk_and<T>(
+    pid: i32,
+    mem: &ProcessMemory,
+    while_stopped: impl FnOnce(&[Frame]) -> T,
+) -> (Vec<Frame>, T) {
     let p = Pid::from_raw(pid);
     ptrace::attach(p).unwrap_or_else(|e| panic!("ptrace attach {pid}: {e}"));
     match waitpid(p, Some(WaitPidFlag::__WALL)) {
@@ -109,8 +123,9 @@ fn stop_and_walk(pid: i32, mem: &ProcessMemory) -> Vec<Frame> {
         frames.push(Frame { pc: ret, fp: next });
         fp = next;
     }
+    let out = while_stopped(&frames);
     ptrace::detach(p, None).unwrap_or_else(|e| panic!("ptrace detach {pid}: {e}"));
-    frames
+    (frames, out)
 }
 
 /// What node's perf map says of a JS frame: `JS:<tier marker><name> <script>:<line>:<column>`.
@@ -657,5 +672,87 @@ fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
         "{} of {total} frames in V8 code unnamed:\n{}\n{listing}",
         unnamed.len(),
         unnamed.join("\n")
+    );
+}
+
+#[test]
+fn v8_frames_captured_before_compacting_gcs_never_get_another_name() {
+    require_root();
+    let elf_bytes = std::fs::read(NODE)
+        .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
+    let node = Node::start_script(
+        "v8_gc.js",
+        &[
+            "--expose-gc",
+            "--compact-on-every-full-gc",
+            "--stress-compaction",
+        ],
+    );
+    let pid = node.pid();
+    let mem = ProcessMemory::new(pid);
+
+    // (frame captured, identity when captured)
+    let mut captured = Vec::new();
+    for _ in 0..40 {
+        // Named while node is stopped: this is the truth the stale answers are held to.
+        let (_, fresh) = stop_walk_and(pid, &mem, |frames| {
+            let mut fresh = Vec::new();
+            // Every frame is tried (read_frame refuses what is not a JS frame): the innermost
+            // is often interpreted, its pc in a bytecode handler rather than the trampoline.
+            for f in frames {
+                if let Ok(frame) = read_frame(&mem, &layout, f.fp)
+                    && let Ok(j) = resolve_function(&mem, &layout, frame.shared)
+                    && j.name.starts_with("work")
+                {
+                    // The check resolve_frame adds must pass on a fresh capture.
+                    let again = resolve_frame(&mem, &layout, &frame);
+                    assert_eq!(
+                        again.as_ref().ok().and_then(JsFunction::identity),
+                        j.identity(),
+                        "a fresh capture through resolve_frame: {again:?}"
+                    );
+                    fresh.push((frame, j));
+                }
+            }
+            fresh
+        });
+        captured.extend(fresh);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        captured.len() >= 20,
+        "only {} work frames captured",
+        captured.len()
+    );
+    // Let a few dozen compacting GCs run.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let (mut same, mut refused, mut wrong) = (0, 0, Vec::new());
+    let (mut sfi_same, mut sfi_refused, mut sfi_wrong) = (0, 0, 0);
+    for (frame, then) in &captured {
+        match resolve_frame(&mem, &layout, frame) {
+            Ok(now) if now.identity() == then.identity() => same += 1,
+            Ok(now) => wrong.push(format!("{} became {}", then.name, now.name)),
+            Err(_) => refused += 1,
+        }
+        // For comparison: the SharedFunctionInfo address alone, unchecked against its function.
+        match resolve_function(&mem, &layout, frame.shared) {
+            Ok(now) if now.identity() == then.identity() => sfi_same += 1,
+            Ok(_) => sfi_wrong += 1,
+            Err(_) => sfi_refused += 1,
+        }
+    }
+    still_running(pid);
+    eprintln!(
+        "{} frames captured, resolved 1.5 s later through resolve_frame: {same} same, {refused} refused, \
+         {} wrong; through the SFI address alone: {sfi_same} same, {sfi_refused} refused, {sfi_wrong} wrong",
+        captured.len(),
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "stale captures named as other functions:\n{}",
+        wrong.join("\n")
     );
 }
