@@ -263,13 +263,7 @@ fn name_frame(
 
 fn show(j: &Result<JsFunction, String>) -> String {
     match j {
-        Ok(j) => format!(
-            "{:?} {}:{}:{}",
-            j.name,
-            j.script,
-            j.line.map_or("-".into(), |l| l.to_string()),
-            j.column.map_or("-".into(), |c| c.to_string())
-        ),
+        Ok(j) => format!("{:?} {}:{}:{}", j.name, j.script, j.line, j.column),
         Err(e) => format!("UNNAMED ({e})"),
     }
 }
@@ -346,10 +340,7 @@ fn v8_frames_are_named_as_the_perf_map_names_them() {
         if let Some(p) = &expected {
             *tiers.entry(tier(&p.marker)).or_insert(0) += 1;
             let agrees = resolved.as_ref().is_ok_and(|j| {
-                j.name == p.name
-                    && j.script == p.script
-                    && j.line == Some(p.line)
-                    && j.column == Some(p.column)
+                j.name == p.name && j.script == p.script && j.line == p.line && j.column == p.column
             });
             if !agrees {
                 mismatches.push(format!(
@@ -517,7 +508,7 @@ fn v8_frames_in_the_embedded_interpreter_trampoline_are_told_apart() {
             }
         }
         if let (Some(p), Ok(j)) = (&perf_name, &resolved)
-            && (p.name != j.name || p.line != j.line.unwrap_or(0))
+            && (p.name != j.name || p.line != j.line)
         {
             unnamed += 1;
         }
@@ -585,7 +576,7 @@ type Named = (String, String, u32, u32);
 fn fixture_frames(named: impl Iterator<Item = JsFunction>) -> Vec<Named> {
     named
         .filter(|j| j.script.ends_with("v8_frames.js") && !j.name.is_empty())
-        .map(|j| (j.name, j.script, j.line.unwrap_or(0), j.column.unwrap_or(0)))
+        .map(|j| (j.name, j.script, j.line, j.column))
         .collect()
 }
 
@@ -654,7 +645,7 @@ fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
         .iter()
         .map(|j| {
             let j = j.clone();
-            (j.name, j.script, j.line.unwrap_or(0), j.column.unwrap_or(0))
+            (j.name, j.script, j.line, j.column)
         })
         .collect();
     let ours = fixture_frames(named.into_iter());
@@ -708,8 +699,8 @@ fn v8_frames_captured_before_compacting_gcs_never_get_another_name() {
                     // The check resolve_frame adds must pass on a fresh capture.
                     let again = resolve_frame(&mem, &layout, &frame);
                     assert_eq!(
-                        again.as_ref().ok().and_then(JsFunction::identity),
-                        j.identity(),
+                        again.as_ref().ok().map(JsFunction::identity),
+                        Some(j.identity()),
                         "a fresh capture through resolve_frame: {again:?}"
                     );
                     fresh.push((frame, j));

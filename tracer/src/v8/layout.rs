@@ -13,6 +13,12 @@ pub enum MissingConstant {
     Unsupported { name: &'static str, value: i64 },
     #[error("the binary is not a readable ELF file ({0}): JS frames stay unnamed")]
     NotElf(String),
+    /// The v8dbg symbols say nothing of ScopeInfo's flag bits, which locate a function's name
+    /// and positions; they are known per V8 version ([`ScopeInfoLayout::for_version`]).
+    #[error(
+        "ScopeInfo layout unknown for V8 {major}.{minor} (no v8dbg_ constants describe it): JS frames stay unnamed"
+    )]
+    UnknownScopeInfo { major: u32, minor: u32 },
 }
 
 /// Where a ScopeInfo keeps a function's source positions. The v8dbg metadata does not describe
@@ -59,7 +65,8 @@ impl ScopeInfoLayout {
 /// every pointer; it is refused with a one-line error instead of being read wrongly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V8Layout {
-    pub version: Option<(u32, u32)>,
+    /// V8's (major, minor) version, from `v8::internal::Version::major_`/`minor_`.
+    pub version: (u32, u32),
     pub heap_object_tag: u64,
     pub heap_object_tag_mask: u64,
     pub smi_tag: u64,
@@ -123,9 +130,7 @@ pub struct V8Layout {
 
     pub scope_info_first_vars: u64,
     pub scope_info_context_local_count: u64,
-    /// `None` when this V8 version's ScopeInfo flags are not known: names still resolve, start
-    /// lines do not.
-    pub scope_info: Option<ScopeInfoLayout>,
+    pub scope_info: ScopeInfoLayout,
 }
 
 /// V8's out-of-line `IsJSFunction(HeapObject)`, whose code gives the JSFunction type range.
@@ -235,16 +240,29 @@ impl V8Layout {
             });
         }
 
-        let version = match (
-            c.by_name.get("_ZN2v88internal7Version6major_E"),
-            c.by_name.get("_ZN2v88internal7Version6minor_E"),
-        ) {
-            (Some(major), Some(minor)) => c
-                .read_i32(major)
-                .zip(c.read_i32(minor))
-                .map(|(a, b)| (a as u32, b as u32)),
-            _ => None,
+        let version_part = |name: &'static str, what: &'static str| {
+            c.by_name
+                .get(name)
+                .and_then(|sym| c.read_i32(sym))
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or(MissingConstant::Missing(what))
         };
+        let version = (
+            version_part(
+                "_ZN2v88internal7Version6major_E",
+                "v8::internal::Version::major_",
+            )?,
+            version_part(
+                "_ZN2v88internal7Version6minor_E",
+                "v8::internal::Version::minor_",
+            )?,
+        );
+        let scope_info = ScopeInfoLayout::for_version(version.0, version.1).ok_or(
+            MissingConstant::UnknownScopeInfo {
+                major: version.0,
+                minor: version.1,
+            },
+        )?;
 
         let shift_size = c.int("v8dbg_SmiShiftSize")?;
         let smi_tag_size = c.int("v8dbg_SmiValueShift")?;
@@ -313,22 +331,7 @@ impl V8Layout {
             external_resource: c.offset("v8dbg_class_ExternalString__resource__Object")?,
             scope_info_first_vars: c.offset("v8dbg_scopeinfo_idx_first_vars")?,
             scope_info_context_local_count: c.offset("v8dbg_scopeinfo_idx_ncontextlocals")?,
-            scope_info: version
-                .and_then(|(major, minor)| ScopeInfoLayout::for_version(major, minor)),
-        })
-    }
-
-    /// Why start lines are unavailable, when they are (one line), else `None`.
-    pub fn scope_info_gap(&self) -> Option<String> {
-        if self.scope_info.is_some() {
-            return None;
-        }
-        Some(match self.version {
-            Some((major, minor)) => format!(
-                "ScopeInfo flag layout unknown for V8 {major}.{minor}: JS frames get names but no start lines"
-            ),
-            None => "v8::internal::Version::major_ missing: JS frames get names but no start lines"
-                .to_string(),
+            scope_info,
         })
     }
 }
@@ -349,7 +352,7 @@ mod tests {
     #[test]
     fn v8_layout_of_node_20_matches_its_metadata() {
         let l = node_layout();
-        assert_eq!(l.version, Some((11, 3)));
+        assert_eq!(l.version, (11, 3));
         assert_eq!((l.heap_object_tag, l.heap_object_tag_mask), (1, 3));
         assert_eq!((l.smi_tag, l.smi_tag_mask, l.smi_value_shift), (0, 1, 32));
         assert_eq!(
@@ -413,11 +416,7 @@ mod tests {
             (l.scope_info_first_vars, l.scope_info_context_local_count),
             (3, 2)
         );
-        assert!(
-            l.scope_info.is_some(),
-            "V8 11.3's ScopeInfo layout should be known"
-        );
-        assert_eq!(l.scope_info_gap(), None);
+        assert_eq!(l.scope_info, ScopeInfoLayout::for_version(11, 3).unwrap());
     }
 
     #[test]
@@ -439,6 +438,36 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "v8dbg_off_fp_function missing: JS frames stay unnamed"
+        );
+    }
+
+    #[test]
+    fn v8_layout_of_another_v8_version_is_refused_in_one_line() {
+        // node 20's binary with Version::minor_ changed from 3 to 9.
+        let mut data = std::fs::read(NODE).unwrap();
+        let at = {
+            let file = object::File::parse(&*data).unwrap();
+            let sym = file
+                .symbols()
+                .find(|s| s.name() == Ok("_ZN2v88internal7Version6minor_E"))
+                .expect("node has V8's version");
+            let section = file.section_by_index(sym.section_index().unwrap()).unwrap();
+            let (offset, _) = section.file_range().unwrap();
+            (offset + sym.address() - section.address()) as usize
+        };
+        assert_eq!(&data[at..at + 4], &3i32.to_le_bytes());
+        data[at..at + 4].copy_from_slice(&9i32.to_le_bytes());
+        let err = V8Layout::from_elf(&data).unwrap_err();
+        assert_eq!(
+            err,
+            MissingConstant::UnknownScopeInfo {
+                major: 11,
+                minor: 9
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "ScopeInfo layout unknown for V8 11.9 (no v8dbg_ constants describe it): JS frames stay unnamed"
         );
     }
 

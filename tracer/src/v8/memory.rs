@@ -127,7 +127,10 @@ impl<M: Memory + ?Sized> Memory for CachedMemory<'_, M> {
             let at = addr.wrapping_add(done as u64);
             let page = at & !(PAGE - 1);
             let n = ((page + PAGE - at) as usize).min(buf.len() - done);
-            if self.copy_from_page(page, at, &mut buf[done..done + n]).is_none() {
+            if self
+                .copy_from_page(page, at, &mut buf[done..done + n])
+                .is_none()
+            {
                 // An unreadable page (a guard page next to a readable object): ask for
                 // exactly the bytes wanted.
                 return self.inner.read(addr, buf);

@@ -2,9 +2,9 @@
 //! column where the function starts, computed the way V8's own perf map computes them.
 
 use super::V8Error;
+use super::frame::JsFrame;
 use super::heap::{Heap, MAX_NAME_UNITS, MAX_SOURCE_UNITS};
 use super::layout::{ScopeInfoLayout, V8Layout};
-use super::frame::JsFrame;
 use super::memory::Memory;
 
 /// Line ends binary-searched in a Script's cached table, at most this many entries.
@@ -12,9 +12,8 @@ const MAX_LINE_ENDS: i64 = 1 << 24;
 /// Context locals a ScopeInfo may declare before it is taken as garbage.
 const MAX_CONTEXT_LOCALS: i64 = 1 << 16;
 
-/// One JavaScript function, named. `line`/`column` are 1-based, as in node's perf map
-/// (`JS:~name script:line:column`); they are `None` only when this V8 version's ScopeInfo
-/// layout is unknown ([`V8Layout::scope_info_gap`] says so in one line).
+/// One JavaScript function, named. `line`/`column` are 1-based and count UTF-16 units, as in
+/// node's perf map (`JS:~name script:line:column`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct JsFunction {
     /// V8's debug name: the function's own name, else the name V8 inferred for it (`obj.f`
@@ -23,9 +22,9 @@ pub struct JsFunction {
     /// The Script's name: the file's path for node's CommonJS and ES modules.
     pub script: String,
     /// Offset of the function's start (its parameter list) in the script's source, in UTF-16 units.
-    pub start_position: Option<u32>,
-    pub line: Option<u32>,
-    pub column: Option<u32>,
+    pub start_position: u32,
+    pub line: u32,
+    pub column: u32,
 }
 
 /// What stays the same for a function across GCs, tiers and address reuse.
@@ -36,11 +35,11 @@ pub struct JsIdentity {
 }
 
 impl JsFunction {
-    pub fn identity(&self) -> Option<JsIdentity> {
-        Some(JsIdentity {
+    pub fn identity(&self) -> JsIdentity {
+        JsIdentity {
             script: self.script.clone(),
-            start_position: self.start_position?,
-        })
+            start_position: self.start_position,
+        }
     }
 }
 
@@ -116,21 +115,13 @@ pub fn resolve_function<M: Memory + ?Sized>(
     )?;
     let script_name = script_name(&h, script)?;
 
-    let (start_position, line, column) = match (&scope_info, l.scope_info) {
-        (Some(si), Some(layout)) => {
-            let start = si.start_position(&h, &layout)?;
-            let (line, column) = line_and_column(&h, script, start)?;
-            (Some(start), Some(line), Some(column))
-        }
-        (_, None) => (None, None, None),
-        // A compiled function always has a ScopeInfo; one without is not running JS code.
-        (None, Some(_)) => {
-            return Err(V8Error::Invalid {
-                what: "SharedFunctionInfo",
-                detail: "no ScopeInfo, so no start position".to_string(),
-            });
-        }
-    };
+    // A compiled function always has a ScopeInfo; one without is not running JS code.
+    let si = scope_info.ok_or_else(|| V8Error::Invalid {
+        what: "SharedFunctionInfo",
+        detail: "no ScopeInfo, so no start position".to_string(),
+    })?;
+    let start_position = si.start_position(&h, &l.scope_info)?;
+    let (line, column) = line_and_column(&h, script, start_position)?;
     Ok(JsFunction {
         name,
         script: script_name,
@@ -223,11 +214,7 @@ impl ScopeInfo {
     /// V8's SharedFunctionInfo::DebugName for a compiled function: the name in the function
     /// variable entry, else the inferred name, else empty.
     fn debug_name<M: Memory + ?Sized>(&self, h: &Heap<'_, M>) -> Result<String, V8Error> {
-        let Some(s) = h.l.scope_info else {
-            return Err(V8Error::Unsupported(
-                h.l.scope_info_gap().unwrap_or_default(),
-            ));
-        };
+        let s = h.l.scope_info;
         if self.has_function_variable(&s) {
             let word = self.slot_word(h, self.function_variable_index(h, &s))?;
             if !(h.is_smi(word) && h.smi("function name", word)? == 0) {

@@ -375,10 +375,10 @@ fn v8_functions_resolve_to_name_script_and_start_line() {
         assert_eq!(f.script, "/work/x/v8_frames.js");
         assert_eq!(
             (f.start_position, f.line, f.column),
-            (Some(34), Some(3), Some(21)),
+            (34, 3, 21),
             "line ends cached: {cached}"
         );
-        assert_eq!(f.identity().unwrap().start_position, 34);
+        assert_eq!(f.identity().start_position, 34);
     }
 
     // No own name: the inferred one (`obj.assigned = function () {}`).
@@ -390,10 +390,7 @@ fn v8_functions_resolve_to_name_script_and_start_line() {
     );
     let sfi = named_function(&mut h, si, true);
     let f = resolve_function(&h.mem, &h.l, sfi - 1).unwrap();
-    assert_eq!(
-        (f.name.as_str(), f.line, f.column),
-        ("obj.assigned", Some(3), Some(1))
-    );
+    assert_eq!((f.name.as_str(), f.line, f.column), ("obj.assigned", 3, 1));
 
     // Anonymous: no name, inferred name undefined.
     let undefined = h.undefined();
@@ -404,7 +401,7 @@ fn v8_functions_resolve_to_name_script_and_start_line() {
     );
     let sfi = named_function(&mut h, si, false);
     let f = resolve_function(&h.mem, &h.l, sfi - 1).unwrap();
-    assert_eq!((f.name.as_str(), f.line, f.column), ("", Some(2), Some(1)));
+    assert_eq!((f.name.as_str(), f.line, f.column), ("", 2, 1));
 }
 
 #[test]
@@ -505,7 +502,10 @@ fn v8_frames_give_function_shared_info_and_bytecode_offset() {
     // The function now points elsewhere (moved, or its address reused): refused.
     let other = h.sfi(si, h.l.heap_object_tag);
     h.set(function, h.l.js_function_shared, other);
-    assert!(matches!(resolve_frame(&h.mem, &h.l, &f), Err(V8Error::Invalid { .. })));
+    assert!(matches!(
+        resolve_frame(&h.mem, &h.l, &f),
+        Err(V8Error::Invalid { .. })
+    ));
     h.set(function, h.l.js_function_shared, sfi);
 
     // A class constructor's type lies in the JSFunction range too.
