@@ -12,7 +12,15 @@
 //! ```
 //!
 //! A capture at allocation time needs only these slots and the JSFunction's `shared` field:
-//! [`JsFrame`] is that record, a few u64s.
+//! [`JsFrame`] is that record, a few u64s. A capture in the kernel can afford the same checks
+//! as [`read_frame`]: context slot not Smi-tagged, function slot tagged with its map's
+//! instance type in the JSFunction range, `shared` tagged with the SharedFunctionInfo type
+//! (two map reads each), and leave the rest to user space.
+//!
+//! Optimized code entered by on-stack replacement runs in the interpreted frame it replaced:
+//! its bytecode slots still hold the BytecodeArray and the loop's offset, so
+//! [`JsFrame::bytecode_offset`] is the current position only when the pc is in the
+//! interpreter (its trampoline or bytecode handlers).
 
 use super::V8Error;
 use super::heap::Heap;

@@ -5,7 +5,24 @@
 //! [`frame`] reads the few words of one V8 frame that identify its function (what a stack
 //! capture would record); [`resolve`] turns a SharedFunctionInfo into function, script and
 //! line. Objects move and die, so every step checks type words and bounds before trusting a
-//! pointer and answers with an error rather than a guess.
+//! pointer and answers with an error rather than a guess; [`resolve_frame`] also re-checks a
+//! capture's JSFunction -> SharedFunctionInfo link, so a capture outlived by a compacting GC is
+//! refused instead of naming whatever now sits at its address.
+//!
+//! What the metadata does not give, and where it comes from instead (node 20 / V8 11.3 only;
+//! other versions are refused by [`V8Layout::from_elf`] in one line):
+//! - ScopeInfo's flag bits, which place a function's name and source positions: a table per
+//!   V8 version ([`ScopeInfoLayout::for_version`]), read off this binary's
+//!   `ScopeInfo::StartPosition()` code.
+//! - The last JSFunction instance type (class constructors are 2081, plain functions 2066):
+//!   decoded at load time from the binary's `IsJSFunction_NonInline`.
+//! - An external string's characters (node's own module sources): the resource's `data()` is
+//!   followed only when its code is a plain field getter.
+//!
+//! Not done: the line being executed. A frame's bytecode offset is captured, but the
+//! BytecodeArray's source position table has no v8dbg offset in node 20, and V8 builds those
+//! tables lazily, so without flags most functions have none to read. Script `line_offset`
+//! (non-zero only for scripts compiled with an offset, not node's files) is not applied either.
 
 pub mod frame;
 mod heap;
