@@ -84,8 +84,8 @@ pub struct V8Layout {
 
     /// Instance types of JSFunction objects: `v8dbg_type_JSFunction__JS_FUNCTION_TYPE` is the
     /// first; class constructors and builtin constructors take the next ones. The metadata has
-    /// no last type, so it is read from the binary's own `IsJSFunction_NonInline` (see
-    /// [`js_function_types`]); if that code has another shape, only the first type counts.
+    /// no last type, so it is decoded from the binary's own `IsJSFunction_NonInline`; if that
+    /// code has another shape, only the first type counts (class constructors stay unnamed).
     pub js_function_types: std::ops::RangeInclusive<u16>,
     pub type_shared_function_info: u16,
     pub type_scope_info: u16,
