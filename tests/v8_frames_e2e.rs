@@ -183,6 +183,9 @@ struct Trampoline {
     maps: Vec<(u64, u64, u64)>,
     /// (file offset, vaddr, size) of the binary's PT_LOAD segments.
     loads: Vec<(u64, u64, u64)>,
+    /// Link-time ranges of the bytecode handlers (`Builtins_*Handler`), where the pc of the
+    /// innermost interpreted frame lies.
+    handlers: Vec<(u64, u64)>,
 }
 
 impl Trampoline {
@@ -211,7 +214,16 @@ impl Trampoline {
             .segments()
             .map(|s| (s.file_range().0, s.address(), s.size()))
             .collect();
+        let handlers = elf
+            .symbols()
+            .filter(|s| {
+                s.name()
+                    .is_ok_and(|n| n.starts_with("Builtins_") && n.ends_with("Handler"))
+            })
+            .map(|s| (s.address(), s.address() + s.size().max(1)))
+            .collect();
         Trampoline {
+            handlers,
             start: sym.address(),
             end: sym.address() + sym.size().max(1),
             maps,
@@ -219,16 +231,24 @@ impl Trampoline {
         }
     }
 
-    fn contains(&self, pc: u64) -> bool {
-        let Some(&(start, _, off)) = self.maps.iter().find(|(s, e, _)| (*s..*e).contains(&pc))
-        else {
-            return false;
-        };
+    /// The node binary's link-time address for a pc in one of its executable mappings.
+    fn link_address(&self, pc: u64) -> Option<u64> {
+        let &(start, _, off) = self.maps.iter().find(|(s, e, _)| (*s..*e).contains(&pc))?;
         let file_off = pc - start + off;
-        self.loads.iter().any(|&(fo, va, size)| {
-            (fo..fo + size).contains(&file_off)
-                && (self.start..self.end).contains(&(file_off - fo + va))
-        })
+        self.loads
+            .iter()
+            .find(|&&(fo, _, size)| (fo..fo + size).contains(&file_off))
+            .map(|&(fo, va, _)| file_off - fo + va)
+    }
+
+    fn contains(&self, pc: u64) -> bool {
+        self.link_address(pc)
+            .is_some_and(|a| (self.start..self.end).contains(&a))
+    }
+
+    fn in_handler(&self, pc: u64) -> bool {
+        self.link_address(pc)
+            .is_some_and(|a| self.handlers.iter().any(|(s, e)| (*s..*e).contains(&a)))
     }
 }
 
@@ -745,5 +765,136 @@ fn v8_frames_captured_before_compacting_gcs_never_get_another_name() {
         wrong.is_empty(),
         "stale captures named as other functions:\n{}",
         wrong.join("\n")
+    );
+}
+
+/// Kills a child when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn v8_frames_of_an_http_server_under_load_are_named() {
+    require_root();
+    let elf_bytes = std::fs::read(NODE)
+        .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
+    let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
+    let elf = object::File::parse(&*elf_bytes).unwrap();
+    // The live-service fixture, started the way a service is: no flags at all.
+    let mut server = Killed(
+        Command::new(NODE)
+            .arg(fixtures_dir().join("http_server.js"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {NODE}: {e}")),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("the server printed {line:?}, not its port"))
+        .to_string();
+    let _client = Killed(
+        Command::new(NODE)
+            .arg(fixtures_dir().join("v8_http_client.js"))
+            .arg(&port)
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = server.0.id() as i32;
+    let mem = ProcessMemory::new(pid);
+    let trampoline = Trampoline::find(pid, &elf);
+
+    let (mut total, mut named) = (0usize, 0usize);
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut functions: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut took = Duration::ZERO;
+    let samples = 200;
+    for _ in 0..samples {
+        // Code is generated as the server runs: its mappings are read at each stop.
+        let jit = jit_ranges(pid);
+        let (_, (t, n, errs, names, dt)) = stop_walk_and(pid, &mem, |frames| {
+            let start = Instant::now();
+            let cached = CachedMemory::new(&mem);
+            let (mut t, mut n, mut errs, mut names) = (0, 0, Vec::new(), Vec::new());
+            for f in frames {
+                let in_jit = jit.iter().any(|(s, e)| (*s..*e).contains(&f.pc));
+                let kind = if in_jit {
+                    "jit"
+                } else if trampoline.contains(f.pc) {
+                    "trampoline"
+                } else if trampoline.in_handler(f.pc) {
+                    "bytecode handler"
+                } else {
+                    continue;
+                };
+                t += 1;
+                names.push(format!("[{kind}]"));
+                match read_frame(&cached, &layout, f.fp)
+                    .and_then(|fr| resolve_function(&cached, &layout, fr.shared))
+                {
+                    Ok(j) => {
+                        n += 1;
+                        names.push(format!("{} {}:{}", j.name, j.script, j.line));
+                    }
+                    Err(e) => {
+                        // Grouped by the message without its addresses.
+                        let what = e.to_string().split(" at ").next().unwrap_or("").to_string();
+                        errs.push(format!("{kind} frame: {what}"));
+                    }
+                }
+            }
+            (t, n, errs, names, start.elapsed())
+        });
+        total += t;
+        named += n;
+        took += dt;
+        for e in errs {
+            *errors.entry(e).or_default() += 1;
+        }
+        for n in names {
+            *functions.entry(n).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    still_running(pid);
+    let mut top: Vec<_> = functions.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1));
+    let top: String = top
+        .iter()
+        .take(15)
+        .map(|(f, c)| format!("  {c:>5}  {f}\n"))
+        .collect();
+    let errs: String = errors
+        .iter()
+        .map(|(e, c)| format!("  {c:>5}  {e}\n"))
+        .collect();
+    eprintln!(
+        "{samples} stops of a flagless HTTP server under load: {total} frames in generated code, \
+         the interpreter trampoline or bytecode handlers, {named} named ({:.1}%), {:.1} us per frame named while stopped\n\
+         most seen:\n{top}unnamed:\n{errs}",
+        100.0 * named as f64 / total.max(1) as f64,
+        took.as_secs_f64() * 1e6 / total.max(1) as f64
+    );
+    assert!(
+        total >= 100,
+        "only {total} JS frames in {samples} stops\n{errs}"
+    );
+    assert!(
+        functions.keys().any(|f| f.contains("http_server.js")),
+        "no frame of the server's own file named\n{top}"
+    );
+    assert!(
+        named * 100 >= total * 95,
+        "{named} of {total} frames named, under 95%\n{errs}"
     );
 }
