@@ -3,7 +3,8 @@
 //! The flow is one way: `probe` (backends that attach to a process and produce snapshots)
 //! -> `aggregate` (normalize and rank stacks) -> `symbolize` (names for frames) -> `report`
 //! (text, JSON). `recording` attaches and keeps the session, `record` reports on it, `top`
-//! shows it live; `target` finds and launches processes.
+//! shows it live; `target` finds and launches processes. `v8` names JavaScript frames from a
+//! live node process's own memory (not yet used by the stack walker).
 pub mod aggregate;
 pub mod diag;
 pub mod diff;
