@@ -20,9 +20,10 @@
 //!   followed only when its code is a plain field getter.
 //!
 //! Not done: the line being executed. A frame's bytecode offset is captured, but the
-//! BytecodeArray's source position table has no v8dbg offset in node 20 (in a flagless node
-//! the word at +32 was a ByteArray in all 17 interpreted frames looked at, so the table is
-//! there; its offset and encoding would have to come from outside the metadata). `line_offset`
+//! BytecodeArray's source position table has no v8dbg offset in node 20 (in a flagless node,
+//! the word at +32 of the frame's BytecodeArray was a ByteArray in each of the 16 interpreted,
+//! baseline and OSR frames looked at, so the tables exist; their offset and encoding would
+//! have to come from outside the metadata). `line_offset`
 //! (a Script field non-zero only for code compiled with an offset, not node's files) is not
 //! applied either.
 
