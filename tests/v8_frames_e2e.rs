@@ -19,8 +19,8 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 use support::{TempDir, fixtures_dir, require_root};
 use tracer::symbolize::perfmap::PerfMap;
 use tracer::v8::{
-    CachedMemory, JsFunction, Memory, ProcessMemory, V8Layout, read_frame, resolve_frame,
-    resolve_function,
+    CachedMemory, JsFunction, Memory, ProcessMemory, V8Layout, current_position, read_frame,
+    resolve_frame, resolve_function,
 };
 
 const NODE: &str = "/usr/bin/node";
@@ -307,6 +307,20 @@ fn still_running(pid: i32) {
         "node should keep spinning after the detach (utime {utime} -> {utime2})"
     );
 }
+
+/// Where each interpreted function of the fixture is executing (its call to the next), as
+/// V8's own `new Error().stack` gives it from inside the same chain (line, column).
+const CURRENT_POSITIONS: &[(&str, (u32, u32))] = &[
+    ("spinVia", (14, 10)),
+    ("Klass", (23, 14)),
+    ("anonymous", (27, 42)),
+    ("methodInterp", (30, 28)),
+    ("obj.assigned", (32, 42)),
+    ("arrow", (34, 26)),
+    ("outermostInterpreted", (41, 10)),
+    // The script's top level, calling outermostInterpreted().
+    ("", (62, 1)),
+];
 
 /// The chain of the fixture, innermost first, as the perf map names it.
 const CHAIN: &[&str] = &[
@@ -637,6 +651,7 @@ fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
     let mut named = Vec::new();
     let mut unnamed = Vec::new();
     let mut total = 0;
+    let mut checked_current = 0;
     for (depth, f) in frames.iter().enumerate() {
         let in_jit = jit.iter().any(|(s, e)| (*s..*e).contains(&f.pc));
         let in_trampoline = trampoline.contains(f.pc);
@@ -645,8 +660,22 @@ fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
         }
         total += 1;
         let (resolved, _, _) = name_frame(&mem, &layout, f.fp);
+        let current =
+            read_frame(&mem, &layout, f.fp).and_then(|fr| current_position(&mem, &layout, &fr));
+        if let Ok(j) = &resolved
+            && j.script.ends_with("v8_frames.js")
+            && let Some((_, at)) = CURRENT_POSITIONS.iter().find(|(n, _)| *n == j.name)
+        {
+            checked_current += 1;
+            if !matches!(current, Ok(Some(now)) if now == *at) {
+                unnamed.push(format!(
+                    "#{depth} {:?}: current position {current:?}, V8's stack trace says {at:?}",
+                    j.name
+                ));
+            }
+        }
         listing.push_str(&format!(
-            "  #{depth:<3} {:<12} pc {:#x} -> {}\n",
+            "  #{depth:<3} {:<12} pc {:#x} -> {} now at {current:?}\n",
             if in_jit { "jit" } else { "trampoline" },
             f.pc,
             show(&resolved)
@@ -658,8 +687,14 @@ fn v8_frames_of_a_node_started_without_perf_map_flags_are_named_the_same() {
     }
     still_running(pid);
     eprintln!(
-        "no flags: {total} frames in generated code or the trampoline, {} named\n{listing}",
+        "no flags: {total} frames in generated code or the trampoline, {} named, \
+         current line checked in {checked_current}\n{listing}",
         named.len()
+    );
+    assert_eq!(
+        checked_current,
+        CURRENT_POSITIONS.len(),
+        "every interpreted fixture function's current position checked\n{listing}"
     );
     let all: Vec<Named> = named
         .iter()

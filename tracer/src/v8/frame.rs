@@ -38,6 +38,8 @@ pub struct JsFrame {
     /// Offset into the bytecode being run, for interpreted frames: `fp + off_fp_bytecode_offset`
     /// when `fp + off_fp_bytecode_array` holds a BytecodeArray and the offset lies inside it.
     pub bytecode_offset: Option<u32>,
+    /// The BytecodeArray (untagged) that offset is into, from `fp + off_fp_bytecode_array`.
+    pub bytecode_array: Option<u64>,
 }
 
 fn slot(fp: u64, offset: i64) -> u64 {
@@ -72,16 +74,21 @@ pub fn read_frame<M: Memory + ?Sized>(mem: &M, l: &V8Layout, fp: u64) -> Result<
         l.type_shared_function_info,
         "SHARED_FUNCTION_INFO_TYPE",
     )?;
+    let bytecode = bytecode_offset(&h, fp).ok().flatten();
     Ok(JsFrame {
         function,
         shared,
-        bytecode_offset: bytecode_offset(&h, fp).ok().flatten(),
+        bytecode_offset: bytecode.map(|(_, offset)| offset),
+        bytecode_array: bytecode.map(|(array, _)| array),
     })
 }
 
 /// The interpreted frame's offset into its bytecode, or `None` when the slots do not hold a
 /// BytecodeArray and an in-range Smi (baseline and optimized frames).
-fn bytecode_offset<M: Memory + ?Sized>(h: &Heap<'_, M>, fp: u64) -> Result<Option<u32>, V8Error> {
+fn bytecode_offset<M: Memory + ?Sized>(
+    h: &Heap<'_, M>,
+    fp: u64,
+) -> Result<Option<(u64, u32)>, V8Error> {
     let l = h.l;
     let array_word = h.mem.read_u64(slot(fp, l.off_fp_bytecode_array))?;
     let offset_word = h.mem.read_u64(slot(fp, l.off_fp_bytecode_offset))?;
@@ -100,5 +107,7 @@ fn bytecode_offset<M: Memory + ?Sized>(h: &Heap<'_, M>, fp: u64) -> Result<Optio
     // The slot counts from the tagged object pointer, not from the first bytecode.
     let first = (l.bytecode_array_data - l.heap_object_tag) as i64;
     let offset = raw - first;
-    Ok((0..length).contains(&offset).then_some(offset as u32))
+    Ok((0..length)
+        .contains(&offset)
+        .then_some((array, offset as u32)))
 }

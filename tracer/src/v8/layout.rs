@@ -21,6 +21,31 @@ pub enum MissingConstant {
     UnknownScopeInfo { major: u32, minor: u32 },
 }
 
+/// How a BytecodeArray maps bytecode offsets to source positions; no v8dbg constant covers
+/// it. Known per V8 version, read off node 20.20.2's own `AbstractCode::SourcePosition` and
+/// `SourcePositionTableIterator::Advance` code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePositionLayout {
+    /// The BytecodeArray field holding the table (a ByteArray, or not yet collected).
+    pub bytecode_table: u64,
+    /// A position word: bit 0 marks an external (non-JS) position, bits 1-30 the script
+    /// offset plus one.
+    pub script_offset_shift: u32,
+    pub script_offset_mask: u64,
+    pub external_bit: u64,
+}
+
+impl SourcePositionLayout {
+    pub fn for_version(major: u32, minor: u32) -> Option<SourcePositionLayout> {
+        (major == 11 && minor == 3).then_some(SourcePositionLayout {
+            bytecode_table: 32,
+            script_offset_shift: 1,
+            script_offset_mask: 0x3fff_ffff,
+            external_bit: 1,
+        })
+    }
+}
+
 /// Where a ScopeInfo keeps a function's source positions. The v8dbg metadata does not describe
 /// ScopeInfo's flag bits, so this part is known per V8 version (see [`ScopeInfoLayout::for_version`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +118,7 @@ pub struct V8Layout {
     pub type_fixed_array: u16,
     pub type_bytecode_array: u16,
     pub type_map: u16,
+    pub type_byte_array: u16,
     pub type_oddball: u16,
 
     pub js_function_shared: u64,
@@ -131,6 +157,7 @@ pub struct V8Layout {
     pub scope_info_first_vars: u64,
     pub scope_info_context_local_count: u64,
     pub scope_info: ScopeInfoLayout,
+    pub source_positions: SourcePositionLayout,
 }
 
 /// V8's out-of-line `IsJSFunction(HeapObject)`, whose code gives the JSFunction type range.
@@ -298,6 +325,7 @@ impl V8Layout {
             type_fixed_array: c.type_tag("v8dbg_type_FixedArray__FIXED_ARRAY_TYPE")?,
             type_bytecode_array: c.type_tag("v8dbg_type_BytecodeArray__BYTECODE_ARRAY_TYPE")?,
             type_map: c.type_tag("v8dbg_type_Map__MAP_TYPE")?,
+            type_byte_array: c.type_tag("v8dbg_type_ByteArray__BYTE_ARRAY_TYPE")?,
             type_oddball: c.type_tag("v8dbg_type_Oddball__ODDBALL_TYPE")?,
             js_function_shared: c.offset("v8dbg_class_JSFunction__shared__SharedFunctionInfo")?,
             sfi_name_or_scope_info: c
@@ -332,6 +360,13 @@ impl V8Layout {
             scope_info_first_vars: c.offset("v8dbg_scopeinfo_idx_first_vars")?,
             scope_info_context_local_count: c.offset("v8dbg_scopeinfo_idx_ncontextlocals")?,
             scope_info,
+            // Known for the same versions as the ScopeInfo layout.
+            source_positions: SourcePositionLayout::for_version(version.0, version.1).ok_or(
+                MissingConstant::UnknownScopeInfo {
+                    major: version.0,
+                    minor: version.1,
+                },
+            )?,
         })
     }
 }

@@ -19,13 +19,14 @@
 //! - An external string's characters (node's own module sources): the resource's `data()` is
 //!   followed only when its code is a plain field getter.
 //!
-//! Not done: the line being executed. A frame's bytecode offset is captured, but the
-//! BytecodeArray's source position table has no v8dbg offset in node 20 (in a flagless node,
-//! the word at +32 of the frame's BytecodeArray was a ByteArray in each of the 16 interpreted,
-//! baseline and OSR frames looked at, so the tables exist; their offset and encoding would
-//! have to come from outside the metadata). `line_offset`
-//! (a Script field non-zero only for code compiled with an offset, not node's files) is not
-//! applied either.
+//! - Where a BytecodeArray keeps its source position table and how a position word packs the
+//!   script offset: a table per V8 version ([`SourcePositionLayout::for_version`]), read off
+//!   this binary's `AbstractCode::SourcePosition` and `SourcePositionTableIterator` code. With
+//!   it, [`current_position`] gives an interpreted frame's line and column being executed,
+//!   checked against V8's own `Error().stack` for the same frames.
+//!
+//! Not applied: a Script's `line_offset` (non-zero only for code compiled with an offset, not
+//! node's files; no v8dbg constant gives it).
 
 pub mod frame;
 mod heap;
@@ -36,9 +37,9 @@ pub mod resolve;
 mod tests;
 
 pub use frame::{JsFrame, read_frame};
-pub use layout::{MissingConstant, ScopeInfoLayout, V8Layout};
+pub use layout::{MissingConstant, ScopeInfoLayout, SourcePositionLayout, V8Layout};
 pub use memory::{CachedMemory, FakeMemory, Memory, ProcessMemory, ReadError};
-pub use resolve::{JsFunction, JsIdentity, resolve_frame, resolve_function};
+pub use resolve::{JsFunction, JsIdentity, current_position, resolve_frame, resolve_function};
 
 /// Why a frame or a function could not be read: the frame is not a JS frame, or an object did
 /// not check out (moved, freed, or never what the slot was assumed to hold).

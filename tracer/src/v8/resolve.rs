@@ -9,6 +9,8 @@ use super::memory::Memory;
 
 /// Line ends binary-searched in a Script's cached table, at most this many entries.
 const MAX_LINE_ENDS: i64 = 1 << 24;
+/// Longest source position table read.
+const MAX_POSITION_TABLE: i64 = 1 << 20;
 /// Context locals a ScopeInfo may declare before it is taken as garbage.
 const MAX_CONTEXT_LOCALS: i64 = 1 << 16;
 
@@ -74,6 +76,119 @@ pub fn resolve_frame<M: Memory + ?Sized>(
     resolve_function(mem, l, frame.shared)
 }
 
+/// The line and column (1-based) being executed in an interpreted frame, from its bytecode
+/// offset and the BytecodeArray's source position table, as V8's `AbstractCode::SourcePosition`
+/// finds it: the position of the last JavaScript entry at or before the offset. `Ok(None)`
+/// when the frame has no bytecode offset (optimized and baseline frames) or V8 has not
+/// collected the table. The position must fall inside the function's own source range, or
+/// the table is not this function's and the answer is an error.
+pub fn current_position<M: Memory + ?Sized>(
+    mem: &M,
+    l: &V8Layout,
+    frame: &JsFrame,
+) -> Result<Option<(u32, u32)>, V8Error> {
+    let (Some(array), Some(offset)) = (frame.bytecode_array, frame.bytecode_offset) else {
+        return Ok(None);
+    };
+    let h = Heap::new(mem, l);
+    let sp = l.source_positions;
+    let array = h.typed(
+        "BytecodeArray",
+        array + l.heap_object_tag,
+        l.type_bytecode_array,
+        "BYTECODE_ARRAY_TYPE",
+    )?;
+    let table_word = h.field(array, sp.bytecode_table)?;
+    let Ok(table) = h.typed(
+        "source position table",
+        table_word,
+        l.type_byte_array,
+        "BYTE_ARRAY_TYPE",
+    ) else {
+        // Not collected yet (undefined, or V8's marker for a pending collection).
+        return Ok(None);
+    };
+    let len = h.smi(
+        "source position table length",
+        h.field(table, l.fixed_array_length)?,
+    )?;
+    if !(0..=MAX_POSITION_TABLE).contains(&len) {
+        return Err(V8Error::Invalid {
+            what: "source position table",
+            detail: format!("{len} bytes"),
+        });
+    }
+    let mut bytes = vec![0u8; len as usize];
+    mem.read(table + l.fixed_array_data, &mut bytes)?;
+    let raw = position_at(&bytes, i64::from(offset)).ok_or_else(|| V8Error::Invalid {
+        what: "source position table",
+        detail: "truncated entry".to_string(),
+    })?;
+    let script_offset = ((raw >> sp.script_offset_shift) as u64 & sp.script_offset_mask) as i64 - 1;
+
+    // The function's own range and script, checked as resolve_function checks them.
+    let sfi = h.typed(
+        "SharedFunctionInfo",
+        frame.shared + l.heap_object_tag,
+        l.type_shared_function_info,
+        "SHARED_FUNCTION_INFO_TYPE",
+    )?;
+    let si = scope_info(&h, h.field(sfi, l.sfi_name_or_scope_info)?)?.ok_or_else(|| {
+        V8Error::Invalid {
+            what: "SharedFunctionInfo",
+            detail: "no ScopeInfo".to_string(),
+        }
+    })?;
+    let (start, end) = si.start_position(&h, &l.scope_info)?;
+    if script_offset < i64::from(start) || script_offset > i64::from(end) {
+        return Err(V8Error::Invalid {
+            what: "current source position",
+            detail: format!("{script_offset} outside the function's {start}..{end}"),
+        });
+    }
+    let script = h.typed(
+        "SharedFunctionInfo's script",
+        h.field(sfi, l.sfi_script_or_debug_info)?,
+        l.type_script,
+        "SCRIPT_TYPE",
+    )?;
+    Ok(Some(line_and_column(&h, script, script_offset as u32)?))
+}
+
+/// The raw position word of the last JavaScript entry whose bytecode offset is at or before
+/// `offset` (0 if none), or `None` for a table that ends inside an entry. Entries are two
+/// zigzag varints: the bytecode offset delta (negative, as `-delta - 1`, for expression
+/// positions) and the position delta; bit 0 of a position marks it external (not JS).
+pub(crate) fn position_at(table: &[u8], offset: i64) -> Option<i64> {
+    fn varint(table: &[u8], at: &mut usize) -> Option<i64> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = *table.get(*at)?;
+            *at += 1;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        None
+    }
+    // Offsets count from -1, V8's offset for the function's entry (its iterator starts there).
+    let (mut at, mut code_offset, mut position, mut found) = (0usize, -1i64, 0i64, 0i64);
+    while at < table.len() {
+        let delta = varint(table, &mut at)?;
+        let delta = if delta < 0 { -delta - 1 } else { delta };
+        code_offset += delta;
+        position += varint(table, &mut at)?;
+        if code_offset > offset {
+            break;
+        }
+        if position & 1 == 0 {
+            found = position;
+        }
+    }
+    Some(found)
+}
+
 /// Names the function whose SharedFunctionInfo is at `shared` (an untagged address, as
 /// [`JsFrame::shared`](super::JsFrame::shared) gives it).
 pub fn resolve_function<M: Memory + ?Sized>(
@@ -120,7 +235,7 @@ pub fn resolve_function<M: Memory + ?Sized>(
         what: "SharedFunctionInfo",
         detail: "no ScopeInfo, so no start position".to_string(),
     })?;
-    let start_position = si.start_position(&h, &l.scope_info)?;
+    let (start_position, _) = si.start_position(&h, &l.scope_info)?;
     let (line, column) = line_and_column(&h, script, start_position)?;
     Ok(JsFunction {
         name,
@@ -238,7 +353,7 @@ impl ScopeInfo {
         &self,
         h: &Heap<'_, M>,
         s: &ScopeInfoLayout,
-    ) -> Result<u32, V8Error> {
+    ) -> Result<(u32, u32), V8Error> {
         let scope_type = self.flags & s.scope_type_mask;
         if self.bit(s.is_empty_bit) || scope_type > s.last_positioned_scope_type {
             return Err(V8Error::Invalid {
@@ -255,7 +370,7 @@ impl ScopeInfo {
                 detail: format!("start {start}, end {end}"),
             });
         }
-        Ok(start as u32)
+        Ok((start as u32, end as u32))
     }
 }
 

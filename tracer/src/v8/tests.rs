@@ -4,7 +4,7 @@
 use super::heap::{Heap, MAX_NAME_UNITS};
 use super::layout::V8Layout;
 use super::memory::FakeMemory;
-use super::resolve::line_in_units;
+use super::resolve::{line_in_units, position_at};
 use super::{V8Error, read_frame, resolve_frame, resolve_function};
 
 fn node_layout() -> V8Layout {
@@ -540,4 +540,53 @@ fn v8_frames_give_function_shared_info_and_bytecode_offset() {
         read_frame(&h.mem, &h.l, 0x40),
         Err(V8Error::Read(_))
     ));
+}
+
+/// A zigzag varint as V8's source position tables hold them.
+fn zigzag(v: i64, out: &mut Vec<u8>) {
+    let mut x = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        let b = (x & 0x7f) as u8;
+        x >>= 7;
+        if x == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+#[test]
+fn v8_source_position_tables_decode_like_v8() {
+    // (bytecode offset, script offset, statement?, external?) entries, from offset -1.
+    let entries = [
+        (-1, 10, true, false),
+        (0, 12, true, false),
+        (3, 20, false, false),
+        (3, 300, false, true),
+        (9, 700, true, false),
+        (200, 1000, false, false),
+    ];
+    let mut table = Vec::new();
+    let (mut code, mut pos) = (-1i64, 0i64);
+    for (c, p, statement, external) in entries {
+        let delta = c - code;
+        zigzag(if statement { delta } else { -delta - 1 }, &mut table);
+        let raw = ((p + 1) << 1) | i64::from(external);
+        zigzag(raw - pos, &mut table);
+        (code, pos) = (c, raw);
+    }
+    let at = |offset| position_at(&table, offset).map(|raw| (raw >> 1) - 1);
+    assert_eq!(at(0), Some(12));
+    assert_eq!(at(2), Some(12));
+    // The external entry at 3 is skipped; the JS one at 3 counts.
+    assert_eq!(at(3), Some(20));
+    assert_eq!(at(8), Some(20));
+    assert_eq!(at(9), Some(700));
+    assert_eq!(at(5000), Some(1000), "multi-byte varints");
+    // A table cut inside an entry is refused.
+    assert_eq!(position_at(&table[..table.len() - 1], 5000), None);
+    let mut endless = table.clone();
+    endless.extend([0xff; 12]);
+    assert_eq!(position_at(&endless, 5000), None);
 }
