@@ -590,3 +590,55 @@ fn v8_source_position_tables_decode_like_v8() {
     endless.extend([0xff; 12]);
     assert_eq!(position_at(&endless, 5000), None);
 }
+
+#[test]
+fn v8_interpreted_frames_give_the_position_being_executed() {
+    let mut h = FakeHeap::new();
+    // `function spinForever(n) {}` spans offsets 34..40 of the script (line 3).
+    let name = h.one_byte("spinForever");
+    let si = h.scope_info(
+        FUNCTION_SCOPE | FVAR_NAME_ONLY,
+        0,
+        &[name, smi(0), smi(34), smi(40)],
+    );
+    let sfi = named_function(&mut h, si, false);
+    let function = h.object(*h.l.js_function_types.start(), 64);
+    h.set(function, h.l.js_function_shared, sfi);
+    let context = h.object(h.l.type_fixed_array, 16);
+
+    // Entries: bytecode 0 at offset 34, bytecode 5 at offset 38.
+    let mut table = Vec::new();
+    for (delta, pos_delta) in [(1i64, 35 * 2), (5, 4 * 2)] {
+        zigzag(delta, &mut table);
+        zigzag(pos_delta, &mut table);
+    }
+    let byte_array = h.object(h.l.type_byte_array, 16 + table.len());
+    h.set(byte_array, h.l.fixed_array_length, smi(table.len() as i64));
+    h.mem.write(byte_array - 1 + h.l.fixed_array_data, &table);
+    let array = h.object(h.l.type_bytecode_array, 64);
+    h.set(array, h.l.fixed_array_length, smi(20));
+    h.set(array, h.l.source_positions.bytecode_table, byte_array);
+    let first = (h.l.bytecode_array_data - 1) as i64;
+
+    let at = |h: &mut FakeHeap, offset: i64| {
+        let fp = frame(h, context, function, array, smi(first + offset));
+        let f = read_frame(&h.mem, &h.l, fp).unwrap();
+        super::current_position(&h.mem, &h.l, &f)
+    };
+    assert_eq!(at(&mut h, 2), Ok(Some((3, 21))));
+    assert_eq!(at(&mut h, 7), Ok(Some((3, 25))));
+
+    // No table collected yet: no position, not an error.
+    let undefined = h.undefined();
+    h.set(array, h.l.source_positions.bytecode_table, undefined);
+    assert_eq!(at(&mut h, 7), Ok(None));
+    // A table whose positions fall outside the function is another function's: refused.
+    let mut far = Vec::new();
+    zigzag(1, &mut far);
+    zigzag(3 * 2, &mut far);
+    let other = h.object(h.l.type_byte_array, 16 + far.len());
+    h.set(other, h.l.fixed_array_length, smi(far.len() as i64));
+    h.mem.write(other - 1 + h.l.fixed_array_data, &far);
+    h.set(array, h.l.source_positions.bytecode_table, other);
+    assert!(matches!(at(&mut h, 7), Err(V8Error::Invalid { .. })));
+}
