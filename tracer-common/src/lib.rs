@@ -238,15 +238,26 @@ pub struct UnwindRow {
 /// One executable mapping of the traced process: `start..end`, `bias` (pc - bias is the
 /// module's ELF address), and its rows in the rows array (`rows_len` 0: none, walk by frame
 /// pointer). Sorted by `start` in its table.
+///
+/// The module's page index narrows a row search: entry `p` of its `pages_len` entries (from
+/// `pages_first` in the pages array) is the index, from `rows_first`, of the last row that
+/// starts at or below ELF address `page_base + p * UNWIND_PAGE`, so the row of an address in
+/// that page lies between entries `p` and `p + 1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindMapping {
     pub start: u64,
     pub end: u64,
     pub bias: u64,
+    pub page_base: u64,
     pub rows_first: u32,
     pub rows_len: u32,
+    pub pages_first: u32,
+    pub pages_len: u32,
 }
+
+/// Bytes of module address space per entry of a page index.
+pub const UNWIND_PAGE_SHIFT: u32 = 12;
 
 /// Mapping table slots: two halves of `MAX_UNWIND_MAPPINGS` (user space fills the one not in
 /// use, then flips [`UnwindHeader::active`]).

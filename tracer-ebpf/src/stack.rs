@@ -31,7 +31,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    DEFERRED_STACK_BYTES, DEFERRED_TOKEN, DeferredStack, FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, StackBuf, UnwindHeader, UnwindMapping,
+    DEFERRED_STACK_BYTES, DEFERRED_TOKEN, DeferredStack, FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, UNWIND_PAGE_SHIFT, StackBuf, UnwindHeader, UnwindMapping,
     UnwindRow, counter, row_kind, sigframe, unwind_mode,
 };
 
@@ -69,6 +69,10 @@ const MMAPABLE: u32 = 1 << 10;
 /// Every loaded module's rows, each module a sorted slice; sized by user space before load.
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, MMAPABLE);
+
+/// Every loaded module's page index (see `UnwindMapping`), one entry per 8-byte value.
+#[map]
+static UNWIND_PAGES: Array<u64> = Array::with_max_entries(1, MMAPABLE);
 
 /// Two halves of sorted mappings: user space fills the half not in use, then flips
 /// `UnwindHeader::active`, so a walk never sees a half-written table.
@@ -170,6 +174,8 @@ struct Walk {
     maps_base: u32,
     dwarf_only: u32,
     _pad: u32,
+    /// The mapping found last (all zero: none yet).
+    last: UnwindMapping,
 }
 
 /// Walks the current task's user stack from `ip`, `sp` and `bp` into scratch slot `slot`;
@@ -215,6 +221,7 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
         maps_base: active * MAX_UNWIND_MAPPINGS,
         dwarf_only: (unwind_mode() == unwind_mode::DWARF) as u32,
         _pad: 0,
+        last: UnwindMapping { start: 0, end: 0, bias: 0, page_base: 0, rows_first: 0, rows_len: 0, pages_first: 0, pages_len: 0 },
     };
     // SAFETY: the callback is a static function of this object; `walk` outlives the call.
     unsafe {
@@ -492,9 +499,13 @@ extern "C" fn row_bisect(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// The mapping holding `pc`: a binary search over the half of the table in use.
+/// The mapping holding `pc`: the last one found, when it holds it (a caller's code is often
+/// in its callee's module), else a binary search over the half of the table in use.
 #[inline(always)]
-fn find_mapping(w: &Walk, pc: u64) -> Option<UnwindMapping> {
+fn find_mapping(w: &mut Walk, pc: u64) -> Option<UnwindMapping> {
+    if w.last.start <= pc && pc < w.last.end {
+        return Some(w.last);
+    }
     let mut b = Bisect { pc, lo: w.maps_base, hi: w.maps_base + w.maps_len };
     // SAFETY: a static callback; `b` outlives the call. 2^10 > MAX_UNWIND_MAPPINGS.
     unsafe { bpf_loop(10, map_bisect as *mut core::ffi::c_void, (&raw mut b).cast(), 0) };
@@ -502,7 +513,12 @@ fn find_mapping(w: &Walk, pc: u64) -> Option<UnwindMapping> {
         return None;
     }
     let m = *UNWIND_MAPPINGS.get(b.lo - 1)?;
-    (pc < m.end).then_some(m)
+    if pc < m.end {
+        w.last = m;
+        Some(m)
+    } else {
+        None
+    }
 }
 
 /// The row covering `pc` in mapping `m`'s rows: the last one that starts at or below it.
@@ -513,7 +529,21 @@ fn find_row(m: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
         return None;
     }
     let first = m.rows_first;
-    let mut b = Bisect { pc: addr, lo: first, hi: first.wrapping_add(m.rows_len) };
+    let (mut lo, mut hi) = (first, first.wrapping_add(m.rows_len));
+    // The page index narrows the search to the rows of addr's page, a few as a rule.
+    let page = addr.wrapping_sub(m.page_base) >> UNWIND_PAGE_SHIFT;
+    if addr >= m.page_base && page < m.pages_len as u64 {
+        let at = m.pages_first.wrapping_add(page as u32);
+        if let Some(&from) = UNWIND_PAGES.get(at) {
+            lo = first.wrapping_add(from as u32);
+            if page + 1 < m.pages_len as u64 {
+                if let Some(&to) = UNWIND_PAGES.get(at.wrapping_add(1)) {
+                    hi = first.wrapping_add(to as u32).wrapping_add(1);
+                }
+            }
+        }
+    }
+    let mut b = Bisect { pc: addr, lo, hi };
     // SAFETY: as above. 2^24 rows is more than UNWIND_ROWS can hold.
     unsafe { bpf_loop(24, row_bisect as *mut core::ffi::c_void, (&raw mut b).cast(), 0) };
     if b.lo <= first {

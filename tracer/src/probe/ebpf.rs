@@ -182,6 +182,7 @@ impl EbpfProbes {
             .map_max_entries("STATS", limits.max_stacks)
             .map_max_entries("STACKS", limits.max_stacks)
             .map_max_entries("UNWIND_ROWS", tables.as_ref().map_or(1, KernelTables::capacity_wanted))
+            .map_max_entries("UNWIND_PAGES", tables.as_ref().map_or(1, KernelTables::pages_wanted))
             .load(PROGRAMS)
             .map_err(EbpfError::Load)?;
         if let (Some(t), Some(maps)) = (&mut tables, &walk_maps) {

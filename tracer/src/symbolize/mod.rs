@@ -7,7 +7,7 @@ pub mod debuglink;
 pub mod dwarf;
 pub mod elf;
 pub mod maps;
-mod mmap;
+pub(crate) mod mmap;
 pub mod perfmap;
 pub mod resymbolize;
 

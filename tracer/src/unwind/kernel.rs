@@ -1,7 +1,8 @@
-//! The BPF walker's tables (tracer-ebpf/src/stack.rs): every module's rows in `UNWIND_ROWS`,
-//! an array the tracer maps into its own memory and fills once per module, and the table of
-//! executable mappings, written to the half of `UNWIND_MAPPINGS` not in use before the
-//! header flips to it, so a walk running meanwhile sees the old table or the new one, whole.
+//! The BPF walker's tables (tracer-ebpf/src/stack.rs): every module's rows in `UNWIND_ROWS`
+//! and its page index in `UNWIND_PAGES`, arrays the tracer maps into its own memory and fills
+//! once per module, and the table of executable mappings, written to the half of
+//! `UNWIND_MAPPINGS` not in use before the header flips to it, so a walk running meanwhile sees
+//! the old table or the new one, whole.
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
@@ -13,13 +14,16 @@ use aya::{
 };
 use tracer_common::{MAX_UNWIND_MAPPINGS, UnwindHeader, UnwindMapping, UnwindRow};
 
-use super::{ModuleCache, plan_mappings};
+use super::{ModuleCache, Placed, plan_mappings};
 use crate::symbolize::maps::ProcMaps;
 
 /// Rows beyond what the modules mapped at attach need, for libraries loaded later.
 const HEADROOM_ROWS: u32 = 256 * 1024;
 /// At most this many rows (8 bytes each): 24 MiB.
 const MAX_ROWS: u32 = 3 * 1024 * 1024;
+/// Page index entries beyond the modules mapped at attach (4 bytes each, one per 4 KiB of code).
+const HEADROOM_PAGES: u32 = 64 * 1024;
+const MAX_PAGES: u32 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TablesError {
@@ -31,22 +35,72 @@ pub enum TablesError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("map the unwind rows into memory")]
-    Mmap(#[source] std::io::Error),
+    #[error("map {0} into memory")]
+    Mmap(&'static str, #[source] std::io::Error),
+}
+
+/// One of the walker's arrays as the tracer fills it: staged in a Vec until the array
+/// exists, then written straight into its memory.
+struct Filled<T: Copy> {
+    name: &'static str,
+    staged: Vec<T>,
+    used: u32,
+    capacity: u32,
+    memory: Option<ArrayMemory<T>>,
+}
+
+impl<T: Copy> Filled<T> {
+    fn new(name: &'static str) -> Self {
+        Filled { name, staged: Vec::new(), used: 0, capacity: 0, memory: None }
+    }
+
+    fn wanted(&self, headroom: u32, max: u32) -> u32 {
+        self.used.saturating_add(self.used / 2).saturating_add(headroom).min(max).max(1)
+    }
+
+    /// Places `items`, returning their first index; None when the array is full.
+    fn place(&mut self, items: &[T]) -> Option<u32> {
+        let n = u32::try_from(items.len()).ok()?;
+        match &mut self.memory {
+            None => self.staged.extend_from_slice(items),
+            Some(memory) if self.used.checked_add(n)? <= self.capacity => memory.write(self.used, items),
+            Some(_) => return None,
+        }
+        let first = self.used;
+        self.used += n;
+        Some(first)
+    }
+
+    fn install(&mut self, ebpf: &Ebpf) -> Result<(), TablesError> {
+        let name = self.name;
+        let (fd, capacity) = match ebpf.map(name).ok_or(TablesError::Missing(name))? {
+            aya::maps::Map::Array(data) => {
+                let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| TablesError::Mmap(name, e))?;
+                let info = data.info().map_err(|source| TablesError::Map { name, source })?;
+                (fd, info.max_entries())
+            }
+            _ => return Err(TablesError::Missing(name)),
+        };
+        let mut memory = ArrayMemory::map(fd.as_fd(), capacity).map_err(|e| TablesError::Mmap(name, e))?;
+        self.capacity = capacity;
+        // Staged items fit: the capacity was sized from them.
+        let staged = std::mem::take(&mut self.staged);
+        memory.write(0, &staged[..staged.len().min(capacity as usize)]);
+        self.memory = Some(memory);
+        Ok(())
+    }
 }
 
 /// The tables of one traced process, as user space keeps them.
 pub struct KernelTables {
     pid: u32,
     cache: ModuleCache,
-    /// (dev, inode) -> (first row, row count) in the rows array; count 0: none (no CFI, or
-    /// no room left).
-    placed: HashMap<(u64, u64), (u32, u32)>,
-    /// Rows of modules seen before the array existed, in placement order.
-    staged: Vec<UnwindRow>,
-    used: u32,
-    capacity: u32,
-    rows: Option<RowsMemory>,
+    /// (dev, inode) -> where the module's rows and pages lie (rows_len 0: none, as for a
+    /// module without CFI or one that found no room).
+    placed: HashMap<(u64, u64), Placed>,
+    rows: Filled<UnwindRow>,
+    /// Page index entries, one u64 each (an array's values are 8 bytes apart).
+    pages: Filled<u64>,
     active: u32,
     /// Modules whose rows did not fit (walked by frame pointer), said once each.
     pub full: Vec<String>,
@@ -54,64 +108,58 @@ pub struct KernelTables {
     pub mappings_dropped: usize,
 }
 
-/// `UNWIND_ROWS`, mapped shared into this process.
-struct RowsMemory {
-    ptr: *mut UnwindRow,
+/// A BPF array, mapped shared into this process.
+struct ArrayMemory<T> {
+    ptr: *mut T,
     len: usize,
 }
 
 // SAFETY: the memory is the kernel's array, written only by the thread that owns the tables.
-unsafe impl Send for RowsMemory {}
+unsafe impl<T> Send for ArrayMemory<T> {}
 
-impl Drop for RowsMemory {
+impl<T> Drop for ArrayMemory<T> {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `RowsMemory::map`, unmapped once.
+        // SAFETY: the mapping made in `ArrayMemory::map`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
-impl RowsMemory {
-    fn map(fd: BorrowedFd<'_>, entries: u32) -> std::io::Result<RowsMemory> {
-        let bytes = entries as usize * std::mem::size_of::<UnwindRow>();
+impl<T: Copy> ArrayMemory<T> {
+    fn map(fd: BorrowedFd<'_>, entries: u32) -> std::io::Result<ArrayMemory<T>> {
+        // A BPF array lays its values out 8 bytes apart at least: only 8-byte multiples are
+        // contiguous in its memory.
+        assert!(std::mem::size_of::<T>() % 8 == 0, "array values of 8 bytes or a multiple");
+        let bytes = entries as usize * std::mem::size_of::<T>();
         let len = bytes.div_ceil(4096) * 4096;
         // SAFETY: a fresh shared mapping of an mmapable BPF array; checked below.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(RowsMemory { ptr: ptr.cast(), len })
+        Ok(ArrayMemory { ptr: ptr.cast(), len })
     }
 
-    fn write(&mut self, at: u32, rows: &[UnwindRow]) {
+    fn write(&mut self, at: u32, items: &[T]) {
         let at = at as usize;
-        assert!((at + rows.len()) * std::mem::size_of::<UnwindRow>() <= self.len);
-        // SAFETY: within the mapping (checked above); no walk reads these rows until a
+        assert!((at + items.len()) * std::mem::size_of::<T>() <= self.len);
+        // SAFETY: within the mapping (checked above); no walk reads these entries until a
         // mapping table that points at them is published, after this copy.
-        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), self.ptr.add(at), rows.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(at), items.len()) };
     }
 }
 
 impl KernelTables {
     /// Rows for every module `maps` shows (built now, before the programs load, so that the
-    /// rows array can be sized).
+    /// arrays can be sized).
     pub fn new(pid: u32, maps: &ProcMaps) -> KernelTables {
         let mut t = KernelTables {
             pid,
             cache: ModuleCache::default(),
             placed: HashMap::new(),
-            staged: Vec::new(),
-            used: 0,
-            capacity: 0,
-            rows: None,
+            rows: Filled::new("UNWIND_ROWS"),
+            pages: Filled::new("UNWIND_PAGES"),
             active: 0,
             full: Vec::new(),
             mappings_dropped: 0,
@@ -122,27 +170,19 @@ impl KernelTables {
 
     /// How many rows `UNWIND_ROWS` should hold.
     pub fn capacity_wanted(&self) -> u32 {
-        self.used.saturating_add(self.used / 2).saturating_add(HEADROOM_ROWS).min(MAX_ROWS)
+        self.rows.wanted(HEADROOM_ROWS, MAX_ROWS)
     }
 
-    /// Maps the rows array of the loaded programs, writes the rows built so far and
-    /// publishes the mapping table.
+    /// How many entries `UNWIND_PAGES` should hold.
+    pub fn pages_wanted(&self) -> u32 {
+        self.pages.wanted(HEADROOM_PAGES, MAX_PAGES)
+    }
+
+    /// Maps the arrays of the loaded programs, writes what was built so far and publishes the
+    /// mapping table.
     pub fn install(&mut self, ebpf: &mut Ebpf, maps: &ProcMaps) -> Result<(), TablesError> {
-        let (fd, capacity) = match ebpf.map("UNWIND_ROWS").ok_or(TablesError::Missing("UNWIND_ROWS"))? {
-            aya::maps::Map::Array(data) => {
-                let fd = data.fd().as_fd().try_clone_to_owned().map_err(TablesError::Mmap)?;
-                let info = data.info().map_err(|source| TablesError::Map { name: "UNWIND_ROWS", source })?;
-                (fd, info.max_entries())
-            }
-            _ => return Err(TablesError::Missing("UNWIND_ROWS")),
-        };
-        let mut memory = RowsMemory::map(fd.as_fd(), capacity).map_err(TablesError::Mmap)?;
-        self.capacity = capacity;
-        // Staged rows fit: the capacity was sized from them.
-        let staged = std::mem::take(&mut self.staged);
-        let fit = staged.len().min(capacity as usize);
-        memory.write(0, &staged[..fit]);
-        self.rows = Some(memory);
+        self.rows.install(ebpf)?;
+        self.pages.install(ebpf)?;
         self.refresh(ebpf, maps)
     }
 
@@ -174,40 +214,36 @@ impl KernelTables {
         Ok(())
     }
 
-    /// The mapping table for `maps`, placing the rows of modules not yet placed (in the rows
-    /// array once it exists, staged before).
+    /// The mapping table for `maps`, placing the rows and pages of modules not yet placed.
     fn plan(&mut self, maps: &ProcMaps) -> Vec<UnwindMapping> {
         let pid = self.pid;
-        let (cache, placed, staged, used, capacity, rows, full) = (
-            &mut self.cache,
-            &mut self.placed,
-            &mut self.staged,
-            &mut self.used,
-            self.capacity,
-            &mut self.rows,
-            &mut self.full,
-        );
+        let (cache, placed, rows, pages, full) =
+            (&mut self.cache, &mut self.placed, &mut self.rows, &mut self.pages, &mut self.full);
         plan_mappings(maps, |m| {
             let path = m.path.as_deref()?;
             let module = cache.get(m, || super::process::read_module(pid, m))?;
             let bias = module.bias(m.start, m.offset)?;
-            let &mut (first, len) = placed.entry((m.dev, m.inode)).or_insert_with(|| {
-                let n = module.rows.len() as u32;
-                match rows {
-                    None => {
-                        staged.extend_from_slice(&module.rows);
-                    }
-                    Some(memory) if used.saturating_add(n) <= capacity => memory.write(*used, &module.rows),
-                    Some(_) => {
-                        full.push(path.to_owned());
-                        return (0, 0);
-                    }
+            let p = *placed.entry((m.dev, m.inode)).or_insert_with(|| {
+                let Some(rows_first) = rows.place(&module.rows) else {
+                    full.push(path.to_owned());
+                    return Placed::default();
+                };
+                // Without room for its page index a module's rows are searched whole.
+                let wide: Vec<u64> = module.pages.iter().map(|&p| p as u64).collect();
+                let (pages_first, pages_len) = match pages.place(&wide) {
+                    Some(first) => (first, module.pages.len() as u32),
+                    None => (0, 0),
+                };
+                Placed {
+                    rows_first,
+                    rows_len: module.rows.len() as u32,
+                    bias: 0,
+                    page_base: module.page_base,
+                    pages_first,
+                    pages_len,
                 }
-                let first = *used;
-                *used += n;
-                (first, n)
             });
-            (len != 0).then_some((first, len, bias))
+            (p.rows_len != 0).then_some(Placed { bias, ..p })
         })
     }
 }

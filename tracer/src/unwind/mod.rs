@@ -35,10 +35,13 @@ impl UnwindMode {
     }
 }
 
-/// A module's rows and the file-offset-to-address relation of its loadable segments.
+/// A module's rows, its page index (see [`UnwindMapping`]) and the file-offset-to-address
+/// relation of its loadable segments.
 #[derive(Clone, Debug, Default)]
 pub struct ModuleUnwind {
     pub rows: Vec<UnwindRow>,
+    pub page_base: u64,
+    pub pages: Vec<u32>,
     /// (file offset, ELF address, size in the file) of each PT_LOAD segment.
     loads: Vec<(u64, u64, u64)>,
 }
@@ -53,7 +56,9 @@ impl ModuleUnwind {
                 (offset, s.address(), size)
             })
             .collect();
-        Ok(ModuleUnwind { rows: rows::rows_from_elf(data)?, loads })
+        let rows = rows::rows_from_elf(data)?;
+        let (page_base, pages) = page_index(&rows);
+        Ok(ModuleUnwind { rows, page_base, pages, loads })
     }
 
     /// pc - bias is the ELF address, for a mapping of this file at `start` from file offset
@@ -67,14 +72,43 @@ impl ModuleUnwind {
     }
 }
 
+/// The page index of sorted `rows`: the first page's ELF address, and for each page the
+/// index of the last row starting at or below the page's start (0 before the first row).
+pub fn page_index(rows: &[UnwindRow]) -> (u64, Vec<u32>) {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return (0, Vec::new()) };
+    let shift = tracer_common::UNWIND_PAGE_SHIFT;
+    let base = (first.pc as u64 >> shift) << shift;
+    let count = ((last.pc as u64 - base) >> shift) + 1;
+    let mut pages = Vec::with_capacity(count as usize);
+    let mut i = 0usize;
+    for p in 0..count {
+        let page_start = base + (p << shift);
+        while i + 1 < rows.len() && rows[i + 1].pc as u64 <= page_start {
+            i += 1;
+        }
+        pages.push(i as u32);
+    }
+    (base, pages)
+}
+
+/// Where a module's rows and page index lie in the kernel's arrays, for one mapping of it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placed {
+    pub rows_first: u32,
+    pub rows_len: u32,
+    pub bias: u64,
+    pub page_base: u64,
+    pub pages_first: u32,
+    pub pages_len: u32,
+}
+
 /// The mappings a walk may find a return address in, sorted: each executable file mapping
 /// (with its module's rows, if it has any), and each run of adjacent anonymous mappings that
 /// holds executable code (JIT code spaces: their pages turn executable after any reading of
 /// the maps file, so the whole reservation counts).
 ///
-/// `rows_of(mapping)` gives (first row, row count, bias) for a file mapping whose module's rows
-/// are loaded.
-pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Option<(u32, u32, u64)>) -> Vec<UnwindMapping> {
+/// `rows_of(mapping)` says where the rows of a file mapping's module are, if they are loaded.
+pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Option<Placed>) -> Vec<UnwindMapping> {
     let mut out: Vec<UnwindMapping> = Vec::new();
     let all = maps.mappings();
     let mut i = 0;
@@ -90,15 +124,24 @@ pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Optio
                 j += 1;
             }
             if exec {
-                out.push(UnwindMapping { start: m.start, end: all[j - 1].end, bias: 0, rows_first: 0, rows_len: 0 });
+                out.push(UnwindMapping { start: m.start, end: all[j - 1].end, ..UnwindMapping::default() });
             }
             i = j;
             continue;
         }
         // The kernel's uprobe trampolines: a return address there stands for another one.
         if m.perms.as_bytes().get(2) == Some(&b'x') && m.path.as_deref() != Some("[uprobes]") {
-            let (rows_first, rows_len, bias) = rows_of(m).unwrap_or((0, 0, 0));
-            out.push(UnwindMapping { start: m.start, end: m.end, bias, rows_first, rows_len });
+            let p = rows_of(m).unwrap_or_default();
+            out.push(UnwindMapping {
+                start: m.start,
+                end: m.end,
+                bias: p.bias,
+                page_base: p.page_base,
+                rows_first: p.rows_first,
+                rows_len: p.rows_len,
+                pages_first: p.pages_first,
+                pages_len: p.pages_len,
+            });
         }
         i += 1;
     }
@@ -259,13 +302,13 @@ pub struct ModuleCache {
 }
 
 impl ModuleCache {
-    /// The rows of the file `m` maps, read through `open` (a path this process can read).
-    pub fn get(&mut self, m: &Mapping, read: impl FnOnce() -> Option<Vec<u8>>) -> Option<std::sync::Arc<ModuleUnwind>> {
+    /// The rows of the file `m` maps, from its bytes as `open` maps them.
+    pub(crate) fn get(&mut self, m: &Mapping, open: impl FnOnce() -> Option<crate::symbolize::mmap::Mmap>) -> Option<std::sync::Arc<ModuleUnwind>> {
         self.by_file
             .entry((m.dev, m.inode))
             .or_insert_with(|| {
-                let data = read()?;
-                ModuleUnwind::from_elf(&data).ok().map(std::sync::Arc::new)
+                let map = open()?;
+                ModuleUnwind::from_elf(map.as_slice()).ok().map(std::sync::Arc::new)
             })
             .clone()
     }

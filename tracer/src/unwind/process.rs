@@ -57,7 +57,7 @@ impl ProcessTables {
                 rows.extend_from_slice(&module.rows);
                 (first, module.rows.len() as u32)
             });
-            Some((first, len, bias))
+            Some(super::Placed { rows_first: first, rows_len: len, bias, ..Default::default() })
         });
     }
 
@@ -88,18 +88,18 @@ impl ProcessTables {
     }
 }
 
-/// The bytes of the file `m` maps, as the process sees it (through its root, or the mapping
-/// itself when the path no longer leads to it).
-pub fn read_module(pid: u32, m: &crate::symbolize::maps::Mapping) -> Option<Vec<u8>> {
+/// The file `m` maps, mapped into this process, as the process sees it (through its root, or
+/// the mapping itself when the path no longer leads to it). Mapped rather than read: only the
+/// pages the CFI reader touches come in (node's binary is 98 MB, its `.eh_frame` a few).
+pub(crate) fn read_module(pid: u32, m: &crate::symbolize::maps::Mapping) -> Option<crate::symbolize::mmap::Mmap> {
+    use crate::symbolize::mmap::Mmap;
+    use std::os::unix::fs::MetadataExt as _;
     let path = m.path.as_deref()?;
-    std::fs::read(format!("/proc/{pid}/root{path}"))
-        .ok()
-        .or_else(|| std::fs::read(m.file().map_files_path(pid)).ok())
+    let same = |(map, meta): (Mmap, std::fs::Metadata)| (meta.ino() == m.inode).then_some(map);
+    Mmap::open_with_meta(std::path::Path::new(&format!("/proc/{pid}/root{path}")))
+        .and_then(same)
+        .or_else(|| Mmap::open(&m.file().map_files_path(pid)))
         // A process gone (its walks finished after its exit) has no /proc entry: the file as
         // this process sees it, if it is the same one.
-        .or_else(|| {
-            use std::os::unix::fs::MetadataExt as _;
-            let meta = std::fs::metadata(path).ok()?;
-            (meta.ino() == m.inode).then(|| std::fs::read(path).ok()).flatten()
-        })
+        .or_else(|| Mmap::open_with_meta(std::path::Path::new(path)).and_then(same))
 }

@@ -110,8 +110,8 @@ fn walk_follows_rows_then_frame_pointers_and_stops_outside_mappings() {
         UnwindRow { pc: 0x1100, cfa_off: 0, kind: row_kind::NONE, rbp: 0 },
     ];
     let mappings = vec![
-        UnwindMapping { start: 0x40_0000, end: 0x40_2000, bias: 0x40_0000, rows_first: 0, rows_len: 2 },
-        UnwindMapping { start: 0x50_0000, end: 0x50_1000, bias: 0, rows_first: 0, rows_len: 0 },
+        UnwindMapping { start: 0x40_0000, end: 0x40_2000, bias: 0x40_0000, rows_first: 0, rows_len: 2, ..Default::default() },
+        UnwindMapping { start: 0x50_0000, end: 0x50_1000, bias: 0, rows_first: 0, rows_len: 0, ..Default::default() },
     ];
     // f at 0x40_1010 (ELF 0x1010); sp 0x7000: [0x7000] = g's rbp, [0x7008] = ra into g.
     let mem: HashMap<u64, u64> = [
@@ -143,7 +143,7 @@ fn handed_over_walks_and_frame_pointer_mode() {
         UnwindRow { pc: 0x1010, cfa_off: 16, kind: row_kind::CFA_RSP, rbp: 0 },
         UnwindRow { pc: 0x1100, cfa_off: 0, kind: row_kind::NONE, rbp: 0 },
     ];
-    let mappings = vec![UnwindMapping { start: 0x40_0000, end: 0x40_2000, bias: 0x40_0000, rows_first: 0, rows_len: 3 }];
+    let mappings = vec![UnwindMapping { start: 0x40_0000, end: 0x40_2000, bias: 0x40_0000, rows_first: 0, rows_len: 3, ..Default::default() }];
     let table = Table { mappings: &mappings, rows: &rows };
     let mem: HashMap<u64, u64> = [(0x7008, 0x66_0000), (0x7000, 0x40_1050)].into();
     let read = |a: u64| mem.get(&a).copied();
@@ -160,4 +160,23 @@ fn handed_over_walks_and_frame_pointer_mode() {
     // Frame pointers only: bp 0 ends the walk at once, whatever the rows would say.
     let (frames, stop) = walk(Regs { ip: 0x40_1010, sp: 0x7000, bp: 0 }, &table, UnwindMode::Fp, 16, read);
     assert_eq!((frames.len(), stop), (1, Stop::End));
+}
+
+/// Each page's entry is the last row starting at or below the page's start, so the row of any
+/// address lies between its page's entry and the next page's: checked on libc's rows against
+/// a search of all of them.
+#[test]
+fn page_index_brackets_every_rows_search() {
+    let data = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    let rows = rows::rows_from_elf(&data).unwrap();
+    let (base, pages) = page_index(&rows);
+    let shift = tracer_common::UNWIND_PAGE_SHIFT;
+    assert_eq!(pages.len() as u64, ((rows.last().unwrap().pc as u64 - base) >> shift) + 1);
+    for addr in (rows[0].pc as u64..rows.last().unwrap().pc as u64).step_by(97) {
+        let want = rows.partition_point(|r| r.pc as u64 <= addr) - 1;
+        let p = ((addr - base) >> shift) as usize;
+        let lo = pages[p] as usize;
+        let hi = pages.get(p + 1).map_or(rows.len(), |&n| n as usize + 1);
+        assert!(lo <= want && want < hi, "{addr:#x}: row {want} outside {lo}..{hi}");
+    }
 }
