@@ -257,7 +257,7 @@ pub struct UnwindMapping {
 }
 
 /// Bytes of module address space per entry of a page index.
-pub const UNWIND_PAGE_SHIFT: u32 = 12;
+pub const UNWIND_PAGE_SHIFT: u32 = 8;
 
 /// Mapping table slots: two halves of `MAX_UNWIND_MAPPINGS` (user space fills the one not in
 /// use, then flips [`UnwindHeader::active`]).

@@ -365,6 +365,11 @@ fn caller(w: &mut Walk, row: Option<UnwindRow>) -> Result<(), u32> {
             if r.kind == row_kind::PLT && (w.pc & 15) >= r.rbp as u64 {
                 cfa = cfa.wrapping_add(8);
             }
+            if r.kind != row_kind::PLT && r.rbp == -2 {
+                // The usual frame: rbp saved just below the return address, both in one read.
+                let [saved_bp, ra] = read_pair(cfa.wrapping_sub(16))?;
+                return next_frame(w, cfa, ra, cfa.wrapping_sub(8), saved_bp, 0);
+            }
             let next_bp = if r.kind != row_kind::PLT && r.rbp != 0 {
                 read(cfa.wrapping_add((r.rbp as i64 * 8) as u64))?
             } else {
@@ -383,10 +388,25 @@ fn caller(w: &mut Walk, row: Option<UnwindRow>) -> Result<(), u32> {
             if w.bp == 0 {
                 return Err(END);
             }
-            (w.bp.wrapping_add(16), w.bp.wrapping_add(8), read(w.bp)?, 0)
+            let [saved_bp, ra] = read_pair(w.bp)?;
+            return next_frame(w, w.bp.wrapping_add(16), ra, w.bp.wrapping_add(8), saved_bp, 0);
         }
     };
-    let mut ra = read(ra_slot)?;
+    let ra = read(ra_slot)?;
+    next_frame(w, cfa, ra, ra_slot, next_bp, next_exact)
+}
+
+/// Two adjacent words of the target's stack, in one read.
+#[inline(always)]
+fn read_pair(addr: u64) -> Result<[u64; 2], u32> {
+    // SAFETY: a checked read of the target's memory; a fault is an error.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.map_err(|_| counter::UNWIND_BAD_FRAME)
+}
+
+/// Moves `w` to the caller: its CFA, the return address read from `ra_slot`, its rbp.
+#[inline(always)]
+fn next_frame(w: &mut Walk, cfa: u64, ra: u64, ra_slot: u64, next_bp: u64, next_exact: u32) -> Result<(), u32> {
+    let mut ra = ra;
     if ra_slot == w.pending_slot && w.pending_slot != 0 {
         // The allocator call in flight: its return probe's trampoline stands in that slot.
         ra = w.pending_ret;
@@ -543,6 +563,22 @@ fn find_row(m: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
             }
         }
     }
+    // A page's few rows are scanned in place; more are searched in halves.
+    if hi.wrapping_sub(lo) <= SCAN_ROWS {
+        let mut found = lo;
+        for k in 1..SCAN_ROWS {
+            let at = lo.wrapping_add(k);
+            if at >= hi {
+                break;
+            }
+            match UNWIND_ROWS.get(at) {
+                Some(r) if r.pc as u64 <= addr => found = at,
+                _ => break,
+            }
+        }
+        let r = UNWIND_ROWS.get(found).copied()?;
+        return (r.pc as u64 <= addr && found >= first).then_some(r);
+    }
     let mut b = Bisect { pc: addr, lo, hi };
     // SAFETY: as above. 2^24 rows is more than UNWIND_ROWS can hold.
     unsafe { bpf_loop(24, row_bisect as *mut core::ffi::c_void, (&raw mut b).cast(), 0) };
@@ -551,6 +587,9 @@ fn find_row(m: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     }
     UNWIND_ROWS.get(b.lo - 1).copied()
 }
+
+/// Rows of a page range scanned one by one rather than searched in halves.
+const SCAN_ROWS: u32 = 8;
 
 /// The key of the stack in `buf` (stored if new), or [`STACK_LOST`].
 #[inline(always)]
