@@ -32,6 +32,10 @@ use crate::{
 /// With the walker's tables loaded and no mmap-family events to say when a library appears
 /// (sampling mode), the maps are read again this often.
 const UNWIND_POLL: Duration = Duration::from_millis(200);
+/// With those events, the maps are read again at each library mapped, and this often for JIT
+/// code regions (which the kernel side recognises meanwhile by asking the kernel: see
+/// tracer-ebpf/src/stack.rs).
+const UNWIND_POLL_JIT: Duration = Duration::from_secs(1);
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -543,15 +547,19 @@ impl Backend for EbpfProbes {
 
     fn drain_syscalls(&mut self) -> Vec<SyscallEvent> {
         let events = self.syscalls.as_mut().map(SyscallTracing::drain).unwrap_or_default();
-        // New code to walk through: an executable mapping made (dlopen), or made executable.
-        let new_code = events.iter().any(|e| {
+        // A library to walk through: an executable mapping of a file (dlopen). V8 makes its
+        // code pages executable many times a second; those are anonymous, and wait for the
+        // slower poll.
+        let new_library = events.iter().any(|e| {
             e.phase == tracer_common::phase::EXIT
                 && e.ret >= 0
-                && matches!(e.sys, tracer_common::sys::MMAP | tracer_common::sys::MPROTECT)
+                && e.sys == tracer_common::sys::MMAP
                 && e.args[2] & ::libc::PROT_EXEC as u64 != 0
+                && e.args[3] & ::libc::MAP_ANONYMOUS as u64 == 0
         });
-        let poll_due = self.syscalls.is_none()
-            && self.unwind.as_ref().is_some_and(|(_, at)| at.elapsed() >= UNWIND_POLL);
+        let every = if self.syscalls.is_some() { UNWIND_POLL_JIT } else { UNWIND_POLL };
+        let poll_due = self.unwind.as_ref().is_some_and(|(_, at)| at.elapsed() >= every);
+        let new_code = new_library;
         if new_code || poll_due {
             self.refresh_unwind();
         }

@@ -14,7 +14,7 @@ use aya::{
 };
 use tracer_common::{MAX_UNWIND_MAPPINGS, UnwindHeader, UnwindMapping, UnwindRow};
 
-use super::{ModuleCache, Placed, plan_mappings};
+use super::{ModuleUnwind, Placed, plan_mappings};
 use crate::symbolize::maps::ProcMaps;
 
 /// Rows beyond what the modules mapped at attach need, for libraries loaded later.
@@ -94,10 +94,11 @@ impl<T: Copy> Filled<T> {
 /// The tables of one traced process, as user space keeps them.
 pub struct KernelTables {
     pid: u32,
-    cache: ModuleCache,
     /// (dev, inode) -> where the module's rows and pages lie (rows_len 0: none, as for a
-    /// module without CFI or one that found no room).
-    placed: HashMap<(u64, u64), Placed>,
+    /// module without CFI or one that found no room), and its segments (to place each
+    /// mapping of it); None: a file without usable CFI. The rows themselves live in the
+    /// kernel's arrays only.
+    placed: HashMap<(u64, u64), Option<(Placed, ModuleUnwind)>>,
     rows: Filled<UnwindRow>,
     /// Page index entries, one u64 each (an array's values are 8 bytes apart).
     pages: Filled<u64>,
@@ -156,7 +157,6 @@ impl KernelTables {
     pub fn new(pid: u32, maps: &ProcMaps) -> KernelTables {
         let mut t = KernelTables {
             pid,
-            cache: ModuleCache::default(),
             placed: HashMap::new(),
             rows: Filled::new("UNWIND_ROWS"),
             pages: Filled::new("UNWIND_PAGES"),
@@ -217,33 +217,41 @@ impl KernelTables {
     /// The mapping table for `maps`, placing the rows and pages of modules not yet placed.
     fn plan(&mut self, maps: &ProcMaps) -> Vec<UnwindMapping> {
         let pid = self.pid;
-        let (cache, placed, rows, pages, full) =
-            (&mut self.cache, &mut self.placed, &mut self.rows, &mut self.pages, &mut self.full);
+        let (placed, rows, pages, full) = (&mut self.placed, &mut self.rows, &mut self.pages, &mut self.full);
         plan_mappings(maps, |m| {
             let path = m.path.as_deref()?;
-            let module = cache.get(m, || super::process::read_module(pid, m))?;
+            let (p, module) = placed
+                .entry((m.dev, m.inode))
+                .or_insert_with(|| {
+                    let map = super::process::read_module(pid, m)?;
+                    let mut module = ModuleUnwind::from_elf(map.as_slice()).ok()?;
+                    let rows_first = match rows.place(&module.rows) {
+                        Some(first) => first,
+                        None => {
+                            full.push(path.to_owned());
+                            return Some((Placed::default(), module.without_rows()));
+                        }
+                    };
+                    // Without room for its page index a module's rows are searched whole.
+                    let wide: Vec<u64> = module.pages.iter().map(|&p| p as u64).collect();
+                    let (pages_first, pages_len) = match pages.place(&wide) {
+                        Some(first) => (first, module.pages.len() as u32),
+                        None => (0, 0),
+                    };
+                    let p = Placed {
+                        rows_first,
+                        rows_len: module.rows.len() as u32,
+                        bias: 0,
+                        page_base: module.page_base,
+                        pages_first,
+                        pages_len,
+                    };
+                    module = module.without_rows();
+                    Some((p, module))
+                })
+                .as_ref()?;
             let bias = module.bias(m.start, m.offset)?;
-            let p = *placed.entry((m.dev, m.inode)).or_insert_with(|| {
-                let Some(rows_first) = rows.place(&module.rows) else {
-                    full.push(path.to_owned());
-                    return Placed::default();
-                };
-                // Without room for its page index a module's rows are searched whole.
-                let wide: Vec<u64> = module.pages.iter().map(|&p| p as u64).collect();
-                let (pages_first, pages_len) = match pages.place(&wide) {
-                    Some(first) => (first, module.pages.len() as u32),
-                    None => (0, 0),
-                };
-                Placed {
-                    rows_first,
-                    rows_len: module.rows.len() as u32,
-                    bias: 0,
-                    page_base: module.page_base,
-                    pages_first,
-                    pages_len,
-                }
-            });
-            (p.rows_len != 0).then_some(Placed { bias, ..p })
+            (p.rows_len != 0).then_some(Placed { bias, ..*p })
         })
     }
 }

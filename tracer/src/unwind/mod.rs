@@ -61,6 +61,12 @@ impl ModuleUnwind {
         Ok(ModuleUnwind { rows, page_base, pages, loads })
     }
 
+    /// The module with its rows and page index dropped (once they are in the kernel's
+    /// arrays), its segments kept.
+    pub fn without_rows(&self) -> ModuleUnwind {
+        ModuleUnwind { rows: Vec::new(), page_base: self.page_base, pages: Vec::new(), loads: self.loads.clone() }
+    }
+
     /// pc - bias is the ELF address, for a mapping of this file at `start` from file offset
     /// `offset`.
     pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
