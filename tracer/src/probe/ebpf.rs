@@ -250,27 +250,34 @@ impl EbpfProbes {
                 .map_err(|source| EbpfError::Anchor { pid: pid.get(), thread: thread.get(), source })?
                 .into_fds()
         };
-        let attach = |name, kind, offsets: &[u64], cookies: &[u64]| {
-            loader.attach(name, kind, libc_path, offsets, cookies, pid.get())
+        let link = |program, name, kind, offsets: &[u64], cookies: &[u64]| {
+            loader.link(program, name, kind, libc_path, offsets, cookies, pid.get())
         };
+        // Every program is loaded (verified: tens of milliseconds for the walker) before the
+        // first link exists, so the links go in moments apart: a return link alone while the
+        // entry program is verified would see every call of those moments as an orphan return.
         let links = match limits.sample_bytes {
             None => {
+                let exit = loader.prepare("tr_alloc_exit", LinkKind::MultiReturn)?;
+                let free = loader.prepare("tr_free", LinkKind::Multi)?;
+                let enter = loader.prepare("tr_alloc_enter", LinkKind::Multi)?;
                 // Return probes first: a return seen without its entry is harmless (counted as
                 // an orphan), an entry without its return would leave a thread's call pending.
                 // Entry and return probes share the function's first instruction, where the
                 // return address is on top of the stack, so each call takes one trap, not two.
-                let returns = attach("tr_alloc_exit", LinkKind::MultiReturn, &offsets, &cookies)?;
+                let returns = link(exit, "tr_alloc_exit", LinkKind::MultiReturn, &offsets, &cookies)?;
                 // free before the allocators: a block must not be seen allocated and then lose
                 // its free.
-                let free = attach("tr_free", LinkKind::Multi, &[free_offset], &[0])?;
-                let entries = attach("tr_alloc_enter", LinkKind::Multi, &offsets, &cookies)?;
+                let free = link(free, "tr_free", LinkKind::Multi, &[free_offset], &[0])?;
+                let entries = link(enter, "tr_alloc_enter", LinkKind::Multi, &offsets, &cookies)?;
                 vec![returns, free, entries]
             }
             Some(_) => {
+                let free = loader.prepare("tr_free", LinkKind::Multi)?;
+                let sample = loader.prepare("tr_alloc_sample", LinkKind::Session)?;
                 // free first, as in full mode.
-                let free = attach("tr_free", LinkKind::Multi, &[free_offset], &[0])?;
-                let allocators =
-                    attach("tr_alloc_sample", LinkKind::Session, &offsets, &cookies)?;
+                let free = link(free, "tr_free", LinkKind::Multi, &[free_offset], &[0])?;
+                let allocators = link(sample, "tr_alloc_sample", LinkKind::Session, &offsets, &cookies)?;
                 vec![free, allocators]
             }
         };

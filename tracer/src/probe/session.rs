@@ -261,6 +261,27 @@ impl Loader {
         pid: u32,
     ) -> Result<UprobeLink, SessionError> {
         let program = self.load(name, kind)?;
+        self.link(program, name, kind, path, offsets, cookies, pid)
+    }
+
+    /// Loads program `name` for a link of `kind` without attaching it: the verifier's time
+    /// is spent before any link exists (see `link`).
+    pub fn prepare(&self, name: &str, kind: LinkKind) -> Result<OwnedFd, SessionError> {
+        self.load(name, kind)
+    }
+
+    /// Attaches a program `prepare` loaded, as `attach` does.
+    #[expect(clippy::too_many_arguments, reason = "the link's whole description, as the kernel takes it")]
+    pub fn link(
+        &self,
+        program: OwnedFd,
+        name: &str,
+        kind: LinkKind,
+        path: &Path,
+        offsets: &[u64],
+        cookies: &[u64],
+        pid: u32,
+    ) -> Result<UprobeLink, SessionError> {
         let c_path =
             CString::new(path.as_os_str().as_bytes()).map_err(|e| SessionError::Attach {
                 name: name.to_owned(),
