@@ -189,8 +189,10 @@ impl EbpfProbes {
             .map_max_entries("UNWIND_PAGES", tables.as_ref().map_or(1, KernelTables::pages_wanted))
             .load(PROGRAMS)
             .map_err(EbpfError::Load)?;
+        let mut warnings = Vec::new();
         if let (Some(t), Some(maps)) = (&mut tables, &walk_maps) {
             t.install(&mut ebpf, maps)?;
+            warnings.extend(t.take_losses());
         }
 
         {
@@ -282,7 +284,6 @@ impl EbpfProbes {
             }
         };
         let sampling = limits.sample_bytes;
-        let mut warnings = Vec::new();
         if stack_hash_mask() != u64::MAX {
             warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
         }
@@ -363,20 +364,21 @@ impl EbpfProbes {
         if self.unfinished.is_empty() {
             return;
         }
-        let alive = read_maps(self.pid, self.thread).is_some();
-        if !alive && !self.exit_maps && !final_pass {
+        let maps = read_maps(self.pid, self.thread);
+        if maps.is_none() && !self.exit_maps && !final_pass {
             // Gone before its exit stop was seen: the maps read there are the right ones.
             return;
         }
         let records = std::mem::take(&mut self.unfinished);
-        self.refresh_unwind();
-        let (pid, mode) = (self.thread, self.unwind_mode);
-        let fresh = self.finisher.is_none();
-        let finisher = self.finisher.get_or_insert_with(|| crate::unwind::process::ProcessTables::new(pid, mode));
-        if let (true, Some(maps)) = (fresh, &self.last_maps) {
-            // The process may be gone: the last reading of its maps stands in.
-            finisher.refresh_from(maps);
+        if let Some(maps) = maps {
+            self.apply_maps(maps);
         }
+        let (pid, mode) = (self.thread, self.unwind_mode);
+        // Made from the last reading of the maps: the process may be gone.
+        let last = &self.last_maps;
+        let finisher = self.finisher.get_or_insert_with(|| {
+            crate::unwind::process::ProcessTables::from_maps(pid, mode, last.as_ref().unwrap_or(&ProcMaps::default()))
+        });
         for d in records {
             let copied = (d.copied as usize).min(d.bytes.len());
             let read = |addr: u64| {
@@ -407,17 +409,26 @@ impl EbpfProbes {
 
     /// Loads the rows of libraries mapped since the walker's tables were last written.
     fn refresh_unwind(&mut self) {
-        let Some((tables, at)) = &mut self.unwind else { return };
-        *at = std::time::Instant::now();
-        let Some(maps) = read_maps(self.pid, self.thread) else { return };
+        if let Some((_, at)) = &mut self.unwind {
+            *at = std::time::Instant::now();
+            if let Some(maps) = read_maps(self.pid, self.thread) {
+                self.apply_maps(maps);
+            }
+        }
+    }
+
+    /// Takes `maps` as the target's mappings: the kernel's tables and the finisher's follow.
+    fn apply_maps(&mut self, maps: ProcMaps) {
+        let Some((tables, _)) = &mut self.unwind else { return };
         let _ = tables.refresh(&mut self.ebpf, &maps);
+        // Said while recording: attach has printed its warnings already.
+        for loss in tables.take_losses() {
+            crate::diag::warn(loss);
+        }
         if let Some(f) = &mut self.finisher {
             f.refresh_from(&maps);
         }
         self.last_maps = Some(maps);
-        for module in tables.full.drain(..) {
-            self.warnings.push(format!("no room for the unwind rows of {module}: its frames are walked by frame pointer"));
-        }
     }
 
     /// Reads the current per-stack totals and counters.
@@ -445,12 +456,12 @@ impl EbpfProbes {
                 .map_err(map_err("STACKS"))?;
         let mut stacks = Vec::with_capacity(rows.len());
         for (id, s) in rows {
-            if id != STACK_LOST && !self.stacks.contains_key(&id) {
-                if let Ok(buf) = stack_map.get(&id, 0) {
-                    if let Some(frames) = self.complete(clean_frames(&buf, self.unwind_mode)) {
-                        self.stacks.insert(id, frames);
-                    }
-                }
+            if id != STACK_LOST
+                && !self.stacks.contains_key(&id)
+                && let Ok(buf) = stack_map.get(&id, 0)
+                && let Some(frames) = self.complete(clean_frames(&buf, self.unwind_mode))
+            {
+                self.stacks.insert(id, frames);
             }
             // Sampling mode keeps estimated counts in fixed point.
             let count = |v: i64| if self.sampling.is_some() { session::whole_count(v) } else { v };
@@ -566,8 +577,7 @@ impl Backend for EbpfProbes {
         });
         let every = if self.syscalls.is_some() { UNWIND_POLL_JIT } else { UNWIND_POLL };
         let poll_due = self.unwind.as_ref().is_some_and(|(_, at)| at.elapsed() >= every);
-        let new_code = new_library;
-        if new_code || poll_due {
+        if new_library || poll_due {
             self.refresh_unwind();
         }
         self.finish_deferred(false);

@@ -103,10 +103,12 @@ pub struct KernelTables {
     /// Page index entries, one u64 each (an array's values are 8 bytes apart).
     pages: Filled<u64>,
     active: u32,
-    /// Modules whose rows did not fit (walked by frame pointer), said once each.
-    pub full: Vec<String>,
-    /// Executable mappings beyond the table's size, at the last refresh.
-    pub mappings_dropped: usize,
+    /// Modules whose rows did not fit (walked by frame pointer), not said yet.
+    full: Vec<String>,
+    /// Executable mappings beyond the table's size, at the last refresh, and whether that
+    /// was said.
+    mappings_dropped: usize,
+    dropped_said: bool,
 }
 
 /// A BPF array, mapped shared into this process.
@@ -129,7 +131,7 @@ impl<T: Copy> ArrayMemory<T> {
     fn map(fd: BorrowedFd<'_>, entries: u32) -> std::io::Result<ArrayMemory<T>> {
         // A BPF array lays its values out 8 bytes apart at least: only 8-byte multiples are
         // contiguous in its memory.
-        assert!(std::mem::size_of::<T>() % 8 == 0, "array values of 8 bytes or a multiple");
+        assert!(std::mem::size_of::<T>().is_multiple_of(8), "array values of 8 bytes or a multiple");
         let bytes = entries as usize * std::mem::size_of::<T>();
         let len = bytes.div_ceil(4096) * 4096;
         // SAFETY: a fresh shared mapping of an mmapable BPF array; checked below.
@@ -163,9 +165,28 @@ impl KernelTables {
             active: 0,
             full: Vec::new(),
             mappings_dropped: 0,
+            dropped_said: false,
         };
         t.plan(maps);
         t
+    }
+
+    /// What the tables could not hold since last asked, one line each: modules whose rows
+    /// found no room, and (once) executable mappings beyond the table's size.
+    pub fn take_losses(&mut self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .full
+            .drain(..)
+            .map(|m| format!("no room for the unwind rows of {m}: its frames are walked by frame pointer"))
+            .collect();
+        if self.mappings_dropped > 0 && !self.dropped_said {
+            self.dropped_said = true;
+            lines.push(format!(
+                "{} executable mappings beyond the stack walker's table of {MAX_UNWIND_MAPPINGS}: walks through them are handed to user space",
+                self.mappings_dropped
+            ));
+        }
+        lines
     }
 
     /// How many rows `UNWIND_ROWS` should hold.

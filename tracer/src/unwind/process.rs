@@ -24,16 +24,23 @@ pub struct ProcessTables {
 
 impl ProcessTables {
     pub fn new(pid: u32, mode: UnwindMode) -> ProcessTables {
+        let mut t = ProcessTables::from_maps(pid, mode, &ProcMaps::default());
+        t.refresh();
+        t
+    }
+
+    /// Tables of `maps`, a reading made elsewhere (the process may be gone since).
+    pub fn from_maps(pid: u32, mode: UnwindMode, maps: &ProcMaps) -> ProcessTables {
         let mut t = ProcessTables {
             pid,
             cache: ModuleCache::default(),
             rows: Vec::new(),
             placed: HashMap::new(),
             mappings: Vec::new(),
-            last_read: None,
+            last_read: Some(Instant::now()),
             mode,
         };
-        t.refresh();
+        t.refresh_from(maps);
         t
     }
 
