@@ -294,9 +294,7 @@ pub fn walk_from(
         if cfa <= sp && !next_exact {
             return (frames, Stop::BadFrame);
         }
-        if table.mapping(if next_exact { ra } else { ra - 1 }).is_none() {
-            return (frames, Stop::OutsideMappings);
-        }
+        // Whether the caller's code is known is the next step's first question.
         (pc, sp, bp, exact) = (ra, cfa, next_bp, next_exact);
     }
 }
