@@ -547,7 +547,6 @@ fn launcher(
 /// arch_prctl(ARCH_SET_FS), set_tid_address and the like).
 fn follow_until_loaded(pid: Pid) -> Result<(), TargetError> {
     const ARCH_SET_FS: u64 = 0x1002;
-    let pid_u32 = pid.as_raw() as u32;
     let mapping_files = |nr: u64, arg0: u64| match nr as libc::c_long {
         libc::SYS_read | libc::SYS_open | libc::SYS_close | libc::SYS_stat | libc::SYS_fstat
         | libc::SYS_lseek | libc::SYS_mmap | libc::SYS_mprotect | libc::SYS_munmap | libc::SYS_brk
@@ -557,30 +556,37 @@ fn follow_until_loaded(pid: Pid) -> Result<(), TargetError> {
         _ => false,
     };
     for _ in 0..MAX_LOADER_SYSCALLS {
-        ptrace::syscall(pid, None).map_err(|source| TargetError::Ptrace { what: "syscall", pid: pid_u32, source })?;
-        match waitpid(pid, None) {
-            Ok(WaitStatus::PtraceSyscall(_)) => {
-                let Ok(regs) = ptrace::getregs(pid) else { continue };
-                let at_entry = regs.rax as i64 == -(libc::ENOSYS as i64);
-                if at_entry && !mapping_files(regs.orig_rax, regs.rdi) {
-                    return Ok(());
-                }
-            }
-            Ok(WaitStatus::Stopped(_, sig)) => {
-                let _ = ptrace::syscall(pid, sig);
-                let _ = waitpid(pid, None);
-            }
-            Ok(status) => {
-                return Err(TargetError::ExitedEarly {
-                    command: format!("pid {pid}"),
-                    status: exit_code(status).unwrap_or(-1),
-                });
-            }
-            Err(source) => return Err(TargetError::Ptrace { what: "wait", pid: pid_u32, source }),
+        if !next_syscall_stop(pid)? {
+            continue;
+        }
+        let Ok(regs) = ptrace::getregs(pid) else { continue };
+        let at_entry = regs.rax as i64 == -(libc::ENOSYS as i64);
+        if at_entry && !mapping_files(regs.orig_rax, regs.rdi) {
+            return Ok(());
         }
     }
     // A loader that never stops mapping: go on with what is mapped now.
     Ok(())
+}
+
+/// Resumes a traced process to its next system call stop: true once there, false when a
+/// signal stopped it first (passed on, as the process would have had it).
+fn next_syscall_stop(pid: Pid) -> Result<bool, TargetError> {
+    let pid_u32 = pid.as_raw() as u32;
+    ptrace::syscall(pid, None).map_err(|source| TargetError::Ptrace { what: "syscall", pid: pid_u32, source })?;
+    match waitpid(pid, None) {
+        Ok(WaitStatus::PtraceSyscall(_)) => Ok(true),
+        Ok(WaitStatus::Stopped(_, sig)) => {
+            let _ = ptrace::syscall(pid, sig);
+            let _ = waitpid(pid, None);
+            Ok(false)
+        }
+        Ok(status) => Err(TargetError::ExitedEarly {
+            command: format!("pid {pid}"),
+            status: exit_code(status).unwrap_or(-1),
+        }),
+        Err(source) => Err(TargetError::Ptrace { what: "wait", pid: pid_u32, source }),
+    }
 }
 
 /// Steps a traced process from one system call to the next until `libc` has an executable
@@ -598,27 +604,7 @@ fn follow_until_libc_code(pid: Pid, libc: &str) -> Result<(), TargetError> {
         if has_code() {
             return Ok(());
         }
-        ptrace::syscall(pid, None).map_err(|source| TargetError::Ptrace {
-            what: "syscall",
-            pid: pid_u32,
-            source,
-        })?;
-        match waitpid(pid, None) {
-            Ok(WaitStatus::PtraceSyscall(_)) => {}
-            Ok(WaitStatus::Stopped(_, sig)) => {
-                let _ = ptrace::syscall(pid, sig);
-                let _ = waitpid(pid, None);
-            }
-            Ok(status) => {
-                return Err(TargetError::ExitedEarly {
-                    command: format!("pid {pid}"),
-                    status: exit_code(status).unwrap_or(-1),
-                });
-            }
-            Err(source) => {
-                return Err(TargetError::Ptrace { what: "wait", pid: pid_u32, source });
-            }
-        }
+        next_syscall_stop(pid)?;
     }
     Err(TargetError::NoLibc { what: format!("pid {pid}") })
 }
