@@ -249,28 +249,9 @@ impl Loader {
         Ok(Loader { obj, btf })
     }
 
-    /// Loads program `name` for a link of `kind` and attaches it to `path` at each file
-    /// offset, each with its cookie, for process `pid` (all its threads) only.
-    pub fn attach(
-        &self,
-        name: &str,
-        kind: LinkKind,
-        path: &Path,
-        offsets: &[u64],
-        cookies: &[u64],
-        pid: u32,
-    ) -> Result<UprobeLink, SessionError> {
-        let program = self.load(name, kind)?;
-        self.link(program, name, kind, path, offsets, cookies, pid)
-    }
-
-    /// Loads program `name` for a link of `kind` without attaching it: the verifier's time
-    /// is spent before any link exists (see `link`).
-    pub fn prepare(&self, name: &str, kind: LinkKind) -> Result<OwnedFd, SessionError> {
-        self.load(name, kind)
-    }
-
-    /// Attaches a program `prepare` loaded, as `attach` does.
+    /// Attaches program `program` (loaded by [`Loader::prepare`] as `name`, for `kind`) to
+    /// `path` at each file offset, each with its cookie, for process `pid` (all its threads)
+    /// only.
     #[expect(clippy::too_many_arguments, reason = "the link's whole description, as the kernel takes it")]
     pub fn link(
         &self,
@@ -318,7 +299,9 @@ impl Loader {
         })
     }
 
-    fn load(&self, name: &str, kind: LinkKind) -> Result<OwnedFd, SessionError> {
+    /// Loads program `name` for a link of `kind` without attaching it, so that the verifier's
+    /// time is spent before any link exists.
+    pub fn prepare(&self, name: &str, kind: LinkKind) -> Result<OwnedFd, SessionError> {
         let obj = &self.obj;
         let key = obj
             .programs
