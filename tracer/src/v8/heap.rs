@@ -141,6 +141,13 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
 
     /// The length of the string `word` points at.
     pub fn length_of(&self, what: &'static str, word: u64) -> Result<usize, V8Error> {
+        let (addr, _) = self.string_object(what, word)?;
+        self.string_length(addr)
+    }
+
+    /// The string `word` points at: its address and instance type, refused when it is no
+    /// string.
+    fn string_object(&self, what: &'static str, word: u64) -> Result<(u64, u16), V8Error> {
         let (addr, ty) = self.object(what, word)?;
         if !self.is_string_type(ty) {
             return Err(V8Error::WrongType {
@@ -150,7 +157,7 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
                 expected: "a string",
             });
         }
-        self.string_length(addr)
+        Ok((addr, ty))
     }
 
     /// The whole string `word` points at as UTF-16 units, refused beyond `max` units.
@@ -234,15 +241,7 @@ impl<'a, M: Memory + ?Sized> Heap<'a, M> {
                 detail: "string nested too deep or in too many pieces".to_string(),
             });
         }
-        let (addr, ty) = self.object(what, word)?;
-        if !self.is_string_type(ty) {
-            return Err(V8Error::WrongType {
-                what,
-                addr,
-                found: ty,
-                expected: "a string",
-            });
-        }
+        let (addr, ty) = self.string_object(what, word)?;
         let len = self.string_length(addr)?;
         let end = start
             .checked_add(count)
