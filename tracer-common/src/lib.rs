@@ -182,7 +182,10 @@ pub mod counter {
     pub const UNWIND_UNSUPPORTED: u32 = 19;
     /// The stack was deeper than `MAX_FRAMES` (not a failure of the walk).
     pub const UNWIND_DEPTH_CAP: u32 = 20;
-    pub const COUNT: u32 = 21;
+    /// A new stack with V8 frames could not be announced to user space (its ring was full):
+    /// its frames are named when a snapshot meets it, later than the GC-safe second.
+    pub const JS_NOTICE_LOST: u32 = 21;
+    pub const COUNT: u32 = 22;
 }
 
 /// How a stack is walked in the kernel; a value of the `UNWIND_MODE` global.
@@ -254,6 +257,16 @@ pub struct UnwindMapping {
     pub rows_len: u32,
     pub pages_first: u32,
     pub pages_len: u32,
+    /// [`mapping_flag`] bits: what kind of code the mapping holds, for the V8 frame reader.
+    pub flags: u64,
+}
+
+/// Bits of [`UnwindMapping::flags`].
+pub mod mapping_flag {
+    /// A run of anonymous executable memory (JIT code).
+    pub const ANON_CODE: u64 = 1;
+    /// A mapping of the binary that holds V8's embedded builtins (see [`super::V8Config`]).
+    pub const V8_BINARY: u64 = 2;
 }
 
 /// Bytes of module address space per entry of a page index.
@@ -297,13 +310,81 @@ pub struct DeferredStack {
     pub bytes: [u8; DEFERRED_STACK_BYTES],
 }
 
-/// Each frame's stack pointer (CFA of the frame below) and frame pointer, slot for slot with
-/// a captured [`StackBuf`]'s frames, for callers that read a frame's slots (V8 frames).
+/// What the stack walker needs to read a V8 frame (slot 0 of `V8_CONFIG`), written by user
+/// space from the node binary's `v8dbg_*` metadata; `enabled` 0 leaves V8 frames unread.
+///
+/// A frame whose pc lies in anonymous executable memory, or in the embedded builtins of a
+/// mapping flagged [`mapping_flag::V8_BINARY`] (ELF addresses `blob_start..blob_end`), is read
+/// at its frame pointer: a window of [`V8_FRAME_WINDOW`] bytes below it holds the context,
+/// JSFunction, BytecodeArray and bytecode offset slots (`*_slot` are word indices into that
+/// window). The JSFunction's `shared` field is followed to the SharedFunctionInfo, of which
+/// [`V8_SFI_WINDOW`] bytes are read: its `function_data` (word `sfi_function_data_word`) and
+/// the two words from `sfi_fingerprint_word` that [`js_frame::fingerprint`] folds.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FrameRegs {
-    pub sp: [u64; MAX_FRAMES],
-    pub fp: [u64; MAX_FRAMES],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V8Config {
+    pub enabled: u64,
+    pub blob_start: u64,
+    pub blob_end: u64,
+    /// Offset of JSFunction's `shared` field from the (untagged) object start.
+    pub js_function_shared: u64,
+    /// Where a BytecodeArray's bytecodes start, from its tagged pointer: the offset slot's Smi
+    /// less this is the offset into the bytecodes.
+    pub bytecode_start: u64,
+    pub context_slot: u32,
+    pub function_slot: u32,
+    pub bytecode_array_slot: u32,
+    pub bytecode_offset_slot: u32,
+    pub sfi_function_data_word: u32,
+    pub sfi_fingerprint_word: u32,
+}
+
+/// Bytes below a V8 frame's frame pointer that the walker reads in one go.
+pub const V8_FRAME_WINDOW: usize = 48;
+/// Bytes of a SharedFunctionInfo that the walker reads in one go.
+pub const V8_SFI_WINDOW: usize = 56;
+
+/// How a captured V8 frame sits in a [`StackBuf`]: right after the frame's pc come two words,
+/// a tagged SharedFunctionInfo address and a detail word (fingerprint and bytecode offset).
+/// Neither can be taken for a pc: no user address has bit 63 or 62 set, and a
+/// [`DEFERRED_TOKEN`] (only ever the last word) never has bit 62.
+pub mod js_frame {
+    /// Bits 63 and 62 of the first word.
+    pub const TAG: u64 = 3 << 62;
+    /// Bit 62 of the detail word (never zero, never mistaken for a frame).
+    pub const DETAIL: u64 = 1 << 62;
+    /// The fingerprint's bits in the detail word (above the bytecode offset).
+    pub const FINGERPRINT_BITS: u32 = 30;
+
+    /// Whether `word` is the first word of a captured V8 frame.
+    #[inline(always)]
+    pub fn is_tagged(word: u64) -> bool {
+        word & TAG == TAG
+    }
+
+    /// The first word, for a SharedFunctionInfo at untagged address `sfi`.
+    #[inline(always)]
+    pub fn word(sfi: u64) -> u64 {
+        TAG | (sfi & ((1 << 62) - 1))
+    }
+
+    /// The detail word: `fingerprint` and the bytecode offset plus one (0: none).
+    #[inline(always)]
+    pub fn detail(fingerprint: u32, offset_plus_one: u32) -> u64 {
+        DETAIL | ((fingerprint as u64) << 32) | offset_plus_one as u64
+    }
+
+    /// What stays the same for a SharedFunctionInfo while it lives, from two of its words:
+    /// `a` holds its length, formal parameter count and function token offset in its low 48
+    /// bits (the rest changes as the function is compiled), `b` its function literal id in
+    /// its high 32 bits (the flags below change). Another function's SharedFunctionInfo put
+    /// at the same address by a compacting GC differs in one of them as a rule.
+    #[inline(always)]
+    pub fn fingerprint(a: u64, b: u64) -> u32 {
+        let x = (a & 0xffff_ffff_ffff) ^ ((b >> 32) << 13);
+        let folded = x ^ (x >> FINGERPRINT_BITS);
+        (folded & ((1 << FINGERPRINT_BITS) - 1)) as u32
+    }
 }
 
 #[cfg(feature = "user")]
@@ -312,7 +393,7 @@ mod user {
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindHeader {}
-    unsafe impl aya::Pod for super::FrameRegs {}
+    unsafe impl aya::Pod for super::V8Config {}
     unsafe impl aya::Pod for super::DeferredStack {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::LiveAlloc {}

@@ -14,6 +14,8 @@ mod maps;
 mod mmap;
 #[cfg(target_arch = "bpf")]
 mod stack;
+#[cfg(target_arch = "bpf")]
+mod v8;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

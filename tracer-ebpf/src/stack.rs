@@ -7,8 +7,8 @@
 //! built in user space from `.eh_frame` (tracer/src/unwind). A mapping without rows (JIT code,
 //! a module without CFI) is walked by frame pointer in auto mode and ends the stack in dwarf
 //! mode. The walk is tracer/src/unwind/mod.rs's `walk`, step for step; a change to one is a
-//! change to both. Each frame's stack and frame pointer are kept in `FRAME_REGS`, slot for
-//! slot, for callers that read a frame's slots.
+//! change to both. A frame of V8 code is followed by the two words that say which JavaScript
+//! function runs in it, when `v8::capture` finds one (tracer_common::js_frame).
 //!
 //! `--unwind fp` (0): `bpf_get_stack`. An entry uprobe on glibc's malloc fires before malloc
 //! has pushed anything that a frame-pointer walk understands, so the kernel's walk (regs->ip,
@@ -28,14 +28,17 @@ use aya_ebpf::{
         },
     },
     macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, RingBuf},
 };
 use tracer_common::{
-    DEFERRED_STACK_BYTES, DEFERRED_TOKEN, DeferredStack, FrameRegs, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, UNWIND_PAGE_SHIFT, StackBuf, UnwindHeader, UnwindMapping,
-    UnwindRow, counter, row_kind, sigframe, unwind_mode,
+    DEFERRED_STACK_BYTES, DEFERRED_TOKEN, DeferredStack, MAX_FRAMES, MAX_UNWIND_MAPPINGS, STACK_LOST, UNWIND_PAGE_SHIFT, StackBuf, UnwindHeader, UnwindMapping,
+    UnwindRow, counter, js_frame, mapping_flag, row_kind, sigframe, unwind_mode,
 };
 
-use crate::maps::{PENDING, SCRATCH, SCRATCH_SLOTS, STACKS, claim_scratch, count, release_scratch};
+use crate::{
+    maps::{PENDING, SCRATCH, SCRATCH_SLOTS, STACKS, claim_scratch, count, release_scratch},
+    v8,
+};
 
 const BPF_F_USER_STACK: u64 = 1 << 8;
 const E2BIG: i32 = -7;
@@ -45,6 +48,10 @@ const EEXIST: i32 = -17;
 /// on purpose so that distinct stacks collide (set by user space before load).
 #[unsafe(no_mangle)]
 static STACK_HASH_MASK: u64 = u64::MAX;
+
+/// `MAX_FRAMES - 1`, as data (see its one use).
+#[unsafe(no_mangle)]
+static FRAME_INDEX_MASK: u64 = (MAX_FRAMES - 1) as u64;
 
 /// How stacks are walked (`tracer_common::unwind_mode`); set by user space before load.
 #[unsafe(no_mangle)]
@@ -81,10 +88,6 @@ static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_U
 
 #[map]
 static UNWIND_HEADER: Array<UnwindHeader> = Array::with_max_entries(1, 0);
-
-/// Each walked frame's stack and frame pointer, per scratch slot.
-#[map]
-static FRAME_REGS: PerCpuArray<FrameRegs> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Walks that met code the tables do not hold yet, for user space to finish.
 #[map]
@@ -173,7 +176,11 @@ struct Walk {
     maps_len: u32,
     maps_base: u32,
     dwarf_only: u32,
-    _pad: u32,
+    /// 1 when V8 frames are read (user space found node's V8 metadata).
+    v8: u32,
+    /// The ELF range of V8's embedded builtins in mappings flagged V8_BINARY.
+    blob_start: u64,
+    blob_end: u64,
     /// The mapping found last (all zero: none yet).
     last: UnwindMapping,
 }
@@ -202,6 +209,10 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
     let active = header.active & 1;
     let maps_len = header.len[active as usize].min(MAX_UNWIND_MAPPINGS);
     let tid = bpf_get_current_pid_tgid();
+    let (v8_on, blob_start, blob_end) = match v8::config() {
+        Some((start, end)) => (1, start, end),
+        None => (0, 0, 0),
+    };
     let (pending_slot, pending_ret) = match PENDING.get_ptr(tid) {
         // SAFETY: a map value; read once, by value.
         Some(p) => unsafe { ((*p).sp, (*p).ret_addr) },
@@ -220,8 +231,10 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
         maps_len,
         maps_base: active * MAX_UNWIND_MAPPINGS,
         dwarf_only: (unwind_mode() == unwind_mode::DWARF) as u32,
-        _pad: 0,
-        last: UnwindMapping { start: 0, end: 0, bias: 0, page_base: 0, rows_first: 0, rows_len: 0, pages_first: 0, pages_len: 0 },
+        v8: v8_on,
+        blob_start,
+        blob_end,
+        last: UnwindMapping { start: 0, end: 0, bias: 0, page_base: 0, rows_first: 0, rows_len: 0, pages_first: 0, pages_len: 0, flags: 0 },
     };
     // SAFETY: the callback is a static function of this object; `walk` outlives the call.
     unsafe {
@@ -317,22 +330,48 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         w.stop = counter::UNWIND_OUTSIDE_MAPPINGS;
         return 1;
     }
-    let (Some(buf), Some(regs)) = (SCRATCH.get_ptr_mut(w.slot), FRAME_REGS.get_ptr_mut(w.slot)) else {
+    let Some(buf) = SCRATCH.get_ptr_mut(w.slot) else {
         w.stop = counter::UNWIND_BAD_FRAME;
         return 1;
     };
-    let at = (i as usize) & (MAX_FRAMES - 1);
-    // SAFETY: this CPU's scratch values of the slot we own.
-    unsafe {
-        (*buf).frames[at] = w.pc;
-        (*regs).sp[at] = w.sp;
-        (*regs).fp[at] = w.bp;
+    // Frames and the words of V8 frames share the buffer: the next free slot is `len`.
+    let at = w.len as usize;
+    if at >= MAX_FRAMES {
+        w.stop = counter::UNWIND_DEPTH_CAP;
+        return 1;
     }
-    w.len = i + 1;
+    // SAFETY: this CPU's scratch value of the slot we own.
+    unsafe { (*buf).frames[at & (MAX_FRAMES - 1)] = w.pc };
+    w.len = at as u32 + 1;
     if !known {
         // The probe's pc in unknown code: nothing to go on from, nothing to hand over.
         w.stop = counter::UNWIND_BAD_FRAME;
         return 1;
+    }
+    if w.v8 != 0 && i != 0 && at + 3 <= MAX_FRAMES {
+        let code = match &mapping {
+            Some(m) if m.flags & mapping_flag::ANON_CODE != 0 => v8::JIT,
+            Some(m) if m.flags & mapping_flag::V8_BINARY != 0 => {
+                let elf = lookup_pc.wrapping_sub(m.bias);
+                if w.blob_start <= elf && elf < w.blob_end { v8::BUILTIN } else { v8::NOT_V8 }
+            }
+            Some(_) => v8::NOT_V8,
+            // Not in the table, so anonymous code mapped since it was written.
+            None => v8::JIT,
+        };
+        // This frame's own frame pointer: V8 code keeps one, and the walk has restored it.
+        if code != v8::NOT_V8 && let Some((word, detail)) = v8::capture(w.bp, code == v8::BUILTIN, w.slot) {
+            // The mask is read, not written as a constant: the compiler would drop it as
+            // redundant after the bound above, which the verifier does not carry this far.
+            // SAFETY: a plain read of our own global.
+            let mask = unsafe { core::ptr::read_volatile(&FRAME_INDEX_MASK) } as usize;
+            // SAFETY: as above; at + 2 < MAX_FRAMES.
+            unsafe {
+                (*buf).frames[(at + 1) & mask] = word;
+                (*buf).frames[(at + 2) & mask] = detail;
+            }
+            w.len = at as u32 + 3;
+        }
     }
     let row = match mapping {
         Some(m) if m.rows_len != 0 => find_row(&m, lookup_pc),
@@ -597,11 +636,13 @@ fn store(buf: &mut StackBuf) -> u64 {
     let len = buf.len as usize;
     // FNV-1a over the frames, one 64-bit word at a time.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut js = false;
     for i in 0..MAX_FRAMES {
         if i >= len {
             break;
         }
         hash = (hash ^ buf.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        js |= js_frame::is_tagged(buf.frames[i]);
     }
     // SAFETY: a plain read of our own global; volatile so that the build-time value is not
     // folded in (user space sets it at load).
@@ -613,7 +654,12 @@ fn store(buf: &mut StackBuf) -> u64 {
         return same_or_lost(hash, stored, buf);
     }
     match STACKS.insert(hash, &*buf, BPF_NOEXIST as u64) {
-        Ok(()) => hash,
+        Ok(()) => {
+            if js {
+                v8::announce(hash);
+            }
+            hash
+        }
         Err(err) if err as i32 == EEXIST => {
             // Another CPU stored a stack under this key first: the same one, or not.
             match STACKS.get_ptr(hash) {

@@ -1,6 +1,6 @@
 //! From a backend's snapshot to a profile: stacks normalized to module + file offset while
 //! the process's memory map is at hand, ranked, and totalled.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,7 @@ use crate::{
     probe::{Counters, Snapshot},
     regions::{Origin, StackRanges},
     symbolize::maps::ProcMaps,
+    v8::{JsName, JsNamer, capture},
 };
 
 /// What kind of call made a stack's memory.
@@ -31,6 +32,9 @@ pub struct Frame {
     pub module: Option<String>,
     /// File offset within `module`, or the address itself when no mapping covers it.
     pub offset: u64,
+    /// The JavaScript function running in the frame, when the walker captured it and it was
+    /// named (see `v8::namer`).
+    pub js: Option<Arc<JsName>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +70,8 @@ pub struct Totals {
     /// The most live malloc-family bytes seen in all, sampled while recording.
     pub peak_live_bytes: u64,
     pub counters: Counters,
+    /// V8 frames the walker captured that could not be named (see `v8::namer`).
+    pub unnamed_js_frames: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,7 +87,8 @@ fn clamp(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
+/// `js` names the V8 frames the walker captured (None: none are named).
+pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps, js: Option<&JsNamer>) -> Profile {
     let mut stacks: Vec<StackProfile> = snapshot
         .stacks
         .iter()
@@ -89,7 +96,7 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
         .map(|s| StackProfile {
             id: s.id,
             source: Source::Malloc,
-            frames: normalize(&s.frames, maps),
+            frames: normalize(&s.frames, maps, js.and_then(|j| j.names_of(s.id))),
             live_bytes: clamp(s.live_bytes),
             live_allocs: clamp(s.live_allocs),
             alloc_bytes: s.alloc_bytes,
@@ -116,15 +123,18 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps) -> Profile {
     Profile { totals, stacks }
 }
 
-fn normalize(frames: &[u64], maps: &ProcMaps) -> Vec<Frame> {
-    frames
-        .iter()
-        .map(|&a| {
+/// A captured stack's frames, normalized, with the names of its V8 frames (in order).
+fn normalize(words: &[u64], maps: &ProcMaps, js: Option<&[Option<Arc<JsName>>]>) -> Vec<Frame> {
+    let mut names = js.unwrap_or_default().iter();
+    capture::split(words)
+        .into_iter()
+        .map(|(a, captured)| {
             let n = maps.normalize(a);
             Frame {
                 address: n.address,
                 module: n.module,
                 offset: n.offset,
+                js: captured.and_then(|_| names.next().cloned().flatten()),
             }
         })
         .collect()
@@ -146,6 +156,7 @@ pub fn add_mapped(
     held: Option<&StackMemory>,
     mut frames: impl FnMut(u64) -> Vec<u64>,
     maps: &ProcMaps,
+    js: Option<&JsNamer>,
 ) {
     for (&(id, origin), r) in by_stack {
         let source = match origin {
@@ -153,7 +164,7 @@ pub fn add_mapped(
             Origin::Brk => Source::Brk,
             Origin::BeforeAttach => continue,
         };
-        let frames = normalize(&frames(id), maps);
+        let frames = normalize(&frames(id), maps, js.and_then(|j| j.names_of(id)));
         if frames
             .first()
             .and_then(|f| f.module.as_deref())
@@ -270,7 +281,7 @@ mod tests {
             ],
             counters: Counters::default(),
         };
-        let p = aggregate(&snap, &maps());
+        let p = aggregate(&snap, &maps(), None);
         assert_eq!(p.stacks.iter().map(|s| s.id).collect::<Vec<_>>(), vec![2, 1, 3]);
         assert_eq!(p.totals.live_bytes, 5100);
         assert_eq!(p.totals.live_allocs, 3);
@@ -284,7 +295,7 @@ mod tests {
             stacks: vec![sample(7, &[0x7f0000000010, 0x400123, 0x1234], 8, 1, 8, 1)],
             counters: Counters::default(),
         };
-        let f = &aggregate(&snap, &maps()).stacks[0].frames;
+        let f = &aggregate(&snap, &maps(), None).stacks[0].frames;
         assert_eq!(f[0].module.as_deref(), Some("/usr/lib/libc.so.6"));
         assert_eq!(f[0].offset, 0x26010);
         assert_eq!(f[1].module.as_deref(), Some("/usr/bin/app"));
@@ -302,9 +313,9 @@ mod tests {
             counters: Counters::default(),
         };
         let mut history = History::default();
-        history.push(&aggregate(&at(5000, 0), &maps()));
-        history.push(&aggregate(&at(5000, 100), &maps()));
-        let mut last = aggregate(&at(5000, 300), &maps());
+        history.push(&aggregate(&at(5000, 0), &maps(), None));
+        history.push(&aggregate(&at(5000, 100), &maps(), None));
+        let mut last = aggregate(&at(5000, 300), &maps(), None);
         history.push(&last);
         history.apply(&mut last);
         // Stack 2 holds less but grows; stack 1 is flat.
@@ -322,13 +333,14 @@ mod tests {
                 counters: Counters::default(),
             },
             &maps(),
+            None,
         );
         let mut by_stack = HashMap::new();
         by_stack.insert(
             (9, Origin::Mmap),
             StackRanges { committed_bytes: 8192, reserved_bytes: 16384, regions: 2, mapped_bytes: 20480, maps: 3 },
         );
-        add_mapped(&mut p, &by_stack, None, |_| vec![0x400300], &maps());
+        add_mapped(&mut p, &by_stack, None, |_| vec![0x400300], &maps(), None);
         // The loader's own mappings are images, not allocations.
         let mut loader = maps();
         loader.update(
@@ -338,7 +350,7 @@ mod tests {
         let mut by_loader = HashMap::new();
         by_loader.insert((10, Origin::Mmap), StackRanges { committed_bytes: 4096, ..StackRanges::default() });
         let before = p.stacks.len();
-        add_mapped(&mut p, &by_loader, None, |_| vec![0x7f1000000100], &loader);
+        add_mapped(&mut p, &by_loader, None, |_| vec![0x7f1000000100], &loader, None);
         assert_eq!(p.stacks.len(), before);
         assert_eq!(p.stacks[0].source, Source::Mmap);
         assert_eq!((p.stacks[0].live_bytes, p.stacks[0].reserved_bytes), (8192, Some(16384)));
@@ -351,7 +363,7 @@ mod tests {
             stacks: vec![sample(1, &[0x400100], -64, -1, 0, 0), sample(2, &[], 0, 0, 0, 0)],
             counters: Counters::default(),
         };
-        let p = aggregate(&snap, &maps());
+        let p = aggregate(&snap, &maps(), None);
         assert_eq!(p.stacks.len(), 1);
         assert_eq!((p.stacks[0].live_bytes, p.stacks[0].live_allocs), (0, 0));
     }

@@ -347,6 +347,7 @@ impl RecordArgs {
                 max_stacks: self.max_stacks,
                 sample_bytes: self.sample_bytes,
                 unwind: self.unwind.into(),
+                v8: None,
             },
             backend: self.backend.into(),
             malloc_stats: self.malloc_stats,

@@ -24,6 +24,7 @@ use crate::{
     report::{self, Meta, Ranking, Report},
     symbolize::{Symbolizer, maps::ProcMaps, perfmap},
     target::{self, LaunchEvent, Launched, ProcessInfo},
+    v8::{self, JsNamer},
 };
 
 /// How often a consumer should call [`Recording::tick`]: the loop wakes this often to look
@@ -97,6 +98,8 @@ pub struct Recording {
     peak: PeakTracker,
     maps: ProcMaps,
     symbolizer: Symbolizer,
+    /// Names the JavaScript frames the walker captures (a V8 process, walked in the kernel).
+    js: Option<JsNamer>,
     /// The target lives in another mount namespace: its modules are read while it is alive.
     in_other_mount_ns: bool,
     /// None once detached.
@@ -183,8 +186,14 @@ impl Recording {
         warm(&mut symbolizer, &maps, in_other_mount_ns);
 
         let nz_task = NonZeroU32::new(task).context("task 0")?;
-        let probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref())
+        // A V8 process (node): the walker reads its JavaScript frames, named here as they come.
+        let v8 = match opts.limits.unwind {
+            crate::unwind::UnwindMode::Fp => None,
+            _ => v8_walker(task, &maps),
+        };
+        let probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref(), v8.as_ref().map(|v| v.0))
             .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+        let js = v8.filter(|_| probes.name() == "ebpf").map(|(_, layout)| JsNamer::new(layout, task as i32));
         // The tables every report names frames in load on another thread while recording, not
         // when the report needs them.
         symbolizer.preload(main_modules(pid, &libc));
@@ -222,6 +231,7 @@ impl Recording {
             peak: PeakTracker::default(),
             maps,
             symbolizer,
+            js,
             in_other_mount_ns,
             probes: Some(probes),
             regions,
@@ -280,12 +290,18 @@ impl Recording {
             self.peak.observe(probes.as_mut());
         }
         self.drain_syscalls();
+        self.name_js_frames();
         let pid = self.info.pid;
         if let Some(l) = &self.launched {
             while let Ok(event) = l.events.try_recv() {
                 match event {
                     LaunchEvent::Exiting { at, maps: text, smaps, present } => {
                         self.exit_seen = Some(at);
+                        // The last moment its heap can be read: stacks new since the tick.
+                        if let (Some(js), Some(probes)) = (&mut self.js, &mut self.probes) {
+                            let new = probes.new_js_stacks();
+                            js.name_stacks(new.iter().map(|(id, words)| (*id, words.as_slice())));
+                        }
                         // One reading, taken while other threads may still map: mended if torn.
                         if let Ok(m) = ProcMaps::parse_torn(&text) {
                             if let Some(probes) = &mut self.probes {
@@ -327,6 +343,9 @@ impl Recording {
                 Some(task) => {
                     self.task = task;
                     self.symbolizer.set_jit_pid(task);
+                    if let Some(js) = &mut self.js {
+                        js.set_pid(task as i32);
+                    }
                 }
                 None if self.launched.is_none() => {
                     self.exited = true;
@@ -340,6 +359,15 @@ impl Recording {
             self.last_maps = Instant::now();
         }
         Status::Running
+    }
+
+    /// Names the JavaScript frames of stacks new since the last call, while the objects the
+    /// walker captured are where it found them (a compacting GC moves them).
+    fn name_js_frames(&mut self) {
+        if let (Some(js), Some(probes)) = (&mut self.js, &mut self.probes) {
+            let new = probes.new_js_stacks();
+            js.name_stacks(new.iter().map(|(id, words)| (*id, words.as_slice())));
+        }
     }
 
     fn drain_syscalls(&mut self) {
@@ -368,7 +396,7 @@ impl Recording {
         self.peak.observe(probes.as_mut());
         let snapshot = probes.snapshot().map_err(|e| anyhow::anyhow!(e))?;
         let held = StackMemory::measure(self.task, &self.regions).ok();
-        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());
+        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut(), self.js.as_mut());
         self.peak.apply(&mut profile.totals);
         Ok(profile)
     }
@@ -420,7 +448,7 @@ impl Recording {
             _ => StackMemory::measure(self.task, &self.regions).ok(),
         };
         let probes = self.probes.as_mut().context("the probes are detached")?;
-        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut());
+        let mut profile = profile_of(&snapshot, &self.regions, held.as_ref(), &self.maps, probes.as_mut(), self.js.as_mut());
         self.peak.apply(&mut profile.totals);
         if !self.history.is_empty() {
             self.history.push(&profile);
@@ -543,6 +571,7 @@ fn attach_backend(
     libc: &str,
     maps: &ProcMaps,
     launched: Option<&Launched>,
+    v8: Option<crate::probe::ebpf::V8Walker>,
 ) -> anyhow::Result<Box<dyn Backend>> {
     let why_not_bpf = match (opts.backend, bpf_refused) {
         (BackendChoice::Ptrace, _) => None,
@@ -552,7 +581,7 @@ fn attach_backend(
                 pid,
                 task,
                 libc_host,
-                opts.limits,
+                crate::probe::ebpf::Limits { v8, ..opts.limits },
                 Some(SyscallTarget { libc, maps }),
             );
             match attached {
@@ -604,21 +633,55 @@ fn attach_backend(
     }
 }
 
-/// The malloc stacks of a snapshot and the stacks that mapped memory themselves.
+/// The malloc stacks of a snapshot and the stacks that mapped memory themselves, with their
+/// JavaScript frames named by `js`: the stacks it was not told of in time are named now.
 fn profile_of(
     snapshot: &Snapshot,
     regions: &Regions,
     held: Option<&StackMemory>,
     maps: &ProcMaps,
     probes: &mut dyn Backend,
+    mut js: Option<&mut JsNamer>,
 ) -> Profile {
-    let mut profile = aggregate(snapshot, maps);
-    add_mapped(
-        &mut profile,
-        &regions.by_stack(),
-        held,
-        |id| probes.stack_frames(id).unwrap_or_default(),
-        maps,
-    );
+    let by_stack = regions.by_stack();
+    if let Some(js) = js.as_deref_mut() {
+        js.name_stacks(snapshot.stacks.iter().map(|s| (s.id, s.frames.as_slice())));
+        let mapped: Vec<(u64, Vec<u64>)> =
+            by_stack.keys().map(|&(id, _)| (id, probes.stack_frames(id).unwrap_or_default())).collect();
+        js.name_stacks(mapped.iter().map(|(id, words)| (*id, words.as_slice())));
+    }
+    let js = js.as_deref();
+    let mut profile = aggregate(snapshot, maps, js);
+    add_mapped(&mut profile, &by_stack, held, |id| probes.stack_frames(id).unwrap_or_default(), maps, js);
+    profile.totals.unnamed_js_frames = js.map_or(0, JsNamer::unnamed);
     profile
+}
+
+/// The walker's view of the target's V8, when its executable is a V8 embedder (node) whose
+/// metadata the walker can read; else None, said in one line when the binary is one but
+/// cannot be read (its JavaScript frames then stay unnamed, as without this).
+fn v8_walker(task: u32, maps: &ProcMaps) -> Option<(crate::probe::ebpf::V8Walker, v8::V8Layout)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let exe = std::fs::metadata(format!("/proc/{task}/exe")).ok()?;
+    let mapping = maps
+        .mappings()
+        .iter()
+        .find(|m| m.inode == exe.ino() && m.dev == exe.dev() && m.perms.as_bytes().get(2) == Some(&b'x'))?;
+    let file = crate::unwind::process::read_module(task, mapping)?;
+    let layout = match v8::V8Layout::from_elf(file.as_slice()) {
+        Ok(layout) => layout,
+        // Not V8 at all: nothing to say.
+        Err(v8::MissingConstant::Missing("v8dbg_TaggedSize")) | Err(v8::MissingConstant::NotElf(_)) => return None,
+        Err(e) => {
+            diag::warn(format_args!("JavaScript frames: {e}"));
+            return None;
+        }
+    };
+    match v8::capture::walker_config(&layout) {
+        Ok(config) => Some((crate::probe::ebpf::V8Walker { config, binary: (mapping.dev, mapping.inode) }, layout)),
+        Err(why) => {
+            diag::warn(format_args!("JavaScript frames stay unnamed: {why}"));
+            None
+        }
+    }
 }

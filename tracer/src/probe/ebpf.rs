@@ -79,6 +79,16 @@ pub struct Limits {
     pub sample_bytes: Option<u64>,
     /// How stacks are walked (`--unwind`).
     pub unwind: UnwindMode,
+    /// The target runs V8: the walker reads its frames (not with `--unwind fp`).
+    pub v8: Option<V8Walker>,
+}
+
+/// What the walker needs to read a V8 process's JavaScript frames.
+#[derive(Clone, Copy, Debug)]
+pub struct V8Walker {
+    pub config: tracer_common::V8Config,
+    /// (dev, inode) of the binary holding V8's embedded builtins.
+    pub binary: (u64, u64),
 }
 
 impl Default for Limits {
@@ -88,12 +98,17 @@ impl Default for Limits {
             max_stacks: 64 * 1024,
             sample_bytes: None,
             unwind: UnwindMode::default(),
+            v8: None,
         }
     }
 }
 
 pub struct EbpfProbes {
     ebpf: Ebpf,
+    /// Keys of new stacks with V8 frames, announced by the walker; and those announced whose
+    /// handed-over walk was not finished yet.
+    new_js_stacks: Option<aya::maps::RingBuf<MapData>>,
+    js_waiting: Vec<u64>,
     stacks: StdHashMap<u64, Vec<u64>>,
     pub sites: Vec<ProbeSite>,
     /// mmap-family tracing, when tracefs and the tracepoints could be had.
@@ -172,6 +187,9 @@ impl EbpfProbes {
         };
         // Files are read through a live thread's /proc entry (an exited leader has none).
         let mut tables = walk_maps.as_ref().map(|maps| KernelTables::new(thread.get(), maps));
+        if let (Some(t), Some(v8)) = (&mut tables, &limits.v8) {
+            t.set_v8_binary(v8.binary);
+        }
         // Lets the walker ask the kernel whether an address it has no table entry for is JIT
         // code mapped since; without the kernel's BTF it does not ask.
         let vma = super::btf::vma_offsets().unwrap_or((u64::MAX, u64::MAX));
@@ -194,6 +212,20 @@ impl EbpfProbes {
             t.install(&mut ebpf, maps)?;
             warnings.extend(t.take_losses());
         }
+        // Before any probe fires: the walker reads V8 frames from the first allocation on.
+        let v8_on = match (&tables, &limits.v8) {
+            (Some(_), Some(v8)) => {
+                let map = ebpf.map_mut("V8_CONFIG").ok_or(EbpfError::Map {
+                    name: "V8_CONFIG",
+                    source: aya::maps::MapError::InvalidName { name: "V8_CONFIG".into() },
+                })?;
+                let mut config: aya::maps::Array<&mut MapData, tracer_common::V8Config> =
+                    aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map { name: "V8_CONFIG", source })?;
+                config.set(0, v8.config, 0).map_err(|source| EbpfError::Map { name: "V8_CONFIG", source })?;
+                true
+            }
+            _ => false,
+        };
 
         {
             // Allocations whose stack is lost still count, under this key; it must exist
@@ -328,8 +360,19 @@ impl EbpfProbes {
                 Some(aya::maps::RingBuf::try_from(map).map_err(|source| EbpfError::Map { name: "DEFERRED_STACKS", source })?)
             }
         };
+        let new_js_stacks = if v8_on {
+            let map = ebpf.take_map("NEW_JS_STACKS").ok_or(EbpfError::Map {
+                name: "NEW_JS_STACKS",
+                source: aya::maps::MapError::InvalidName { name: "NEW_JS_STACKS".into() },
+            })?;
+            Some(aya::maps::RingBuf::try_from(map).map_err(|source| EbpfError::Map { name: "NEW_JS_STACKS", source })?)
+        } else {
+            None
+        };
         Ok(EbpfProbes {
             ebpf,
+            new_js_stacks,
+            js_waiting: Vec::new(),
             stacks: StdHashMap::new(),
             sites: attached,
             links,
@@ -603,6 +646,39 @@ impl Backend for EbpfProbes {
             PerCpuArray::try_from(self.ebpf.map("COUNTERS")?).ok()?;
         let per_cpu = counters.get(&counter::LIVE_BYTES, 0).ok()?;
         Some(per_cpu.iter().fold(0u64, |sum, &v| sum.wrapping_add(v)) as i64)
+    }
+
+    fn new_js_stacks(&mut self) -> Vec<(u64, Vec<u64>)> {
+        let Some(ring) = &mut self.new_js_stacks else { return Vec::new() };
+        let mut ids = std::mem::take(&mut self.js_waiting);
+        while let Some(item) = ring.next() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
+                ids.push(u64::from_ne_bytes(bytes));
+            }
+        }
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        self.finish_deferred(false);
+        let Some(map) = self.ebpf.map("STACKS") else { return Vec::new() };
+        let Ok(map) = HashMap::<&MapData, u64, StackBuf>::try_from(map) else { return Vec::new() };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(frames) = self.stacks.get(&id) {
+                out.push((id, frames.clone()));
+                continue;
+            }
+            let Ok(buf) = map.get(&id, 0) else { continue };
+            match self.complete(clean_frames(&buf, self.unwind_mode)) {
+                Some(frames) => {
+                    self.stacks.insert(id, frames.clone());
+                    out.push((id, frames));
+                }
+                // Its walk's rest is not back from user space yet: next time.
+                None => self.js_waiting.push(id),
+            }
+        }
+        out
     }
 
     fn stack_frames(&mut self, id: u64) -> Option<Vec<u64>> {

@@ -28,7 +28,9 @@ pub struct StackSample {
     /// Backend's key for the stack; stable for the life of a recording.
     pub id: u64,
     /// Absolute addresses in the target, leaf first: frame 0 in the allocator, frame 1 its
-    /// caller. Empty when the stack could not be captured.
+    /// caller; a V8 frame the walker identified is followed by its two capture words
+    /// (`crate::v8::capture::split` takes them apart). Empty when the stack could not be
+    /// captured.
     pub frames: Vec<u64>,
     pub live_bytes: i64,
     pub live_allocs: i64,
@@ -69,6 +71,9 @@ pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
         ("stack_cut_unsupported_rule", c(counter::UNWIND_UNSUPPORTED)),
         // Not a failure: deeper than the frames kept.
         ("stack_depth_cap", c(counter::UNWIND_DEPTH_CAP)),
+        // New stacks with V8 frames not announced to user space in time (its ring was full):
+        // named later, when a snapshot meets them.
+        ("js_stack_notices_lost", c(counter::JS_NOTICE_LOST)),
     ]
 }
 
@@ -119,6 +124,13 @@ pub trait Backend {
 
     fn live_total_peak(&mut self) -> Option<i64> {
         None
+    }
+
+    /// Stacks first stored since the last call that hold V8 frames the walker captured, with
+    /// their words (pcs and capture words, see `v8::capture`): to be named while the objects
+    /// they point at are still in place.
+    fn new_js_stacks(&mut self) -> Vec<(u64, Vec<u64>)> {
+        Vec::new()
     }
 
     /// Frames of a stack by id (leaf first), for stacks that reach us outside snapshots.

@@ -63,7 +63,7 @@ impl Metric {
 /// the picture; frames without a name show where they are.
 pub fn frame_label(frame: &Frame) -> String {
     let name = match (&frame.function, frame.kind) {
-        (Some(function), FrameKind::Jit) => format!("{function}_[j]"),
+        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}_[j]"),
         (Some(function), _) if frame.inlined => format!("{function}_[i]"),
         (Some(function), _) => function.clone(),
         (None, FrameKind::Jit) => format!("[jit] {:#x}", frame.address),
@@ -148,6 +148,8 @@ pub(crate) mod tests {
             } else {
                 FrameKind::Unknown
             },
+            column: None,
+            current_line: None,
         }
     }
 

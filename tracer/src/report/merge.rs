@@ -44,7 +44,7 @@ impl FrameKey {
     pub fn of(f: &Frame) -> FrameKey {
         let module = || f.module.as_deref().map(|m| module_name(m).to_owned());
         match (&f.function, f.kind) {
-            (Some(function), FrameKind::Jit) => FrameKey::Jit {
+            (Some(function), FrameKind::Jit | FrameKind::Js) => FrameKey::Jit {
                 function: function.clone(),
                 script: f.file.clone(),
                 line: f.line,

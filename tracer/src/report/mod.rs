@@ -90,6 +90,10 @@ pub struct Totals {
     #[serde(default)]
     pub peak_live_bytes: u64,
     pub dropped: BTreeMap<String, u64>,
+    /// JavaScript frames the stack walker captured but that could not be named from the
+    /// process's memory (the object moved or died first): left unnamed, never guessed.
+    #[serde(default)]
+    pub unnamed_js_frames: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -144,6 +148,13 @@ pub struct Frame {
     /// An inlined function: it shares `address` with the frame that follows it.
     pub inlined: bool,
     pub kind: FrameKind,
+    /// JavaScript frames (kind `js`): the column where the function starts (`line` is its
+    /// first line, as node's perf map gives it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
+    /// JavaScript frames run by the interpreter: the line being executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_line: Option<u32>,
 }
 
 /// Who was recorded, and for how long.
@@ -199,6 +210,7 @@ pub fn build(profile: &Profile, meta: &Meta, ranking: Ranking, symbolizer: &mut 
             unmatched_frees: t.counters.unmatched_frees,
             failed_allocs: t.counters.failed_allocs,
             peak_live_bytes: t.peak_live_bytes,
+            unnamed_js_frames: t.unnamed_js_frames,
             dropped: t
                 .counters
                 .dropped
@@ -275,7 +287,7 @@ pub fn ranked_stacks(profile: &Profile, ranking: Ranking, symbolizer: &mut Symbo
 /// Each distinct normalized frame of a profile, named once.
 #[derive(Default)]
 struct Names<'p> {
-    ids: HashMap<(Option<&'p str>, u64, u64, bool), u32>,
+    ids: HashMap<(Option<&'p str>, u64, u64, bool, Option<&'p crate::v8::JsName>), u32>,
     /// By id: the named frames (inlined ones first).
     frames: Vec<Vec<Frame>>,
     /// By id: the merge key of those frames, interned.
@@ -286,11 +298,25 @@ struct Names<'p> {
 impl<'p> Names<'p> {
     /// The id of frame `f`; `return_address` for every frame but the leaf.
     fn id(&mut self, f: &'p crate::aggregate::Frame, return_address: bool, symbolizer: &mut Symbolizer) -> u32 {
-        let raw = (f.module.as_deref(), f.offset, f.address, return_address);
+        let raw = (f.module.as_deref(), f.offset, f.address, return_address, f.js.as_deref());
         if let Some(&id) = self.ids.get(&raw) {
             return id;
         }
-        let frames: Vec<Frame> = symbolizer
+        let frames: Vec<Frame> = match &f.js {
+            // Named from V8's objects: what the frame runs, whatever code runs it.
+            Some(js) => vec![Frame {
+                address: f.address,
+                module: f.module.clone(),
+                offset: f.offset,
+                function: Some(js.function.clone()),
+                file: Some(js.script.clone()),
+                line: Some(js.line),
+                inlined: false,
+                kind: FrameKind::Js,
+                column: Some(js.column),
+                current_line: js.current_line,
+            }],
+            None => symbolizer
             .symbolize_frame(f.module.as_deref(), f.offset, f.address, return_address)
             .into_iter()
             .map(|sym| Frame {
@@ -302,8 +328,11 @@ impl<'p> Names<'p> {
                 line: sym.line,
                 inlined: sym.inlined,
                 kind: sym.kind,
+                column: None,
+                current_line: None,
             })
-            .collect();
+            .collect(),
+        };
         self.key.push(self.keys.id(frames.iter().map(merge::FrameKey::of).collect()));
         self.frames.push(frames);
         let id = (self.frames.len() - 1) as u32;
@@ -362,7 +391,7 @@ mod tests {
             source: Source::Malloc,
             frames: addresses
                 .iter()
-                .map(|&address| RawFrame { address, module: None, offset: address })
+                .map(|&address| RawFrame { address, module: None, offset: address, js: None })
                 .collect(),
             live_bytes: live,
             live_allocs: 1,

@@ -253,6 +253,8 @@ pub fn profile(report: &Report, build_id: &mut dyn FnMut(&str) -> Option<String>
         line: None,
         inlined: false,
         kind: FrameKind::Unknown,
+        column: None,
+        current_line: None,
     };
     for stack in &report.stacks {
         let mut location_id = Vec::new();
@@ -283,7 +285,7 @@ pub fn profile(report: &Report, build_id: &mut dyn FnMut(&str) -> Option<String>
                         let file_idx = strings.get(&file);
                         // V8 gives where a JS function starts, not the line executing in it.
                         let start_line = match f.kind {
-                            FrameKind::Jit => f.line.map_or(0, i64::from),
+                            FrameKind::Jit | FrameKind::Js => f.line.map_or(0, i64::from),
                             _ => 0,
                         };
                         functions.push(Function {
@@ -298,7 +300,7 @@ pub fn profile(report: &Report, build_id: &mut dyn FnMut(&str) -> Option<String>
                     }
                 };
                 let line = match f.kind {
-                    FrameKind::Jit => 0,
+                    FrameKind::Jit | FrameKind::Js => 0,
                     _ => f.line.map_or(0, i64::from),
                 };
                 lines.push((id, line));

@@ -130,6 +130,8 @@ mod tests {
             line: None,
             inlined: false,
             kind: FrameKind::Native,
+            column: None,
+            current_line: None,
         }
     }
 

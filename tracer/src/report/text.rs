@@ -34,7 +34,7 @@ fn frame_name(f: &Frame) -> String {
     let inlined = if f.inlined { "[inlined] " } else { "" };
     match (&f.function, f.kind) {
         // For JIT code the line is where the function starts: V8 records nothing finer.
-        (Some(function), FrameKind::Jit) => format!("{function}  (jit{place})"),
+        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}  (jit{place})"),
         (Some(function), _) => format!("{inlined}{function}  ({module}+{:#x}{place})", f.offset),
         (None, FrameKind::Jit) => format!("[jit] {:#x}", f.address),
         (None, _) => format!("{module}+{:#x}", f.offset),
@@ -286,6 +286,7 @@ mod tests {
                 unmatched_frees: 1,
                 failed_allocs: 0,
                 peak_live_bytes: 0,
+                unnamed_js_frames: 0,
                 dropped: BTreeMap::from([("stack_map_full".into(), 3), ("live_map_full".into(), 0)]),
             },
             stacks: vec![Stack {
@@ -311,6 +312,8 @@ mod tests {
                         line: None,
                         inlined: false,
                         kind: FrameKind::Native,
+                        column: None,
+                        current_line: None,
                     },
                     Frame {
                         address: 0x401000,
@@ -321,6 +324,8 @@ mod tests {
                         line: None,
                         inlined: false,
                         kind: FrameKind::Native,
+                        column: None,
+                        current_line: None,
                     },
                 ],
             }],

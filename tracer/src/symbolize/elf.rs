@@ -516,6 +516,9 @@ pub enum FrameKind {
     Native,
     /// Code generated at run time (V8's JIT), named from a perf map when there is one.
     Jit,
+    /// A JavaScript function, named from V8's own objects in the process's memory (the
+    /// frame's code is V8's: JIT code, or the interpreter's builtins running its bytecode).
+    Js,
     /// Neither: no mapping covers the address, or nothing names it.
     Unknown,
 }

@@ -17,8 +17,8 @@ pub struct Resolved {
 }
 
 /// Replaces every native frame's names, files and lines (inlined frames are derived anew),
-/// looking each distinct (module, offset) up once. JIT frames are kept as they are: their perf
-/// map belonged to a process that is gone.
+/// looking each distinct (module, offset) up once. JIT and JS frames are kept as they are: their
+/// perf map or heap belonged to a process that is gone.
 pub fn resymbolize(report: &mut Report, symbolizer: &mut Symbolizer) -> Resolved {
     let mut counts = Resolved::default();
     let mut named: HashMap<(Option<String>, u64, bool), Vec<SymFrame>> = HashMap::new();
@@ -26,7 +26,7 @@ pub fn resymbolize(report: &mut Report, symbolizer: &mut Symbolizer) -> Resolved
         let old = std::mem::take(&mut stack.frames);
         for (real, f) in old.into_iter().filter(|f| !f.inlined).enumerate() {
             counts.frames += 1;
-            if f.kind == FrameKind::Jit {
+            if matches!(f.kind, FrameKind::Jit | FrameKind::Js) {
                 counts.named += usize::from(f.function.is_some());
                 stack.frames.push(f);
             } else {
@@ -46,6 +46,8 @@ pub fn resymbolize(report: &mut Report, symbolizer: &mut Symbolizer) -> Resolved
                     line: sym.line,
                     inlined: sym.inlined,
                     kind: sym.kind,
+                    column: None,
+                    current_line: None,
                 }));
             }
         }

@@ -531,7 +531,7 @@ pub fn frame_line(f: &Frame) -> String {
         None => String::new(),
     };
     match (&f.function, f.kind) {
-        (Some(function), FrameKind::Jit) => format!("{function}  [jit]{at}"),
+        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}  [jit]{at}"),
         (Some(function), _) => format!("{inlined}{function}  {}+{:#x}{at}", module_name(f), f.offset),
         (None, FrameKind::Jit) => format!("[jit] {:#x}", f.address),
         (None, _) => format!("{}+{:#x}", module_name(f), f.offset),
@@ -573,6 +573,8 @@ mod tests {
             line,
             inlined: false,
             kind: FrameKind::Native,
+            column: None,
+            current_line: None,
         }
     }
 
@@ -612,6 +614,7 @@ mod tests {
                 unmatched_frees: 0,
                 failed_allocs: 0,
                 peak_live_bytes: 0,
+                unnamed_js_frames: 0,
                 dropped: Default::default(),
             },
             stacks_total: stacks.len(),

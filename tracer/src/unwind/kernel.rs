@@ -109,6 +109,9 @@ pub struct KernelTables {
     /// was said.
     mappings_dropped: usize,
     dropped_said: bool,
+    /// (dev, inode) of the binary with V8's embedded builtins, whose mappings the walker
+    /// is told of (`mapping_flag::V8_BINARY`).
+    v8_binary: Option<(u64, u64)>,
 }
 
 /// A BPF array, mapped shared into this process.
@@ -166,6 +169,7 @@ impl KernelTables {
             full: Vec::new(),
             mappings_dropped: 0,
             dropped_said: false,
+            v8_binary: None,
         };
         t.plan(maps);
         t
@@ -187,6 +191,12 @@ impl KernelTables {
             ));
         }
         lines
+    }
+
+    /// Flags the mappings of the file `(dev, inode)` as holding V8's builtins, from the next
+    /// refresh (install included) on.
+    pub fn set_v8_binary(&mut self, file: (u64, u64)) {
+        self.v8_binary = Some(file);
     }
 
     /// How many rows `UNWIND_ROWS` should hold.
@@ -237,7 +247,7 @@ impl KernelTables {
 
     /// The mapping table for `maps`, placing the rows and pages of modules not yet placed.
     fn plan(&mut self, maps: &ProcMaps) -> Vec<UnwindMapping> {
-        let pid = self.pid;
+        let (pid, v8_binary) = (self.pid, self.v8_binary);
         let (placed, rows, pages, full) = (&mut self.placed, &mut self.rows, &mut self.pages, &mut self.full);
         plan_mappings(maps, |m| {
             let path = m.path.as_deref()?;
@@ -266,13 +276,15 @@ impl KernelTables {
                         page_base: module.page_base,
                         pages_first,
                         pages_len,
+                        flags: 0,
                     };
                     module = module.without_rows();
                     Some((p, module))
                 })
                 .as_ref()?;
             let bias = module.bias(m.start, m.offset)?;
-            (p.rows_len != 0).then_some(Placed { bias, ..*p })
+            let flags = if v8_binary == Some((m.dev, m.inode)) { tracer_common::mapping_flag::V8_BINARY } else { 0 };
+            (p.rows_len != 0 || flags != 0).then_some(Placed { bias, flags, ..*p })
         })
     }
 }

@@ -106,6 +106,8 @@ pub struct Placed {
     pub page_base: u64,
     pub pages_first: u32,
     pub pages_len: u32,
+    /// `tracer_common::mapping_flag` bits for the mapping.
+    pub flags: u64,
 }
 
 /// The mappings a walk may find a return address in, sorted: each executable file mapping
@@ -130,7 +132,12 @@ pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Optio
                 j += 1;
             }
             if exec {
-                out.push(UnwindMapping { start: m.start, end: all[j - 1].end, ..UnwindMapping::default() });
+                out.push(UnwindMapping {
+                    start: m.start,
+                    end: all[j - 1].end,
+                    flags: tracer_common::mapping_flag::ANON_CODE,
+                    ..UnwindMapping::default()
+                });
             }
             i = j;
             continue;
@@ -147,6 +154,7 @@ pub fn plan_mappings(maps: &ProcMaps, mut rows_of: impl FnMut(&Mapping) -> Optio
                 rows_len: p.rows_len,
                 pages_first: p.pages_first,
                 pages_len: p.pages_len,
+                flags: p.flags,
             });
         }
         i += 1;

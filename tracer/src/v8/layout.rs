@@ -122,7 +122,12 @@ pub struct V8Layout {
     pub type_oddball: u16,
 
     pub js_function_shared: u64,
+    pub sfi_function_data: u64,
     pub sfi_name_or_scope_info: u64,
+    /// SharedFunctionInfo's `length` and `flags` fields: the words around them identify a
+    /// function for the stack walker (see `tracer_common::js_frame::fingerprint`).
+    pub sfi_length: u64,
+    pub sfi_flags: u64,
     pub sfi_script_or_debug_info: u64,
     pub script_name: u64,
     pub script_source: u64,
@@ -158,10 +163,18 @@ pub struct V8Layout {
     pub scope_info_context_local_count: u64,
     pub scope_info: ScopeInfoLayout,
     pub source_positions: SourcePositionLayout,
+    /// ELF address range of the embedded builtins (`v8_Default_embedded_blob_code_` and its
+    /// size), where the interpreter's and baseline code's builtins are; None when the binary
+    /// does not say.
+    pub embedded_blob: Option<(u64, u64)>,
 }
 
 /// V8's out-of-line `IsJSFunction(HeapObject)`, whose code gives the JSFunction type range.
 const IS_JS_FUNCTION: &str = "_ZN2v88internal22IsJSFunction_NonInlineENS0_10HeapObjectE";
+
+/// The embedded builtins' code and its size (a 4-byte constant).
+const BLOB_CODE: &str = "v8_Default_embedded_blob_code_";
+const BLOB_CODE_SIZE: &str = "v8_Default_embedded_blob_code_size_";
 
 /// Reads the `v8dbg_*` int constants (and V8's version numbers) from an ELF's symbol table.
 struct Constants<'f, 'a> {
@@ -241,7 +254,9 @@ impl V8Layout {
             if let Ok(name) = sym.name()
                 && (name.starts_with("v8dbg_")
                     || name.starts_with("_ZN2v88internal7Version")
-                    || name == IS_JS_FUNCTION)
+                    || name == IS_JS_FUNCTION
+                    || name == BLOB_CODE
+                    || name == BLOB_CODE_SIZE)
             {
                 by_name.insert(name, (sym.section_index(), sym.address()));
             }
@@ -328,6 +343,9 @@ impl V8Layout {
             type_byte_array: c.type_tag("v8dbg_type_ByteArray__BYTE_ARRAY_TYPE")?,
             type_oddball: c.type_tag("v8dbg_type_Oddball__ODDBALL_TYPE")?,
             js_function_shared: c.offset("v8dbg_class_JSFunction__shared__SharedFunctionInfo")?,
+            sfi_function_data: c.offset("v8dbg_class_SharedFunctionInfo__function_data__Object")?,
+            sfi_length: c.offset("v8dbg_class_SharedFunctionInfo__length__uint16_t")?,
+            sfi_flags: c.offset("v8dbg_class_SharedFunctionInfo__flags__int")?,
             sfi_name_or_scope_info: c
                 .offset("v8dbg_class_SharedFunctionInfo__name_or_scope_info__Object")?,
             sfi_script_or_debug_info: c
@@ -367,6 +385,14 @@ impl V8Layout {
                     minor: version.1,
                 },
             )?,
+            embedded_blob: {
+                let start = c.by_name.get(BLOB_CODE).map(|&(_, address)| address);
+                let size = c.by_name.get(BLOB_CODE_SIZE).and_then(|sym| c.read_i32(sym));
+                match (start, size) {
+                    (Some(start), Some(size)) if size > 0 => Some((start, start + size as u64)),
+                    _ => None,
+                }
+            },
         })
     }
 }

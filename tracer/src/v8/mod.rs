@@ -1,6 +1,9 @@
 //! Names for JavaScript frames read from a live node process's own memory, with the object
 //! layout taken from the node binary's `v8dbg_*` post-mortem metadata.
 //!
+//! While recording, the BPF stack walker reads the frames ([`capture`]: what it records and
+//! the layout it is given) and [`namer`] names each new stack's captures within a tick.
+//!
 //! Three steps, each usable alone: [`layout`] reads the constants from the binary once;
 //! [`frame`] reads the few words of one V8 frame that identify its function (what a stack
 //! capture would record); [`resolve`] turns a SharedFunctionInfo into function, script and
@@ -28,10 +31,12 @@
 //! Not applied: a Script's `line_offset` (non-zero only for code compiled with an offset, not
 //! node's files; no v8dbg constant gives it).
 
+pub mod capture;
 pub mod frame;
 mod heap;
 pub mod layout;
 pub mod memory;
+pub mod namer;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
@@ -39,6 +44,7 @@ mod tests;
 pub use frame::{JsFrame, read_frame};
 pub use layout::{MissingConstant, ScopeInfoLayout, SourcePositionLayout, V8Layout};
 pub use memory::{CachedMemory, FakeMemory, Memory, ProcessMemory, ReadError};
+pub use namer::{JsName, JsNamer};
 pub use resolve::{JsFunction, JsIdentity, current_position, resolve_frame, resolve_function};
 
 /// Why a frame or a function could not be read: the frame is not a JS frame, or an object did

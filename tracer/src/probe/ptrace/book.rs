@@ -359,6 +359,7 @@ mod tests {
         max_stacks: 1024,
         sample_bytes: None,
         unwind: crate::unwind::UnwindMode::Auto,
+        v8: None,
     };
 
     fn totals(book: &Book, stack: u64) -> (i64, i64, u64, u64) {
@@ -461,6 +462,7 @@ mod tests {
             max_stacks: 2,
             sample_bytes: None,
             unwind: crate::unwind::UnwindMode::Auto,
+            v8: None,
         });
         let s1 = b.intern_stack(&[1]);
         let s2 = b.intern_stack(&[2]);
