@@ -380,7 +380,14 @@ pub fn tracer_entries(stack: &Value) -> Vec<Entry> {
         .map(|f| {
             let module = f.get("module").and_then(Value::as_str).map(str::to_owned);
             let address = f.get("address").and_then(Value::as_u64).unwrap_or(0);
-            let name = f.get("function").and_then(Value::as_str).map(str::to_owned);
+            let mut name = f.get("function").and_then(Value::as_str).map(str::to_owned);
+            if f.get("kind").and_then(Value::as_str) == Some("js") {
+                // Named from V8's objects: the JavaScript function the code runs. gdb names
+                // the code itself: nothing for JIT code, the builtin for the interpreter.
+                name = module.as_deref().and_then(|m| {
+                    symbol_at_file_offset(m, f.get("offset").and_then(Value::as_u64).unwrap_or(0))
+                });
+            }
             Entry {
                 exact: !(merged && name.is_some()),
                 offset: if module.is_some() {

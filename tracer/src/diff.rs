@@ -202,8 +202,9 @@ fn text_label(f: &Frame) -> String {
         _ => String::new(),
     };
     match (&f.function, f.kind) {
-        (Some(function), FrameKind::Jit | FrameKind::Js) if place.is_empty() => format!("{function}  (jit)"),
-        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}  (jit, {place})"),
+        (Some(function), FrameKind::Jit) if place.is_empty() => format!("{function}  (jit)"),
+        (Some(function), FrameKind::Jit) => format!("{function}  (jit, {place})"),
+        (Some(function), FrameKind::Js) => format!("{function}  (js, {place})"),
         (Some(function), _) => {
             let inlined = if f.inlined { "[inlined] " } else { "" };
             if place.is_empty() {

@@ -50,7 +50,21 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let glibc = malloc_stats(opts, recording.pid());
     let rep = final_report(&mut recording, &profile, opts, glibc);
     output.write(|out| write_as(&rep, opts.format, rep.metric, &mut |m| recording.symbolizer().build_id(m), out))?;
-    if let Some(hint) = recording.symbolizer().jit_hint() {
+    // With V8's frames read from its memory, the perf-map advice does not apply.
+    let hint = match recording.js_frames() {
+        Some((_, 0)) => None,
+        Some((_, unnamed)) => Some(format!(
+            "{unnamed} JavaScript frames stay unnamed (totals.unnamed_js_frames): {}",
+            recording
+                .js_failures()
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => recording.symbolizer().jit_hint(),
+    };
+    if let Some(hint) = hint {
         diag::warn(hint);
     }
     for note in recording.symbolizer().take_notes() {

@@ -275,6 +275,17 @@ impl Recording {
         self.memory_last.as_deref()
     }
 
+    /// Whether JavaScript frames are named from V8's memory: (stacks named, captured frames
+    /// left unnamed); None when they are not read (not V8, `--unwind fp`, ptrace).
+    pub fn js_frames(&self) -> Option<(usize, u64)> {
+        self.js.as_ref().map(|js| (js.stacks_named(), js.unnamed()))
+    }
+
+    /// Why captured JavaScript frames stayed unnamed, by kind, most frequent first.
+    pub fn js_failures(&self) -> Vec<(&'static str, u64)> {
+        self.js.as_ref().map(JsNamer::failures).unwrap_or_default()
+    }
+
     /// Names for frames, kept warm while the target lives.
     pub fn symbolizer(&mut self) -> &mut Symbolizer {
         &mut self.symbolizer

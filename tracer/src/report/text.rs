@@ -34,7 +34,13 @@ fn frame_name(f: &Frame) -> String {
     let inlined = if f.inlined { "[inlined] " } else { "" };
     match (&f.function, f.kind) {
         // For JIT code the line is where the function starts: V8 records nothing finer.
-        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}  (jit{place})"),
+        (Some(function), FrameKind::Jit) => format!("{function}  (jit{place})"),
+        // Named from V8's objects: where the function starts, and for the interpreter the
+        // line it was running.
+        (Some(function), FrameKind::Js) => match f.current_line {
+            Some(now) => format!("{function}  (js{place}, at line {now})"),
+            None => format!("{function}  (js{place})"),
+        },
         (Some(function), _) => format!("{inlined}{function}  ({module}+{:#x}{place})", f.offset),
         (None, FrameKind::Jit) => format!("[jit] {:#x}", f.address),
         (None, _) => format!("{module}+{:#x}", f.offset),

@@ -531,7 +531,8 @@ pub fn frame_line(f: &Frame) -> String {
         None => String::new(),
     };
     match (&f.function, f.kind) {
-        (Some(function), FrameKind::Jit | FrameKind::Js) => format!("{function}  [jit]{at}"),
+        (Some(function), FrameKind::Jit) => format!("{function}  [jit]{at}"),
+        (Some(function), FrameKind::Js) => format!("{function}  [js]{at}"),
         (Some(function), _) => format!("{inlined}{function}  {}+{:#x}{at}", module_name(f), f.offset),
         (None, FrameKind::Jit) => format!("[jit] {:#x}", f.address),
         (None, _) => format!("{}+{:#x}", module_name(f), f.offset),

@@ -55,7 +55,7 @@ impl JsNamer {
     pub fn name_stacks<'a>(&mut self, stacks: impl IntoIterator<Item = (u64, &'a [u64])>) {
         let process = ProcessMemory::new(self.pid);
         let mem = CachedMemory::new(&process);
-        let mut batch: HashMap<Captured, Option<Arc<JsName>>> = HashMap::new();
+        let mut batch: HashMap<Captured, Result<Option<Arc<JsName>>, ()>> = HashMap::new();
         for (id, words) in stacks {
             if self.stacks.contains_key(&id) || !words.iter().any(|&w| js_frame::is_tagged(w)) {
                 continue;
@@ -63,20 +63,21 @@ impl JsNamer {
             let mut names = Vec::new();
             for (_, captured) in split(words) {
                 let Some(c) = captured else { continue };
-                let name = batch
+                let resolved = batch
                     .entry(c)
                     .or_insert_with(|| match resolve(&mem, &self.layout, &c) {
-                        Ok(name) => Some(Arc::new(name)),
+                        Ok(name) => Ok(name.map(Arc::new)),
                         Err(e) => {
                             *self.failures.entry(failure_kind(&e)).or_default() += 1;
-                            None
+                            Err(())
                         }
                     })
                     .clone();
-                if name.is_none() {
+                // A builtin's own function (no script) keeps the builtin's name.
+                if resolved.is_err() {
                     self.unnamed += 1;
                 }
-                names.push(name);
+                names.push(resolved.ok().flatten());
             }
             self.stacks.insert(id, names);
         }
@@ -85,6 +86,11 @@ impl JsNamer {
     /// The names of stack `id`'s captured frames, in order (None: not named yet).
     pub fn names_of(&self, id: u64) -> Option<&[Option<Arc<JsName>>]> {
         self.stacks.get(&id).map(Vec::as_slice)
+    }
+
+    /// Stacks whose V8 frames were named (or tried).
+    pub fn stacks_named(&self) -> usize {
+        self.stacks.len()
     }
 
     /// Captured frames (one per stack they appear in) that could not be named.
@@ -103,16 +109,20 @@ impl JsNamer {
 fn failure_kind(e: &V8Error) -> &'static str {
     match e {
         V8Error::Read(_) => "unreadable",
-        V8Error::TypedFrame(_) => "typed frame",
-        V8Error::NotHeapObject { .. } | V8Error::BadMap { .. } | V8Error::WrongType { .. } => "not a function any more",
-        V8Error::NotSmi { .. } | V8Error::Invalid { .. } => "inconsistent object",
+        V8Error::TypedFrame(_) => "not JavaScript frames",
+        V8Error::NotHeapObject { .. } | V8Error::BadMap { .. } | V8Error::WrongType { .. } => {
+            "no longer a function (moved or freed by V8)"
+        }
+        V8Error::Invalid { what: "captured SharedFunctionInfo", .. } => "another function at the address (moved by a GC)",
+        V8Error::NotSmi { .. } | V8Error::Invalid { .. } => "inconsistent objects",
         V8Error::Unsupported(_) => "unsupported",
     }
 }
 
 /// Names one capture: the address must still hold a SharedFunctionInfo with the captured
-/// fingerprint.
-pub fn resolve<M: Memory + ?Sized>(mem: &M, l: &V8Layout, c: &Captured) -> Result<JsName, V8Error> {
+/// fingerprint. `Ok(None)`: a function of V8's own builtins (no script: `apply`, `forEach`),
+/// whose frame the builtin's symbol already names.
+pub fn resolve<M: Memory + ?Sized>(mem: &M, l: &V8Layout, c: &Captured) -> Result<Option<JsName>, V8Error> {
     let a = mem.read_u64(c.sfi + l.sfi_length)?;
     let b = mem.read_u64(c.sfi + l.sfi_length + 8)?;
     if js_frame::fingerprint(a, b) != c.fingerprint {
@@ -121,18 +131,29 @@ pub fn resolve<M: Memory + ?Sized>(mem: &M, l: &V8Layout, c: &Captured) -> Resul
             detail: format!("{:#x} holds another object now (moved by a GC)", c.sfi),
         });
     }
+    let h = Heap::new(mem, l);
+    let sfi = h.typed(
+        "SharedFunctionInfo",
+        c.sfi + l.heap_object_tag,
+        l.type_shared_function_info,
+        "SHARED_FUNCTION_INFO_TYPE",
+    )?;
+    let (_, script_type) = h.object("SharedFunctionInfo's script", h.field(sfi, l.sfi_script_or_debug_info)?)?;
+    if script_type == l.type_oddball {
+        return Ok(None);
+    }
     let f = resolve_function(mem, l, c.sfi)?;
     let current_line = match c.bytecode_offset {
         Some(offset) => current_line(mem, l, c.sfi, offset).ok().flatten(),
         None => None,
     };
-    Ok(JsName {
+    Ok(Some(JsName {
         function: if f.name.is_empty() { "(anonymous)".to_owned() } else { f.name },
         script: f.script,
         line: f.line,
         column: f.column,
         current_line,
-    })
+    }))
 }
 
 /// The line at `offset` of the function's bytecode (the walker checked that the frame ran
