@@ -402,7 +402,10 @@ fn coverage(report: &Value, code: &CodeMap) -> Coverage {
             if named {
                 c.named += 1;
                 entry.1 += 1;
-            } else if c.unnamed.len() < 30 {
+                continue;
+            }
+            // A few from each place, not just the first frames of one long stack.
+            if c.unnamed.len() < 40 && entry.0 - entry.1 <= 5 {
                 c.unnamed.push(format!(
                     "stack {i} frame {depth} in {place}: {}",
                     show_frame(frame)
@@ -826,19 +829,45 @@ fn parse_perf_name(entry: &str) -> Option<PerfName> {
     })
 }
 
-/// A perf map's entries in file order: (start, size, name). Later entries win at an address.
-fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
-    text.lines()
-        .filter_map(|l| {
-            let (start, rest) = l.split_once(' ')?;
-            let (size, name) = rest.split_once(' ')?;
-            Some((
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(size, 16).ok()?,
-                name.to_owned(),
-            ))
-        })
-        .collect()
+/// A perf map's JS entries, indexed by start address. Entries are appended as code is made,
+/// and freed code space is reused: at an address, the latest entry is the one in force now.
+struct PerfIndex {
+    /// (start, end, order in the file, name), sorted by start.
+    entries: Vec<(u64, u64, usize, PerfName)>,
+    max_size: u64,
+}
+
+impl PerfIndex {
+    fn parse(text: &str) -> PerfIndex {
+        let mut entries: Vec<(u64, u64, usize, PerfName)> = text
+            .lines()
+            .enumerate()
+            .filter_map(|(order, l)| {
+                let (start, rest) = l.split_once(' ')?;
+                let (size, name) = rest.split_once(' ')?;
+                let start = u64::from_str_radix(start, 16).ok()?;
+                let size = u64::from_str_radix(size, 16).ok()?;
+                Some((start, start + size, order, parse_perf_name(name)?))
+            })
+            .collect();
+        entries.sort_by_key(|e| (e.0, e.2));
+        let max_size = entries.iter().map(|e| e.1 - e.0).max().unwrap_or(0);
+        PerfIndex { entries, max_size }
+    }
+
+    /// Every JS entry covering `addr`, oldest first.
+    fn covering(&self, addr: u64) -> Vec<&PerfName> {
+        let lo = self
+            .entries
+            .partition_point(|e| e.0 < addr.saturating_sub(self.max_size));
+        let hi = self.entries.partition_point(|e| e.0 <= addr);
+        let mut found: Vec<&(u64, u64, usize, PerfName)> = self.entries[lo..hi]
+            .iter()
+            .filter(|e| addr < e.1)
+            .collect();
+        found.sort_by_key(|e| e.2);
+        found.into_iter().map(|e| &e.3).collect()
+    }
 }
 
 #[test]
@@ -859,11 +888,11 @@ fn perf_map_and_v8_names_agree() {
             flagged.pid
         )
     });
-    let entries = parse_perf_map(perf_text);
+    let index = PerfIndex::parse(perf_text);
     assert!(
-        entries.iter().any(|e| e.2.starts_with("JS:")),
+        !index.entries.is_empty(),
         "node's perf map has no JS: entries ({} lines)",
-        entries.len()
+        perf_text.lines().count()
     );
 
     let (mut agree, mut agree_earlier, mut uncovered, mut jit_named) = (0, 0, 0, 0);
@@ -873,11 +902,7 @@ fn perf_map_and_v8_names_agree() {
             let Some(address) = frame["address"].as_u64() else {
                 continue;
             };
-            let covering: Vec<PerfName> = entries
-                .iter()
-                .filter(|(start, size, _)| (*start..start + size).contains(&address))
-                .filter_map(|(_, _, name)| parse_perf_name(name))
-                .collect();
+            let covering = index.covering(address);
             match frame["kind"].as_str() {
                 Some("js") => {}
                 Some("jit") if frame["function"].is_string() && !covering.is_empty() => {
@@ -898,7 +923,7 @@ fn perf_map_and_v8_names_agree() {
             };
             if same(last) {
                 agree += 1;
-            } else if covering.iter().any(same) {
+            } else if covering.iter().any(|p| same(p)) {
                 // The address held other code later (V8 reuses freed code space): the frame
                 // agrees with what was there before.
                 agree_earlier += 1;
