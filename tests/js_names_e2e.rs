@@ -287,7 +287,10 @@ fn real_frames(stack: &Value) -> Vec<(usize, &Value)> {
 }
 
 fn all_frames(stack: &Value) -> &[Value] {
-    stack["frames"].as_array().map(Vec::as_slice).unwrap_or_default()
+    stack["frames"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 /// A frame named from V8's memory: kind "js" with a function, a file and a line.
@@ -332,9 +335,11 @@ fn show_stack(stack: &Value, code: Option<&CodeMap>) -> String {
 }
 
 fn is_buffer_stack(stack: &Value) -> bool {
-    all_frames(stack)
-        .iter()
-        .any(|f| f["function"].as_str().is_some_and(|n| n.starts_with(ALLOCATOR)))
+    all_frames(stack).iter().any(|f| {
+        f["function"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(ALLOCATOR))
+    })
 }
 
 /// The fixture's function names on a stack, innermost first.
@@ -438,7 +443,11 @@ impl Coverage {
 }
 
 /// Every fixture JS frame must start where the fixture declares a function of that name.
-fn misplaced_fixture_frames(report: &Value, source: &Source, fixture: &str) -> (usize, Vec<String>) {
+fn misplaced_fixture_frames(
+    report: &Value,
+    source: &Source,
+    fixture: &str,
+) -> (usize, Vec<String>) {
     let mut seen = 0;
     let mut wrong = Vec::new();
     for stack in stacks(report) {
@@ -472,21 +481,30 @@ fn unnamed_js_frames(report: &Value) -> u64 {
 /// the pid it printed before.
 fn wait_listening(proc: &mut Proc) -> (i32, SocketAddr) {
     let mut wait = |prefix: &str| -> String {
-        match proc.stdout.wait_for(LINE_TIMEOUT, |l| l.starts_with(prefix)) {
+        match proc
+            .stdout
+            .wait_for(LINE_TIMEOUT, |l| l.starts_with(prefix))
+        {
             Ok(line) => line[prefix.len()..].trim().to_owned(),
             Err(why) => panic!(
                 "{}: the service never printed `{prefix}...` on stdout ({why})\n--- stdout ---\n{}\
                  --- stderr ---\n{}",
                 proc.label,
                 proc.stdout.text(),
-                proc.stderr.read_to_end(Duration::from_millis(300)).join("\n")
+                proc.stderr
+                    .read_to_end(Duration::from_millis(300))
+                    .join("\n")
             ),
         }
     };
     let pid = wait("pid ");
     let port = wait("listening ");
-    let pid: i32 = pid.parse().unwrap_or_else(|e| panic!("bad pid {pid:?}: {e}"));
-    let port: u16 = port.parse().unwrap_or_else(|e| panic!("bad port {port:?}: {e}"));
+    let pid: i32 = pid
+        .parse()
+        .unwrap_or_else(|e| panic!("bad pid {pid:?}: {e}"));
+    let port: u16 = port
+        .parse()
+        .unwrap_or_else(|e| panic!("bad port {port:?}: {e}"));
     (pid, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
@@ -501,7 +519,11 @@ fn gcs_so_far(proc: &mut Proc) -> u64 {
         .unwrap_or(0)
 }
 
-fn start_load(addr: SocketAddr, paths: &[String], reference: &Arc<HashMap<String, RawResponse>>) -> Load {
+fn start_load(
+    addr: SocketAddr,
+    paths: &[String],
+    reference: &Arc<HashMap<String, RawResponse>>,
+) -> Load {
     Load::start(
         LoadConfig {
             addr,
@@ -557,7 +579,13 @@ struct ServiceRun {
 
 /// Snapshots `pid`'s maps every few seconds while `tracer` runs (and reads its perf map, when
 /// it has one, at each snapshot, so the last read is from just before node is stopped).
-fn watch(tracer: &mut Proc, pid: i32, code: &mut CodeMap, until: Instant, perf: &mut Option<String>) {
+fn watch(
+    tracer: &mut Proc,
+    pid: i32,
+    code: &mut CodeMap,
+    until: Instant,
+    perf: &mut Option<String>,
+) {
     let perf_path = format!("/tmp/perf-{pid}.map");
     loop {
         let _ = code.snapshot(pid);
@@ -576,10 +604,16 @@ fn watch(tracer: &mut Proc, pid: i32, code: &mut CodeMap, until: Instant, perf: 
 fn record_flagless_service(dir: &TempDir, duration: Duration) -> ServiceRun {
     let script = fixtures_dir().join(SERVER);
     let mut cmd = Command::new(NODE);
-    cmd.current_dir(dir.path()).args(SERVER_V8_FLAGS).arg(&script);
+    cmd.current_dir(dir.path())
+        .args(SERVER_V8_FLAGS)
+        .arg(&script);
     let mut service = Proc::spawn(&format!("node {SERVER}"), &mut cmd);
     let (pid, addr) = wait_listening(&mut service);
-    assert_eq!(pid, service.pid(), "the service printed another pid than its own");
+    assert_eq!(
+        pid,
+        service.pid(),
+        "the service printed another pid than its own"
+    );
     assert!(
         !Path::new(&format!("/tmp/perf-{pid}.map")).exists(),
         "node started without perf-map flags should write no perf map"
@@ -596,12 +630,27 @@ fn record_flagless_service(dir: &TempDir, duration: Duration) -> ServiceRun {
     let out_arg = out.to_string_lossy().into_owned();
     let mut tracer = start_recording(
         pid,
-        &["--duration", &secs, "--format", "json", "--top", "0", "-o", &out_arg],
+        &[
+            "--duration",
+            &secs,
+            "--format",
+            "json",
+            "--top",
+            "0",
+            "-o",
+            &out_arg,
+        ],
     );
     let gcs_before = gcs_so_far(&mut service);
     let mut code = CodeMap::new();
     let mut perf = None;
-    watch(&mut tracer, pid, &mut code, Instant::now() + duration + EXIT_TIMEOUT, &mut perf);
+    watch(
+        &mut tracer,
+        pid,
+        &mut code,
+        Instant::now() + duration + EXIT_TIMEOUT,
+        &mut perf,
+    );
     let finished = tracer.finish(EXIT_TIMEOUT);
     let gcs = gcs_so_far(&mut service) - gcs_before;
     // The service is still running: the last snapshot has every mapping the recording saw.
@@ -620,7 +669,11 @@ fn record_flagless_service(dir: &TempDir, duration: Duration) -> ServiceRun {
         finished.describe()
     );
     let text = std::fs::read_to_string(&out).unwrap_or_else(|e| {
-        panic!("the tracer wrote no report to {} ({e})\n{}", out.display(), finished.describe())
+        panic!(
+            "the tracer wrote no report to {} ({e})\n{}",
+            out.display(),
+            finished.describe()
+        )
     });
     let report = parse_report(&text, &finished);
     if alive {
@@ -638,6 +691,19 @@ fn record_flagless_service(dir: &TempDir, duration: Duration) -> ServiceRun {
         alive,
         perf_map: perf,
         pid,
+    }
+}
+
+/// Kills a process by pid when dropped, if it still runs: the node a tracer launched would
+/// outlive a failing test that kills only the tracer.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if support::proc_state(self.0).is_some_and(|s| s != 'Z') {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
     }
 }
 
@@ -662,6 +728,7 @@ fn record_launched_service(dir: &TempDir, duration: Duration) -> ServiceRun {
     let label = format!("tracer {}", show_args(&args));
     let mut tracer = Proc::spawn(&label, &mut cmd);
     let (pid, addr) = wait_listening(&mut tracer);
+    let _node = KillOnDrop(pid);
     let paths = item_paths(64);
     let reference = fetch_reference(addr, &paths)
         .unwrap_or_else(|e| panic!("reference answers from the launched service: {e}"));
@@ -669,7 +736,13 @@ fn record_launched_service(dir: &TempDir, duration: Duration) -> ServiceRun {
     let gcs_before = gcs_so_far(&mut tracer);
     let mut code = CodeMap::new();
     let mut perf = None;
-    watch(&mut tracer, pid, &mut code, Instant::now() + duration, &mut perf);
+    watch(
+        &mut tracer,
+        pid,
+        &mut code,
+        Instant::now() + duration,
+        &mut perf,
+    );
     let _ = code.snapshot(pid);
     if let Ok(text) = std::fs::read_to_string(format!("/tmp/perf-{pid}.map")) {
         perf = Some(text);
@@ -688,7 +761,11 @@ fn record_launched_service(dir: &TempDir, duration: Duration) -> ServiceRun {
         traffic.summary()
     );
     let text = std::fs::read_to_string(&out).unwrap_or_else(|e| {
-        panic!("`{label}` wrote no report to {} ({e})\n{}", out.display(), finished.describe())
+        panic!(
+            "`{label}` wrote no report to {} ({e})\n{}",
+            out.display(),
+            finished.describe()
+        )
     });
     let report = parse_report(&text, &finished);
     assert_eq!(
@@ -822,7 +899,11 @@ fn parse_perf_name(entry: &str) -> Option<PerfName> {
     Some(PerfName {
         marker: head[..marker_len].to_owned(),
         // V8 writes nothing for a function without a name; the report says "(anonymous)".
-        name: if name.is_empty() { "(anonymous)".to_owned() } else { name.to_owned() },
+        name: if name.is_empty() {
+            "(anonymous)".to_owned()
+        } else {
+            name.to_owned()
+        },
         script,
         line,
         column,
@@ -861,10 +942,8 @@ impl PerfIndex {
             .entries
             .partition_point(|e| e.0 < addr.saturating_sub(self.max_size));
         let hi = self.entries.partition_point(|e| e.0 <= addr);
-        let mut found: Vec<&(u64, u64, usize, PerfName)> = self.entries[lo..hi]
-            .iter()
-            .filter(|e| addr < e.1)
-            .collect();
+        let mut found: Vec<&(u64, u64, usize, PerfName)> =
+            self.entries[lo..hi].iter().filter(|e| addr < e.1).collect();
         found.sort_by_key(|e| e.2);
         found.into_iter().map(|e| &e.3).collect()
     }
@@ -880,7 +959,12 @@ fn perf_map_and_v8_names_agree() {
 
     // With the perf map: tracer record -- node ... (launch mode adds the flags).
     let flagged = record_launched_service(&dir, Duration::from_secs(20));
-    check_service_unharmed(&flagged.traffic, &flagged.after, &flagged.reference, flagged.alive);
+    check_service_unharmed(
+        &flagged.traffic,
+        &flagged.after,
+        &flagged.reference,
+        flagged.alive,
+    );
     let perf_text = flagged.perf_map.as_deref().unwrap_or_else(|| {
         panic!(
             "/tmp/perf-{}.map never appeared while node ran: `tracer record -- node` should add \
@@ -937,7 +1021,10 @@ fn perf_map_and_v8_names_agree() {
                     last.line,
                     last.column,
                     if covering.len() > 1 {
-                        format!(" (and {} earlier entries at this address)", covering.len() - 1)
+                        format!(
+                            " (and {} earlier entries at this address)",
+                            covering.len() - 1
+                        )
                     } else {
                         String::new()
                     }
@@ -974,7 +1061,12 @@ fn perf_map_and_v8_names_agree() {
 
     // Without flags: the same stack to the fixture's Buffers, named the same.
     let flagless = record_flagless_service(&dir, Duration::from_secs(20));
-    check_service_unharmed(&flagless.traffic, &flagless.after, &flagless.reference, flagless.alive);
+    check_service_unharmed(
+        &flagless.traffic,
+        &flagless.after,
+        &flagless.reference,
+        flagless.alive,
+    );
     check_flagless_names(&flagless, &source);
     let with_map = top_buffer_stack(&flagged.report, &flagged.code);
     let without = top_buffer_stack(&flagless.report, &flagless.code);
@@ -995,7 +1087,9 @@ fn perf_map_and_v8_names_agree() {
         show_stack(with_map, Some(&flagged.code)),
         show_stack(without, Some(&flagless.code))
     );
-    eprintln!("top Buffer stack's fixture functions in both runs: {names_with:?} ({BODY_MAKER} may be inlined)");
+    eprintln!(
+        "top Buffer stack's fixture functions in both runs: {names_with:?} ({BODY_MAKER} may be inlined)"
+    );
 }
 
 #[test]
@@ -1032,7 +1126,10 @@ fn tiers_are_named_in_every_state() {
             .lines()
             .find_map(|l| l.strip_prefix(&format!("phase {phase} ")))
             .unwrap_or_else(|| {
-                panic!("the fixture never printed `phase {phase} TIER`\n{}", launch.finished.describe())
+                panic!(
+                    "the fixture never printed `phase {phase} TIER`\n{}",
+                    launch.finished.describe()
+                )
             });
         assert!(
             tiers.contains(&tier),
