@@ -447,9 +447,10 @@ fn misplaced_fixture_frames(
     report: &Value,
     source: &Source,
     fixture: &str,
-) -> (usize, Vec<String>) {
+) -> (usize, usize, Vec<String>) {
     let mut seen = 0;
     let mut wrong = Vec::new();
+    let mut wrong_total = 0;
     for stack in stacks(report) {
         for f in all_frames(stack) {
             if f["kind"].as_str() != Some("js") || !in_fixture(f, fixture) {
@@ -458,6 +459,7 @@ fn misplaced_fixture_frames(
             seen += 1;
             let name = f["function"].as_str().unwrap_or("<null>");
             let ok = f["line"].as_u64().is_some_and(|l| source.allows(name, l));
+            wrong_total += usize::from(!ok);
             if !ok && wrong.len() < 30 {
                 wrong.push(format!(
                     "{} (the fixture declares {name:?} at lines {:?})",
@@ -467,11 +469,19 @@ fn misplaced_fixture_frames(
             }
         }
     }
-    (seen, wrong)
+    (seen, wrong_total, wrong)
 }
 
-fn unnamed_js_frames(report: &Value) -> u64 {
-    num(&report["totals"], "unnamed_js_frames")
+/// `totals.unnamed_js_frames`, for messages: printed before the assertions, which say more.
+fn unnamed_js_frames(report: &Value) -> String {
+    report["totals"]
+        .get("unnamed_js_frames")
+        .map_or_else(|| "missing".to_owned(), Value::to_string)
+}
+
+/// The contract's new total: captured V8 frames the tracer could not name.
+fn require_unnamed_js_frames(report: &Value) {
+    num(&report["totals"], "unnamed_js_frames");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -833,7 +843,7 @@ fn check_flagless_names(run: &ServiceRun, source: &Source) {
         show_stack(top, Some(&run.code))
     );
 
-    let (seen, wrong) = misplaced_fixture_frames(report, source, SERVER);
+    let (seen, wrong_total, wrong) = misplaced_fixture_frames(report, source, SERVER);
     assert!(
         seen > 0,
         "no kind \"js\" frame of {SERVER} in any stack\n{}",
@@ -843,10 +853,11 @@ fn check_flagless_names(run: &ServiceRun, source: &Source) {
         wrong.is_empty(),
         "{} of {seen} js frames of {SERVER} do not start where the fixture declares their \
          function (first {}):\n{}",
-        wrong.len(),
+        wrong_total,
         wrong.len(),
         wrong.join("\n")
     );
+    require_unnamed_js_frames(report);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1087,6 +1098,7 @@ fn perf_map_and_v8_names_agree() {
         show_stack(with_map, Some(&flagged.code)),
         show_stack(without, Some(&flagless.code))
     );
+    require_unnamed_js_frames(&flagged.report);
     eprintln!(
         "top Buffer stack's fixture functions in both runs: {names_with:?} ({BODY_MAKER} may be inlined)"
     );
@@ -1212,4 +1224,5 @@ fn tiers_are_named_in_every_state() {
         "{MAKE_BUFFERS} (declared at {TIERS}:{start}) should be named in every state:\n{}\n\n{listing}",
         problems.join("\n\n")
     );
+    require_unnamed_js_frames(report);
 }
