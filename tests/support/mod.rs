@@ -626,13 +626,23 @@ pub fn check_report_shape(report: &Value) {
                 frame.get("inlined").is_some_and(Value::is_boolean),
                 "frame \"inlined\" is not a bool: {frame}"
             );
+            let kind = frame.get("kind").and_then(Value::as_str);
             assert!(
-                matches!(
-                    frame.get("kind").and_then(Value::as_str),
-                    Some("native" | "jit" | "unknown")
-                ),
-                "frame \"kind\" is not native, jit or unknown: {frame}"
+                matches!(kind, Some("native" | "jit" | "js" | "unknown")),
+                "frame \"kind\" is not native, jit, js or unknown: {frame}"
             );
+            // A JS frame named from V8's own objects also says where its function starts
+            // (column) and, when interpreted, which line it was running (current_line).
+            if kind == Some("js") {
+                assert!(
+                    frame.get("column").is_some_and(|c| c.is_null() || c.is_u64()),
+                    "js frame \"column\" is missing or not an integer: {frame}"
+                );
+                assert!(
+                    frame.get("current_line").is_none_or(|c| c.is_null() || c.is_u64()),
+                    "js frame \"current_line\" is not an integer: {frame}"
+                );
+            }
         }
     }
 }
