@@ -318,8 +318,10 @@ pub struct DeferredStack {
 /// at its frame pointer: a window of [`V8_FRAME_WINDOW`] bytes below it holds the context,
 /// JSFunction, BytecodeArray and bytecode offset slots (`*_slot` are word indices into that
 /// window). The JSFunction's `shared` field is followed to the SharedFunctionInfo, of which
-/// [`V8_SFI_WINDOW`] bytes are read: its `function_data` (word `sfi_function_data_word`) and
-/// the two words from `sfi_fingerprint_word` that [`js_frame::fingerprint`] folds.
+/// [`V8_SFI_WINDOW`] bytes are read (`sfi_*_word` index that window): its function data, its
+/// Script and, in the high half of its flags word, its function literal id. The Script's id
+/// (a Smi at `script_id`) and the literal id name the function for as long as the process
+/// lives, wherever a GC moves it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct V8Config {
@@ -328,6 +330,8 @@ pub struct V8Config {
     pub blob_end: u64,
     /// Offset of JSFunction's `shared` field from the (untagged) object start.
     pub js_function_shared: u64,
+    /// Offset of Script's `id` from the (untagged) object start.
+    pub script_id: u64,
     /// Where a BytecodeArray's bytecodes start, from its tagged pointer: the offset slot's Smi
     /// less this is the offset into the bytecodes.
     pub bytecode_start: u64,
@@ -336,7 +340,9 @@ pub struct V8Config {
     pub bytecode_array_slot: u32,
     pub bytecode_offset_slot: u32,
     pub sfi_function_data_word: u32,
-    pub sfi_fingerprint_word: u32,
+    pub sfi_script_word: u32,
+    pub sfi_literal_id_word: u32,
+    pub _pad: u32,
 }
 
 /// Bytes below a V8 frame's frame pointer that the walker reads in one go.
@@ -344,46 +350,62 @@ pub const V8_FRAME_WINDOW: usize = 48;
 /// Bytes of a SharedFunctionInfo that the walker reads in one go.
 pub const V8_SFI_WINDOW: usize = 56;
 
-/// How a captured V8 frame sits in a [`StackBuf`]: right after the frame's pc come two words,
-/// a tagged SharedFunctionInfo address and a detail word (fingerprint and bytecode offset).
-/// Neither can be taken for a pc: no user address has bit 63 or 62 set, and a
-/// [`DEFERRED_TOKEN`] (only ever the last word) never has bit 62.
+/// How a captured V8 frame sits in a [`StackBuf`]: right after the frame's pc come two words.
+///
+/// The identity word (bits 63-62 set) names the function for the life of the process:
+/// bit 61 `JIT` (the pc is in JIT code, which a GC may move: the stack's key leaves it out),
+/// bits 60-37 the Script's id, bits 36-17 the function literal id (its index in the script),
+/// bits 16-0 the bytecode offset plus one (0: none, or too large). The address word (bits
+/// 63-61 = 011) is the SharedFunctionInfo's address when captured, for user space to read the
+/// names from; it too is left out of the key, which must not change when the GC moves it.
+/// Neither can be taken for a pc (no user address has bit 62 set) or for a [`DEFERRED_TOKEN`]
+/// (bit 63 and never bit 62).
 pub mod js_frame {
-    /// Bits 63 and 62 of the first word.
-    pub const TAG: u64 = 3 << 62;
-    /// Bit 62 of the detail word (never zero, never mistaken for a frame).
-    pub const DETAIL: u64 = 1 << 62;
-    /// The fingerprint's bits in the detail word (above the bytecode offset).
-    pub const FINGERPRINT_BITS: u32 = 30;
+    pub const ID_TAG: u64 = 3 << 62;
+    pub const JIT: u64 = 1 << 61;
+    pub const ADDR_TAG: u64 = 3 << 61;
+    pub const SCRIPT_BITS: u32 = 24;
+    pub const LITERAL_BITS: u32 = 20;
+    pub const OFFSET_BITS: u32 = 17;
 
-    /// Whether `word` is the first word of a captured V8 frame.
+    /// Whether `word` is an identity word.
     #[inline(always)]
-    pub fn is_tagged(word: u64) -> bool {
-        word & TAG == TAG
+    pub fn is_id(word: u64) -> bool {
+        word & ID_TAG == ID_TAG
     }
 
-    /// The first word, for a SharedFunctionInfo at untagged address `sfi`.
+    /// Whether `word` is an address word.
     #[inline(always)]
-    pub fn word(sfi: u64) -> u64 {
-        TAG | (sfi & ((1 << 62) - 1))
+    pub fn is_addr(word: u64) -> bool {
+        word >> 61 == 3
     }
 
-    /// The detail word: `fingerprint` and the bytecode offset plus one (0: none).
+    /// The identity word.
     #[inline(always)]
-    pub fn detail(fingerprint: u32, offset_plus_one: u32) -> u64 {
-        DETAIL | ((fingerprint as u64) << 32) | offset_plus_one as u64
+    pub fn id(jit: bool, script: u64, literal: u64, offset_plus_one: u64) -> u64 {
+        let offset = if offset_plus_one < 1 << OFFSET_BITS { offset_plus_one } else { 0 };
+        ID_TAG
+            | if jit { JIT } else { 0 }
+            | (script & ((1 << SCRIPT_BITS) - 1)) << (LITERAL_BITS + OFFSET_BITS)
+            | (literal & ((1 << LITERAL_BITS) - 1)) << OFFSET_BITS
+            | offset
     }
 
-    /// What stays the same for a SharedFunctionInfo while it lives, from two of its words:
-    /// `a` holds its length, formal parameter count and function token offset in its low 48
-    /// bits (the rest changes as the function is compiled), `b` its function literal id in
-    /// its high 32 bits (the flags below change). Another function's SharedFunctionInfo put
-    /// at the same address by a compacting GC differs in one of them as a rule.
+    /// The address word for a SharedFunctionInfo at untagged address `sfi`.
     #[inline(always)]
-    pub fn fingerprint(a: u64, b: u64) -> u32 {
-        let x = (a & 0xffff_ffff_ffff) ^ ((b >> 32) << 13);
-        let folded = x ^ (x >> FINGERPRINT_BITS);
-        (folded & ((1 << FINGERPRINT_BITS) - 1)) as u32
+    pub fn addr(sfi: u64) -> u64 {
+        ADDR_TAG | (sfi & ((1 << 61) - 1))
+    }
+
+    /// (script id, literal id, bytecode offset plus one) of an identity word, each as wide as
+    /// the word keeps it.
+    #[inline(always)]
+    pub fn fields(id: u64) -> (u32, u32, u32) {
+        (
+            ((id >> (LITERAL_BITS + OFFSET_BITS)) & ((1 << SCRIPT_BITS) - 1)) as u32,
+            ((id >> OFFSET_BITS) & ((1 << LITERAL_BITS) - 1)) as u32,
+            (id & ((1 << OFFSET_BITS) - 1)) as u32,
+        )
     }
 }
 

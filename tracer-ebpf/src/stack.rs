@@ -360,7 +360,7 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             None => v8::JIT,
         };
         // This frame's own frame pointer: V8 code keeps one, and the walk has restored it.
-        if code != v8::NOT_V8 && let Some((word, detail)) = v8::capture(w.bp, code == v8::BUILTIN, w.slot) {
+        if code != v8::NOT_V8 && let Some((word, detail)) = v8::capture(w.bp, code, w.slot) {
             // The mask is read, not written as a constant: the compiler would drop it as
             // redundant after the bound above, which the verifier does not carry this far.
             // SAFETY: a plain read of our own global.
@@ -641,8 +641,11 @@ fn store(buf: &mut StackBuf) -> u64 {
         if i >= len {
             break;
         }
-        hash = (hash ^ buf.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
-        js |= js_frame::is_tagged(buf.frames[i]);
+        // What a GC moves stays out of the key: V8 frames are known by their identity word.
+        if !moves(buf, i) {
+            hash = (hash ^ buf.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        js |= js_frame::is_id(buf.frames[i]);
     }
     // SAFETY: a plain read of our own global; volatile so that the build-time value is not
     // folded in (user space sets it at load).
@@ -697,12 +700,21 @@ fn same_or_lost(key: u64, stored: *const StackBuf, buf: &StackBuf) -> u64 {
         if i >= len {
             break;
         }
-        if stored.frames[i] != buf.frames[i] {
+        if stored.frames[i] != buf.frames[i] && !moves(buf, i) {
             count(counter::STACK_COLLISION);
             return STACK_LOST;
         }
     }
     key
+}
+
+/// Whether word `i` of `buf` is one a GC moves: a SharedFunctionInfo's address, or the pc of
+/// JIT code whose function the next word names.
+#[inline(always)]
+fn moves(buf: &StackBuf, i: usize) -> bool {
+    let w = buf.frames[i & (MAX_FRAMES - 1)];
+    let next = buf.frames[(i + 1) & (MAX_FRAMES - 1)];
+    js_frame::is_addr(w) || (i + 1 < buf.len as usize && js_frame::is_id(next) && next & js_frame::JIT != 0)
 }
 
 /// Keeps `StackBuf` in use from this module so the layout check below stays next to its user.

@@ -3,11 +3,11 @@
 //!
 //! The walker (`stack.rs`) asks for frames whose pc lies in JIT code or in the embedded
 //! builtins of node's binary; for those, `capture` reads the context and JSFunction slots
-//! below the frame pointer, follows the JSFunction's `shared` field and reads the
-//! SharedFunctionInfo's identifying words (layout in `tracer_common::V8Config`, written by user
-//! space from the binary's `v8dbg_*` metadata). Only tag bits are checked here; user space
-//! checks type words when it names the function, and the fingerprint tells it whether the
-//! address still holds the function captured.
+//! below the frame pointer, follows the JSFunction's `shared` field to the SharedFunctionInfo
+//! and its Script, and records the function's lasting identity (Script id, literal id) with
+//! the address to name it from (layout in `tracer_common::V8Config`, written by user space
+//! from the binary's `v8dbg_*` metadata). Only tag bits are checked here; user space checks
+//! type words, and that the address still holds that identity, when it names the function.
 //!
 //! New stacks holding such frames are announced on `NEW_JS_STACKS`, so that user space names
 //! them within a tick rather than at the end of a recording.
@@ -65,11 +65,12 @@ fn is_object(word: u64) -> bool {
 
 /// The two words that stand for the JS function of the frame whose frame pointer is `fp`
 /// (see `tracer_common::js_frame`), or None when the frame does not hold one: a typed frame
-/// (a Smi marker where a JS frame keeps its context), or slots that do not hold heap objects.
-/// `interpreted`: the pc is in the builtins, where the bytecode offset slot is current.
+/// (a Smi marker where a JS frame keeps its context), slots that do not hold heap objects, or
+/// a function without a Script (V8's own builtins, which their symbols name already).
+/// `code`: JIT or BUILTIN; in the builtins (the interpreter) the bytecode offset is current.
 /// `slot`: the walk's scratch slot, whose read buffers it owns.
 #[inline(always)]
-pub fn capture(fp: u64, interpreted: bool, slot: u32) -> Option<(u64, u64)> {
+pub fn capture(fp: u64, code: u32, slot: u32) -> Option<(u64, u64)> {
     let c = V8_CONFIG.get(0)?;
     let reads = V8_READS.get_ptr_mut(slot)?;
     // SAFETY: this CPU's buffers of the slot the walk owns.
@@ -96,10 +97,19 @@ pub fn capture(fp: u64, interpreted: bool, slot: u32) -> Option<(u64, u64)> {
     if !read(words.as_mut_ptr(), V8_SFI_WINDOW, sfi) {
         return None;
     }
-    let at = c.sfi_fingerprint_word as usize;
-    let fingerprint = js_frame::fingerprint(*words.get(at)?, *words.get(at + 1)?);
+    let script = *words.get(c.sfi_script_word as usize)?;
+    let literal = *words.get(c.sfi_literal_id_word as usize)? >> 32;
+    if !is_object(script) {
+        return None;
+    }
+    // SAFETY: as above.
+    let script_id = unsafe { bpf_probe_read_user((script - HEAP_OBJECT + c.script_id) as *const u64) }.ok()?;
+    if script_id & 0xffff_ffff != 0 {
+        // Not a Smi: the Script slot held something else (undefined for a builtin).
+        return None;
+    }
     let mut offset_plus_one = 0;
-    if interpreted {
+    if code == BUILTIN {
         // The offset is into the function's own bytecode only when the frame's BytecodeArray
         // slot holds the array the SharedFunctionInfo has (else: a frame of another kind).
         let function_data = *words.get(c.sfi_function_data_word as usize)?;
@@ -107,12 +117,15 @@ pub fn capture(fp: u64, interpreted: bool, slot: u32) -> Option<(u64, u64)> {
         let smi = *slots.get(c.bytecode_offset_slot as usize)?;
         if array == function_data && is_object(array) && smi & 0xffff_ffff == 0 {
             let offset = ((smi as i64) >> 32).wrapping_sub(c.bytecode_start as i64);
-            if (0..u32::MAX as i64 - 1).contains(&offset) {
-                offset_plus_one = offset as u32 + 1;
+            if (0..(1 << js_frame::OFFSET_BITS) - 1).contains(&offset) {
+                offset_plus_one = offset as u64 + 1;
             }
         }
     }
-    Some((js_frame::word(sfi), js_frame::detail(fingerprint, offset_plus_one)))
+    Some((
+        js_frame::id(code == JIT, script_id >> 32, literal & 0xffff_ffff, offset_plus_one),
+        js_frame::addr(sfi),
+    ))
 }
 
 /// Tells user space about stack `key`, new and holding V8 frames.

@@ -96,7 +96,7 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps, js: Option<&JsNamer>) -> 
         .map(|s| StackProfile {
             id: s.id,
             source: Source::Malloc,
-            frames: normalize(&s.frames, maps, js.and_then(|j| j.names_of(s.id))),
+            frames: normalize(&s.frames, maps, js),
             live_bytes: clamp(s.live_bytes),
             live_allocs: clamp(s.live_allocs),
             alloc_bytes: s.alloc_bytes,
@@ -123,9 +123,8 @@ pub fn aggregate(snapshot: &Snapshot, maps: &ProcMaps, js: Option<&JsNamer>) -> 
     Profile { totals, stacks }
 }
 
-/// A captured stack's frames, normalized, with the names of its V8 frames (in order).
-fn normalize(words: &[u64], maps: &ProcMaps, js: Option<&[Option<Arc<JsName>>]>) -> Vec<Frame> {
-    let mut names = js.unwrap_or_default().iter();
+/// A captured stack's frames, normalized, with the names of its V8 frames' functions.
+fn normalize(words: &[u64], maps: &ProcMaps, js: Option<&JsNamer>) -> Vec<Frame> {
     capture::split(words)
         .into_iter()
         .map(|(a, captured)| {
@@ -134,7 +133,7 @@ fn normalize(words: &[u64], maps: &ProcMaps, js: Option<&[Option<Arc<JsName>>]>)
                 address: n.address,
                 module: n.module,
                 offset: n.offset,
-                js: captured.and_then(|_| names.next().cloned().flatten()),
+                js: captured.and_then(|c| js?.lookup(&c)),
             }
         })
         .collect()
@@ -164,7 +163,7 @@ pub fn add_mapped(
             Origin::Brk => Source::Brk,
             Origin::BeforeAttach => continue,
         };
-        let frames = normalize(&frames(id), maps, js.and_then(|j| j.names_of(id)));
+        let frames = normalize(&frames(id), maps, js);
         if frames
             .first()
             .and_then(|f| f.module.as_deref())

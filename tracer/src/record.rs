@@ -54,7 +54,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<Outcome> {
     let hint = match recording.js_frames() {
         Some((_, 0)) => None,
         Some((_, unnamed)) => Some(format!(
-            "{unnamed} JavaScript frames stay unnamed (totals.unnamed_js_frames): {}",
+            "{unnamed} JavaScript functions stay unnamed (their frames: totals.unnamed_js_frames): {}",
             recording
                 .js_failures()
                 .iter()

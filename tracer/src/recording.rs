@@ -275,10 +275,10 @@ impl Recording {
         self.memory_last.as_deref()
     }
 
-    /// Whether JavaScript frames are named from V8's memory: (stacks named, captured frames
-    /// left unnamed); None when they are not read (not V8, `--unwind fp`, ptrace).
+    /// Whether JavaScript frames are named from V8's memory: (functions named, functions left
+    /// unnamed); None when they are not read (not V8, `--unwind fp`, ptrace).
     pub fn js_frames(&self) -> Option<(usize, u64)> {
-        self.js.as_ref().map(|js| (js.stacks_named(), js.unnamed()))
+        self.js.as_ref().map(|js| (js.functions_named(), js.failures().iter().map(|(_, n)| n).sum()))
     }
 
     /// Why captured JavaScript frames stayed unnamed, by kind, most frequent first.
@@ -655,16 +655,19 @@ fn profile_of(
     mut js: Option<&mut JsNamer>,
 ) -> Profile {
     let by_stack = regions.by_stack();
+    let mut mapped_words: Vec<(u64, Vec<u64>)> = Vec::new();
     if let Some(js) = js.as_deref_mut() {
         js.name_stacks(snapshot.stacks.iter().map(|s| (s.id, s.frames.as_slice())));
-        let mapped: Vec<(u64, Vec<u64>)> =
-            by_stack.keys().map(|&(id, _)| (id, probes.stack_frames(id).unwrap_or_default())).collect();
-        js.name_stacks(mapped.iter().map(|(id, words)| (*id, words.as_slice())));
+        mapped_words = by_stack.keys().map(|&(id, _)| (id, probes.stack_frames(id).unwrap_or_default())).collect();
+        js.name_stacks(mapped_words.iter().map(|(id, words)| (*id, words.as_slice())));
     }
     let js = js.as_deref();
     let mut profile = aggregate(snapshot, maps, js);
     add_mapped(&mut profile, &by_stack, held, |id| probes.stack_frames(id).unwrap_or_default(), maps, js);
-    profile.totals.unnamed_js_frames = js.map_or(0, JsNamer::unnamed);
+    profile.totals.unnamed_js_frames = js.map_or(0, |js| {
+        snapshot.stacks.iter().map(|s| js.unnamed_in(&s.frames)).sum::<u64>()
+            + mapped_words.iter().map(|(_, words)| js.unnamed_in(words)).sum::<u64>()
+    });
     profile
 }
 

@@ -124,10 +124,13 @@ pub struct V8Layout {
     pub js_function_shared: u64,
     pub sfi_function_data: u64,
     pub sfi_name_or_scope_info: u64,
-    /// SharedFunctionInfo's `length` and `flags` fields: the words around them identify a
-    /// function for the stack walker (see `tracer_common::js_frame::fingerprint`).
-    pub sfi_length: u64,
+    /// SharedFunctionInfo's `flags`: its function literal id is the next 4 bytes (no v8dbg
+    /// constant names it; V8 has kept it there since 8.x).
     pub sfi_flags: u64,
+    /// Script's `id`, a Smi: no v8dbg constant names it either; it is the one field between
+    /// `line_ends` and `eval_from_shared_or_wrapped_arguments`, found only when those two
+    /// lie exactly one word apart.
+    pub script_id: Option<u64>,
     pub sfi_script_or_debug_info: u64,
     pub script_name: u64,
     pub script_source: u64,
@@ -344,8 +347,12 @@ impl V8Layout {
             type_oddball: c.type_tag("v8dbg_type_Oddball__ODDBALL_TYPE")?,
             js_function_shared: c.offset("v8dbg_class_JSFunction__shared__SharedFunctionInfo")?,
             sfi_function_data: c.offset("v8dbg_class_SharedFunctionInfo__function_data__Object")?,
-            sfi_length: c.offset("v8dbg_class_SharedFunctionInfo__length__uint16_t")?,
             sfi_flags: c.offset("v8dbg_class_SharedFunctionInfo__flags__int")?,
+            script_id: {
+                let line_ends = c.offset("v8dbg_class_Script__line_ends__Object")?;
+                let eval_from = c.offset("v8dbg_class_Script__eval_from_shared_or_wrapped_arguments__Object")?;
+                (eval_from == line_ends + 16).then_some(line_ends + 8)
+            },
             sfi_name_or_scope_info: c
                 .offset("v8dbg_class_SharedFunctionInfo__name_or_scope_info__Object")?,
             sfi_script_or_debug_info: c
