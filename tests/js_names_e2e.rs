@@ -717,19 +717,22 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Launches the service through the tracer (`tracer record -- node ...`, which adds the
-/// perf-map flags), loads it for `duration`, reads node's perf map while node runs, then ends
-/// node with SIGTERM and reads the report.
+/// Launches the service through the tracer with the perf-map flags (given to node here, with
+/// `--no-jit-symbols`, so that the tracer leaves node's perf map in place), loads it for
+/// `duration`, ends node with SIGTERM and reads the report and the whole perf map: code V8
+/// compiles while node shuts down (the SIGTERM handler, `Server.close`) also allocates.
 fn record_launched_service(dir: &TempDir, duration: Duration) -> ServiceRun {
     let script = fixtures_dir().join(SERVER);
     let out = dir.join("launched.json");
-    let mut args: Vec<OsString> = ["record", "--top", "0", "--format", "json", "-o"]
+    let mut args: Vec<OsString> = ["record", "--no-jit-symbols", "--top", "0", "--format", "json", "-o"]
         .iter()
         .map(OsString::from)
         .collect();
     args.push(out.clone().into_os_string());
     args.push("--".into());
     args.push(NODE.into());
+    args.push("--perf-basic-prof-only-functions".into());
+    args.push("--interpreted-frames-native-stack".into());
     args.extend(SERVER_V8_FLAGS.iter().map(OsString::from));
     args.push(script.into_os_string());
     let mut cmd = Command::new(tracer_bin());
@@ -766,6 +769,10 @@ fn record_launched_service(dir: &TempDir, duration: Duration) -> ServiceRun {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let finished = tracer.finish(EXIT_TIMEOUT);
+    // The whole map, shutdown included.
+    if let Ok(text) = std::fs::read_to_string(format!("/tmp/perf-{pid}.map")) {
+        perf = Some(text);
+    }
     eprintln!(
         "launched run of {duration:?}: {gcs} forced GCs; load: {}",
         traffic.summary()
@@ -978,8 +985,7 @@ fn perf_map_and_v8_names_agree() {
     );
     let perf_text = flagged.perf_map.as_deref().unwrap_or_else(|| {
         panic!(
-            "/tmp/perf-{}.map never appeared while node ran: `tracer record -- node` should add \
-             --perf-basic-prof-only-functions --interpreted-frames-native-stack",
+            "/tmp/perf-{}.map never appeared: node was given --perf-basic-prof-only-functions",
             flagged.pid
         )
     });
