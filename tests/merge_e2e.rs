@@ -74,8 +74,13 @@ fn a_node_function_run_in_two_tiers_merges_its_copies_and_no_two_stacks_print_al
     let dir = TempDir::new("merge-node-tiers");
     let script = fixtures_dir().join("tiers.js");
     let json = dir.join("top.json");
+    // Frame pointers and the perf map: JIT copies are then distinct kernel stacks, which the
+    // report must merge. (With the default walker, V8 frames are keyed by their function's
+    // identity and the copies share one kernel stack: tests/js_names_e2e.rs.)
     let args = [
         "record".as_ref(),
+        "--unwind".as_ref(),
+        "fp".as_ref(),
         "--top".as_ref(),
         "0".as_ref(),
         "--format".as_ref(),

@@ -401,7 +401,9 @@ fn attached_node_with_a_perf_map_gets_its_functions_named() {
     node.expect_stdout_line("ready", LINE_TIMEOUT);
     let map = format!("/tmp/perf-{}.map", node.pid());
 
-    let mut tracer = start_recording(node.pid(), &["--top", "0", "--format", "json"]);
+    // Frame pointers: JIT frames are then named by the perf map alone (the default walker
+    // names them from V8's memory: tests/js_names_e2e.rs).
+    let mut tracer = start_recording(node.pid(), &["--unwind", "fp", "--top", "0", "--format", "json"]);
     node.signal(libc::SIGUSR2);
     node.expect_stdout_line("retained", LINE_TIMEOUT);
     let (_, report) = stop_recording(&mut tracer);
@@ -427,6 +429,10 @@ fn node_without_jit_symbols_shows_jit_addresses_and_says_how_to_name_them() {
         "-o".into(),
         report_path.clone().into_os_string(),
         "--no-jit-symbols".into(),
+        // Frame pointers: without the perf map, nothing names the JIT frames (the default
+        // walker would, from V8's memory: tests/js_names_e2e.rs).
+        "--unwind".into(),
+        "fp".into(),
         "--".into(),
         NODE.into(),
         "--interpreted-frames-native-stack".into(),
@@ -563,7 +569,9 @@ fn a_perf_map_planted_as_a_symlink_is_not_read() {
     }
     let _planted = Planted(map.clone());
 
-    let mut tracer = start_recording(node.pid(), &["--top", "0", "--format", "json"]);
+    // Frame pointers: JIT frames are then named by the perf map alone (the default walker
+    // names them from V8's memory: tests/js_names_e2e.rs).
+    let mut tracer = start_recording(node.pid(), &["--unwind", "fp", "--top", "0", "--format", "json"]);
     node.signal(libc::SIGUSR2);
     node.expect_stdout_line("retained", LINE_TIMEOUT);
     let (finished, report) = stop_recording(&mut tracer);
