@@ -353,13 +353,14 @@ pub const V8_SFI_WINDOW: usize = 56;
 /// How a captured V8 frame sits in a [`StackBuf`]: right after the frame's pc come two words.
 ///
 /// The identity word (bits 63-62 set) names the function for the life of the process:
-/// bit 61 `JIT` (the pc is in JIT code, which a GC may move: the stack's key leaves it out),
-/// bits 60-37 the Script's id, bits 36-17 the function literal id (its index in the script),
-/// bits 16-0 the bytecode offset plus one (0: none, or too large). The address word (bits
-/// 63-61 = 011) is the SharedFunctionInfo's address when captured, for user space to read the
-/// names from; it too is left out of the key, which must not change when the GC moves it.
-/// Neither can be taken for a pc (no user address has bit 62 set) or for a [`DEFERRED_TOKEN`]
-/// (bit 63 and never bit 62).
+/// bit 61 `JIT` (the pc is in JIT code), bits 60-37 the Script's id, bits 36-17 the function
+/// literal id (its index in the script), bits 16-0 the bytecode offset plus one (0: none, or
+/// too large). The address word (bits 63-61 = 011) is the SharedFunctionInfo's address when
+/// captured, for user space to read the names from. What a compacting GC moves stays out of
+/// the stack's key, which must not change when it does: the address word, and the pc of JIT
+/// code, which is then stored as an address word too (the one before the identity word).
+/// None of them can be taken for a pc (no user address has bit 62 set) or for a
+/// [`DEFERRED_TOKEN`] (bit 63 and never bit 62).
 pub mod js_frame {
     pub const ID_TAG: u64 = 3 << 62;
     pub const JIT: u64 = 1 << 61;

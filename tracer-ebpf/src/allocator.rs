@@ -376,15 +376,22 @@ fn start_sampled_call(
     pending.sp = slot;
     pending.sampled = sampled as u32;
     take_old_block(&mut pending);
-    if sampled {
-        pending.stack = stack::capture_with_caller(ctx.as_ptr(), &probe_regs(ctx), ret_addr);
-    }
     if PENDING.insert(tid, &pending, 0).is_err() {
         count(counter::DROP_PENDING_FULL);
         if pending.had_old == 1 {
             restore_old(&pending);
         }
         return Ok(NO_RETURN);
+    }
+    // The stack is taken once the call is in PENDING, through its entry there: the call's
+    // record is then off this program's stack while the walk runs, whose frames must fit
+    // under it (BPF's 512 bytes for all of them).
+    if sampled {
+        let key = stack::capture_with_caller(ctx.as_ptr(), &probe_regs(ctx), ret_addr);
+        if let Some(p) = PENDING.get_ptr_mut(tid) {
+            // SAFETY: this thread's own entry.
+            unsafe { (*p).stack = key };
+        }
     }
     // A thread's first call has its entry only now (take_sample made it).
     if let Some(s) = state.or_else(|| SAMPLER.get_ptr_mut(tid)) {

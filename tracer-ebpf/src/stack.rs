@@ -122,10 +122,22 @@ pub fn capture_with_caller(ctx: *mut core::ffi::c_void, regs: &UserRegs, caller:
         // The walk writes the buffer through the map on each iteration.
         walk_stack(slot, regs.ip, regs.sp, regs.bp) != 0
     };
-    // SAFETY: as above; nothing else refers to the buffer now.
-    let key = if got { store(unsafe { &mut *buf }) } else { STACK_LOST };
+    let key = if got { store_stack(slot) } else { STACK_LOST };
     release_scratch(slot);
     key
+}
+
+/// [`store`] for the buffer of scratch slot `slot`. A global function, checked once by the
+/// verifier (its loop over the frames, inlined into every path of the sampling program,
+/// took that program past the verifier's budget).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn store_stack(slot: u32) -> u64 {
+    match SCRATCH.get_ptr_mut(slot) {
+        // SAFETY: this CPU's scratch value of a slot the caller owns.
+        Some(buf) => store(unsafe { &mut *buf }),
+        None => STACK_LOST,
+    }
 }
 
 #[inline(always)]
@@ -156,6 +168,10 @@ fn kernel_walk(ctx: *mut core::ffi::c_void, caller: u64, buf: &mut StackBuf) -> 
 const NO_STOP: u32 = u32::MAX;
 const END: u32 = u32::MAX - 1;
 
+/// `Walk::flags`: code without rows ends the walk (`--unwind dwarf`); V8 frames are read.
+const DWARF_ONLY: u32 = 1;
+const READ_V8: u32 = 2;
+
 /// The walk's state, on the program's stack, handed to each `bpf_loop` iteration.
 #[repr(C)]
 struct Walk {
@@ -175,14 +191,11 @@ struct Walk {
     /// Mappings in the half in use, and where that half starts.
     maps_len: u32,
     maps_base: u32,
-    dwarf_only: u32,
-    /// 1 when V8 frames are read (user space found node's V8 metadata).
-    v8: u32,
-    /// The ELF range of V8's embedded builtins in mappings flagged V8_BINARY.
-    blob_start: u64,
-    blob_end: u64,
-    /// The mapping found last (all zero: none yet).
-    last: UnwindMapping,
+    /// `DWARF_ONLY` and `READ_V8` bits (one word: the walk's state must stay small).
+    flags: u32,
+    /// The mapping found last: its index plus one (0: none yet). An index, not a copy: the
+    /// walk's stack frames must stay small enough to fit under the sampling program's.
+    last: u32,
 }
 
 /// Walks the current task's user stack from `ip`, `sp` and `bp` into scratch slot `slot`;
@@ -209,10 +222,8 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
     let active = header.active & 1;
     let maps_len = header.len[active as usize].min(MAX_UNWIND_MAPPINGS);
     let tid = bpf_get_current_pid_tgid();
-    let (v8_on, blob_start, blob_end) = match v8::config() {
-        Some((start, end)) => (1, start, end),
-        None => (0, 0, 0),
-    };
+    let flags = if unwind_mode() == unwind_mode::DWARF { DWARF_ONLY } else { 0 }
+        | if v8::config().is_some() { READ_V8 } else { 0 };
     let (pending_slot, pending_ret) = match PENDING.get_ptr(tid) {
         // SAFETY: a map value; read once, by value.
         Some(p) => unsafe { ((*p).sp, (*p).ret_addr) },
@@ -230,11 +241,8 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
         slot,
         maps_len,
         maps_base: active * MAX_UNWIND_MAPPINGS,
-        dwarf_only: (unwind_mode() == unwind_mode::DWARF) as u32,
-        v8: v8_on,
-        blob_start,
-        blob_end,
-        last: UnwindMapping { start: 0, end: 0, bias: 0, page_base: 0, rows_first: 0, rows_len: 0, pages_first: 0, pages_len: 0, flags: 0 },
+        flags,
+        last: 0,
     };
     // SAFETY: the callback is a static function of this object; `walk` outlives the call.
     unsafe {
@@ -275,7 +283,7 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
 /// they were written: its first calls can come microseconds after the mmap) to user space,
 /// with a copy of the stack; returns the token that stands for it, or None if it could not be
 /// sent.
-#[inline(always)]
+#[inline(never)]
 fn defer(walk: &Walk) -> Option<u64> {
     // Unique: two walks on one CPU (one preempting the other included) read different
     // nanoseconds; 2^52 ns is 52 days.
@@ -348,13 +356,13 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         w.stop = counter::UNWIND_BAD_FRAME;
         return 1;
     }
-    if w.v8 != 0 && i != 0 && at + 3 <= MAX_FRAMES {
-        let code = match &mapping {
+    if w.flags & READ_V8 != 0 && i != 0 && at + 3 <= MAX_FRAMES {
+        let code = match mapping {
             Some(m) if m.flags & mapping_flag::ANON_CODE != 0 => v8::JIT,
-            Some(m) if m.flags & mapping_flag::V8_BINARY != 0 => {
-                let elf = lookup_pc.wrapping_sub(m.bias);
-                if w.blob_start <= elf && elf < w.blob_end { v8::BUILTIN } else { v8::NOT_V8 }
-            }
+            Some(m) if m.flags & mapping_flag::V8_BINARY != 0 => match v8::config() {
+                Some((start, end)) if (start..end).contains(&lookup_pc.wrapping_sub(m.bias)) => v8::BUILTIN,
+                _ => v8::NOT_V8,
+            },
             Some(_) => v8::NOT_V8,
             // Not in the table, so anonymous code mapped since it was written.
             None => v8::JIT,
@@ -367,6 +375,10 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             let mask = unsafe { core::ptr::read_volatile(&FRAME_INDEX_MASK) } as usize;
             // SAFETY: as above; at + 2 < MAX_FRAMES.
             unsafe {
+                if code == v8::JIT {
+                    // JIT code moves with the GC: its pc is marked to stay out of the key.
+                    (*buf).frames[at & mask] = js_frame::addr(w.pc);
+                }
                 (*buf).frames[(at + 1) & mask] = word;
                 (*buf).frames[(at + 2) & mask] = detail;
             }
@@ -374,7 +386,7 @@ extern "C" fn step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         }
     }
     let row = match mapping {
-        Some(m) if m.rows_len != 0 => find_row(&m, lookup_pc),
+        Some(m) if m.rows_len != 0 => find_row(m, lookup_pc),
         _ => None,
     };
     match caller(w, row) {
@@ -421,7 +433,7 @@ fn caller(w: &mut Walk, row: Option<UnwindRow>) -> Result<(), u32> {
             (read(sp + sigframe::RSP)?, sp + sigframe::RIP, read(sp + sigframe::RBP)?, 1)
         }
         Some(r) if r.kind != row_kind::NONE => return Err(counter::UNWIND_UNSUPPORTED),
-        _ if w.dwarf_only != 0 => return Err(counter::UNWIND_NO_ROWS),
+        _ if w.flags & DWARF_ONLY != 0 => return Err(counter::UNWIND_NO_ROWS),
         _ => {
             // Frame pointer: the caller's rbp at rbp, the return address above it.
             if w.bp == 0 {
@@ -561,9 +573,13 @@ extern "C" fn row_bisect(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// The mapping holding `pc`: the last one found, when it holds it (a caller's code is often
 /// in its callee's module), else a binary search over the half of the table in use.
 #[inline(always)]
-fn find_mapping(w: &mut Walk, pc: u64) -> Option<UnwindMapping> {
-    if w.last.start <= pc && pc < w.last.end {
-        return Some(w.last);
+fn find_mapping(w: &mut Walk, pc: u64) -> Option<&'static UnwindMapping> {
+    if w.last != 0
+        && let Some(m) = UNWIND_MAPPINGS.get(w.last - 1)
+        && m.start <= pc
+        && pc < m.end
+    {
+        return Some(m);
     }
     let mut b = Bisect { pc, lo: w.maps_base, hi: w.maps_base + w.maps_len };
     // SAFETY: a static callback; `b` outlives the call. 2^10 > MAX_UNWIND_MAPPINGS.
@@ -571,9 +587,9 @@ fn find_mapping(w: &mut Walk, pc: u64) -> Option<UnwindMapping> {
     if b.lo <= w.maps_base {
         return None;
     }
-    let m = *UNWIND_MAPPINGS.get(b.lo - 1)?;
+    let m = UNWIND_MAPPINGS.get(b.lo - 1)?;
     if pc < m.end {
-        w.last = m;
+        w.last = b.lo;
         Some(m)
     } else {
         None
@@ -642,7 +658,7 @@ fn store(buf: &mut StackBuf) -> u64 {
             break;
         }
         // What a GC moves stays out of the key: V8 frames are known by their identity word.
-        if !moves(buf, i) {
+        if !js_frame::is_addr(buf.frames[i]) {
             hash = (hash ^ buf.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
         }
         js |= js_frame::is_id(buf.frames[i]);
@@ -700,21 +716,12 @@ fn same_or_lost(key: u64, stored: *const StackBuf, buf: &StackBuf) -> u64 {
         if i >= len {
             break;
         }
-        if stored.frames[i] != buf.frames[i] && !moves(buf, i) {
+        if stored.frames[i] != buf.frames[i] && !js_frame::is_addr(buf.frames[i]) {
             count(counter::STACK_COLLISION);
             return STACK_LOST;
         }
     }
     key
-}
-
-/// Whether word `i` of `buf` is one a GC moves: a SharedFunctionInfo's address, or the pc of
-/// JIT code whose function the next word names.
-#[inline(always)]
-fn moves(buf: &StackBuf, i: usize) -> bool {
-    let w = buf.frames[i & (MAX_FRAMES - 1)];
-    let next = buf.frames[(i + 1) & (MAX_FRAMES - 1)];
-    js_frame::is_addr(w) || (i + 1 < buf.len as usize && js_frame::is_id(next) && next & js_frame::JIT != 0)
 }
 
 /// Keeps `StackBuf` in use from this module so the layout check below stays next to its user.

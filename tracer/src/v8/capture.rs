@@ -3,7 +3,8 @@
 //! A captured stack is a list of words: pcs, each one of a V8 frame the walker identified
 //! followed by two words (`tracer_common::js_frame`): the function's lasting identity (its
 //! Script's id and its literal id in that script, with the bytecode offset of an interpreted
-//! frame) and the SharedFunctionInfo's address when captured. [`split`] takes them apart;
+//! frame) and the SharedFunctionInfo's address when captured; the pc of such a frame in JIT
+//! code is marked as one the GC moves. [`split`] takes them apart;
 //! [`walker_config`] gives the walker the layout it reads with.
 
 use tracer_common::{V8_FRAME_WINDOW, V8_SFI_WINDOW, V8Config, js_frame};
@@ -53,6 +54,10 @@ pub fn split(words: &[u64]) -> Vec<(u64, Option<Captured>)> {
             continue;
         }
         if js_frame::is_addr(w) {
+            // The pc of JIT code, kept out of the stack's key, when an identity follows.
+            if words.get(i + 1).is_some_and(|&n| js_frame::is_id(n)) {
+                out.push((w & !js_frame::ADDR_TAG, None));
+            }
             i += 1;
             continue;
         }
@@ -145,6 +150,15 @@ mod tests {
         );
         assert_eq!(got[2], (0x30, None));
         assert_eq!(pcs(&words), vec![0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn a_jit_pc_kept_out_of_the_key_is_a_pc_again() {
+        let words = [0x10, js_frame::addr(0x7f00_0000_2000), js_frame::id(true, 1, 2, 0), js_frame::addr(0x1000)];
+        let got = split(&words);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, 0x7f00_0000_2000);
+        assert_eq!(got[1].1.unwrap().sfi, 0x1000);
     }
 
     #[test]
