@@ -342,7 +342,24 @@ pub struct V8Config {
     pub sfi_function_data_word: u32,
     pub sfi_script_word: u32,
     pub sfi_literal_id_word: u32,
-    pub _pad: u32,
+    /// 1 once the probe on V8's mark-compact collector is in place: what the walker read of
+    /// a SharedFunctionInfo is then kept until the next one (which may move it).
+    pub cache: u32,
+}
+
+/// Entries of the walker's SharedFunctionInfo cache, per scratch slot (per CPU).
+pub const V8_CACHE_ENTRIES: u32 = 256;
+
+/// What the walker keeps of a SharedFunctionInfo it read (see [`V8Config::cache`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct V8CacheEntry {
+    /// Its address (0: empty), and the mark-compact count when it was read.
+    pub sfi: u64,
+    pub epoch: u64,
+    pub script_id: u64,
+    pub literal: u64,
+    pub function_data: u64,
 }
 
 /// Bytes below a V8 frame's frame pointer that the walker reads in one go.
@@ -417,6 +434,7 @@ mod user {
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::UnwindHeader {}
     unsafe impl aya::Pod for super::V8Config {}
+    unsafe impl aya::Pod for super::V8CacheEntry {}
     unsafe impl aya::Pod for super::DeferredStack {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::LiveAlloc {}

@@ -224,6 +224,9 @@ fn own_walk(slot: u32, regs: &UserRegs) -> bool {
     let tid = bpf_get_current_pid_tgid();
     let flags = if unwind_mode() == unwind_mode::DWARF { DWARF_ONLY } else { 0 }
         | if v8::config().is_some() { READ_V8 } else { 0 };
+    if flags & READ_V8 != 0 {
+        v8::forget(slot);
+    }
     let (pending_slot, pending_ret) = match PENDING.get_ptr(tid) {
         // SAFETY: a map value; read once, by value.
         Some(p) => unsafe { ((*p).sp, (*p).ret_addr) },
@@ -439,7 +442,11 @@ fn caller(w: &mut Walk, row: Option<UnwindRow>) -> Result<(), u32> {
             if w.bp == 0 {
                 return Err(END);
             }
-            let [saved_bp, ra] = read_pair(w.bp)?;
+            // A V8 frame's pair came with its slots (`v8::capture`).
+            let [saved_bp, ra] = match v8::take_pair(w.slot, w.bp) {
+                Some(pair) => pair,
+                None => read_pair(w.bp)?,
+            };
             return next_frame(w, w.bp.wrapping_add(16), ra, w.bp.wrapping_add(8), saved_bp, 0);
         }
     };

@@ -691,8 +691,15 @@ fn v8_walker(task: u32, maps: &ProcMaps) -> Option<(crate::probe::ebpf::V8Walker
             return None;
         }
     };
+    let mut mark_compact = [0; 2];
+    for (slot, offset) in mark_compact.iter_mut().zip(v8::capture::mark_compact_offsets(file.as_slice())) {
+        *slot = offset;
+    }
     match v8::capture::walker_config(&layout) {
-        Ok(config) => Some((crate::probe::ebpf::V8Walker { config, binary: (mapping.dev, mapping.inode) }, layout)),
+        Ok(config) => Some((
+            crate::probe::ebpf::V8Walker { config, binary: (mapping.dev, mapping.inode), mark_compact },
+            layout,
+        )),
         Err(why) => {
             diag::warn(format_args!("JavaScript frames stay unnamed: {why}"));
             None

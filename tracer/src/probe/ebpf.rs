@@ -89,6 +89,9 @@ pub struct V8Walker {
     pub config: tracer_common::V8Config,
     /// (dev, inode) of the binary holding V8's embedded builtins.
     pub binary: (u64, u64),
+    /// File offsets in it of V8's mark-compact entry points (0: none), probed so that the
+    /// walker may keep what it read of SharedFunctionInfos until the next collection.
+    pub mark_compact: [u64; 2],
 }
 
 impl Default for Limits {
@@ -269,6 +272,22 @@ impl EbpfProbes {
         // Every probe goes through a uprobe-multi link (see `session`): a few links, each
         // placed and removed at once.
         let loader = session::Loader::new(&ebpf, PROGRAMS)?;
+        // V8's mark-compact collections, before any allocation is walked: with them seen, the
+        // walker keeps what it read of each function until the next one.
+        let gc_link = match (&limits.v8, &walk_maps) {
+            (Some(v8), Some(maps)) if v8_on && v8.mark_compact[0] != 0 => {
+                match mark_compact_probe(&loader, &mut ebpf, v8, maps, thread.get(), pid.get()) {
+                    Ok(link) => Some(link),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "JavaScript frames: V8's collections cannot be followed ({e}); each frame's function is read anew every time"
+                        ));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let offsets: Vec<u64> = sites.iter().map(|s| s.2).collect();
         let cookies: Vec<u64> = sites.iter().map(|s| cookie(s.1, 0)).collect();
         let free_offset = free.file_offset + free_at.offset;
@@ -315,6 +334,8 @@ impl EbpfProbes {
                 vec![free, allocators]
             }
         };
+        let mut links = links;
+        links.extend(gc_link);
         let sampling = limits.sample_bytes;
         if stack_hash_mask() != u64::MAX {
             warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
@@ -768,6 +789,36 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec we pass.
     unsafe { ::libc::clock_gettime(::libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Probes V8's mark-compact entry points in the binary of `v8` (as mapped in `maps`, read
+/// through thread `thread`) for process `pid`, then tells the walker it may cache.
+fn mark_compact_probe(
+    loader: &session::Loader,
+    ebpf: &mut Ebpf,
+    v8: &V8Walker,
+    maps: &ProcMaps,
+    thread: u32,
+    pid: u32,
+) -> Result<UprobeLink, String> {
+    let mapping = maps
+        .mappings()
+        .iter()
+        .find(|m| (m.dev, m.inode) == v8.binary)
+        .ok_or("its binary is not mapped")?;
+    let path = mapping.path.as_deref().ok_or("its binary has no path")?;
+    let host = std::path::PathBuf::from(format!("/proc/{thread}/root{path}"));
+    let program = loader.prepare("tr_v8_gc", LinkKind::Multi).map_err(|e| e.to_string())?;
+    let offsets: Vec<u64> = v8.mark_compact.iter().copied().filter(|&o| o != 0).collect();
+    let cookies = vec![0; offsets.len()];
+    let link = loader
+        .link(program, "tr_v8_gc", LinkKind::Multi, &host, &offsets, &cookies, pid)
+        .map_err(|e| e.to_string())?;
+    let map = ebpf.map_mut("V8_CONFIG").ok_or("no V8_CONFIG map")?;
+    let mut config: aya::maps::Array<&mut MapData, tracer_common::V8Config> =
+        aya::maps::Array::try_from(map).map_err(|e| e.to_string())?;
+    config.set(0, tracer_common::V8Config { cache: 1, ..v8.config }, 0).map_err(|e| e.to_string())?;
+    Ok(link)
 }
 
 /// Frames of a kernel stack record, leaf first. With `--unwind fp`, slot 1 holds the return
