@@ -692,7 +692,7 @@ fn v8_walker(task: u32, maps: &ProcMaps) -> Option<(crate::probe::ebpf::V8Walker
         }
     };
     let mut mark_compact = [0; 2];
-    for (slot, offset) in mark_compact.iter_mut().zip(v8::capture::mark_compact_offsets(file.as_slice())) {
+    for (slot, &offset) in mark_compact.iter_mut().zip(&layout.mark_compact) {
         *slot = offset;
     }
     match v8::capture::walker_config(&layout) {

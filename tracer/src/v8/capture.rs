@@ -75,30 +75,10 @@ pub fn pcs(words: &[u64]) -> Vec<u64> {
 /// V8's mark-compact collector, whose entry the walker's cache of SharedFunctionInfos is
 /// dropped at (see `tracer_common::V8Config::cache`): the only collection that moves old-space
 /// objects, where V8 allocates SharedFunctionInfos and Scripts.
-const MARK_COMPACT: [&str; 2] = [
+pub const MARK_COMPACT: [&str; 2] = [
     "_ZN2v88internal4Heap11MarkCompactEv",
     "_ZN2v88internal20MarkCompactCollector14CollectGarbageEv",
 ];
-
-/// File offsets of the mark-compact entry points in the ELF `data`, for uprobes; empty when the
-/// binary does not have them all (then nothing is cached).
-pub fn mark_compact_offsets(data: &[u8]) -> Vec<u64> {
-    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
-    let Ok(file) = object::File::parse(data) else { return Vec::new() };
-    let mut out = Vec::new();
-    for name in MARK_COMPACT {
-        let Some(sym) = file.symbols().find(|s| s.name() == Ok(name)) else { return Vec::new() };
-        let addr = sym.address();
-        let Some(offset) = file.segments().find_map(|seg| {
-            let (file_off, file_len) = seg.file_range();
-            (seg.address() <= addr && addr < seg.address() + file_len).then(|| addr - seg.address() + file_off)
-        }) else {
-            return Vec::new();
-        };
-        out.push(offset);
-    }
-    out
-}
 
 /// Word index of a frame slot at `offset` from the frame pointer in the walker's window
 /// (`V8_FRAME_WINDOW` bytes below it), or why it is not there.
@@ -219,6 +199,6 @@ mod tests {
         assert_eq!((c.context_slot, c.function_slot), (5, 4));
         // node 20: Script's id between line_ends (56) and eval_from_shared (72).
         assert_eq!(c.script_id, 64);
-        assert_eq!(mark_compact_offsets(&data).len(), 2);
+        assert_eq!(l.mark_compact.len(), 2);
     }
 }

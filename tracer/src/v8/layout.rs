@@ -170,6 +170,9 @@ pub struct V8Layout {
     /// size), where the interpreter's and baseline code's builtins are; None when the binary
     /// does not say.
     pub embedded_blob: Option<(u64, u64)>,
+    /// File offsets of V8's mark-compact entry points (`capture::MARK_COMPACT`), empty when
+    /// the binary lacks one.
+    pub mark_compact: Vec<u64>,
 }
 
 /// V8's out-of-line `IsJSFunction(HeapObject)`, whose code gives the JSFunction type range.
@@ -259,7 +262,8 @@ impl V8Layout {
                     || name.starts_with("_ZN2v88internal7Version")
                     || name == IS_JS_FUNCTION
                     || name == BLOB_CODE
-                    || name == BLOB_CODE_SIZE)
+                    || name == BLOB_CODE_SIZE
+                    || super::capture::MARK_COMPACT.contains(&name))
             {
                 by_name.insert(name, (sym.section_index(), sym.address()));
             }
@@ -392,6 +396,20 @@ impl V8Layout {
                     minor: version.1,
                 },
             )?,
+            mark_compact: {
+                use object::ObjectSegment as _;
+                let offset = |addr: u64| {
+                    file.segments().find_map(|seg| {
+                        let (file_off, file_len) = seg.file_range();
+                        (seg.address() <= addr && addr < seg.address() + file_len).then(|| addr - seg.address() + file_off)
+                    })
+                };
+                super::capture::MARK_COMPACT
+                    .iter()
+                    .map(|name| c.by_name.get(name).and_then(|&(_, addr)| offset(addr)))
+                    .collect::<Option<Vec<u64>>>()
+                    .unwrap_or_default()
+            },
             embedded_blob: {
                 let start = c.by_name.get(BLOB_CODE).map(|&(_, address)| address);
                 let size = c.by_name.get(BLOB_CODE_SIZE).and_then(|sym| c.read_i32(sym));
