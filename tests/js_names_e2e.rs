@@ -893,6 +893,16 @@ fn flagless_http_server_js_frames_are_named_through_compacting_gcs() {
     );
 
     check_flagless_names(&run, &source);
+
+    // Compactions move every JSFunction and its code; a stack key holding their addresses
+    // would make each GC a new set of stacks and fill the stack table.
+    let dropped = &run.report["totals"]["dropped"];
+    assert_eq!(
+        num(dropped, "stack_map_full"),
+        0,
+        "stacks were lost to a full stack table across {} compacting GCs: {dropped}",
+        run.gcs
+    );
 }
 
 /// A perf-map entry: `JS:<tier marker><name> <script>:<line>:<column>`.
