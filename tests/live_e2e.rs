@@ -105,6 +105,16 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
                         cycle.report["totals"]
                     ));
                 }
+                // node leaves no allocator call by longjmp: a stale call here is one whose
+                // return probe closed before its entry probe as the tracer stopped.
+                let stale = num(&cycle.report["totals"]["dropped"], "stale_pending");
+                if ebpf && stale != 0 {
+                    failures.push(format!(
+                        "cycle {i} ({}): {stale} calls counted stale_pending: {}",
+                        args.join(" "),
+                        cycle.report["totals"]["dropped"]
+                    ));
+                }
                 walls.push((cycle.attach, cycle.wall));
                 eprintln!(
                     "live_e2e: cycle {i:2} ({}): attached after {:?}, done after {:?}, allocs {allocs}",

@@ -19,7 +19,7 @@ use aya_ebpf::{
         generated::bpf_get_attach_cookie,
     },
     macros::{map, uprobe, uretprobe},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
@@ -52,6 +52,19 @@ struct ThreadState {
 /// Least recently used threads are evicted first. An evicted thread draws a fresh countdown,
 /// which changes nothing statistically (the exponential distribution has no memory); a
 /// thread without an entry is checked against PENDING, so losing `tracked` is harmless too.
+/// Set by user space just before it closes the probes. Full mode's entry and return links
+/// close together, not in order: a return link gone a moment before its entry link would
+/// leave every call of that moment pending, and the thread's next call would count it as
+/// stale, though nothing was left by longjmp. From then on, entries start no call; calls
+/// already in flight finish while their return probe lasts, as at any stop.
+#[map]
+static STOPPING: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn stopping() -> bool {
+    STOPPING.get(0).is_some_and(|v| *v != 0)
+}
+
 #[map]
 static SAMPLER: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(8192, 0);
 
@@ -212,6 +225,9 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<u32, u32> {
         unsafe { (*p).depth += 1 };
         return Ok(0);
     }
+    if stopping() {
+        return Ok(0);
+    }
     let Some(kind) = AllocKind::from_u32(cookie_kind(cookie)) else {
         return Err(1);
     };
@@ -272,7 +288,11 @@ fn call_in_flight(tid: u64, slot: u64, ret_addr: u64) -> Option<*mut Pending> {
     if slot < pending.sp || tail_call {
         return Some(p);
     }
-    count(counter::STALE_PENDING);
+    // While the probes close, a call left pending most likely lost its return probe first:
+    // that is the stop, not a longjmp.
+    if !stopping() {
+        count(counter::STALE_PENDING);
+    }
     if PENDING.remove(tid).is_ok() && pending.had_old == 1 {
         // Whether the abandoned realloc released the block is unknown; it was live before.
         restore_old(&pending);

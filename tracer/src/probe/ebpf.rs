@@ -171,6 +171,16 @@ pub struct SyscallTarget<'a> {
 }
 
 impl EbpfProbes {
+    /// Tells the entry programs that the probes are about to close (see `STOPPING` in the BPF
+    /// crate). Best effort: if the map cannot be written, a stop may count a few calls as
+    /// stale, as before.
+    fn say_stopping(&mut self) {
+        let Some(map) = self.ebpf.map_mut("STOPPING") else { return };
+        if let Ok(mut flag) = aya::maps::Array::<&mut MapData, u32>::try_from(map) {
+            let _ = flag.set(0, 1, 0);
+        }
+    }
+
     /// Loads the programs and attaches them to the C library at `libc_path` (a path this
     /// process can open, e.g. through /proc/PID/root) for process `pid` only, opening the
     /// uprobes on its live thread `thread` (the main thread, unless that has exited).
@@ -614,6 +624,9 @@ impl Backend for EbpfProbes {
     /// Every probe at once: closing an attachment waits for the kernel's grace period, so
     /// they are all closed together (see [`close_at_once`]). The maps stay readable.
     fn detach(&mut self) {
+        if !self.links.is_empty() {
+            self.say_stopping();
+        }
         let mut closing: Vec<Box<dyn Send>> = Vec::new();
         closing.extend(
             self.links
