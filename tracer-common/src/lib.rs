@@ -188,6 +188,15 @@ pub mod counter {
     pub const COUNT: u32 = 22;
 }
 
+/// Where a recording stands, in the allocator programs' `PHASE` map (set by user space).
+pub mod recording_phase {
+    /// The probes are going in: a return probe may see a call that began before them.
+    pub const ATTACHING: u32 = 0;
+    pub const RECORDING: u32 = 1;
+    /// The probes are about to close: entries start no call.
+    pub const STOPPING: u32 = 2;
+}
+
 /// How a stack is walked in the kernel; a value of the `UNWIND_MODE` global.
 pub mod unwind_mode {
     /// `bpf_get_stack` (frame pointers), with the allocator's caller read at the probe.

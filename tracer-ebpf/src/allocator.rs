@@ -52,17 +52,28 @@ struct ThreadState {
 /// Least recently used threads are evicted first. An evicted thread draws a fresh countdown,
 /// which changes nothing statistically (the exponential distribution has no memory); a
 /// thread without an entry is checked against PENDING, so losing `tracked` is harmless too.
-/// Set by user space just before it closes the probes. Full mode's entry and return links
-/// close together, not in order: a return link gone a moment before its entry link would
-/// leave every call of that moment pending, and the thread's next call would count it as
-/// stale, though nothing was left by longjmp. From then on, entries start no call; calls
-/// already in flight finish while their return probe lasts, as at any stop.
+/// Where the recording stands, as user space sets it: `ATTACHING` until every probe is in,
+/// [`RECORDING`], then [`STOPPING`] just before the probes close. Full mode's entry and return
+/// probes are separate links, which go in one after the other and close together:
+/// - while attaching, a return without its entry belongs to a call that began before the entry
+///   probe existed, and is not an anomaly worth counting;
+/// - while stopping, a return link gone a moment before its entry link would leave each call
+///   of that moment pending, for the thread's next call to count as stale though nothing was
+///   left by longjmp. So entries then start no call; calls in flight finish while their
+///   return probe lasts, as at any stop.
 #[map]
-static STOPPING: Array<u32> = Array::with_max_entries(1, 0);
+static PHASE: Array<u32> = Array::with_max_entries(1, 0);
+const RECORDING: u32 = tracer_common::recording_phase::RECORDING;
+const STOPPING: u32 = tracer_common::recording_phase::STOPPING;
+
+#[inline(always)]
+fn phase() -> u32 {
+    PHASE.get(0).map_or(RECORDING, |v| *v)
+}
 
 #[inline(always)]
 fn stopping() -> bool {
-    STOPPING.get(0).is_some_and(|v| *v != 0)
+    phase() == STOPPING
 }
 
 #[map]
@@ -303,7 +314,11 @@ fn call_in_flight(tid: u64, slot: u64, ret_addr: u64) -> Option<*mut Pending> {
 fn try_alloc_exit(ctx: &RetProbeContext) -> Result<u32, u32> {
     let tid = bpf_get_current_pid_tgid();
     let Some(p) = PENDING.get_ptr_mut(tid) else {
-        count(counter::ORPHAN_RETURNS);
+        // While attaching, the call began before its entry probe existed; while stopping, it
+        // began after entries stopped starting calls. Neither is a lost call.
+        if phase() == RECORDING {
+            count(counter::ORPHAN_RETURNS);
+        }
         return Ok(0);
     };
     let pending = unsafe {

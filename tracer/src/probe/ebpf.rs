@@ -171,14 +171,17 @@ pub struct SyscallTarget<'a> {
 }
 
 impl EbpfProbes {
-    /// Tells the entry programs that the probes are about to close (see `STOPPING` in the BPF
-    /// crate). Best effort: if the map cannot be written, a stop may count a few calls as
-    /// stale, as before.
-    fn say_stopping(&mut self) {
-        let Some(map) = self.ebpf.map_mut("STOPPING") else { return };
-        if let Ok(mut flag) = aya::maps::Array::<&mut MapData, u32>::try_from(map) {
-            let _ = flag.set(0, 1, 0);
-        }
+    /// Tells the allocator programs where the recording stands (see `PHASE` in the BPF
+    /// crate). When stopping this is best effort: if the map cannot be written, a stop may
+    /// count a few calls as stale, as it did before the phase existed.
+    fn set_phase(ebpf: &mut Ebpf, phase: u32) -> Result<(), EbpfError> {
+        let map = ebpf.map_mut("PHASE").ok_or(EbpfError::Map {
+            name: "PHASE",
+            source: aya::maps::MapError::InvalidName { name: "PHASE".into() },
+        })?;
+        let mut flag = aya::maps::Array::<&mut MapData, u32>::try_from(map)
+            .map_err(|source| EbpfError::Map { name: "PHASE", source })?;
+        flag.set(0, phase, 0).map_err(|source| EbpfError::Map { name: "PHASE", source })
     }
 
     /// Loads the programs and attaches them to the C library at `libc_path` (a path this
@@ -346,6 +349,8 @@ impl EbpfProbes {
         };
         let mut links = links;
         links.extend(gc_link);
+        // Every probe is in: from now on a return without its entry is an anomaly.
+        Self::set_phase(&mut ebpf, tracer_common::recording_phase::RECORDING)?;
         let sampling = limits.sample_bytes;
         if stack_hash_mask() != u64::MAX {
             warnings.push(format!("stack keys narrowed by {HASH_BITS_VAR} (for tests only)"));
@@ -625,7 +630,7 @@ impl Backend for EbpfProbes {
     /// they are all closed together (see [`close_at_once`]). The maps stay readable.
     fn detach(&mut self) {
         if !self.links.is_empty() {
-            self.say_stopping();
+            let _ = Self::set_phase(&mut self.ebpf, tracer_common::recording_phase::STOPPING);
         }
         let mut closing: Vec<Box<dyn Send>> = Vec::new();
         closing.extend(
