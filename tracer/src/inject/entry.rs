@@ -24,11 +24,17 @@
 //! second check refuses for the 14-byte jump.
 use std::path::{Path, PathBuf};
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, Mnemonic,
+};
 use object::{Object as _, ObjectSection as _, ObjectSymbol, SymbolKind, SymbolSection};
 
 /// Where separate debug files (Debian's `*-dbg` packages) are found by build id.
 const DEBUG_ROOT: &str = "/usr/lib/debug/.build-id";
+
+/// `int3`: what fills the displaced bytes after the jump. See [`Plan::patch`].
+pub const INT3: u8 = 0xcc;
 
 /// The jump written at the entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +182,14 @@ pub enum EntryError {
         symbol: String,
         at: u64,
         len: usize,
+    },
+    #[error("{name}: the hook at {hook:#x} is out of reach of a 5-byte jump from {start:#x}")]
+    HookOutOfReach { name: String, start: u64, hook: u64 },
+    #[error("{name}: re-encode the displaced instructions to run at {at:#x}: {message}")]
+    Encode {
+        name: String,
+        at: u64,
+        message: String,
     },
 }
 
@@ -431,8 +445,76 @@ fn jump_target(jmp: &Instruction, bytes: &[u8], start: u64) -> Option<u64> {
     }
 }
 
+/// The displaced instructions re-encoded to run at `at`, followed by a jump back to the first
+/// instruction after them. RIP-relative operands and branches keep their absolute targets;
+/// a far `at` is fine for branches (the encoder lengthens them) but not for a RIP-relative
+/// memory operand more than 2 GiB away, which is an error.
+pub fn trampoline(plan: &Plan, at: u64) -> Result<Vec<u8>, EntryError> {
+    let encode_error = |message: String| EntryError::Encode {
+        name: plan.function.clone(),
+        at,
+        message,
+    };
+    let back = Instruction::with_branch(Code::Jmp_rel32_64, plan.start + plan.displaced_len as u64)
+        .map_err(|e| encode_error(e.to_string()))?;
+    let mut instructions = plan.instructions.clone();
+    instructions.push(back);
+    BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&instructions, at),
+        BlockEncoderOptions::NONE,
+    )
+    .map(|r| r.code_buffer)
+    .map_err(|e| encode_error(e.to_string()))
+}
+
+/// `jmp rel32` from `start` to `hook`, or `None` if the hook is beyond ±2 GiB.
+pub fn patch_bytes(start: u64, hook: u64) -> Option<[u8; 5]> {
+    let rel = i32::try_from(hook.wrapping_sub(start.wrapping_add(5)) as i64).ok()?;
+    let mut bytes = [0xe9, 0, 0, 0, 0];
+    bytes[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(bytes)
+}
+
+/// `jmp [rip+0]` followed by `hook`: reaches any address.
+pub fn patch_bytes_absolute(hook: u64) -> [u8; 14] {
+    let mut bytes = [0xff, 0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    bytes[6..].copy_from_slice(&hook.to_le_bytes());
+    bytes
+}
+
+impl Plan {
+    /// The bytes to write over the displaced range: the jump to `hook`, then `int3` up to
+    /// `displaced_len`.
+    ///
+    /// The caller must write them while no thread's pc lies strictly inside the range (every
+    /// thread stopped, none stopped there; the jump itself needs no single atomic store
+    /// then). The filler decides what happens if that promise is broken: a thread resumed
+    /// inside the jump's own bytes runs garbage whatever the filler, but one resumed at a
+    /// later displaced instruction would, with `nop`s, slide to the end of the range having
+    /// silently skipped instructions (a `push` whose `pop` still runs), and fail far away.
+    /// `int3` stops it there with SIGTRAP: loud at once, and a tracer still attached sees the
+    /// trap and can move the thread to the same instruction in the trampoline.
+    pub fn patch(&self, hook: u64) -> Result<Vec<u8>, EntryError> {
+        let mut bytes = match self.jump {
+            Jump::Rel32 => patch_bytes(self.start, hook)
+                .ok_or_else(|| EntryError::HookOutOfReach {
+                    name: self.function.clone(),
+                    start: self.start,
+                    hook,
+                })?
+                .to_vec(),
+            Jump::Absolute => patch_bytes_absolute(hook).to_vec(),
+        };
+        bytes.resize(self.displaced_len, INT3);
+        Ok(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use iced_x86::OpKind;
+
     use super::*;
 
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
@@ -461,6 +543,92 @@ mod tests {
             inner_symbols: Vec::new(),
             symbols_from: SymbolSource::Symtab,
         }
+    }
+
+    fn decode_all(bytes: &[u8], ip: u64) -> Vec<Instruction> {
+        Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE)
+            .into_iter()
+            .collect()
+    }
+
+    /// What an instruction does, whatever its address and encoding: a relocated copy must
+    /// mean the same, RIP-relative and branch targets as absolute addresses.
+    fn meaning(insn: &Instruction) -> String {
+        let mut text = format!(
+            "{:?} lock={} rep={} repne={}",
+            insn.mnemonic(),
+            insn.has_lock_prefix(),
+            insn.has_rep_prefix(),
+            insn.has_repne_prefix()
+        );
+        for i in 0..insn.op_count() {
+            let operand = match insn.op_kind(i) {
+                OpKind::Register => format!("{:?}", insn.op_register(i)),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                    format!("to {:#x}", insn.near_branch_target())
+                }
+                OpKind::Memory if insn.is_ip_rel_memory_operand() => format!(
+                    "{:?} {:?}:[{:#x}]",
+                    insn.memory_size(),
+                    insn.memory_segment(),
+                    insn.memory_displacement64()
+                ),
+                OpKind::Memory => format!(
+                    "{:?} {:?}:[{:?}+{:?}*{}+{:#x}]",
+                    insn.memory_size(),
+                    insn.memory_segment(),
+                    insn.memory_base(),
+                    insn.memory_index(),
+                    insn.memory_index_scale(),
+                    insn.memory_displacement64()
+                ),
+                kind @ (OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64) => {
+                    format!("{kind:?} {:#x}", insn.immediate(i))
+                }
+                other => format!("{other:?}"),
+            };
+            text.push_str(", ");
+            text.push_str(&operand);
+        }
+        text
+    }
+
+    /// Checks that `code`, decoded at `at`, is the plan's instructions with the same meaning,
+    /// then a jump back to the end of the displaced range.
+    fn assert_relocated(plan: &Plan, code: &[u8], at: u64) {
+        let got = decode_all(code, at);
+        assert_eq!(
+            got.len(),
+            plan.instructions.len() + 1,
+            "{}: the trampoline at {at:#x} has {} instructions, the plan {} and a jump back",
+            plan.function,
+            got.len(),
+            plan.instructions.len()
+        );
+        for (want, got) in plan.instructions.iter().zip(&got) {
+            assert_eq!(
+                meaning(got),
+                meaning(want),
+                "{}: the copy at {:#x} of the instruction at {:#x} means something else",
+                plan.function,
+                got.ip(),
+                want.ip()
+            );
+        }
+        let back = got.last().unwrap();
+        assert_eq!(
+            (back.mnemonic(), back.near_branch_target()),
+            (Mnemonic::Jmp, plan.start + plan.displaced_len as u64),
+            "{}: the trampoline does not end in a jump back to the first kept instruction",
+            plan.function
+        );
     }
 
     fn libc_function(name: &str) -> Function {
@@ -509,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn libc_allocators_plan() {
+    fn libc_allocators_plan_and_relocate() {
         for &name in ALLOCATORS {
             // Where libc might be loaded: the copies must keep runtime targets.
             let f = libc_function(name);
@@ -532,6 +700,14 @@ mod tests {
                 };
                 assert!(plan.displaced_len >= jump.size());
                 assert_eq!(plan.original, f.bytes[..plan.displaced_len]);
+                // Just below, as the sampler's region may be, and far above, still in reach.
+                for at in [f.address - 0x10_0000, f.address + 0x7000_0000] {
+                    let code = trampoline(&plan, at).unwrap_or_else(|e| panic!("{e}"));
+                    assert_relocated(&plan, &code, at);
+                }
+                let patch = plan.patch(f.address + 0x1000).unwrap();
+                assert_eq!(patch.len(), plan.displaced_len);
+                assert!(patch[jump.size()..].iter().all(|&b| b == INT3));
             }
         }
     }
@@ -629,11 +805,21 @@ mod tests {
     }
 
     #[test]
+    fn branch_leaving_the_displaced_bytes_is_relocated() {
+        // test rdi,rdi; je +9; push rbx; ...; ret at +9.
+        let f = synthetic(&[0x48, 0x85, 0xff, 0x74, 0x04, 0x53, 0x5b, 0x90, 0x90, 0xc3]);
+        let p = plan(&f, Jump::Rel32).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.displaced_len, 5);
+        let at = START + 0x4000_0000;
+        assert_relocated(&p, &trampoline(&p, at).unwrap(), at);
+        assert_eq!(p.instructions[1].near_branch_target(), START + 9);
+    }
+
+    #[test]
     fn jump_at_the_entry_is_already_patched() {
         let rel = 0x1000i32.to_le_bytes();
         let near = [0xe9, rel[0], rel[1], rel[2], rel[3], 0xcc, 0xcc];
-        let mut absolute = vec![0xff, 0x25, 0, 0, 0, 0];
-        absolute.extend_from_slice(&0x7eff_0000_0040u64.to_le_bytes());
+        let mut absolute = patch_bytes_absolute(0x7eff_0000_0040).to_vec();
         absolute.push(0xc3);
         let cases: [(&[u8], Option<u64>); 4] = [
             (&near, Some(START + 5 + 0x1000)),
@@ -652,13 +838,23 @@ mod tests {
                 }
             }
         }
+        // Our own patch reads back as a jump to our hook.
+        let hook = START - 0x20_0000;
+        let f = libc_function("malloc").at(START);
+        let p = plan(&f, Jump::Rel32).unwrap();
+        let mut patched = f.clone();
+        patched.bytes[..p.displaced_len].copy_from_slice(&p.patch(hook).unwrap());
+        assert!(matches!(
+            plan(&patched, Jump::Rel32),
+            Err(EntryError::AlreadyPatched { target: Some(t), .. }) if t == hook
+        ));
     }
 
     #[test]
     fn breakpoint_in_the_displaced_bytes_is_named() {
         // A uprobe on push rbp of a malloc-like entry.
         let mut bytes = MALLOC_LIKE.to_vec();
-        bytes[2] = 0xcc;
+        bytes[2] = INT3;
         bytes.push(0xc3);
         assert!(matches!(
             plan(&synthetic(&bytes), Jump::Rel32),
@@ -719,6 +915,39 @@ mod tests {
     }
 
     #[test]
+    fn rip_relative_operand_out_of_reach_is_an_encode_error() {
+        let f = libc_function("posix_memalign").at(START);
+        let p = plan(&f, Jump::Rel32).unwrap();
+        assert!(p.instructions[0].is_ip_rel_memory_operand());
+        assert!(matches!(
+            trampoline(&p, 0x1000),
+            Err(EntryError::Encode { at: 0x1000, .. })
+        ));
+    }
+
+    #[test]
+    fn patch_bytes_reach_and_refuse() {
+        assert_eq!(patch_bytes(0x1000, 0x1005), Some([0xe9, 0, 0, 0, 0]));
+        assert_eq!(
+            patch_bytes(0x1000, 0x1000),
+            Some([0xe9, 0xfb, 0xff, 0xff, 0xff])
+        );
+        assert_eq!(patch_bytes(START, START + 0x1_0000_0000), None);
+        let jmp = decode_all(&patch_bytes_absolute(0xdead_beef_0000), START);
+        assert_eq!(jmp[0].code(), Code::Jmp_rm64);
+        assert_eq!(
+            jump_target(&jmp[0], &patch_bytes_absolute(0xdead_beef_0000), START),
+            Some(0xdead_beef_0000)
+        );
+        let p = plan(&with_tail(&[0xc3]), Jump::Rel32).unwrap();
+        assert!(matches!(
+            p.patch(START + 0x1_0000_0000),
+            Err(EntryError::HookOutOfReach { .. })
+        ));
+        assert_eq!(p.patch(START + 7).unwrap(), [0xe9, 2, 0, 0, 0, INT3, INT3]);
+    }
+
+    #[test]
     fn function_moved_keeps_its_inner_symbols_relative() {
         let mut f = with_tail(&[0xc3]);
         f.inner_symbols.push(Symbol {
@@ -731,5 +960,93 @@ mod tests {
             (0x1000, 0x1003)
         );
         assert_eq!(moved.bytes, f.bytes);
+    }
+
+    /// A page the test process may write and run.
+    struct Rwx(*mut u8);
+
+    impl Rwx {
+        fn new() -> Rwx {
+            // SAFETY: a fresh anonymous private mapping, owned by the returned value.
+            let page = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(page, libc::MAP_FAILED, "mmap an RWX page");
+            Rwx(page.cast())
+        }
+
+        fn address(&self) -> u64 {
+            self.0 as u64
+        }
+
+        fn write(&mut self, offset: usize, bytes: &[u8]) {
+            assert!(offset + bytes.len() <= 4096);
+            // SAFETY: within the page this value owns; no code runs from it meanwhile.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0.add(offset), bytes.len())
+            }
+        }
+
+        /// Calls the code at `offset` as `extern "C" fn(u64) -> u64`.
+        fn call(&self, offset: usize, arg: u64) -> u64 {
+            // SAFETY: the tests write complete functions of that signature at `offset`.
+            let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(self.0.add(offset)) };
+            f(arg)
+        }
+    }
+
+    impl Drop for Rwx {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, no longer used.
+            unsafe { libc::munmap(self.0.cast(), 4096) };
+        }
+    }
+
+    #[test]
+    fn relocated_entry_computes_what_the_original_did() {
+        // f(x) = x == 0 ? 0 : *DATA + x, with DATA at +0x100 found RIP-relative.
+        #[rustfmt::skip]
+        const F: [u8; 22] = [
+            0x48, 0x85, 0xff,                         // +0x00 test rdi,rdi
+            0x74, 0x0e,                               // +0x03 je +0x13
+            0x48, 0x8d, 0x05, 0xf4, 0x00, 0x00, 0x00, // +0x05 lea rax,[rip+0xf4] (+0x100)
+            0x48, 0x8b, 0x00,                         // +0x0c mov rax,[rax]
+            0x48, 0x01, 0xf8,                         // +0x0f add rax,rdi
+            0xc3,                                     // +0x12 ret
+            0x31, 0xc0,                               // +0x13 xor eax,eax
+            0xc3,                                     // +0x15 ret
+        ];
+        const DATA: u64 = 0x1234_5678_9000;
+        let mut page = Rwx::new();
+        page.write(0x100, &DATA.to_le_bytes());
+        for (jump, tramp, displaced) in [(Jump::Rel32, 0x800, 5), (Jump::Absolute, 0xc00, 15)] {
+            page.write(0, &F);
+            let want = [page.call(0, 0), page.call(0, 5)];
+            assert_eq!(want, [0, DATA + 5]);
+
+            let mut f = synthetic(&F);
+            f.address = page.address();
+            let p = plan(&f, jump).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(p.displaced_len, displaced, "{jump:?}");
+            let code = trampoline(&p, page.address() + tramp as u64).unwrap();
+            page.write(tramp, &code);
+            // The hook is the trampoline itself: the patched entry runs the displaced code
+            // there and comes back.
+            page.write(0, &p.patch(page.address() + tramp as u64).unwrap());
+            let got = [page.call(0, 0), page.call(0, 5)];
+            assert_eq!(
+                got, want,
+                "{jump:?}: the patched function computes otherwise"
+            );
+            // And the trampoline alone is the function's entry, relocated.
+            assert_eq!(page.call(tramp, 7), DATA + 7, "{jump:?}");
+        }
     }
 }
