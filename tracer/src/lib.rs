@@ -5,11 +5,13 @@
 //! (text, JSON). `recording` attaches and keeps the session, `record` reports on it, `top`
 //! shows it live; `target` finds and launches processes. `unwind` holds the stack walker's
 //! tables and its user-space twin. `v8` names JavaScript frames from a
-//! live node process's own memory (not yet used by the stack walker).
+//! live node process's own memory (not yet used by the stack walker). `inject` plans the
+//! in-process sampler's redirect of allocator entries (not yet used by a backend).
 pub mod aggregate;
 pub mod diag;
 pub mod diff;
 pub mod fuzzing;
+pub mod inject;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
