@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: what tracing costs, side by side with the tools people use today, on
-//! a C malloc+free microbenchmark (all freed, and 10% kept) and a node workload. Contenders:
+//! a C malloc+free microbenchmark (all freed, and 10% kept), a node workload, and a live node
+//! HTTP service the tracer attaches to while it serves (`live`, see below). Contenders:
 //! this tracer (full and sampling), a memleak-style and a count-only bpftrace script, counting
 //! uprobes without BPF (the kernel's floor), heaptrack and valgrind's massif. Each contender
 //! run follows an untraced run of the same workload and size, and ratios are taken pair by
@@ -11,13 +12,29 @@
 //!   BENCH_NODE_ROUNDS [6000]    rounds of bench/node_workload.js (about a second untraced)
 //!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-fp,bt-memleak,
 //!                               bt-count,floor,heaptrack,massif
-//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,cxx_deep,node,latency
+//!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,cxx_deep,node,live,
+//!                               latency
+//!   BENCH_LIVE_REQUESTS [10000] timed requests per live run (2-4 s untraced here)
+//!   BENCH_LIVE_CONCURRENCY [8]  the live client's keep-alive connections, one request each
+//!   BENCH_LIVE_WARMUP [4000]    requests before attaching, at the same concurrency
 //!   BENCH_TRACER [built here]   the tracer binary to measure (e.g. an older build, to compare)
 //! `latency` times the tracer itself, alone (see `latency`): starting and stopping it.
+//! `live` (see `live` and `live_service`): bench/live_service/server.js, a node HTTP service
+//! doing JSON, string work, Buffers and some zlib per request, is started untraced and warmed
+//! up; then the contender attaches to its pid and, once attached, a closed-loop client
+//! (client.js: fixed request count and concurrency, every answer checked for status and body
+//! length) sends the timed requests; then the contender detaches. Figures per request: the
+//! service's CPU (utime+stime, where uprobe traps and BPF programs are charged) plus the
+//! tracer's own CPU over the same window, and the wall time of the requests, each against an
+//! untraced run of its own right before. Its contenders are full, full-fp, sampled,
+//! sampled-fp and floor; tools that must start the process, or whose attach mode crashes node
+//! (heaptrack -p), do not run on it, nor do the bpftrace scripts.
 //! The slowest contenders run a fraction of those sizes (see `contenders`); the tables say
 //! which size each ran, and per-call figures and ratios do not depend on it.
 
 mod latency;
+mod live;
+pub mod live_service;
 mod probes;
 mod run;
 pub mod soak;
@@ -43,6 +60,8 @@ struct Contender {
     node_divisor: u64,
     /// Debian package that provides it.
     package: Option<&'static str>,
+    /// Runs on the live workload: it attaches to a running process without harming it.
+    live: bool,
 }
 
 struct Config {
@@ -52,6 +71,7 @@ struct Config {
     tools: Option<Vec<String>>,
     workloads: Option<Vec<String>>,
     tracer: Option<std::path::PathBuf>,
+    live: live::Settings,
 }
 
 fn env_u64(name: &str) -> Result<Option<u64>> {
@@ -86,6 +106,14 @@ impl Config {
             tools: env_list("BENCH_TOOLS"),
             workloads: env_list("BENCH_WORKLOADS"),
             tracer: std::env::var_os("BENCH_TRACER").map(Into::into),
+            live: live::Settings {
+                load: live_service::Load {
+                    requests: env_u64("BENCH_LIVE_REQUESTS")?.unwrap_or(10_000),
+                    concurrency: u32::try_from(env_u64("BENCH_LIVE_CONCURRENCY")?.unwrap_or(8))
+                        .context("BENCH_LIVE_CONCURRENCY: too large")?,
+                },
+                warmup: env_u64("BENCH_LIVE_WARMUP")?.unwrap_or(4000),
+            },
         })
     }
 }
@@ -98,6 +126,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Tracer { sample_bytes: None, unwind: None },
             c_divisor: 1,
             node_divisor: 1,
+            live: true,
             package: None,
         },
         Contender {
@@ -106,6 +135,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp") },
             c_divisor: 1,
             node_divisor: 1,
+            live: true,
             package: None,
         },
         Contender {
@@ -117,6 +147,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             },
             c_divisor: 1,
             node_divisor: 1,
+            live: true,
             package: None,
         },
         Contender {
@@ -128,6 +159,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             },
             c_divisor: 1,
             node_divisor: 1,
+            live: true,
             package: None,
         },
         Contender {
@@ -140,6 +172,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             // About 20 us a pair: the single-stepped probe on free's first instruction.
             c_divisor: 20,
             node_divisor: 3,
+            live: false,
             package: Some("bpftrace"),
         },
         Contender {
@@ -151,6 +184,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             },
             c_divisor: 20,
             node_divisor: 3,
+            live: false,
             package: Some("bpftrace"),
         },
         Contender {
@@ -159,6 +193,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Floor,
             c_divisor: 1,
             node_divisor: 1,
+            live: true,
             package: None,
         },
         Contender {
@@ -167,6 +202,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Heaptrack,
             c_divisor: 1,
             node_divisor: 1,
+            live: false,
             package: Some("heaptrack"),
         },
         Contender {
@@ -176,6 +212,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             // Valgrind runs node's JIT code about 10-30x slower, after seconds of start-up.
             c_divisor: 1,
             node_divisor: 10,
+            live: false,
             package: Some("valgrind"),
         },
     ]
@@ -220,6 +257,7 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
         }
     }
     let run_latency = wanted("latency", &config.workloads);
+    let run_live = wanted("live", &config.workloads);
     let mut chosen: Vec<&Contender> = all
         .iter()
         .filter(|c| wanted(c.key, &config.tools))
@@ -232,9 +270,6 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
         // Only the latency part: no contender runs, nothing to install.
         chosen.clear();
     }
-    let mut packages: Vec<&str> = chosen.iter().filter_map(|c| c.package).collect();
-    packages.dedup();
-    install(&packages)?;
 
     let workloads: Vec<(Workload, u64)> = [
         (
@@ -294,11 +329,28 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
     .collect();
     if let Some(list) = &config.workloads {
         for key in list {
-            if key != "latency" && !workloads.iter().any(|(w, _)| w.key == key) {
+            if key != "latency" && key != "live" && !workloads.iter().any(|(w, _)| w.key == key) {
                 bail!("BENCH_WORKLOADS: unknown workload {key:?}");
             }
         }
     }
+    // The packaged tools run only on the workloads that start a program.
+    let mut packages: Vec<&str> = chosen
+        .iter()
+        .filter(|_| !workloads.is_empty())
+        .filter_map(|c| c.package)
+        .collect();
+    packages.dedup();
+    install(&packages)?;
+    let live_chosen: Vec<&Contender> = chosen
+        .iter()
+        .copied()
+        .filter(|c| run_live && c.live)
+        .collect();
+    let mut live_results: Vec<live::LiveSeries> = live_chosen
+        .iter()
+        .map(|c| live::LiveSeries::new(c.name))
+        .collect();
 
     let scratch = std::env::temp_dir().join(format!("tracer-bench-{}", std::process::id()));
     fs::create_dir_all(&scratch).with_context(|| format!("create {}", scratch.display()))?;
@@ -380,6 +432,14 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
                     s.notes.extend(outcome.note);
                 }
             }
+            let n = live_chosen.len();
+            for i in 0..n {
+                let (c, series) = (
+                    live_chosen[(i + round) % n],
+                    &mut live_results[(i + round) % n],
+                );
+                live_pair(&env, &config, c, series, round);
+            }
         }
         Ok(())
     })();
@@ -391,7 +451,13 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
     let _ = fs::remove_dir_all(&scratch);
     let latency = latency?;
 
-    let mut report = render(&config, &workloads, &results, began.elapsed().as_secs_f64());
+    let mut report = render(
+        &config,
+        &workloads,
+        &results,
+        run_live.then_some(&live_results[..]),
+        began.elapsed().as_secs_f64(),
+    );
     if !latency.is_empty() {
         let _ = writeln!(
             report,
@@ -410,6 +476,39 @@ pub fn bench(pairs: Option<u64>) -> Result<()> {
     print!("{report}");
     eprintln!("xtask: wrote {}", report_path.display());
     Ok(())
+}
+
+/// One pair on the live workload: an untraced run, then the contender's. A pair that fails
+/// (a request answered wrongly or not at all, or a process that misbehaved) is recorded as
+/// failed, with why, and the bench goes on.
+fn live_pair(
+    env: &run::Env,
+    config: &Config,
+    c: &Contender,
+    series: &mut live::LiveSeries,
+    round: usize,
+) {
+    let pair = live::run_once(env, &Tool::Untraced, &config.live)
+        .context("the untraced run")
+        .and_then(|untraced| Ok((live::run_once(env, &c.tool, &config.live)?, untraced)));
+    let progress = format!("xtask: bench {}/{} live {}", round + 1, config.runs, c.key);
+    match pair {
+        Ok((traced, untraced)) => {
+            eprintln!(
+                "{progress}: CPU {} + {} µs and wall {} µs per request vs {} and {} untraced",
+                table::num(traced.service_cpu_us),
+                table::num(traced.tracer_cpu_us),
+                table::num(traced.wall_us),
+                table::num(untraced.cpu_us()),
+                table::num(untraced.wall_us),
+            );
+            series.pairs.push((traced, untraced));
+        }
+        Err(e) => {
+            eprintln!("{progress}: FAILED: {e:#}");
+            series.failed.push(format!("{e:#}"));
+        }
+    }
 }
 
 /// Installs the Debian packages that provide the chosen contenders, if missing.
@@ -486,6 +585,47 @@ fn machine() -> String {
     )
 }
 
+/// The live workload's section of the report.
+fn render_live(config: &Config, rows: &[live::LiveSeries]) -> String {
+    let live::Settings { load, warmup } = config.live;
+    let mut out = String::from(
+        "## Live service: the tracer attached to a running node HTTP server \
+         (bench/live_service)\n\n",
+    );
+    if rows.is_empty() {
+        out.push_str(
+            "No contender of this workload was chosen (full, full-fp, sampled, sampled-fp, \
+             floor).\n\n",
+        );
+        return out;
+    }
+    out.push_str(&live::table(rows));
+    let _ = writeln!(
+        out,
+        "\nEach run starts the service untraced and sends it {warmup} requests; then the \
+         contender attaches to its pid (the tracer: until it says it is recording, its \
+         breakpoints are on malloc and free, and it has loaded the symbol tables it loads right \
+         after attaching), and the client sends {} requests over {} keep-alive connections, one \
+         request in flight on each, checking every answer's status and body length; then the \
+         contender detaches. CPU per request: the service's utime+stime (uprobe traps and BPF \
+         programs are charged to it) plus the tracer's own, over the window of the requests; \
+         wall: the client's time from its first request to its last answer. Each traced run is \
+         paired with the untraced run right before it, on a fresh service; a pair with any \
+         failed request is counted as failed and left out of the figures. The client runs on \
+         the same machine, so the tracer's CPU also slows the client, which shows in the wall \
+         figures.\n",
+        load.requests, load.concurrency
+    );
+    out.push_str(&live::notes(rows));
+    out.push_str(
+        "- heaptrack is not in this table: its attach mode (`heaptrack -p`, gdb injection) \
+         crashed a live node 20 HTTP server with SIGSEGV in 2 of 2 tries on this machine, and \
+         its LD_PRELOAD mode needs a restart. valgrind cannot attach at all; the bpftrace \
+         scripts single-step free's first instruction (see above) and are left out.\n\n",
+    );
+    out
+}
+
 fn find<'a>(row: &'a [Series], prefix: &str) -> Option<&'a Series> {
     row.iter()
         .find(|s| s.contender.starts_with(prefix) && !s.runs.is_empty())
@@ -495,6 +635,7 @@ fn render(
     config: &Config,
     workloads: &[(Workload, u64)],
     results: &[Vec<Series>],
+    live: Option<&[live::LiveSeries]>,
     seconds: f64,
 ) -> String {
     let mut out = String::new();
@@ -503,7 +644,7 @@ fn render(
         "# Overhead: this tracer next to bpftrace, heaptrack and valgrind\n"
     );
     let _ = writeln!(out, "Machine: {}.\n", machine());
-    if workloads.is_empty() {
+    if workloads.is_empty() && live.is_none() {
         return out;
     }
     let _ = writeln!(
@@ -535,6 +676,9 @@ fn render(
             );
         }
         out.push('\n');
+    }
+    if let Some(rows) = live {
+        out.push_str(&render_live(config, rows));
     }
 
     let mut cost_rows = Vec::new();
@@ -656,6 +800,20 @@ fn render(
                 );
             }
         }
+    }
+    if let Some(sampled) = live
+        .into_iter()
+        .flatten()
+        .find(|s| s.contender == "tracer, --sample-bytes 512KiB" && !s.pairs.is_empty())
+    {
+        let ratio = median(&sampled.cpu().ratios());
+        let _ = writeln!(
+            out,
+            "- live: sampling at 512 KiB costs the service at most 1.10× its untraced CPU per \
+             request, the tracer's own CPU included (issue 13, for the in-process sampler): \
+             {ratio:.2}× — {}.",
+            verdict(ratio <= 1.10)
+        );
     }
     if let Some(row) = by_key("node") {
         if let (Some(full), Some(memleak)) =

@@ -149,6 +149,21 @@ pub fn cheap_free_offset(free: &LibcFunction) -> u64 {
     }
 }
 
+/// Where the floor's probes go, and this tracer's first ones: `malloc` and `free` at its cheap
+/// offset (named `free+N` then), in the libc that `pid` maps.
+pub fn cheap_sites(pid: u32) -> Result<(PathBuf, [LibcFunction; 2])> {
+    let libc = libc_of(pid, &["malloc", "free"])?;
+    let malloc = libc.function("malloc")?.clone();
+    let mut free = libc.function("free")?.clone();
+    let at = cheap_free_offset(&free);
+    if at != 0 {
+        free.file_offset += at;
+        free.address += at;
+        free.name = format!("free+{at}");
+    }
+    Ok((libc.path, [malloc, free]))
+}
+
 /// The kernel's floor for per-call uprobe tracing: uprobes that run an empty BPF program
 /// (`r0 = 0; exit`), attached through one uprobe-multi link, the cheapest way a BPF tool can
 /// be called at a function here.
@@ -210,6 +225,15 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize, what: &str) -> Result<Ow
 }
 
 impl EmptyUprobes {
+    /// The floor on process `pid`: attached at [`cheap_sites`], and in place (the breakpoints
+    /// are in its memory) when this returns. Also gives the name of the free probe's place.
+    pub fn attach_floor(pid: u32, timeout: Duration) -> Result<(Self, String)> {
+        let (path, [malloc, free]) = cheap_sites(pid)?;
+        let probes = Self::attach(&path, &[malloc.file_offset, free.file_offset], pid)?;
+        wait_for_breakpoints(pid, &[&malloc, &free], timeout)?;
+        Ok((probes, free.name))
+    }
+
     /// Attaches at each file offset of `path`, for process `pid` only.
     pub fn attach(path: &Path, offsets: &[u64], pid: u32) -> Result<Self> {
         // mov r0, 0; exit

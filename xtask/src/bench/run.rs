@@ -21,9 +21,9 @@ use super::{probes, table::OwnCost};
 use crate::util;
 
 /// How long a workload may take to start or to finish (valgrind runs node slowly).
-const TIMEOUT: Duration = Duration::from_secs(900);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(900);
 /// How long a tool may take to attach.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug)]
 pub enum Tool {
@@ -181,7 +181,7 @@ impl Proc {
         self.child.id()
     }
 
-    fn go(&mut self) -> Result<()> {
+    pub(super) fn go(&mut self) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
         stdin
             .write_all(b"go\n")
@@ -190,7 +190,7 @@ impl Proc {
     }
 
     /// Waits for the exit; fails on a non-zero status, with what the process said.
-    fn finish(&mut self) -> Result<(String, String)> {
+    pub(super) fn finish(&mut self) -> Result<(String, String)> {
         drop(self.stdin.take());
         let deadline = Instant::now() + TIMEOUT;
         let status = loop {
@@ -233,7 +233,7 @@ fn parse_metric(line: &str, prefix: &str) -> Option<f64> {
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
     let after = stat.rsplit_once(')').context("stat has no comm")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -283,7 +283,7 @@ fn reap_with_rusage(child: &mut Child, label: &str) -> Result<u64> {
 }
 
 /// Waits until process `pid` has no thread named `name` (comm) left.
-fn wait_for_thread_exit(pid: u32, name: &str, timeout: Duration) -> Result<()> {
+pub(super) fn wait_for_thread_exit(pid: u32, name: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let tasks = fs::read_dir(format!("/proc/{pid}/task"))
@@ -391,20 +391,8 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
             bpftrace = Some(p);
         }
         Tool::Floor => {
-            let libc = probes::libc_of(pid, &["malloc", "free"])?;
-            let malloc = libc.function("malloc")?.clone();
-            let mut free = libc.function("free")?.clone();
-            let at = probes::cheap_free_offset(&free);
-            free.file_offset += at;
-            free.address += at;
-            free.name = format!("free+{at}");
-            let probes = probes::EmptyUprobes::attach(
-                &libc.path,
-                &[malloc.file_offset, free.file_offset],
-                pid,
-            )?;
-            probes::wait_for_breakpoints(pid, &[&malloc, &free], ATTACH_TIMEOUT)?;
-            floor = Some((probes, free.name.clone()));
+            let (probes, free) = probes::EmptyUprobes::attach_floor(pid, ATTACH_TIMEOUT)?;
+            floor = Some((probes, free));
         }
         Tool::Untraced | Tool::Heaptrack | Tool::Massif => {}
     }
