@@ -105,17 +105,22 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
                         cycle.report["totals"]
                     ));
                 }
-                // node leaves no allocator call by longjmp, and no return comes without its
-                // entry: a stale call or an orphan return here would be an artefact of the
-                // probes going in or out (a return link in place before its entry link, or
-                // closed before it), not a call lost while recording.
+                // node leaves no allocator call by longjmp: a stale call here would be one
+                // whose return probe closed before its entry probe as the tracer stopped.
+                // Returns without their entry come only from calls already running when the
+                // entry probe went in and still running once every probe was in (a thread
+                // preempted inside malloc): at most two per thread (realloc's inner malloc,
+                // then realloc), not the hundreds that returns of calls begun while the links
+                // went in one by one, or of calls begun while stopping, would add.
                 let dropped = &cycle.report["totals"]["dropped"];
                 let stale = num(dropped, "stale_pending");
                 let orphans = num(dropped, "orphan_returns");
-                if ebpf && (stale != 0 || orphans != 0) {
+                let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map_or(0, |d| d.count()) as u64;
+                if ebpf && (stale != 0 || orphans > 2 * threads) {
                     failures.push(format!(
                         "cycle {i} ({}): {stale} calls counted stale_pending and {orphans} \
-                         orphan_returns: {dropped}",
+                         orphan_returns ({threads} threads): {dropped}",
                         args.join(" "),
                     ));
                 }
