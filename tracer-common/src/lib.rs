@@ -493,4 +493,5 @@ mod user_syscalls {
     unsafe impl aya::Pod for super::SyscallEvent {}
 }
 
+pub mod sampler;
 pub mod sampling;
