@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod diag;
 pub mod diff;
 pub mod fuzzing;
+pub mod inject;
 pub mod mallocstats;
 pub mod memmap;
 pub mod options;
