@@ -243,7 +243,8 @@ pub struct Control {
     /// frame (`SampledCall::entry`).
     pub entry: [u64; HOOKS],
     /// The allocator's own code: a call from there is glibc calling itself (realloc(p, 0) ->
-    /// free, memalign -> malloc) and passes through, neither counted nor sampled. The
+    /// free, memalign -> malloc) and passes through, neither counted nor sampled (a block of
+    /// the set that such a call frees or resizes still leaves the set). The
     /// sampler's own image is always treated so (a real function that tail-calls another
     /// hooked one, as realloc(NULL, n) -> malloc does, returns into the hook that called it).
     pub internal: [CodeRange; RANGES],

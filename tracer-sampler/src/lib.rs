@@ -25,7 +25,9 @@
 //!   hook's stack starts exactly as the real function's would); when that address lies in
 //!   one of `Control::internal` (the allocator's code, filled in by the tracer) or in this
 //!   object (where a tail-jumping real function returns to the hook that called it), the call
-//!   is glibc's own business and passes straight through, neither counted nor sampled.
+//!   is glibc's own business and passes straight through, neither counted nor sampled. Only
+//!   the set is kept right whoever calls: a block of the set that is freed or resized leaves
+//!   it (a stale address would be taken for a later block's).
 //! - **Inert.** With `Control::active == 0` (as built, and after the tracer detaches or dies)
 //!   every hook only calls the real function; the probe sites, without uprobes, only count.
 //! - **Sampled set.** A fixed open-addressing set of sampled addresses, one cache line per
@@ -151,15 +153,22 @@ fn real<F: Copy>(c: *mut Control, hook: Hook) -> Option<F> {
 /// inert (or has no valid mean), or the call comes from the allocator itself.
 #[inline(always)]
 fn sampling_mean(c: *mut Control, sp: *const u64) -> Option<u64> {
+    let mean = active_mean(c)?;
+    // SAFETY: `sp` is the stack pointer at the hook's entry, where the caller's `call` left
+    // its return address.
+    if is_internal(c, unsafe { *sp }) {
+        None
+    } else {
+        Some(mean)
+    }
+}
+
+/// The mean in force, or None while the sampler is inert (or has no valid mean).
+#[inline(always)]
+fn active_mean(c: *mut Control) -> Option<u64> {
     // SAFETY: `c` is the control block.
     let (active, mean) = unsafe { (load(&raw mut (*c).active), load(&raw mut (*c).mean)) };
     if active == 0 || mean.wrapping_sub(1) >= sampling::MAX_MEAN {
-        return None;
-    }
-    // SAFETY: `sp` is the stack pointer at the hook's entry, where the caller's `call` left
-    // its return address.
-    let ret = unsafe { *sp };
-    if is_internal(c, ret) {
         None
     } else {
         Some(mean)
@@ -702,14 +711,13 @@ extern "C" fn free_body(ptr: *mut c_void, _: usize, _: usize, sp: *const u64, bp
     unsafe { real(ptr) }
 }
 
+/// A free whose bucket holds addresses. Whoever frees a block of the set, even glibc from
+/// inside its allocator, the block is gone and must leave the set: a stale address would be
+/// taken for a later block's. (A realloc's own free of the old block never gets here: the
+/// realloc's hook took the block out before calling the real realloc.)
 #[cold]
 #[inline(never)]
 fn free_maybe_sampled(c: *mut Control, addr: u64, caller: Caller) {
-    // SAFETY: caller.sp holds the caller's return address.
-    if is_internal(c, unsafe { *caller.sp }) {
-        // glibc freeing from inside a realloc, whose hook took the block out already.
-        return;
-    }
     if set_remove(c, addr) {
         // Reported while the block is still allocated: once free has run, another thread may
         // be handed the same address and report it as sampled.
@@ -728,7 +736,7 @@ extern "C" fn realloc_body(
     let Some(real) = real::<ReallocFn>(c, Hook::Realloc) else {
         return core::ptr::null_mut();
     };
-    let Some(mean) = sampling_mean(c, sp) else {
+    let Some(counting) = resize_mean(c, ptr, sp) else {
         // SAFETY: the caller's own call, passed on.
         return unsafe { real(ptr, size) };
     };
@@ -739,7 +747,7 @@ extern "C" fn realloc_body(
         Caller { sp, bp },
         ptr,
         size as u64,
-        mean,
+        counting,
         || unsafe { real(ptr, size) },
     )
 }
@@ -756,7 +764,7 @@ extern "C" fn reallocarray_body(
         return core::ptr::null_mut();
     };
     // An overflowing n * size fails with ENOMEM and leaves the block alone.
-    let (Some(mean), Some(bytes)) = (sampling_mean(c, sp), product(n, size)) else {
+    let (Some(counting), Some(bytes)) = (resize_mean(c, ptr, sp), product(n, size)) else {
         // SAFETY: the caller's own call, passed on.
         return unsafe { real(ptr, n, size) };
     };
@@ -767,9 +775,25 @@ extern "C" fn reallocarray_body(
         Caller { sp, bp },
         ptr,
         bytes,
-        mean,
+        counting,
         || unsafe { real(ptr, n, size) },
     )
+}
+
+/// Whether a realloc passes straight through (None), or what it does: `Some(Some(mean))`
+/// counts its bytes at `mean`; `Some(None)`, a call from the allocator itself on a block
+/// that may be sampled, only settles the old block (it leaves the set whoever resizes it).
+#[inline(always)]
+fn resize_mean(c: *mut Control, ptr: *mut c_void, sp: *const u64) -> Option<Option<u64>> {
+    let mean = active_mean(c)?;
+    // SAFETY: `sp` holds the caller's return address.
+    if !is_internal(c, unsafe { *sp }) {
+        Some(Some(mean))
+    } else if !ptr.is_null() && set_may_hold(c, ptr as u64) {
+        Some(None)
+    } else {
+        None
+    }
 }
 
 /// realloc and reallocarray, as the kernel sampler treats them: a free of the old block (if it
@@ -783,16 +807,19 @@ fn resize(
     caller: Caller,
     old: *mut c_void,
     size: u64,
-    mean: u64,
+    counting: Option<u64>,
     call: impl FnOnce() -> *mut c_void,
 ) -> *mut c_void {
     let old = old as u64;
     let held = old != 0 && set_may_hold(c, old) && hold_old(c, hook, caller, old);
     let new = call();
-    let sampled = take_sample(c, size, mean);
+    let sampled = match counting {
+        Some(mean) => take_sample(c, size, mean),
+        None => false,
+    };
     if held {
-        settle(c, hook, caller, old, new as u64, size, mean, sampled);
-    } else if sampled {
+        settle(c, hook, caller, old, new as u64, size, counting, sampled);
+    } else if let (true, Some(mean)) = (sampled, counting) {
         sampled_alloc(c, hook, caller, new as u64, size, mean, 0);
     }
     new
@@ -822,7 +849,7 @@ fn settle(
     old: u64,
     new: u64,
     size: u64,
-    mean: u64,
+    counting: Option<u64>,
     sampled: bool,
 ) {
     // realloc(p, 0) frees p and returns NULL; any other NULL leaves p allocated.
@@ -834,7 +861,7 @@ fn settle(
         count(c, counter::RESTORE_FULL);
         flags::OLD_KEPT | flags::OLD_UNTRACKED
     };
-    if sampled && new != 0 {
+    if let (true, Some(mean), true) = (sampled, counting, new != 0) {
         sampled_alloc(c, hook, caller, new, size, mean, fate);
         return;
     }
