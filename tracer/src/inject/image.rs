@@ -58,6 +58,9 @@ pub struct SamplerImage {
 
 pub const PAGE: u64 = 4096;
 
+/// `push %rbp`.
+const PUSH_RBP: u8 = 0x55;
+
 impl SamplerImage {
     pub fn parse(data: &[u8]) -> Result<SamplerImage, ImageError> {
         let file = ElfFile64::<Endianness>::parse(data)
@@ -193,6 +196,19 @@ impl SamplerImage {
             }
             functions.push((name, (addr, size)));
         }
+        // A uprobe on `push %rbp` is emulated (a trap, no single step) and is the one place
+        // where the kernel adds the caller to a stack captured at an entry.
+        for (name, (addr, _)) in [(ALLOC_SITE_SYMBOL, alloc), (FREE_SITE_SYMBOL, free)] {
+            let first = segments
+                .iter()
+                .find(|s| s.exec && addr >= s.vaddr && addr < s.vaddr + s.file_size)
+                .map(|s| data[(s.offset + addr - s.vaddr) as usize]);
+            if first != Some(PUSH_RBP) {
+                return Err(ImageError::Forbidden(format!(
+                    "probe site {name} does not start with push %rbp (first byte {first:x?})"
+                )));
+            }
+        }
         let in_exec = |addr: u64| {
             segments
                 .iter()
@@ -298,4 +314,71 @@ fn relocations(
         relative.push((offset, r.r_addend(endian) as u64));
     }
     Ok(relative)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inject::sampler::sampler_so;
+
+    /// The embedded object, copied into an 8-aligned buffer that a test may change.
+    fn copy() -> (Vec<u64>, usize) {
+        let bytes = sampler_so();
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: the buffer holds at least bytes.len() bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            )
+        };
+        (words, bytes.len())
+    }
+
+    fn bytes_mut(words: &mut [u64], len: usize) -> &mut [u8] {
+        // SAFETY: the words' bytes, of which the first `len` are the object.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
+    }
+
+    #[test]
+    fn an_ordinary_library_is_refused() {
+        let libc = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("read libc");
+        let err = SamplerImage::parse(&libc).expect_err("libc is not a sampler");
+        assert!(
+            matches!(
+                err,
+                ImageError::Forbidden(_) | ImageError::MissingSymbol(..)
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_sampler_with_another_layout_or_a_moved_probe_site_is_refused() {
+        let good = SamplerImage::parse(sampler_so()).expect("the embedded sampler parses");
+        let control_offset = good
+            .segments
+            .iter()
+            .find(|s| s.write && good.control >= s.vaddr && good.control < s.vaddr + s.file_size)
+            .map(|s| (s.offset + good.control - s.vaddr) as usize)
+            .expect("the block is in the file");
+        let (mut words, len) = copy();
+        bytes_mut(&mut words, len)[control_offset + 8] ^= 0xff;
+        let err = SamplerImage::parse(bytes_mut(&mut words, len)).expect_err("version changed");
+        assert!(err.to_string().contains("magic"), "{err}");
+
+        let site_offset = good
+            .segments
+            .iter()
+            .find(|s| {
+                s.exec && good.alloc_site >= s.vaddr && good.alloc_site < s.vaddr + s.file_size
+            })
+            .map(|s| (s.offset + good.alloc_site - s.vaddr) as usize)
+            .expect("the site is in the file");
+        let (mut words, len) = copy();
+        bytes_mut(&mut words, len)[site_offset] = 0x90;
+        let err = SamplerImage::parse(bytes_mut(&mut words, len)).expect_err("site changed");
+        assert!(err.to_string().contains("push %rbp"), "{err}");
+    }
 }
