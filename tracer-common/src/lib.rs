@@ -502,4 +502,5 @@ mod user_syscalls {
     unsafe impl aya::Pod for super::SyscallEvent {}
 }
 
+pub mod sampler;
 pub mod sampling;
