@@ -10,7 +10,7 @@ use std::{ffi::OsString, process::Command, time::Duration};
 
 use serde_json::Value;
 use support::{
-    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, describe_stacks, fixtures_dir, frame_function,
+    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, TempDir, build_fixture, describe_stacks, fixtures_dir,
     num, parse_report, record_launch, run_tracer, setup, stacks, start_recording, stop_recording,
 };
 
