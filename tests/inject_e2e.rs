@@ -167,8 +167,9 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
 
     let injected = Injected::install(pid, 4096).unwrap_or_else(|e| panic!("install: {e:#?}"));
     eprintln!(
-        "install: {:?}, {} threads, internal ranges {:x?}, missing {:?}",
+        "install: {:?} (threads stopped {:?}), {} threads, internal ranges {:x?}, missing {:?}",
         injected.report.elapsed,
+        injected.report.stopped,
         injected.report.threads,
         injected.report.internal,
         injected.report.missing_internal
@@ -214,7 +215,7 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
     assert_eq!(left.active, 0, "the sampler left behind must be inert");
     t.runs_healthy("progress", 0.5);
 
-    let (mut installs, mut removes) = (Vec::new(), Vec::new());
+    let (mut installs, mut stops, mut removes) = (Vec::new(), Vec::new(), Vec::new());
     for cycle in 0..20 {
         let i = Injected::install(pid, 4096)
             .unwrap_or_else(|e| panic!("cycle {cycle}: install: {e:#?}"));
@@ -228,6 +229,7 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
             "cycle {cycle}: a second sampler was mapped"
         );
         installs.push(i.report.elapsed);
+        stops.push(i.report.stopped);
         std::thread::sleep(Duration::from_millis(100));
         let c = i.counters().expect("counters");
         assert!(
@@ -241,10 +243,12 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
         assert_libc_text_pristine(pid, &format!("after cycle {cycle}"));
     }
     installs.sort();
+    stops.sort();
     removes.sort();
     eprintln!(
-        "20 cycles: install median {:?} max {:?}; remove median {:?} max {:?}",
-        installs[10], installs[19], removes[10], removes[19]
+        "20 cycles: install median {:?} max {:?} (threads stopped median {:?} max {:?}); \
+         remove median {:?} max {:?}",
+        installs[10], installs[19], stops[10], stops[19], removes[10], removes[19]
     );
     t.runs_healthy("progress", 0.5);
     let last = t.quit();
@@ -322,8 +326,8 @@ fn node_serving_http_stays_healthy_through_install_and_remove() {
     t.runs_healthy("ok", 1.0);
     let i = Injected::install(pid, 4096).unwrap_or_else(|e| panic!("install into node: {e:#?}"));
     eprintln!(
-        "node: install {:?} with {} threads",
-        i.report.elapsed, i.report.threads
+        "node: install {:?} (threads stopped {:?}) with {} threads",
+        i.report.elapsed, i.report.stopped, i.report.threads
     );
     let (a, b) = t.runs_healthy("ok", 2.5);
     let c = i.counters().expect("counters");

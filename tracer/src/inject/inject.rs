@@ -180,7 +180,10 @@ pub struct InstallReport {
     /// Internal functions the symbols did not have (no debug file): calls from them are
     /// counted and sampled like the program's own.
     pub missing_internal: Vec<String>,
+    /// The whole install, planning included.
     pub elapsed: Duration,
+    /// How long the target's threads were held stopped by the last, successful stop.
+    pub stopped: Duration,
 }
 
 /// One redirected entry.
@@ -1031,6 +1034,7 @@ impl Injected {
             .collect();
 
         let (threads, retries) = stop_clear_of(pid, &mem, &ranges, "stop the threads to install")?;
+        let stopped_at = Instant::now();
         let mut s = Session {
             pid,
             mem,
@@ -1224,6 +1228,7 @@ impl Injected {
                 internal,
                 missing_internal,
                 elapsed: started.elapsed(),
+                stopped: stopped_at.elapsed(),
             },
         })
     }
