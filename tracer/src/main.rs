@@ -39,6 +39,22 @@ enum Command {
     /// Ask glibc inside a running process how much of its heap is in use and how much is
     /// free memory it keeps (calls mallinfo2 and malloc_info at a safe moment).
     MallocStats(MallocStatsArgs),
+    /// Debugging aid for tests (hidden): injects the in-process sampler into --pid, holds it
+    /// for --hold seconds, removes it. A separate process that a test can kill.
+    #[command(hide = true)]
+    InjectTest(InjectTestArgs),
+}
+
+#[derive(clap::Args)]
+struct InjectTestArgs {
+    #[arg(long)]
+    pid: i32,
+    /// Mean bytes between samples.
+    #[arg(long, default_value_t = 4096)]
+    mean: u64,
+    /// Seconds to keep the sampler in before removing it.
+    #[arg(long, default_value_t = 1.0)]
+    hold: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -364,6 +380,31 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_ERROR)
 }
 
+/// `tracer inject-test`: install, hold, remove, saying each step on stdout.
+fn inject_test(args: &InjectTestArgs) -> ExitCode {
+    use tracer::inject::inject::Injected;
+    let injected = match Injected::install(args.pid, args.mean) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("{:#}", anyhow::Error::from(e))),
+    };
+    println!(
+        "installed base={:#x} control={:#x} reused={} threads={} install_us={}",
+        injected.base(),
+        injected.control(),
+        injected.report.reused,
+        injected.report.threads,
+        injected.report.elapsed.as_micros()
+    );
+    std::thread::sleep(Duration::from_secs_f64(args.hold));
+    match injected.remove() {
+        Ok(took) => {
+            println!("removed remove_us={}", took.as_micros());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("{:#}", anyhow::Error::from(e))),
+    }
+}
+
 fn main() -> ExitCode {
     tracer::diag::ensure_standard_fds();
     let cli = match Cli::try_parse() {
@@ -450,6 +491,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
             }
         }
+        Command::InjectTest(args) => inject_test(&args),
         Command::Top(args) => {
             let opts = match args.into_options() {
                 Ok(opts) => opts,

@@ -301,7 +301,7 @@ fn collect_symbols<'d, S: ObjectSymbol<'d>>(from: impl Iterator<Item = S>, out: 
     }
 }
 
-fn debug_file(file: &object::File) -> Option<PathBuf> {
+pub(crate) fn debug_file(file: &object::File) -> Option<PathBuf> {
     let id = file.build_id().ok()??;
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
     let (dir, rest) = hex.split_at_checked(2)?;

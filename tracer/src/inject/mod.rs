@@ -1,6 +1,12 @@
-//! Code the tracer puts into a traced process (issue 13, not yet injected): the in-process
-//! sampler (`sampler`), what finds and checks its pieces in the built object (`image`), and the
-//! pure planning of an allocator entry's redirect to it (`entry`).
+//! Code the tracer puts into a traced process (issue 13): the in-process sampler (`sampler`),
+//! what finds and checks its pieces in the built object (`image`), the pure planning of an
+//! allocator entry's redirect to it (`entry`), and its injection into a live process
+//! (`inject`).
 pub mod entry;
 pub mod image;
+#[expect(
+    clippy::module_inception,
+    reason = "the brief names the module inject::inject: the injection, next to its parts"
+)]
+pub mod inject;
 pub mod sampler;
