@@ -592,7 +592,7 @@ fn attach_backend(
                 pid,
                 task,
                 libc_host,
-                crate::probe::ebpf::Limits { v8, ..opts.limits },
+                crate::probe::ebpf::Limits { v8, ..opts.limits.clone() },
                 Some(SyscallTarget { libc, maps }),
             );
             match attached {
@@ -627,7 +627,7 @@ fn attach_backend(
             pid: pid.get(),
             libc_host: libc_host.to_owned(),
             libc: libc.to_owned(),
-            limits: opts.limits,
+            limits: opts.limits.clone(),
             handover,
         })?)
     };
