@@ -240,15 +240,6 @@ impl SamplerImage {
             relative,
         })
     }
-
-    /// The file offset of the image address `vaddr` (an offset from the load base), if a
-    /// segment holds it in the file: where a uprobe on that address is placed.
-    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| (s.vaddr..s.vaddr + s.file_size).contains(&vaddr))
-            .map(|s| vaddr - s.vaddr + s.offset)
-    }
 }
 
 /// Packed relative relocations (object 0.37 does not name the tag).

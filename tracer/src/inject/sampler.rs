@@ -303,6 +303,16 @@ impl LocalSampler {
     }
 }
 
+/// The file offset of `image`'s address `vaddr` (an offset from the load base), if a segment
+/// holds it in the file: where a uprobe on that address is placed.
+pub fn file_offset(image: &SamplerImage, vaddr: u64) -> Option<u64> {
+    image
+        .segments
+        .iter()
+        .find(|s| (s.vaddr..s.vaddr + s.file_size).contains(&vaddr))
+        .map(|s| vaddr - s.vaddr + s.offset)
+}
+
 /// The address of `hook`'s libc function in this process.
 pub fn libc_function(hook: Hook) -> Result<u64, LoadError> {
     let name = hook.libc_name();

@@ -1078,7 +1078,7 @@ fn sampler_mapped_from_a_file_samples_like_the_copied_one() {
         })
         .expect("the alloc site is mapped");
     assert!(line.contains("r-xp") && line.contains("memfd:tracer-sampler-test"), "{line}");
-    let file_offset = sampler.image().file_offset(sampler.image().alloc_site).expect("in the file");
+    let file_offset = super::file_offset(sampler.image(), sampler.image().alloc_site).expect("in the file");
     assert_eq!(sampler_so()[file_offset as usize], 0x55, "the site starts with push %rbp in the file");
 
     sampler.use_libc().expect("find libc's allocator");
