@@ -203,8 +203,14 @@ impl Recording {
             .filter(|s| !s.emulated)
             .map(|s| format!("{}+{:#x}", s.function, s.offset))
             .collect();
+        let on = match &opts.limits.sampler_sites {
+            Some(s) if opts.limits.sample_bytes.is_some() && probes.name() == "ebpf" => {
+                format!("the in-process sampler's sites ({})", s.path.display())
+            }
+            _ => libc.clone(),
+        };
         diag::warn(format_args!(
-            "recording pid {pid} ({}): {} probes on {libc}{}",
+            "recording pid {pid} ({}): {} probes on {on}{}",
             info.command,
             probes.sites().len(),
             if slow.is_empty() {
