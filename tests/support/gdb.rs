@@ -496,7 +496,10 @@ fn entries_equal(gdb: &Entry, tracer: &Entry) -> bool {
                 // names that offset, is the same frame.
                 (None, Some(b)) => {
                     gdb.offset == tracer.offset
-                        && gdb.module.as_deref().and_then(|m| symbol_at_file_offset(m, gdb.offset))
+                        && gdb
+                            .module
+                            .as_deref()
+                            .and_then(|m| symbol_at_file_offset(m, gdb.offset))
                             .is_some_and(|s| normalize_name(&s) == normalize_name(b))
                 }
                 _ => false,
@@ -526,7 +529,11 @@ pub fn symbol_at_file_offset(path: &str, offset: u64) -> Option<String> {
                     (off, size, s.address())
                 })
                 .collect();
-            let symbols = if file.symbols().next().is_some() { file.symbols() } else { file.dynamic_symbols() };
+            let symbols = if file.symbols().next().is_some() {
+                file.symbols()
+            } else {
+                file.dynamic_symbols()
+            };
             let mut syms: Vec<(u64, u64, String)> = symbols
                 .filter(|s| s.is_definition() && s.size() > 0)
                 .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_owned())))
@@ -536,7 +543,9 @@ pub fn symbol_at_file_offset(path: &str, offset: u64) -> Option<String> {
         })
         .clone()?;
     let (loads, syms) = &*table;
-    let &(seg_off, _, seg_addr) = loads.iter().find(|&&(o, size, _)| offset >= o && offset < o + size)?;
+    let &(seg_off, _, seg_addr) = loads
+        .iter()
+        .find(|&&(o, size, _)| offset >= o && offset < o + size)?;
     let addr = seg_addr + (offset - seg_off);
     let i = syms.partition_point(|s| s.0 <= addr);
     let (start, size, name) = syms.get(i.checked_sub(1)?)?;

@@ -90,7 +90,9 @@ impl CodeSnapshot {
             .collect();
         for (path, start, end, pages) in &self.mappings {
             match index.get(&(*start, path.as_str())) {
-                None => out.push(format!("{path} at {start:#x}-{end:#x} is no longer mapped there")),
+                None => out.push(format!(
+                    "{path} at {start:#x}-{end:#x} is no longer mapped there"
+                )),
                 Some((_, _, end2, _)) if end2 != end => out.push(format!(
                     "{path} at {start:#x} ended at {end:#x}, now at {end2:#x}"
                 )),
@@ -120,7 +122,8 @@ impl CodeSnapshot {
 /// Reads every r-xp file mapping of `pid` (path starting with '/').
 pub fn code_snapshot(pid: i32) -> CodeSnapshot {
     let maps_path = format!("/proc/{pid}/maps");
-    let maps = std::fs::read_to_string(&maps_path).unwrap_or_else(|e| panic!("read {maps_path}: {e}"));
+    let maps =
+        std::fs::read_to_string(&maps_path).unwrap_or_else(|e| panic!("read {maps_path}: {e}"));
     let mem_path = format!("/proc/{pid}/mem");
     let mem = std::fs::File::open(&mem_path).unwrap_or_else(|e| panic!("open {mem_path}: {e}"));
     let mut mappings = Vec::new();
@@ -145,7 +148,10 @@ pub fn code_snapshot(pid: i32) -> CodeSnapshot {
         }
         mappings.push((fields[5..].join(" "), start, end, pages));
     }
-    assert!(!mappings.is_empty(), "process {pid} has no executable file mappings");
+    assert!(
+        !mappings.is_empty(),
+        "process {pid} has no executable file mappings"
+    );
     CodeSnapshot { mappings }
 }
 
@@ -164,7 +170,9 @@ pub fn bpf_links() -> Vec<BpfLink> {
     let output = Command::new("bpftool")
         .args(["link", "show", "--json"])
         .output()
-        .unwrap_or_else(|e| panic!("run `bpftool link show --json`: {e}; run `cargo xtask prereqs`"));
+        .unwrap_or_else(|e| {
+            panic!("run `bpftool link show --json`: {e}; run `cargo xtask prereqs`")
+        });
     assert!(
         output.status.success(),
         "`bpftool link show --json` failed: {}",
@@ -267,10 +275,18 @@ pub struct Cycle {
 pub fn attach_cycle(pid: i32, args: &[&str], hold: Duration) -> Result<Cycle, String> {
     let started = Instant::now();
     let mut cmd = Command::new(tracer_bin());
-    cmd.args(["record", "--pid", &pid.to_string(), "--format", "json", "--top", "5"])
-        .arg("--duration")
-        .arg(format!("{}ms", hold.as_millis()))
-        .args(args);
+    cmd.args([
+        "record",
+        "--pid",
+        &pid.to_string(),
+        "--format",
+        "json",
+        "--top",
+        "5",
+    ])
+    .arg("--duration")
+    .arg(format!("{}ms", hold.as_millis()))
+    .args(args);
     let label = format!("tracer record --pid {pid} {}", args.join(" "));
     let mut tracer = Proc::spawn(&label, &mut cmd);
     let wanted = format!("tracer: recording pid {pid}");
@@ -298,8 +314,12 @@ pub fn attach_cycle(pid: i32, args: &[&str], hold: Duration) -> Result<Cycle, St
             finished.describe()
         ));
     }
-    let report: Value = serde_json::from_str(&finished.stdout)
-        .map_err(|e| format!("`{label}` printed no JSON report ({e})\n{}", finished.describe()))?;
+    let report: Value = serde_json::from_str(&finished.stdout).map_err(|e| {
+        format!(
+            "`{label}` printed no JSON report ({e})\n{}",
+            finished.describe()
+        )
+    })?;
     if report["pid"].as_u64() != Some(pid as u64) {
         return Err(format!("`{label}`: the report is of pid {}", report["pid"]));
     }

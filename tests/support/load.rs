@@ -26,7 +26,8 @@ fn exchange(
     reader: &mut BufReader<TcpStream>,
     path: &str,
 ) -> Result<RawResponse, String> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("send GET {path}: {e}"))?;
@@ -38,7 +39,9 @@ fn exchange(
             .read_until(b'\n', &mut raw)
             .map_err(|e| format!("read the response to GET {path}: {e}"))?;
         if n == 0 {
-            return Err(format!("the connection closed during the response to GET {path}"));
+            return Err(format!(
+                "the connection closed during the response to GET {path}"
+            ));
         }
         let line = &raw[before..];
         if line == b"\r\n" {
@@ -54,7 +57,8 @@ fn exchange(
             return Err(format!("response headers to GET {path} exceed 64 KiB"));
         }
     }
-    let length = length.ok_or_else(|| format!("the response to GET {path} has no Content-Length"))?;
+    let length =
+        length.ok_or_else(|| format!("the response to GET {path} has no Content-Length"))?;
     let start = raw.len();
     raw.resize(start + length, 0);
     reader
@@ -73,13 +77,18 @@ fn connect(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>), String
         .map_err(|e| format!("set socket options: {e}"))?;
     let reader = BufReader::with_capacity(
         64 << 10,
-        stream.try_clone().map_err(|e| format!("clone socket: {e}"))?,
+        stream
+            .try_clone()
+            .map_err(|e| format!("clone socket: {e}"))?,
     );
     Ok((stream, reader))
 }
 
 /// The reference answers: one request per path on one connection, before any load.
-pub fn fetch_reference(addr: SocketAddr, paths: &[String]) -> Result<HashMap<String, RawResponse>, String> {
+pub fn fetch_reference(
+    addr: SocketAddr,
+    paths: &[String],
+) -> Result<HashMap<String, RawResponse>, String> {
     let (mut stream, mut reader) = connect(addr)?;
     let mut out = HashMap::new();
     for path in paths {
@@ -145,11 +154,20 @@ pub struct LoadReport {
 
 impl LoadReport {
     pub fn count(&self, outcome: Outcome) -> usize {
-        self.requests.iter().filter(|r| r.outcome == outcome).count()
+        self.requests
+            .iter()
+            .filter(|r| r.outcome == outcome)
+            .count()
     }
 
     pub fn max_latency(&self) -> Duration {
-        Duration::from_micros(self.requests.iter().map(|r| r.latency_us).max().unwrap_or(0))
+        Duration::from_micros(
+            self.requests
+                .iter()
+                .map(|r| r.latency_us)
+                .max()
+                .unwrap_or(0),
+        )
     }
 
     /// Latency at quantile `q` (0..=1) of the answered requests.
@@ -228,8 +246,12 @@ impl Load {
         let paths = Arc::new(config.paths.clone());
         let workers = (0..config.connections)
             .map(|w| {
-                let (shared, paths, reference, config) =
-                    (shared.clone(), paths.clone(), reference.clone(), config.clone());
+                let (shared, paths, reference, config) = (
+                    shared.clone(),
+                    paths.clone(),
+                    reference.clone(),
+                    config.clone(),
+                );
                 thread::spawn(move || worker(w, &config, &paths, &reference, &shared, started))
             })
             .collect();

@@ -635,11 +635,15 @@ pub fn check_report_shape(report: &Value) {
             // (column) and, when interpreted, which line it was running (current_line).
             if kind == Some("js") {
                 assert!(
-                    frame.get("column").is_some_and(|c| c.is_null() || c.is_u64()),
+                    frame
+                        .get("column")
+                        .is_some_and(|c| c.is_null() || c.is_u64()),
                     "js frame \"column\" is missing or not an integer: {frame}"
                 );
                 assert!(
-                    frame.get("current_line").is_none_or(|c| c.is_null() || c.is_u64()),
+                    frame
+                        .get("current_line")
+                        .is_none_or(|c| c.is_null() || c.is_u64()),
                     "js frame \"current_line\" is not an integer: {frame}"
                 );
             }
@@ -990,7 +994,10 @@ pub fn check_alloc_report(report: &Value, how: &str) {
         ("live_allocs", sum(|u| u.live_allocs)),
         ("alloc_bytes", sum(|u| u.alloc_bytes)),
         ("allocs", sum(|u| u.allocs)),
-        ("frees", ALLOC_FIXTURE_FREES + ALLOC_FIXTURE_REALLOC_RELEASES),
+        (
+            "frees",
+            ALLOC_FIXTURE_FREES + ALLOC_FIXTURE_REALLOC_RELEASES,
+        ),
         ("unmatched_frees", 0),
         ("failed_allocs", ALLOC_FIXTURE_FAILED),
     ];

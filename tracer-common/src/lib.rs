@@ -185,7 +185,11 @@ pub mod counter {
     /// A new stack with V8 frames could not be announced to user space (its ring was full):
     /// its frames are named when a snapshot meets it, later than the GC-safe second.
     pub const JS_NOTICE_LOST: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// The in-process sampler sampled an allocation but could not keep its address (its set
+    /// was full), so the block's free will not be reported: counted as allocated, not as live.
+    /// Also a failed realloc's block that could not go back into the set.
+    pub const SAMPLER_UNTRACKED: u32 = 22;
+    pub const COUNT: u32 = 23;
 }
 
 /// Where a recording stands, in the allocator programs' `PHASE` map (set by user space).

@@ -72,7 +72,7 @@ fn phase() -> u32 {
 }
 
 #[inline(always)]
-fn stopping() -> bool {
+pub(crate) fn stopping() -> bool {
     phase() == STOPPING
 }
 
@@ -565,7 +565,7 @@ fn try_free(ctx: &ProbeContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-fn restore_old(pending: &Pending) {
+pub(crate) fn restore_old(pending: &Pending) {
     let old = LiveAlloc {
         size: pending.old_size,
         stack: pending.old_stack,
@@ -579,12 +579,21 @@ fn restore_old(pending: &Pending) {
 
 /// A block of `size` bytes of `stack` is no longer live.
 #[inline(always)]
-fn retire(stack: u64, size: u64) {
+pub(crate) fn retire(stack: u64, size: u64) {
     let (bytes, allocs) = weight(size);
     add_stats(stack, -(bytes as i64), -(allocs as i64), 0, 0);
 }
 
 fn record_alloc(addr: u64, size: u64, stack: u64) {
+    let (bytes, allocs) = weight(size);
+    record_weighted(addr, size, stack, bytes, allocs);
+}
+
+/// [`record_alloc`] of a block that adds `bytes` and `allocs` to its stack's totals (the
+/// in-process sampler's event says what: see sampler.rs). Inlined, so that sampling mode's
+/// program stays as it was.
+#[inline(always)]
+pub(crate) fn record_weighted(addr: u64, size: u64, stack: u64, bytes: u64, allocs: u64) {
     if let Some(stale) = LIVE.get_ptr(addr) {
         // We hold this address as live, yet the allocator handed it out again: its free
         // went by unseen. Retire it from its stack before reusing the slot.
@@ -600,7 +609,6 @@ fn record_alloc(addr: u64, size: u64, stack: u64) {
         stack,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let (bytes, allocs) = weight(size);
     // Counted live before it is findable by a free on another thread, so that the stack's
     // running total never misses a block that is live (which its peak would then miss too).
     add(stats, bytes as i64, allocs as i64, bytes, allocs);
@@ -612,7 +620,7 @@ fn record_alloc(addr: u64, size: u64, stack: u64) {
     }
 }
 
-fn add_stats(stack: u64, live_bytes: i64, live_allocs: i64, alloc_bytes: u64, allocs: u64) {
+pub(crate) fn add_stats(stack: u64, live_bytes: i64, live_allocs: i64, alloc_bytes: u64, allocs: u64) {
     if let Some((_, stats)) = stats_entry(stack) {
         add(stats, live_bytes, live_allocs, alloc_bytes, allocs);
     }

@@ -13,6 +13,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod mmap;
 #[cfg(target_arch = "bpf")]
+mod sampler;
+#[cfg(target_arch = "bpf")]
 mod stack;
 #[cfg(target_arch = "bpf")]
 mod v8;

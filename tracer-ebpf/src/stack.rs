@@ -127,6 +127,87 @@ pub fn capture_with_caller(ctx: *mut core::ffi::c_void, regs: &UserRegs, caller:
     key
 }
 
+/// Captures a user stack that starts at `regs` rather than where the program's probe fired:
+/// the in-process sampler's probe sites (sampler.rs) hand over the registers at the
+/// allocator's entry, and the walk must not see the sampler's own frames. `caller` is the
+/// return address at `regs.sp`. Frames as [`capture_with_caller`] records them: the walker's
+/// (dwarf, auto), or with `--unwind fp` `regs.ip`, `caller`, then the return addresses of the
+/// frame-pointer chain from `regs.bp`, as the kernel's walk would give them at an entry probe.
+#[inline(always)]
+pub fn capture_from(regs: &UserRegs, caller: u64) -> u64 {
+    let Some((slot, buf)) = claim_scratch() else {
+        return STACK_LOST;
+    };
+    let got = if unwind_mode() == unwind_mode::FP {
+        // SAFETY: `buf` is a scratch value of this CPU that we own until it is released.
+        unsafe {
+            (*buf).frames[0] = regs.ip;
+            (*buf).frames[1] = caller;
+            (*buf).len = 2;
+        }
+        fp_walk_stack(slot, regs.bp);
+        true
+    } else {
+        walk_stack(slot, regs.ip, regs.sp, regs.bp) != 0
+    };
+    let key = if got { store_stack(slot) } else { STACK_LOST };
+    release_scratch(slot);
+    key
+}
+
+/// A frame-pointer walk's state, for each `bpf_loop` iteration of [`fp_step`].
+#[repr(C)]
+struct FpWalk {
+    bp: u64,
+    slot: u32,
+    len: u32,
+}
+
+/// Appends to scratch slot `slot` (holding `len` frames) the return addresses of the
+/// frame-pointer chain from `bp`. A global function, like [`walk_stack`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn fp_walk_stack(slot: u32, bp: u64) -> u64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(slot) else { return 0 };
+    // SAFETY: this CPU's scratch value of a slot the caller owns.
+    let len = unsafe { (*buf).len } as u32;
+    let mut walk = FpWalk { bp, slot, len };
+    // SAFETY: the callback is a static function of this object; `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_FRAMES as u32,
+            fp_step as *mut core::ffi::c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    if walk.len as usize >= MAX_FRAMES {
+        count(counter::UNWIND_DEPTH_CAP);
+    }
+    // SAFETY: as above.
+    unsafe { (*buf).len = walk.len.min(MAX_FRAMES as u32) as u64 };
+    walk.len as u64
+}
+
+/// One frame of [`fp_walk_stack`], as the kernel's user walk takes it: the pair at the frame
+/// pointer (saved rbp, return address), stored until a pair cannot be read.
+#[inline(never)]
+extern "C" fn fp_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `FpWalk` on the stack of `fp_walk_stack`, which waits for the loop.
+    let w = unsafe { &mut *(ctx as *mut FpWalk) };
+    let at = w.len as usize;
+    if at >= MAX_FRAMES {
+        return 1;
+    }
+    let Ok([next_bp, ra]) = read_pair(w.bp) else { return 1 };
+    let Some(buf) = SCRATCH.get_ptr_mut(w.slot) else { return 1 };
+    // SAFETY: this CPU's scratch value of the slot we own; at < MAX_FRAMES.
+    unsafe { (*buf).frames[at & (MAX_FRAMES - 1)] = ra };
+    w.len = at as u32 + 1;
+    w.bp = next_bp;
+    0
+}
+
 /// [`store`] for the buffer of scratch slot `slot`. A global function, checked once by the
 /// verifier (its loop over the frames, inlined into every path of the sampling program,
 /// took that program past the verifier's budget).

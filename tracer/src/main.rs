@@ -226,6 +226,10 @@ struct RecordArgs {
     /// called inside the stopped target as `tracer malloc-stats` does.
     #[arg(long)]
     malloc_stats: bool,
+    /// For tests: with --sample-bytes, probe the sites of an in-process sampler the target
+    /// mapped itself (PATH:ALLOC_OFFSET:FREE_OFFSET) instead of its C library's allocators.
+    #[arg(long, hide = true, value_parser = tracer::options::parse_sampler_sites, requires = "sample_bytes")]
+    sampler_sites: Option<tracer::probe::ebpf::SamplerSites>,
     /// Command to start and trace from its first instruction.
     #[arg(last = true)]
     command: Vec<OsString>,
@@ -364,6 +368,7 @@ impl RecordArgs {
                 sample_bytes: self.sample_bytes,
                 unwind: self.unwind.into(),
                 v8: None,
+                sampler_sites: self.sampler_sites,
             },
             backend: self.backend.into(),
             malloc_stats: self.malloc_stats,

@@ -116,9 +116,40 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses `PATH:ALLOC_OFFSET:FREE_OFFSET` (offsets in hex with `0x`, or decimal): where the
+/// in-process sampler's probe sites are, for tests that map a sampler themselves (the hidden
+/// `--sampler-sites` of `tracer record`).
+pub fn parse_sampler_sites(text: &str) -> Result<crate::probe::ebpf::SamplerSites, String> {
+    let offset = |t: &str| match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| format!("'{text}': '{t}' is not a file offset"));
+    let mut parts = text.rsplitn(3, ':');
+    let (Some(free), Some(alloc), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("'{text}' is not PATH:ALLOC_OFFSET:FREE_OFFSET"));
+    };
+    Ok(crate::probe::ebpf::SamplerSites {
+        path: path.into(),
+        alloc_offset: offset(alloc)?,
+        free_offset: offset(free)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampler_sites() {
+        let s = parse_sampler_sites("/proc/1/map_files/7f00-7f10:0x1a0:416").expect("valid");
+        assert_eq!(
+            (s.path.to_str(), s.alloc_offset, s.free_offset),
+            (Some("/proc/1/map_files/7f00-7f10"), 0x1a0, 416)
+        );
+        assert!(parse_sampler_sites("/x:0x10").is_err());
+        assert!(parse_sampler_sites("/x:zz:1").is_err());
+    }
 
     #[test]
     fn byte_counts() {

@@ -203,8 +203,14 @@ impl Recording {
             .filter(|s| !s.emulated)
             .map(|s| format!("{}+{:#x}", s.function, s.offset))
             .collect();
+        let on = match &opts.limits.sampler_sites {
+            Some(s) if opts.limits.sample_bytes.is_some() && probes.name() == "ebpf" => {
+                format!("the in-process sampler's sites ({})", s.path.display())
+            }
+            _ => libc.clone(),
+        };
         diag::warn(format_args!(
-            "recording pid {pid} ({}): {} probes on {libc}{}",
+            "recording pid {pid} ({}): {} probes on {on}{}",
             info.command,
             probes.sites().len(),
             if slow.is_empty() {
@@ -592,7 +598,7 @@ fn attach_backend(
                 pid,
                 task,
                 libc_host,
-                crate::probe::ebpf::Limits { v8, ..opts.limits },
+                crate::probe::ebpf::Limits { v8, ..opts.limits.clone() },
                 Some(SyscallTarget { libc, maps }),
             );
             match attached {
@@ -627,7 +633,7 @@ fn attach_backend(
             pid: pid.get(),
             libc_host: libc_host.to_owned(),
             libc: libc.to_owned(),
-            limits: opts.limits,
+            limits: opts.limits.clone(),
             handover,
         })?)
     };

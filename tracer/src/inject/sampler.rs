@@ -146,6 +146,118 @@ impl LocalSampler {
         Ok(sampler)
     }
 
+    /// The embedded sampler mapped from `file`, which holds [`sampler_so`]'s bytes (a memfd,
+    /// say): each segment a private mapping of the file, as a dynamic loader maps a library,
+    /// so that uprobes placed on the file's inode (the probe sites) fire in this process.
+    /// Segments must not share a page of the address space (the build's do not).
+    pub fn load_from_file(file: std::os::fd::BorrowedFd<'_>) -> Result<LocalSampler, LoadError> {
+        use std::os::fd::AsRawFd as _;
+        let image = image()?;
+        let span = image.span as usize;
+        // The whole span first, inaccessible: the segments go in at their offsets from it.
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(LoadError::Map(span, std::io::Error::last_os_error()));
+        }
+        let sampler = LocalSampler {
+            base: NonNull::new(base.cast()).expect("mmap returned a mapping"),
+            image,
+        };
+        let base = sampler.base.as_ptr();
+        let mut taken_until = 0;
+        for s in &sampler.image.segments {
+            let start = s.vaddr / PAGE * PAGE;
+            let file_end = (s.vaddr + s.file_size).div_ceil(PAGE) * PAGE;
+            let mem_end = (s.vaddr + s.mem_size).div_ceil(PAGE) * PAGE;
+            if start < taken_until {
+                return Err(LoadError::Image(ImageError::Malformed(
+                    "two segments share a page",
+                )));
+            }
+            taken_until = mem_end;
+            let prot = (if s.read { libc::PROT_READ } else { 0 })
+                | (if s.write { libc::PROT_WRITE } else { 0 })
+                | (if s.exec { libc::PROT_EXEC } else { 0 });
+            if file_end > start {
+                // SAFETY: pages of our own reservation, replaced by the file's.
+                let at = unsafe {
+                    libc::mmap(
+                        base.add(start as usize).cast(),
+                        (file_end - start) as usize,
+                        prot,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        (s.offset - (s.vaddr - start)) as libc::off_t,
+                    )
+                };
+                if at == libc::MAP_FAILED {
+                    return Err(LoadError::Map(
+                        (file_end - start) as usize,
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+            }
+            if s.mem_size > s.file_size {
+                // The file's page past the segment's bytes holds other data: zero it, and
+                // give the pages after it anonymous zeros.
+                let zero_end = (s.vaddr + s.mem_size).min(file_end);
+                if zero_end > s.vaddr + s.file_size {
+                    if !s.write {
+                        return Err(LoadError::Image(ImageError::Malformed(
+                            "a read-only segment is longer in memory than in the file",
+                        )));
+                    }
+                    // SAFETY: writable pages of the segment just mapped.
+                    unsafe {
+                        std::ptr::write_bytes(
+                            base.add((s.vaddr + s.file_size) as usize),
+                            0,
+                            (zero_end - s.vaddr - s.file_size) as usize,
+                        )
+                    };
+                }
+                if mem_end > file_end {
+                    // SAFETY: pages of our own reservation.
+                    let at = unsafe {
+                        libc::mmap(
+                            base.add(file_end as usize).cast(),
+                            (mem_end - file_end) as usize,
+                            prot,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                            -1,
+                            0,
+                        )
+                    };
+                    if at == libc::MAP_FAILED {
+                        return Err(LoadError::Map(
+                            (mem_end - file_end) as usize,
+                            std::io::Error::last_os_error(),
+                        ));
+                    }
+                }
+            }
+        }
+        for &(offset, addend) in &sampler.image.relative {
+            // SAFETY: parse checked that the word lies in a writable segment.
+            unsafe {
+                base.add(offset as usize)
+                    .cast::<u64>()
+                    .write_unaligned(base as u64 + addend)
+            };
+        }
+        Ok(sampler)
+    }
+
     /// The load base: every address of the image is an offset from it.
     pub fn base(&self) -> u64 {
         self.base.as_ptr() as u64
@@ -189,6 +301,16 @@ impl LocalSampler {
         }
         Ok(())
     }
+}
+
+/// The file offset of `image`'s address `vaddr` (an offset from the load base), if a segment
+/// holds it in the file: where a uprobe on that address is placed.
+pub fn file_offset(image: &SamplerImage, vaddr: u64) -> Option<u64> {
+    image
+        .segments
+        .iter()
+        .find(|s| (s.vaddr..s.vaddr + s.file_size).contains(&vaddr))
+        .map(|s| vaddr - s.vaddr + s.offset)
 }
 
 /// The address of `hook`'s libc function in this process.

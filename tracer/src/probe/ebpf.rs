@@ -68,7 +68,7 @@ pub enum EbpfError {
 }
 
 /// Sizes of the kernel-side tables, and the sampling rate.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// Live blocks tracked at once.
     pub max_live: u32,
@@ -81,6 +81,25 @@ pub struct Limits {
     pub unwind: UnwindMode,
     /// The target runs V8: the walker reads its frames (not with `--unwind fp`).
     pub v8: Option<V8Walker>,
+    /// Sampling mode with the in-process sampler mapped in the target: the probes go on its
+    /// probe sites instead of the C library's allocators, and only the calls it sampled (at
+    /// `sample_bytes`, which must be its mean) reach them.
+    pub sampler_sites: Option<SamplerSites>,
+}
+
+/// Where the in-process sampler's probe sites are (`tracer_alloc_site`, `tracer_free_site`).
+///
+/// A uprobe is placed on an inode, found from `path` when the link is made: any path that
+/// resolves to the file the target mapped will do. For a sampler mapped from a memfd that is
+/// the memfd's `/proc/TRACER_PID/fd/N` while the tracer holds it, or the target's
+/// `/proc/PID/map_files/START-END` of any mapping of it (root, or CAP_SYS_ADMIN, may open
+/// those); both are followed to the memfd's inode.
+#[derive(Clone, Debug)]
+pub struct SamplerSites {
+    pub path: std::path::PathBuf,
+    /// File offsets of the two sites.
+    pub alloc_offset: u64,
+    pub free_offset: u64,
 }
 
 /// What the walker needs to read a V8 process's JavaScript frames.
@@ -102,6 +121,7 @@ impl Default for Limits {
             sample_bytes: None,
             unwind: UnwindMode::default(),
             v8: None,
+            sampler_sites: None,
         }
     }
 }
@@ -307,8 +327,14 @@ impl EbpfProbes {
         // A uprobe-multi link is tied to the thread group leader (a pid that is not a tgid is
         // refused with ESRCH), whose memory decides where its breakpoints go: a leader that
         // has exited needs a stand-in on a live thread, opened before the links.
+        // With the in-process sampler, its probe sites stand in for the allocators and free.
+        let sampler_sites = limits.sampler_sites.as_ref().filter(|_| limits.sample_bytes.is_some());
         let anchors = if thread == pid {
             Vec::new()
+        } else if let Some(s) = sampler_sites {
+            anchor::Anchors::open(&s.path, &[s.alloc_offset, s.free_offset], thread.get())
+                .map_err(|source| EbpfError::Anchor { pid: pid.get(), thread: thread.get(), source })?
+                .into_fds()
         } else {
             let mut at = offsets.clone();
             at.push(free_offset);
@@ -337,6 +363,23 @@ impl EbpfProbes {
                 let free = link(free, "tr_free", LinkKind::Multi, &[free_offset], &[0])?;
                 let entries = link(enter, "tr_alloc_enter", LinkKind::Multi, &offsets, &cookies)?;
                 vec![returns, free, entries]
+            }
+            Some(_) if let Some(s) = sampler_sites => {
+                let free = loader.prepare("tr_sampler_free", LinkKind::Multi)?;
+                let alloc = loader.prepare("tr_sampler_alloc", LinkKind::Multi)?;
+                let site = |program, name, offset| {
+                    loader.link(program, name, LinkKind::Multi, &s.path, &[offset], &[0], pid.get())
+                };
+                // Frees first, as with the allocators: a block must not be seen allocated and
+                // then lose its free.
+                let free = site(free, "tr_sampler_free", s.free_offset)?;
+                let alloc = site(alloc, "tr_sampler_alloc", s.alloc_offset)?;
+                // Both sites begin with `push %rbp`, which the kernel emulates.
+                attached = ["tracer_free_site", "tracer_alloc_site"]
+                    .into_iter()
+                    .map(|function| ProbeSite { function, offset: 0, emulated: true, returns: false })
+                    .collect();
+                vec![free, alloc]
             }
             Some(_) => {
                 let free = loader.prepare("tr_free", LinkKind::Multi)?;

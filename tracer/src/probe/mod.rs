@@ -74,6 +74,9 @@ pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
         // New stacks with V8 frames not announced to user space in time (its ring was full):
         // named later, when a snapshot meets them.
         ("js_stack_notices_lost", c(counter::JS_NOTICE_LOST)),
+        // Sampled by the in-process sampler, whose set of sampled addresses was full: counted
+        // as allocated, never as live (its free would not be seen).
+        ("sampler_untracked", c(counter::SAMPLER_UNTRACKED)),
     ]
 }
 

@@ -64,7 +64,7 @@ impl TopOptions {
             jit_symbols: self.jit_symbols,
             debug_dirs: self.debug_dirs.clone(),
             min_age: None,
-            limits: self.limits,
+            limits: self.limits.clone(),
             backend: self.backend,
             malloc_stats: false,
             command_output,

@@ -69,12 +69,26 @@ impl ModuleUnwind {
 
     /// pc - bias is the ELF address, for a mapping of this file at `start` from file offset
     /// `offset`.
+    ///
+    /// A segment is mapped from its offset rounded down to a page, so a mapping's offset may
+    /// lie before its segment's, on a page it shares with the end of the segment before (lld
+    /// lays binaries out so: a Rust binary's code follows its read-only data on one page of
+    /// the file, and its text mapping starts at the page's offset). The segment that starts
+    /// on that page is the mapping's; one that merely covers it is an earlier segment's tail,
+    /// whose addresses differ by a page or more.
     pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
+        const PAGE: u64 = 4096;
+        let first_page = |o: u64| o / PAGE * PAGE;
         let &(seg_off, vaddr, _) = self
             .loads
             .iter()
-            .find(|&&(o, _, size)| offset >= o && offset < o + size.max(1))?;
-        Some(start.wrapping_sub(vaddr + (offset - seg_off)))
+            .find(|&&(o, _, _)| first_page(o) == offset)
+            .or_else(|| {
+                self.loads
+                    .iter()
+                    .find(|&&(o, _, size)| offset >= first_page(o) && offset < o + size.max(1))
+            })?;
+        Some(start.wrapping_sub(vaddr.wrapping_add(offset).wrapping_sub(seg_off)))
     }
 }
 

@@ -180,3 +180,22 @@ fn page_index_brackets_every_rows_search() {
         assert!(lo <= want && want < hi, "{addr:#x}: row {want} outside {lo}..{hi}");
     }
 }
+
+/// lld's layout (a Rust binary here): the code segment starts in the file on the page where
+/// the read-only data ends, so its mapping's offset is that page's, inside the data's range.
+/// Taking the data segment for it put every address of the code a page off its rows.
+#[test]
+fn a_code_mapping_that_starts_on_a_page_shared_with_data_takes_the_code_segment() {
+    let module = ModuleUnwind {
+        loads: vec![(0, 0, 0x8525c), (0x85260, 0x86260, 0x468c0), (0xcbb20, 0xcdb20, 0x3030)],
+        ..ModuleUnwind::default()
+    };
+    let start = 0x5555_5555_a000;
+    // r-xp from file offset 0x85000: ELF address 0x86000 at `start`.
+    assert_eq!(module.bias(start, 0x85000), Some(start - 0x86000));
+    // r--p from 0: the data.
+    assert_eq!(module.bias(0x5555_5555_4000, 0), Some(0x5555_5555_4000));
+    // A mapping split in the middle of the code segment (mprotect): still the code's.
+    assert_eq!(module.bias(start + 0x10000, 0x95000), Some(start - 0x86000));
+    assert_eq!(module.bias(start, 0x200000), None);
+}

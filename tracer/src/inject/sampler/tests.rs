@@ -1045,3 +1045,62 @@ fn the_embedded_object_is_self_contained_and_starts_inert() {
         (1, 2, 42)
     );
 }
+
+/// A memfd holding the embedded sampler.
+fn sampler_memfd() -> std::os::fd::OwnedFd {
+    use std::{io::Write as _, os::fd::FromRawFd as _};
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is new and ours.
+    let fd = unsafe { libc::memfd_create(c"tracer-sampler-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(sampler_so()).expect("write the sampler to its memfd");
+    file.into()
+}
+
+#[test]
+fn sampler_mapped_from_a_file_samples_like_the_copied_one() {
+    use std::os::fd::AsFd as _;
+    let fd = sampler_memfd();
+    let sampler = LocalSampler::load_from_file(fd.as_fd()).expect("map the sampler from its memfd");
+    // SAFETY: the control block of the mapping just made.
+    let (magic, size) = unsafe { ((*sampler.control()).magic, (*sampler.control()).control_size) };
+    assert_eq!((magic, size as usize), (tracer_common::sampler::MAGIC, size_of::<Control>()));
+    // Its code pages are the memfd's (a uprobe on the file fires there).
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
+    let code = sampler.base() + sampler.image().alloc_site;
+    let line = maps
+        .lines()
+        .find(|l| {
+            let (range, _) = l.split_once(' ').unwrap_or_default();
+            let (start, end) = range.split_once('-').unwrap_or_default();
+            let (start, end) = (u64::from_str_radix(start, 16).unwrap_or(0), u64::from_str_radix(end, 16).unwrap_or(0));
+            (start..end).contains(&code)
+        })
+        .expect("the alloc site is mapped");
+    assert!(line.contains("r-xp") && line.contains("memfd:tracer-sampler-test"), "{line}");
+    let file_offset = super::file_offset(sampler.image(), sampler.image().alloc_site).expect("in the file");
+    assert_eq!(sampler_so()[file_offset as usize], 0x55, "the site starts with push %rbp in the file");
+
+    sampler.use_libc().expect("find libc's allocator");
+    // SAFETY: words of the block; no hook runs yet.
+    unsafe {
+        (*sampler.control()).mean = 1;
+        (*sampler.control()).active = 1;
+    }
+    // SAFETY: the hooks of malloc and free, with their signatures.
+    let (malloc, free) = unsafe {
+        (
+            std::mem::transmute::<u64, MallocFn>(sampler.hook(Hook::Malloc)),
+            std::mem::transmute::<u64, FreeFn>(sampler.hook(Hook::Free)),
+        )
+    };
+    // SAFETY: malloc and free as libc documents them.
+    unsafe {
+        let p = malloc(4096);
+        assert!(!p.is_null());
+        free(p);
+    }
+    // A mean of one byte samples a 4 KiB block for sure.
+    let c = unsafe { (*sampler.control()).counters };
+    assert_eq!((c[counter::ALLOC_SITE], c[counter::FREE_SITE]), (1, 1), "counters {c:?}");
+}

@@ -360,6 +360,7 @@ mod tests {
         sample_bytes: None,
         unwind: crate::unwind::UnwindMode::Auto,
         v8: None,
+        sampler_sites: None,
     };
 
     fn totals(book: &Book, stack: u64) -> (i64, i64, u64, u64) {
@@ -463,6 +464,7 @@ mod tests {
             sample_bytes: None,
             unwind: crate::unwind::UnwindMode::Auto,
             v8: None,
+            sampler_sites: None,
         });
         let s1 = b.intern_stack(&[1]);
         let s2 = b.intern_stack(&[2]);

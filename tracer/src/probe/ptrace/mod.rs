@@ -135,7 +135,7 @@ impl PtraceProbes {
     pub fn attach(opts: PtraceOptions) -> Result<PtraceProbes, PtraceError> {
         install_wake_handler();
         let shared = Arc::new(Shared {
-            book: Arc::new(Mutex::new(Book::new(opts.limits))),
+            book: Arc::new(Mutex::new(Book::new(opts.limits.clone()))),
             stop: AtomicBool::new(false),
             untraced: AtomicBool::new(false),
             tid: AtomicI32::new(0),
