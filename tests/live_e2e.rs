@@ -1,6 +1,6 @@
 //! A real node HTTP service under continuous load, attached to and detached from again and
-//! again: 40 cycles of about a second alternating full tracing and sampling, then 10 with the
-//! ptrace backend. Every request must be answered within 5 s, byte for byte as before any
+//! again: 40 cycles of about a second of full tracing, kernel sampling and the in-process
+//! sampler in turn, then 10 with the ptrace backend. Every request must be answered within 5 s, byte for byte as before any
 //! tracer came; afterwards none of the tracer's BPF programs or links may be left, and the
 //! service's code pages must read back exactly as before.
 
@@ -13,7 +13,8 @@ use support::live::{HeldBpf, Service, attach_cycle, code_snapshot, item_paths, l
 use support::load::{Load, LoadConfig, Outcome, fetch_reference};
 use support::{EXIT_TIMEOUT, eventually, num, setup};
 
-/// Cycles with the eBPF backend, alternating full and `--sample-bytes`; then ptrace ones.
+/// Cycles with the eBPF backend: full, kernel sampling (`--backend ebpf --sample-bytes`), full,
+/// and the in-process sampler (`--sample-bytes` alone), in turn; then ptrace ones.
 const EBPF_CYCLES: usize = 40;
 const PTRACE_CYCLES: usize = 10;
 /// How long each cycle records.
@@ -69,10 +70,11 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
 
     let mut plan: Vec<&[&str]> = Vec::new();
     for i in 0..EBPF_CYCLES {
-        plan.push(if i % 2 == 0 {
-            &["--backend", "ebpf"]
-        } else {
-            &["--backend", "ebpf", "--sample-bytes", "512KiB"]
+        plan.push(match i % 4 {
+            0 | 2 => &["--backend", "ebpf"],
+            1 => &["--backend", "ebpf", "--sample-bytes", "512KiB"],
+            // The default on a running process: the in-process sampler.
+            _ => &["--sample-bytes", "512KiB"],
         });
     }
     plan.extend(std::iter::repeat_n(&["--backend", "ptrace"][..], PTRACE_CYCLES));

@@ -390,8 +390,23 @@ fn bad_sample_sizes_are_refused_with_one_line() {
 /// x86 int3, which a uprobe writes over the probed instruction.
 const BREAKPOINT: u8 = 0xcc;
 
+/// `jmp rel32`, which the in-process sampler writes over an allocator's entry.
+const JMP_REL32: u8 = 0xe9;
+
 #[test]
 fn sampling_mode_detaches_and_leaves_the_target_working() {
+    // `--backend ebpf`: uprobes on the allocators, and the kernel decides what is sampled.
+    sampling_detaches_and_leaves_the_target_working(&["--backend", "ebpf"], BREAKPOINT, "a breakpoint");
+}
+
+#[test]
+fn in_process_sampler_detaches_and_leaves_the_target_working() {
+    // The default on a running process: the allocators' entries jump to the sampler, and only
+    // its probe sites have uprobes.
+    sampling_detaches_and_leaves_the_target_working(&[], JMP_REL32, "a jump to the sampler");
+}
+
+fn sampling_detaches_and_leaves_the_target_working(backend: &[&str], entry: u8, what: &str) {
     setup();
     let dir = TempDir::new("sampling-detach");
     let alloc = build_fixture(&dir, "alloc");
@@ -401,16 +416,16 @@ fn sampling_mode_detaches_and_leaves_the_target_working() {
     let (malloc, free) = (libc_symbol(pid, "malloc"), libc_symbol(pid, "free"));
 
     // 4 KiB: nearly every block of the fixture (1000 to 70000 bytes) holds a sample point.
-    let mut tracer = start_recording(
-        pid,
-        &["--sample-bytes", "4KiB", "--format", "json", "--top", "0"],
-    );
+    let mut args = vec!["--sample-bytes", "4KiB", "--format", "json", "--top", "0"];
+    args.extend(backend);
+    let mut tracer = start_recording(pid, &args);
     let in_malloc = malloc.process_bytes(pid, 1)[0];
     let in_free = free.process_bytes(pid, 16);
+    let free_has = |b: u8| if b == JMP_REL32 { in_free[0] == b } else { in_free.contains(&b) };
     assert!(
-        in_malloc == BREAKPOINT && in_free.contains(&BREAKPOINT),
-        "while sampling, malloc should start with a breakpoint and free hold one near its \
-         start; malloc starts with {in_malloc:#04x}, free is {}",
+        in_malloc == entry && free_has(entry),
+        "while sampling ({backend:?}), malloc should start with {what} and free hold one at or \
+         near its start; malloc starts with {in_malloc:#04x}, free is {}",
         hex(&in_free)
     );
     fixture.signal(libc::SIGUSR1);
@@ -451,7 +466,8 @@ fn sampling_mode_detaches_and_leaves_the_target_working() {
         });
         if let Err(e) = restored {
             panic!(
-                "5 s after the sampling tracer exited, its breakpoints are still in the target: {e}"
+                "5 s after the sampling tracer ({backend:?}) exited, the target's code is not \
+                 as in the file: {e}"
             );
         }
     }

@@ -13,11 +13,12 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use crate::{
     aggregate::{History, Profile, add_mapped, aggregate},
     diag,
+    inject::inject::Injected,
     memmap::{self, ClassTotals, StackMemory},
     options::{BackendChoice, RecordOptions, TargetSpec},
     probe::{
         Backend, Snapshot,
-        ebpf::{EbpfProbes, SyscallTarget},
+        ebpf::{EbpfProbes, SamplerSites, SyscallTarget},
         ptrace::{PtraceOptions, PtraceProbes},
     },
     regions::Regions,
@@ -104,6 +105,8 @@ pub struct Recording {
     in_other_mount_ns: bool,
     /// None once detached.
     probes: Option<Box<dyn Backend>>,
+    /// The in-process sampler, while its entries are patched into the target (see `inject`).
+    sampler: Option<Injected>,
     regions: Regions,
     memory_start: Option<Vec<ClassTotals>>,
     memory_last: Option<Vec<ClassTotals>>,
@@ -191,8 +194,32 @@ impl Recording {
             crate::unwind::UnwindMode::Fp => None,
             _ => v8_walker(task, &maps),
         };
-        let probes = attach_backend(opts, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref(), v8.as_ref().map(|v| v.0))
-            .with_context(|| format!("attach to pid {pid} ({})", info.command))?;
+        // Sampling a running process: only sampled calls should trap.
+        let mut sampler = match &opts.target {
+            TargetSpec::Pid(_) if bpf_refused.is_none() => in_process_sampler(opts, pid),
+            _ => None,
+        };
+        let mut limits = opts.limits.clone();
+        if let Some((_, sites)) = &sampler {
+            limits.sampler_sites = Some(sites.clone());
+        }
+        let attached = attach_backend(opts, &limits, bpf_refused, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref(), v8.as_ref().map(|v| v.0));
+        let probes = match (attached, sampler.take()) {
+            (Ok(probes), sampler_now) => {
+                sampler = sampler_now;
+                probes
+            }
+            (Err(e), Some((injected, _))) => {
+                // Back to the kernel's sampling, and the target as it was.
+                remove_sampler(injected);
+                diag::warn(format_args!("in-process sampler not used: its probe sites could not be attached ({e:#}); sampling in the kernel"));
+                limits.sampler_sites = opts.limits.sampler_sites.clone();
+                attach_backend(opts, &limits, None, nz_pid, nz_task, &libc_host, &libc, &maps, launched.as_ref(), v8.as_ref().map(|v| v.0))
+                    .with_context(|| format!("attach to pid {pid} ({})", info.command))?
+            }
+            (Err(e), None) => return Err(e.context(format!("attach to pid {pid} ({})", info.command))),
+        };
+        let sampler = sampler.map(|(injected, _)| injected);
         let js = v8.filter(|_| probes.name() == "ebpf").map(|(_, layout)| JsNamer::new(layout, task as i32));
         // The tables every report names frames in load on another thread while recording, not
         // when the report needs them.
@@ -203,8 +230,13 @@ impl Recording {
             .filter(|s| !s.emulated)
             .map(|s| format!("{}+{:#x}", s.function, s.offset))
             .collect();
-        let on = match &opts.limits.sampler_sites {
-            Some(s) if opts.limits.sample_bytes.is_some() && probes.name() == "ebpf" => {
+        let on = match &limits.sampler_sites {
+            Some(_) if sampler.is_some() => format!(
+                "the sampler it runs in-process at {:#x} (sampled calls only; unsampled ones go \
+                 straight to {libc})",
+                sampler.as_ref().map_or(0, Injected::base)
+            ),
+            Some(s) if limits.sample_bytes.is_some() && probes.name() == "ebpf" => {
                 format!("the in-process sampler's sites ({})", s.path.display())
             }
             _ => libc.clone(),
@@ -240,6 +272,7 @@ impl Recording {
             js,
             in_other_mount_ns,
             probes: Some(probes),
+            sampler,
             regions,
             memory_start,
             memory_last,
@@ -478,6 +511,11 @@ impl Recording {
     /// Takes the probes off; a launched command runs on by itself.
     pub fn detach(&mut self) {
         self.ended_at.get_or_insert_with(Instant::now);
+        // The entries first, so that no new sampled call comes; a call already in the sampler
+        // reaches its probe site while the probes are still there.
+        if let Some(injected) = self.sampler.take() {
+            remove_sampler(injected);
+        }
         drop(self.probes.take());
         if let Some(l) = &self.launched {
             if self.exit_code.is_none() {
@@ -526,6 +564,15 @@ impl Recording {
             self.symbolizer.remove_perf_map();
         }
         self.exit_code
+    }
+}
+
+impl Drop for Recording {
+    /// A recording dropped on an error path still gives the target its allocator entries back.
+    fn drop(&mut self) {
+        if let Some(injected) = self.sampler.take() {
+            remove_sampler(injected);
+        }
     }
 }
 
@@ -581,6 +628,7 @@ fn main_modules(pid: u32, libc: &str) -> Vec<String> {
 #[expect(clippy::too_many_arguments, reason = "one call site, each argument a different fact")]
 fn attach_backend(
     opts: &RecordOptions,
+    limits: &crate::probe::ebpf::Limits,
     bpf_refused: Option<anyhow::Error>,
     pid: NonZeroU32,
     task: NonZeroU32,
@@ -598,7 +646,7 @@ fn attach_backend(
                 pid,
                 task,
                 libc_host,
-                crate::probe::ebpf::Limits { v8, ..opts.limits.clone() },
+                crate::probe::ebpf::Limits { v8, ..limits.clone() },
                 Some(SyscallTarget { libc, maps }),
             );
             match attached {
@@ -615,7 +663,7 @@ fn attach_backend(
             }
         }
     };
-    if opts.limits.sample_bytes.is_some() {
+    if limits.sample_bytes.is_some() {
         bail!(
             "--sample-bytes needs the eBPF backend{}",
             why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
@@ -633,7 +681,7 @@ fn attach_backend(
             pid: pid.get(),
             libc_host: libc_host.to_owned(),
             libc: libc.to_owned(),
-            limits: opts.limits.clone(),
+            limits: limits.clone(),
             handover,
         })?)
     };
@@ -647,6 +695,58 @@ fn attach_backend(
         }
         (Err(e), Some(why)) => Err(e.context(format!("eBPF unavailable ({why}), and the ptrace backend failed too"))),
         (Err(e), None) => Err(e),
+    }
+}
+
+/// `--sample-bytes` on a running process with the default backend: the in-process sampler
+/// (`inject`), so that unsampled calls cost nanoseconds instead of two traps; and where its
+/// probe sites are, for the eBPF backend. None, said in one line, where it cannot be had (the
+/// kernel then samples, as `--backend ebpf` always does).
+fn in_process_sampler(opts: &RecordOptions, pid: u32) -> Option<(Injected, SamplerSites)> {
+    let mean = opts.limits.sample_bytes?;
+    if opts.backend != BackendChoice::Auto || opts.limits.sampler_sites.is_some() {
+        return None;
+    }
+    let injected = match Injected::install(pid as i32, mean) {
+        Ok(injected) => injected,
+        Err(e) => {
+            diag::warn(format_args!("in-process sampler not used ({e}); sampling in the kernel"));
+            return None;
+        }
+    };
+    match sites_of(&injected) {
+        Some(sites) => Some((injected, sites)),
+        None => {
+            remove_sampler(injected);
+            diag::warn("in-process sampler not used (its probe sites are not in a mapping of its file); sampling in the kernel");
+            None
+        }
+    }
+}
+
+/// The sampler's probe sites as a uprobe needs them: a path to the file it was mapped from (the
+/// target's `map_files` entry of the mapping, which leads to the memfd) and file offsets.
+fn sites_of(injected: &Injected) -> Option<SamplerSites> {
+    let pid = injected.pid();
+    let maps = ProcMaps::read(pid as u32).ok()?;
+    let (alloc, free) = injected.sites();
+    let m = maps.find(alloc)?;
+    let f = maps.find(free)?;
+    if (f.start, f.end) != (m.start, m.end) {
+        return None;
+    }
+    Some(SamplerSites {
+        path: PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+        alloc_offset: m.offset + (alloc - m.start),
+        free_offset: m.offset + (free - m.start),
+    })
+}
+
+/// Puts the target's allocator entries back; the sampler stays mapped and inert. A failure is
+/// said: the sampler then stays active in the target, which runs on as before (see `inject`).
+fn remove_sampler(injected: Injected) {
+    if let Err(e) = injected.remove() {
+        diag::warn(format_args!("{e}; the in-process sampler stays in the target, calling its allocator"));
     }
 }
 
