@@ -10,7 +10,7 @@
 //!   BENCH_RUNS [5]              runs of each contender on each workload
 //!   BENCH_PAIRS [2000000]       malloc+free pairs per C run (`cargo xtask bench PAIRS` too)
 //!   BENCH_NODE_ROUNDS [6000]    rounds of bench/node_workload.js (about a second untraced)
-//!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-fp,bt-memleak,
+//!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-kernel,sampled-fp,bt-memleak,
 //!                               bt-count,floor,heaptrack,massif
 //!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,cxx_deep,node,live,
 //!                               latency
@@ -123,7 +123,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         Contender {
             key: "full",
             name: "tracer, full (every call, stacks)",
-            tool: Tool::Tracer { sample_bytes: None, unwind: None },
+            tool: Tool::Tracer { sample_bytes: None, unwind: None, kernel_sampling: false },
             c_divisor: 1,
             node_divisor: 1,
             live: true,
@@ -132,7 +132,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         Contender {
             key: "full-fp",
             name: "tracer, full, --unwind fp (frame pointers only)",
-            tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp") },
+            tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp"), kernel_sampling: false },
             c_divisor: 1,
             node_divisor: 1,
             live: true,
@@ -140,10 +140,24 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         },
         Contender {
             key: "sampled",
-            name: "tracer, --sample-bytes 512KiB",
+            name: "tracer, --sample-bytes 512KiB (in-process sampler)",
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
                 unwind: None,
+                kernel_sampling: false,
+            },
+            c_divisor: 1,
+            node_divisor: 1,
+            live: true,
+            package: None,
+        },
+        Contender {
+            key: "sampled-kernel",
+            name: "tracer, --sample-bytes 512KiB --backend ebpf (sampled in the kernel)",
+            tool: Tool::Tracer {
+                sample_bytes: Some(SAMPLE_BYTES),
+                unwind: None,
+                kernel_sampling: true,
             },
             c_divisor: 1,
             node_divisor: 1,
@@ -152,10 +166,11 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         },
         Contender {
             key: "sampled-fp",
-            name: "tracer, --sample-bytes 512KiB --unwind fp",
+            name: "tracer, --sample-bytes 512KiB --unwind fp (in-process sampler)",
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
                 unwind: Some("fp"),
+                kernel_sampling: false,
             },
             c_divisor: 1,
             node_divisor: 1,
@@ -604,8 +619,9 @@ fn render_live(config: &Config, rows: &[live::LiveSeries]) -> String {
         out,
         "\nEach run starts the service untraced and sends it {warmup} requests; then the \
          contender attaches to its pid (the tracer: until it says it is recording, its \
-         breakpoints are on malloc and free, and it has loaded the symbol tables it loads right \
-         after attaching), and the client sends {} requests over {} keep-alive connections, one \
+         breakpoints are on malloc and free (with the in-process sampler: its probe sites are \
+         attached and the allocators' entries jump to it, which it says), and it has loaded the \
+         symbol tables it loads right after attaching), and the client sends {} requests over {} keep-alive connections, one \
          request in flight on each, checking every answer's status and body length; then the \
          contender detaches. CPU per request: the service's utime+stime (uprobe traps and BPF \
          programs are charged to it) plus the tracer's own, over the window of the requests; \

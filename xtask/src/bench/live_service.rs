@@ -267,11 +267,17 @@ impl Tracer {
             .args(args);
         let mut proc = Proc::spawn("the tracer", die_with_parent(&mut cmd))?;
         let wanted = format!("tracer: recording pid {target}");
-        proc.stderr
+        let line = proc
+            .stderr
             .wait_for("the tracer's \"recording\" line", ATTACH_TIMEOUT, |l| {
-                l.starts_with(&wanted).then_some(())
+                l.starts_with(&wanted).then(|| l.to_owned())
             })?;
-        probes::wait_for_breakpoints(target, &[&sites[0], &sites[1]], ATTACH_TIMEOUT)?;
+        // The in-process sampler puts jumps, not breakpoints, on the allocators' entries, and
+        // its uprobes on its own probe sites; the tracer says so on the recording line, once
+        // both are in place.
+        if !line.contains("in-process") {
+            probes::wait_for_breakpoints(target, &[&sites[0], &sites[1]], ATTACH_TIMEOUT)?;
+        }
         run::wait_for_thread_exit(proc.pid(), "tracer-symbols", ATTACH_TIMEOUT)?;
         Ok(Tracer {
             proc,

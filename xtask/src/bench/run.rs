@@ -33,6 +33,9 @@ pub enum Tool {
         sample_bytes: Option<&'static str>,
         /// `--unwind`; None leaves the default (auto).
         unwind: Option<&'static str>,
+        /// `--backend ebpf`: sampling decided in the kernel at every call, rather than by the
+        /// in-process sampler the tracer injects into a running process by default.
+        kernel_sampling: bool,
     },
     /// A bpftrace script, run with `-p PID`; it gets the pid as `$1`. `probes` are the libc
     /// functions it puts uprobes on (to see when they are in place).
@@ -345,7 +348,7 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
     let mut bpftrace = None;
     let mut floor = None;
     match tool {
-        Tool::Tracer { sample_bytes, unwind } => {
+        Tool::Tracer { sample_bytes, unwind, kernel_sampling } => {
             let report = env.scratch.join("report.json");
             let mut c = util::command(&env.tracer);
             c.args(["record", "--format", "json", "-o"])
@@ -353,6 +356,9 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
                 .args(["--pid", &pid.to_string()]);
             if let Some(n) = sample_bytes {
                 c.args(["--sample-bytes", n]);
+            }
+            if *kernel_sampling {
+                c.args(["--backend", "ebpf"]);
             }
             if let Some(u) = unwind {
                 c.args(["--unwind", u]);
