@@ -241,21 +241,59 @@ fn plan_checks(out: &FixtureOutput) -> (Vec<Check>, Vec<String>) {
     (checks, unchecked)
 }
 
-fn record_sampled(dir: &TempDir, fixture: &std::path::Path) -> (support::Finished, Value) {
+/// A launched fixture: sampled in the kernel. Returns the fixture's output and the report.
+fn record_sampled(dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
     let launch = support::record_launch_ok(dir, &["--sample-bytes", "512KiB"], &[fixture]);
-    (launch.finished, launch.report)
+    (launch.finished.stdout, launch.report)
+}
+
+/// A running fixture, attached by pid: sampled by the in-process sampler, which the tracer
+/// must say it used.
+fn record_attached_sampled(_dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
+    let mut proc = Proc::spawn("sampled --wait", Command::new(fixture).arg("--wait"));
+    proc.expect_stdout_line("ready", LINE_TIMEOUT);
+    let mut tracer = start_recording(
+        proc.pid(),
+        &["--sample-bytes", "512KiB", "--format", "json", "--top", "0"],
+    );
+    proc.signal(libc::SIGUSR1);
+    proc.expect_stdout_line("done", Duration::from_secs(120));
+    let (finished, report) = stop_recording(&mut tracer);
+    assert!(
+        finished.stderr.contains("in-process"),
+        "attached with --sample-bytes and the default backend, the tracer should sample \
+         in-process and say so\n{}",
+        finished.describe()
+    );
+    let stdout = proc.stdout.text();
+    proc.signal(libc::SIGUSR2);
+    let status = proc.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "the fixture should exit 0 after the tracer left");
+    (stdout, report)
 }
 
 #[test]
 fn sampled_estimates_of_live_bytes_are_within_ten_percent_for_every_large_caller() {
+    sampled_estimates_within_bounds("sampling", record_sampled);
+}
+
+#[test]
+fn in_process_sampler_estimates_are_within_the_same_bounds() {
+    sampled_estimates_within_bounds("sampling-in-process", record_attached_sampled);
+}
+
+fn sampled_estimates_within_bounds(
+    name: &str,
+    record: fn(&TempDir, &std::path::Path) -> (String, Value),
+) {
     setup();
-    let dir = TempDir::new("sampling");
+    let dir = TempDir::new(name);
     let fixture = build_fixture(&dir, "sampled");
     let mut planned = false;
 
     for run in 1..=RUNS {
-        let (finished, report) = record_sampled(&dir, &fixture);
-        let out = parse_fixture_output(&finished.stdout);
+        let (stdout, report) = record(&dir, &fixture);
+        let out = parse_fixture_output(&stdout);
         let total: u64 = out
             .kept
             .iter()
@@ -332,7 +370,7 @@ fn sampled_estimates_of_live_bytes_are_within_ten_percent_for_every_large_caller
                 ));
             }
         }
-        eprintln!("sampling_e2e: run {run}/{RUNS}: {}", summary.join(", "));
+        eprintln!("sampling_e2e: {name}: run {run}/{RUNS}: {}", summary.join(", "));
         assert!(
             wrong.is_empty(),
             "run {run}: estimates off by more than their tolerance:\n{}\n{}",
