@@ -267,6 +267,8 @@ pub struct Cycle {
     pub report: Value,
     /// BPF programs and links it held while recording (none for the ptrace backend).
     pub held: HeldBpf,
+    /// What the tracer said on stderr.
+    pub stderr: String,
 }
 
 /// Attaches to `pid` with `args` for `hold`, lets the tracer detach by itself at the end of
@@ -329,5 +331,6 @@ pub fn attach_cycle(pid: i32, args: &[&str], hold: Duration) -> Result<Cycle, St
         attach,
         report,
         held,
+        stderr: finished.stderr,
     })
 }

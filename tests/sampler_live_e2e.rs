@@ -1,0 +1,261 @@
+//! The in-process sampler on a live node HTTP service under continuous load, with the same
+//! service, load and attach cycles as `live_e2e`: fifty `--sample-bytes` attaches in a row,
+//! and a tracer SIGKILLed while its sampler is in the service, followed by a minute of load
+//! and a new attach that takes the sampler over. Every request must be answered within 5 s,
+//! byte for byte as before any tracer came, and the service's code pages must read back
+//! exactly as before once the last tracer is gone.
+
+mod support;
+
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use support::live::{Service, attach_cycle, code_snapshot, item_paths};
+use support::load::{Load, LoadConfig, LoadReport, Outcome, fetch_reference};
+use support::{EXIT_TIMEOUT, Proc, RECORDING_TIMEOUT, num, setup, tracer_bin};
+
+const CYCLES: usize = 50;
+/// How long each cycle records.
+const HOLD: Duration = Duration::from_millis(500);
+/// How long the service runs on after its tracer was killed.
+const AFTER_KILL: Duration = Duration::from_secs(60);
+/// Every request must be answered within this.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+const CONNECTIONS: usize = 8;
+const SAMPLE: [&str; 2] = ["--sample-bytes", "512KiB"];
+
+/// Each test runs node under load and tracers: one at a time, so that on a small machine
+/// neither starves the other's service past the answer deadline.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The service, warmed up untraced (V8 compiles the handler), with its answers to compare.
+fn warm_service() -> (
+    Service,
+    Vec<String>,
+    Arc<std::collections::HashMap<String, support::load::RawResponse>>,
+) {
+    let service = Service::start();
+    let paths = item_paths(64);
+    let reference = Arc::new(
+        fetch_reference(service.addr, &paths)
+            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
+    );
+    let warm = Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections: CONNECTIONS,
+            paths: paths.clone(),
+            max_requests: 2_000,
+            max_duration: Duration::from_secs(20),
+        },
+        reference.clone(),
+    );
+    while !warm.finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warm = warm.stop();
+    assert!(
+        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
+        "the service misbehaves untraced: {}\n{}",
+        warm.summary(),
+        warm.errors.join("\n")
+    );
+    (service, paths, reference)
+}
+
+fn endless_load(
+    service: &Service,
+    paths: &[String],
+    reference: &Arc<std::collections::HashMap<String, support::load::RawResponse>>,
+) -> Load {
+    Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections: CONNECTIONS,
+            paths: paths.to_vec(),
+            max_requests: 10_000_000,
+            max_duration: Duration::from_secs(20 * 60),
+        },
+        reference.clone(),
+    )
+}
+
+/// Every request answered in time with the bytes it got untraced.
+fn check_traffic(traffic: &LoadReport, when: &str) {
+    let late = traffic.slower_than(ANSWER_WITHIN);
+    assert!(
+        traffic.count(Outcome::Changed) == 0 && late.is_empty() && traffic.errors.is_empty(),
+        "{when}: every request must be answered within {ANSWER_WITHIN:?} with the bytes it got \
+         before tracing: {}\nlate or unanswered (first 10): {:?}\nerrors (first 10):\n{}",
+        traffic.summary(),
+        &late[..late.len().min(10)],
+        traffic.errors[..traffic.errors.len().min(10)].join("\n")
+    );
+}
+
+/// The service's code reads back as before, no thread is traced, and it ends as it does
+/// untraced.
+fn check_left_as_found(mut service: Service, code_before: &support::live::CodeSnapshot) {
+    let pid = service.pid();
+    let changed = code_before.differences(&code_snapshot(pid));
+    assert!(
+        changed.is_empty(),
+        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
+         first attach:\n{}",
+        code_before.bytes(),
+        code_before.mappings.len(),
+        changed.join("\n")
+    );
+    assert!(
+        support::tracer_pids(pid).iter().all(|(_, t)| t == "0"),
+        "no thread of the service may stay traced: {:?}",
+        support::tracer_pids(pid)
+    );
+    service.proc.signal(libc::SIGTERM);
+    let status = service.proc.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the service should end on SIGTERM with status 0, as it does untraced: {status}"
+    );
+}
+
+#[test]
+fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unchanged() {
+    setup();
+    let _serial = serial();
+    let (mut service, paths, reference) = warm_service();
+    let pid = service.pid();
+    let code_before = code_snapshot(pid);
+    let load = endless_load(&service, &paths, &reference);
+
+    let mut failures = Vec::new();
+    let started = Instant::now();
+    for i in 0..CYCLES {
+        let answered_before = load.answered();
+        match attach_cycle(pid, &SAMPLE, HOLD) {
+            Ok(cycle) => {
+                if !cycle.stderr.contains("in-process") {
+                    failures.push(format!(
+                        "cycle {i}: the tracer did not sample in-process:\n{}",
+                        cycle.stderr
+                    ));
+                }
+                if num(&cycle.report["totals"], "allocs") == 0 {
+                    failures.push(format!(
+                        "cycle {i}: a service answering requests made no allocation the tracer \
+                         saw in {HOLD:?}: {}",
+                        cycle.report["totals"]
+                    ));
+                }
+                // Nothing may be lost; the kernel sampler's counters and the sampler's own
+                // (its set of sampled blocks full) alike.
+                let dropped = &cycle.report["totals"]["dropped"];
+                let lost: Vec<String> = dropped
+                    .as_object()
+                    .expect("totals.dropped is an object")
+                    .iter()
+                    .filter(|(_, v)| v.as_u64() != Some(0))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                if !lost.is_empty() {
+                    failures.push(format!("cycle {i}: dropped {}", lost.join(", ")));
+                }
+            }
+            Err(e) => failures.push(format!("cycle {i}: {e}")),
+        }
+        if load.answered() == answered_before {
+            failures.push(format!(
+                "cycle {i}: the service answered no request while it ran"
+            ));
+        }
+        if !service.proc.running() {
+            failures.push(format!("the service died during cycle {i}"));
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let traffic = load.stop();
+    eprintln!(
+        "sampler_live_e2e: {CYCLES} cycles in {:.0} s ({} failed); load: {}",
+        started.elapsed().as_secs_f64(),
+        failures.len(),
+        traffic.summary()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {CYCLES} attach/detach cycles failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    check_traffic(&traffic, "through fifty attaches");
+    check_left_as_found(service, &code_before);
+}
+
+#[test]
+fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
+    setup();
+    let _serial = serial();
+    let (mut service, paths, reference) = warm_service();
+    let pid = service.pid();
+    let code_before = code_snapshot(pid);
+    let load = endless_load(&service, &paths, &reference);
+
+    let mut cmd = Command::new(tracer_bin());
+    cmd.args(["record", "--pid", &pid.to_string(), "--format", "json"])
+        .args(SAMPLE);
+    let mut tracer = Proc::spawn(
+        &format!("tracer record --pid {pid} --sample-bytes 512KiB"),
+        &mut cmd,
+    );
+    let wanted = format!("tracer: recording pid {pid}");
+    let line = tracer
+        .stderr
+        .wait_for(RECORDING_TIMEOUT, |l| l.contains(&wanted))
+        .unwrap_or_else(|e| panic!("the tracer never said {wanted:?}: {e}"));
+    assert!(
+        line.contains("in-process"),
+        "the tracer should sample in-process: {line}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    tracer.signal(libc::SIGKILL);
+    let _ = tracer.finish(EXIT_TIMEOUT);
+    let killed_at = load.answered();
+
+    // A minute of load with the sampler left in the service, active, and nobody listening.
+    std::thread::sleep(AFTER_KILL);
+    assert!(
+        service.proc.running(),
+        "the service died after its tracer was killed"
+    );
+    let answered = load.answered() - killed_at;
+    assert!(
+        answered > 0,
+        "the service answered nothing in the {AFTER_KILL:?} after the kill"
+    );
+
+    // The next tracer finds the sampler and its patches, takes them over and gives the
+    // entries back when it leaves.
+    let cycle = attach_cycle(pid, &SAMPLE, HOLD)
+        .unwrap_or_else(|e| panic!("attaching again after the kill: {e}"));
+    assert!(
+        cycle.stderr.contains("in-process") && num(&cycle.report["totals"], "allocs") > 0,
+        "the next attach should sample in-process again and see allocations:\n{}\n{}",
+        cycle.stderr,
+        cycle.report["totals"]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let traffic = load.stop();
+    eprintln!(
+        "sampler_live_e2e: {answered} requests answered in the {AFTER_KILL:?} after the kill; \
+         load: {}",
+        traffic.summary()
+    );
+    check_traffic(&traffic, "after the tracer was killed");
+    check_left_as_found(service, &code_before);
+}
