@@ -1,7 +1,8 @@
 //! The in-process sampler on a live node HTTP service under continuous load, with the same
 //! service, load and attach cycles as `live_e2e`: fifty `--sample-bytes` attaches in a row,
-//! and a tracer SIGKILLed while its sampler is in the service, followed by a minute of load
-//! and a new attach that takes the sampler over. Every request must be answered within 5 s,
+//! and a tracer SIGKILLed while its sampler is in the service, followed by a minute of load,
+//! a full-mode attach that must first give the allocator entries back, and an in-process
+//! attach that takes the sampler over. Every request must be answered within 5 s,
 //! byte for byte as before any tracer came, and the service's code pages must read back
 //! exactly as before once the last tracer is gone.
 
@@ -239,7 +240,22 @@ fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
         "the service answered nothing in the {AFTER_KILL:?} after the kill"
     );
 
-    // The next tracer finds the sampler and its patches, takes them over and gives the
+    // A tracer that does not sample in-process (here full mode) must not put its uprobes on
+    // the jumps the killed tracer left: it gives the entries back first.
+    let full = attach_cycle(pid, &["--backend", "ebpf"], HOLD)
+        .unwrap_or_else(|e| panic!("full-mode attach after the kill: {e}"));
+    assert!(
+        full.stderr.contains("gave back") && num(&full.report["totals"], "allocs") > 0,
+        "a full-mode attach should give the allocator entries back, say so, and record:\n{}\n{}",
+        full.stderr,
+        full.report["totals"]
+    );
+    assert!(
+        service.proc.running(),
+        "the service died at the full-mode attach after the kill"
+    );
+
+    // The next in-process tracer finds the sampler (inert now), takes it over and gives the
     // entries back when it leaves.
     let cycle = attach_cycle(pid, &SAMPLE, HOLD)
         .unwrap_or_else(|e| panic!("attaching again after the kill: {e}"));

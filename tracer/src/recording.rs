@@ -199,6 +199,11 @@ impl Recording {
             TargetSpec::Pid(_) if bpf_refused.is_none() => in_process_sampler(opts, pid),
             _ => None,
         };
+        if sampler.is_none() {
+            if let TargetSpec::Pid(_) = &opts.target {
+                give_back_entries(pid)?;
+            }
+        }
         let mut limits = opts.limits.clone();
         if let Some((_, sites)) = &sampler {
             limits.sampler_sites = Some(sites.clone());
@@ -740,6 +745,29 @@ fn sites_of(injected: &Injected) -> Option<SamplerSites> {
         alloc_offset: m.offset + (alloc - m.start),
         free_offset: m.offset + (free - m.start),
     })
+}
+
+/// A tracer that was killed leaves its in-process sampler in the target, the allocator entries
+/// still jumping to it. A breakpoint written over such a jump (a uprobe, or the ptrace
+/// backend's) would resume the target in the middle of it: so before any probe goes on the
+/// allocators, the entries are given back. Refused in one line if that cannot be done.
+fn give_back_entries(pid: u32) -> anyhow::Result<()> {
+    let left = match Injected::take_over(pid as i32) {
+        Ok(Some(left)) => left,
+        Ok(None) => return Ok(()),
+        Err(e) => bail!("{e}: an in-process sampler left by an earlier tracer could not be taken over, and probes on its jumps would break the process"),
+    };
+    let patched = left.patched().len();
+    if patched == 0 {
+        return Ok(());
+    }
+    left.remove().map_err(|e| {
+        anyhow::anyhow!("{e}: the allocator entries still jump to an in-process sampler left by an earlier tracer, and probes on them would break the process")
+    })?;
+    diag::warn(format_args!(
+        "gave back {patched} allocator entries that an earlier tracer's in-process sampler had kept"
+    ));
+    Ok(())
 }
 
 /// Puts the target's allocator entries back; the sampler stays mapped and inert. A failure is
