@@ -719,6 +719,15 @@ fn in_process_sampler(opts: &RecordOptions, pid: u32) -> Option<(Injected, Sampl
             return None;
         }
     };
+    if !injected.report.missing_internal.is_empty() {
+        // Without them a call glibc makes to malloc from inside those functions would be
+        // taken for the program's own, and counted twice.
+        diag::warn(format_args!(
+            "in-process sampler: glibc's {} not found (is its debug file, libc6-dbg, installed?): \
+             allocations glibc makes inside them may be counted twice",
+            injected.report.missing_internal.join(", ")
+        ));
+    }
     match sites_of(&injected) {
         Some(sites) => Some((injected, sites)),
         None => {
