@@ -201,7 +201,8 @@ impl Recording {
         };
         if sampler.is_none() {
             if let TargetSpec::Pid(_) = &opts.target {
-                give_back_entries(pid)?;
+                // Through a live thread: the main one may have exited.
+                give_back_entries(task)?;
             }
         }
         let mut limits = opts.limits.clone();
