@@ -73,9 +73,6 @@ pub const MEMFD_NAME: &str = "tracer-sampler";
 const MAPS_PATH: &str = "/memfd:tracer-sampler";
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const MFD_CLOEXEC: u64 = 1;
-/// How far the region may lie from any byte of libc: rel32 jumps and RIP-relative operands
-/// reach ±2 GiB; the rest is margin.
-const REACH: u64 = (2 << 30) - (16 << 20);
 /// Bytes per trampoline in the trampoline page.
 const TRAMPOLINE_SLOT: u64 = 64;
 /// Stops tried before a thread inside bytes to patch refuses the install or removal.
@@ -652,48 +649,6 @@ fn internal_ranges(libc: &TargetLibc) -> (Vec<CodeRange>, Vec<String>) {
 // ---------------------------------------------------------------------------------------------
 // Placing the region
 
-/// Region starts for `size` bytes, nearest to libc first, such that every byte of the region
-/// and of libc lie within [`REACH`] of each other.
-fn region_candidates(used: &[(u64, u64)], libc: (u64, u64), size: u64) -> Vec<u64> {
-    let (lo, hi) = libc;
-    let mut used = used.to_vec();
-    used.sort_unstable();
-    let floor = 1u64 << 20;
-    let ceiling = 0x7fff_ffff_f000u64;
-    let mut gaps = Vec::new();
-    let mut at = floor;
-    for &(start, end) in &used {
-        if start > at {
-            gaps.push((at, start));
-        }
-        at = at.max(end);
-    }
-    if ceiling > at {
-        gaps.push((at, ceiling));
-    }
-    let mut out: Vec<(u64, u64)> = gaps
-        .into_iter()
-        .filter_map(|(start, end)| {
-            let first = start.div_ceil(PAGE) * PAGE;
-            let last = end.checked_sub(size)? & !(PAGE - 1);
-            if first > last {
-                return None;
-            }
-            let place = if last + size <= lo {
-                last
-            } else if first >= hi {
-                first
-            } else {
-                return None;
-            };
-            let far = (place + size).max(hi) - place.min(lo);
-            (far <= REACH).then_some((far, place))
-        })
-        .collect();
-    out.sort_unstable();
-    out.into_iter().map(|(_, p)| p).collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // A session: threads stopped, system calls and memory
 
@@ -791,7 +746,7 @@ fn map_sampler(
     let rw = prot(true, true, false);
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let mut base = None;
-    for hint in region_candidates(&used, libc.span, size)
+    for hint in sys::region_candidates(&used, libc.span, size)
         .into_iter()
         .take(64)
     {
@@ -825,7 +780,7 @@ fn map_sampler(
         message: format!(
             "no free {} KiB within {} MiB of libc",
             size >> 10,
-            REACH >> 20
+            sys::REACH >> 20
         ),
     })?;
     let trampolines = base + image.span;
@@ -1395,7 +1350,7 @@ mod tests {
             libc,
             (0x7f00_0020_0000, 0x7f00_0040_0000),
         ];
-        let c = region_candidates(&used, libc, 0x10_0000);
+        let c = sys::region_candidates(&used, libc, 0x10_0000);
         assert_eq!(
             c[0], 0x7f00_0040_0000,
             "right above the last mapping after libc"
@@ -1403,7 +1358,7 @@ mod tests {
         assert!(c.contains(&(0x7eff_ff00_0000 - 0x10_0000)));
         for p in c {
             let far = (p + 0x10_0000).max(libc.1) - p.min(libc.0);
-            assert!(far <= REACH, "{p:#x} is {far:#x} from libc");
+            assert!(far <= sys::REACH, "{p:#x} is {far:#x} from libc");
         }
     }
 
@@ -1411,7 +1366,7 @@ mod tests {
     fn nothing_within_reach_gives_no_region() {
         let libc = (0x7f00_0000_0000, 0x7f00_0020_0000);
         let used = [(0x10_0000, 0x7fff_ffff_f000)];
-        assert!(region_candidates(&used, libc, PAGE).is_empty());
+        assert!(sys::region_candidates(&used, libc, PAGE).is_empty());
     }
 
     #[test]

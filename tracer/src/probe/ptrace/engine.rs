@@ -158,50 +158,10 @@ fn list_tasks(pid: i32) -> Result<Vec<i32>, PtraceError> {
         .collect())
 }
 
-/// How far the out-of-line page may lie from any byte of libc: RIP-relative operands and
-/// 32-bit branches reach ±2 GiB; the rest is margin.
-const PAGE_REACH: u64 = (2 << 30) - (16 << 20);
-
-/// Page addresses for the out-of-line page, nearest to libc first: in every gap between the
-/// mappings `used` (start, end; any order), the page of the gap closest to libc's span
-/// `libc` (start, end), when all of libc and the page are within [`PAGE_REACH`] of each
-/// other. A process like node fills the space just below libc with its own reservations,
-/// so the page may have to go far below, or above it.
+/// Page addresses for the out-of-line page, nearest to libc first (see
+/// [`sys::region_candidates`]).
 pub fn page_candidates(used: &[(u64, u64)], libc: (u64, u64)) -> Vec<u64> {
-    let (lo, hi) = libc;
-    let mut used = used.to_vec();
-    used.sort_unstable();
-    // Never the first MiB (mmap_min_addr), never the top of the user address space.
-    let floor = 1u64 << 20;
-    let ceiling = 0x7fff_ffff_f000u64;
-    let mut gaps = Vec::new();
-    let mut at = floor;
-    for &(start, end) in &used {
-        if start > at {
-            gaps.push((at, start));
-        }
-        at = at.max(end);
-    }
-    if ceiling > at {
-        gaps.push((at, ceiling));
-    }
-    let mut candidates: Vec<(u64, u64)> = gaps
-        .into_iter()
-        .filter(|&(start, end)| end - start >= PAGE)
-        .filter_map(|(start, end)| {
-            let last = (end - PAGE) & !(PAGE - 1);
-            let first = (start + PAGE - 1) & !(PAGE - 1);
-            if first > last {
-                return None;
-            }
-            // The page of the gap nearest to libc.
-            let page = if last < lo { last } else if first > hi { first } else { first.max(lo.min(last)) };
-            let distance = if page + PAGE <= lo { hi - page } else { (page + PAGE).saturating_sub(lo) };
-            (distance <= PAGE_REACH).then_some((distance, page))
-        })
-        .collect();
-    candidates.sort_unstable();
-    candidates.into_iter().map(|(_, page)| page).collect()
+    sys::region_candidates(used, libc, PAGE)
 }
 
 /// Whether task `other` shares process `pid`'s memory.
@@ -519,7 +479,7 @@ impl Engine {
         }
         Err(PtraceError::Page(format!(
             "no free page within {} MiB of libc",
-            PAGE_REACH >> 20
+            sys::REACH >> 20
         )))
     }
 
@@ -1508,7 +1468,7 @@ mod page_tests {
         for &page in &c {
             assert!(page + PAGE <= v8.0 || page >= above.1, "{page:#x} overlaps a mapping");
             let far = if page < libc.0 { libc.1 - page } else { page + PAGE - libc.0 };
-            assert!(far <= PAGE_REACH, "{page:#x} is out of reach");
+            assert!(far <= sys::REACH, "{page:#x} is out of reach");
         }
     }
 

@@ -426,3 +426,56 @@ pub fn inject_syscall(
     }
     Ok((done.rax as i64, resume_sig))
 }
+
+/// Bytes per page.
+const PAGE: u64 = 4096;
+
+/// How far code placed for a process may lie from any byte of its libc: rel32 jumps and
+/// RIP-relative operands reach ±2 GiB; the rest is margin.
+pub const REACH: u64 = (2 << 30) - (16 << 20);
+
+/// Region starts for `size` bytes in the gaps between the mappings `used` (start, end; any
+/// order), nearest to libc's span `libc` first, such that every byte of the region and of
+/// libc lie within [`REACH`] of each other: the ptrace backend's out-of-line page and the
+/// in-process sampler's region. A process like node fills the space just below libc with its
+/// own reservations, so a region may have to go far below, or above it.
+pub fn region_candidates(used: &[(u64, u64)], libc: (u64, u64), size: u64) -> Vec<u64> {
+    let (lo, hi) = libc;
+    let mut used = used.to_vec();
+    used.sort_unstable();
+    // Never the first MiB (mmap_min_addr), never the top of the user address space.
+    let floor = 1u64 << 20;
+    let ceiling = 0x7fff_ffff_f000u64;
+    let mut gaps = Vec::new();
+    let mut at = floor;
+    for &(start, end) in &used {
+        if start > at {
+            gaps.push((at, start));
+        }
+        at = at.max(end);
+    }
+    if ceiling > at {
+        gaps.push((at, ceiling));
+    }
+    let mut out: Vec<(u64, u64)> = gaps
+        .into_iter()
+        .filter_map(|(start, end)| {
+            let first = start.div_ceil(PAGE) * PAGE;
+            let last = end.checked_sub(size)? & !(PAGE - 1);
+            if first > last {
+                return None;
+            }
+            let place = if last + size <= lo {
+                last
+            } else if first >= hi {
+                first
+            } else {
+                return None;
+            };
+            let far = (place + size).max(hi) - place.min(lo);
+            (far <= REACH).then_some((far, place))
+        })
+        .collect();
+    out.sort_unstable();
+    out.into_iter().map(|(_, p)| p).collect()
+}
