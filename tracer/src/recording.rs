@@ -199,11 +199,9 @@ impl Recording {
             TargetSpec::Pid(_) if bpf_refused.is_none() => in_process_sampler(opts, pid),
             _ => None,
         };
-        if sampler.is_none() {
-            if let TargetSpec::Pid(_) = &opts.target {
-                // Through a live thread: the main one may have exited.
-                give_back_entries(task)?;
-            }
+        if sampler.is_none() && matches!(opts.target, TargetSpec::Pid(_)) {
+            // Through a live thread: the main one may have exited.
+            give_back_entries(task)?;
         }
         let mut limits = opts.limits.clone();
         if let Some((_, sites)) = &sampler {
