@@ -6,11 +6,10 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::live::{HeldBpf, Service, attach_cycle, code_snapshot, item_paths, leftovers};
-use support::load::{Load, LoadConfig, Outcome, fetch_reference};
+use support::live::{HeldBpf, attach_cycle, code_snapshot, endless_load, leftovers, warm_service};
+use support::load::Outcome;
 use support::{EXIT_TIMEOUT, eventually, num, setup};
 
 /// Cycles with the eBPF backend: full, kernel sampling (`--backend ebpf --sample-bytes`), full,
@@ -26,47 +25,11 @@ const CONNECTIONS: usize = 8;
 #[test]
 fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
     setup();
-    let mut service = Service::start();
+    // Warmed up untraced (V8 compiles the handler), then the code pages as they are.
+    let (mut service, paths, reference) = warm_service(CONNECTIONS);
     let pid = service.pid();
-    let paths = item_paths(64);
-    let reference = Arc::new(
-        fetch_reference(service.addr, &paths)
-            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
-    );
-    // Warm up untraced (V8 compiles the handler), then take the code pages as they are.
-    let warm = Load::start(
-        LoadConfig {
-            addr: service.addr,
-            connections: CONNECTIONS,
-            paths: paths.clone(),
-            max_requests: 2_000,
-            max_duration: Duration::from_secs(20),
-        },
-        reference.clone(),
-    );
-    while !warm.finished() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let warm = warm.stop();
-    assert!(
-        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
-        "the service misbehaves untraced: {}\n{}",
-        warm.summary(),
-        warm.errors.join("\n")
-    );
-    eprintln!("live_e2e: untraced: {}", warm.summary());
     let code_before = code_snapshot(pid);
-
-    let load = Load::start(
-        LoadConfig {
-            addr: service.addr,
-            connections: CONNECTIONS,
-            paths: paths.clone(),
-            max_requests: 10_000_000,
-            max_duration: Duration::from_secs(20 * 60),
-        },
-        reference,
-    );
+    let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
     let mut plan: Vec<&[&str]> = Vec::new();
     for i in 0..EBPF_CYCLES {
@@ -77,7 +40,10 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
             _ => &["--sample-bytes", "512KiB"],
         });
     }
-    plan.extend(std::iter::repeat_n(&["--backend", "ptrace"][..], PTRACE_CYCLES));
+    plan.extend(std::iter::repeat_n(
+        &["--backend", "ptrace"][..],
+        PTRACE_CYCLES,
+    ));
 
     let mut failures = Vec::new();
     let mut held = HeldBpf::default();
@@ -117,8 +83,8 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
                 let dropped = &cycle.report["totals"]["dropped"];
                 let stale = num(dropped, "stale_pending");
                 let orphans = num(dropped, "orphan_returns");
-                let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-                    .map_or(0, |d| d.count()) as u64;
+                let threads =
+                    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) as u64;
                 if ebpf && (stale != 0 || orphans > 2 * threads) {
                     failures.push(format!(
                         "cycle {i} ({}): {stale} calls counted stale_pending and {orphans} \
@@ -145,7 +111,10 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
             ));
         }
         if !service.proc.running() {
-            failures.push(format!("the service died during cycle {i} ({})", args.join(" ")));
+            failures.push(format!(
+                "the service died during cycle {i} ({})",
+                args.join(" ")
+            ));
             break;
         }
     }

@@ -9,11 +9,11 @@
 mod support;
 
 use std::process::Command;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use support::live::{Service, attach_cycle, code_snapshot, item_paths};
-use support::load::{Load, LoadConfig, LoadReport, Outcome, fetch_reference};
+use support::live::{Service, attach_cycle, code_snapshot, endless_load, warm_service};
+use support::load::{LoadReport, Outcome};
 use support::{EXIT_TIMEOUT, Proc, RECORDING_TIMEOUT, num, setup, tracer_bin};
 
 const CYCLES: usize = 50;
@@ -32,58 +32,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The service, warmed up untraced (V8 compiles the handler), with its answers to compare.
-fn warm_service() -> (
-    Service,
-    Vec<String>,
-    Arc<std::collections::HashMap<String, support::load::RawResponse>>,
-) {
-    let service = Service::start();
-    let paths = item_paths(64);
-    let reference = Arc::new(
-        fetch_reference(service.addr, &paths)
-            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
-    );
-    let warm = Load::start(
-        LoadConfig {
-            addr: service.addr,
-            connections: CONNECTIONS,
-            paths: paths.clone(),
-            max_requests: 2_000,
-            max_duration: Duration::from_secs(20),
-        },
-        reference.clone(),
-    );
-    while !warm.finished() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let warm = warm.stop();
-    assert!(
-        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
-        "the service misbehaves untraced: {}\n{}",
-        warm.summary(),
-        warm.errors.join("\n")
-    );
-    (service, paths, reference)
-}
-
-fn endless_load(
-    service: &Service,
-    paths: &[String],
-    reference: &Arc<std::collections::HashMap<String, support::load::RawResponse>>,
-) -> Load {
-    Load::start(
-        LoadConfig {
-            addr: service.addr,
-            connections: CONNECTIONS,
-            paths: paths.to_vec(),
-            max_requests: 10_000_000,
-            max_duration: Duration::from_secs(20 * 60),
-        },
-        reference.clone(),
-    )
 }
 
 /// Every request answered in time with the bytes it got untraced.
@@ -130,10 +78,10 @@ fn check_left_as_found(mut service: Service, code_before: &support::live::CodeSn
 fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unchanged() {
     setup();
     let _serial = serial();
-    let (mut service, paths, reference) = warm_service();
+    let (mut service, paths, reference) = warm_service(CONNECTIONS);
     let pid = service.pid();
     let code_before = code_snapshot(pid);
-    let load = endless_load(&service, &paths, &reference);
+    let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
     let mut failures = Vec::new();
     let started = Instant::now();
@@ -202,10 +150,10 @@ fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unch
 fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
     setup();
     let _serial = serial();
-    let (mut service, paths, reference) = warm_service();
+    let (mut service, paths, reference) = warm_service(CONNECTIONS);
     let pid = service.pid();
     let code_before = code_snapshot(pid);
-    let load = endless_load(&service, &paths, &reference);
+    let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
     let mut cmd = Command::new(tracer_bin());
     cmd.args(["record", "--pid", &pid.to_string(), "--format", "json"])

@@ -8,10 +8,12 @@ use std::hash::{DefaultHasher, Hasher};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::load::{Load, LoadConfig, Outcome, RawResponse, fetch_reference};
 use super::{
     EXIT_TIMEOUT, LINE_TIMEOUT, Proc, RECORDING_TIMEOUT, bpf_programs, describe_status,
     fixtures_dir, tracer_bin,
@@ -333,4 +335,60 @@ pub fn attach_cycle(pid: i32, args: &[&str], hold: Duration) -> Result<Cycle, St
         held,
         stderr: finished.stderr,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service under load
+
+/// The service, warmed up untraced with 2,000 requests (V8 compiles the handler), with the
+/// paths asked for and its answers to compare.
+pub fn warm_service(
+    connections: usize,
+) -> (Service, Vec<String>, Arc<HashMap<String, RawResponse>>) {
+    let service = Service::start();
+    let paths = item_paths(64);
+    let reference = Arc::new(
+        fetch_reference(service.addr, &paths)
+            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
+    );
+    let warm = Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections,
+            paths: paths.clone(),
+            max_requests: 2_000,
+            max_duration: Duration::from_secs(20),
+        },
+        reference.clone(),
+    );
+    while !warm.finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warm = warm.stop();
+    assert!(
+        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
+        "the service misbehaves untraced: {}\n{}",
+        warm.summary(),
+        warm.errors.join("\n")
+    );
+    eprintln!("untraced warm-up: {}", warm.summary());
+    (service, paths, reference)
+}
+
+pub fn endless_load(
+    service: &Service,
+    paths: &[String],
+    reference: &Arc<HashMap<String, RawResponse>>,
+    connections: usize,
+) -> Load {
+    Load::start(
+        LoadConfig {
+            addr: service.addr,
+            connections,
+            paths: paths.to_vec(),
+            max_requests: 10_000_000,
+            max_duration: Duration::from_secs(20 * 60),
+        },
+        reference.clone(),
+    )
 }
