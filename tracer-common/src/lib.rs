@@ -189,7 +189,10 @@ pub mod counter {
     /// was full), so the block's free will not be reported: counted as allocated, not as live.
     /// Also a failed realloc's block that could not go back into the set.
     pub const SAMPLER_UNTRACKED: u32 = 22;
-    pub const COUNT: u32 = 23;
+    /// The in-process sampler's ring (the ptrace fallback, `sampler::RingHeader`) was full
+    /// when a sampled event came: that allocation, or that free, was not seen.
+    pub const SAMPLER_RING_FULL: u32 = 23;
+    pub const COUNT: u32 = 24;
 }
 
 /// Where a recording stands, in the allocator programs' `PHASE` map (set by user space).

@@ -14,7 +14,7 @@ use crate::AllocKind;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TRSAMPLR");
 /// `Control::version`: raised whenever the layout or the meaning of a field changes, so that an
 /// attach that finds a sampler left in a process by another build does not misread it.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The dynamic symbol of the control block.
 pub const CONTROL_SYMBOL: &str = "TRACER_SAMPLER";
@@ -197,6 +197,79 @@ pub struct SampledCall {
     pub flags: u32,
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ring: the ptrace fallback's way out of the process
+
+/// The ring's memfd: /proc/PID/maps shows it as `/memfd:tracer-ring (deleted)`.
+pub const RING_MEMFD_NAME: &str = "tracer-ring";
+/// The sampler's copy of [`RING_MEMFD_NAME`], NUL-terminated.
+pub const RING_NAME_SYMBOL: &str = "TRACER_RING_NAME";
+
+/// The head of the ring, followed by `slots` slots of `slot_bytes` bytes each (each a
+/// [`RingSlot`] and then the stack bytes it copied).
+///
+/// Many producers (the process's threads, in the sampler's hooks) and one consumer (the
+/// tracer) in the manner of a bounded queue with a sequence word per slot: slot `i` starts
+/// with `seq == i`. A producer reads `tail`, and finding `seq == tail` in the slot at `tail %
+/// slots` claims it by moving `tail` on with a compare-and-swap, fills it and stores `seq =
+/// tail + 1`. A slot whose `seq` is behind `tail` has not been read yet: the ring is full; the
+/// producer waits about a millisecond at most for a reader that is running (see `consumer`),
+/// then drops the event and counts it in `full`. The consumer reads the slot at its
+/// own position `pos` once `seq == pos + 1`, then hands the slot back with `seq = pos + slots`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingHeader {
+    /// A power of two.
+    pub slots: u64,
+    /// A multiple of 64, more than [`RING_STACK_OFFSET`].
+    pub slot_bytes: u64,
+    /// Events dropped because the ring was full.
+    pub full: u64,
+    /// The consumer's position: every event before it has been read. Equal to `tail` when the
+    /// tracer let go of a ring it had read to the end, which a later attach may then reuse.
+    pub head: u64,
+    /// 1 while the consumer sleeps on it (a futex, its low 32 bits): a producer that leaves
+    /// the ring a quarter full or more wakes it (`FUTEX_WAKE`, shared) and clears it, so that a
+    /// burst does not outrun a consumer that polls slowly while the ring stays quiet.
+    pub waiting: u64,
+    /// The reading tracer's pid while it reads (0 once it let go). A producer that finds the
+    /// ring full waits a little for a reader that exists (a burst that outruns it), and not
+    /// at all for one that is gone.
+    pub consumer: u64,
+    pub _reserved: [u64; 2],
+    /// The next position a producer claims (its own cache line).
+    pub tail: u64,
+    pub _reserved1: [u64; 7],
+}
+
+/// One event in the ring. The stack bytes follow at [`RING_STACK_OFFSET`] from the slot's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingSlot {
+    pub seq: u64,
+    /// The producing thread's thread pointer (`%fs:0`): which thread a realloc's held block
+    /// belongs to.
+    pub thread: u64,
+    /// The producing process (`getpid`): a forked child shares the ring and its events are
+    /// not the traced process's.
+    pub pid: u64,
+    /// Bytes of the stack copied from `event.entry_sp` upwards (whole pages after the first,
+    /// up to the first unreadable one, at most `slot_bytes - RING_STACK_OFFSET`).
+    pub stack_len: u64,
+    pub event: SampledCall,
+}
+
+pub const RING_HEADER_BYTES: usize = 128;
+pub const RING_STACK_OFFSET: usize = 128;
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<RingHeader>() == RING_HEADER_BYTES);
+    assert!(offset_of!(RingHeader, tail) == 64);
+    assert!(size_of::<RingSlot>() <= RING_STACK_OFFSET);
+    assert!(offset_of!(RingSlot, event) == 32);
+};
+
 /// `[start, end)` of code. An empty range (`start == end`) matches nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -235,7 +308,11 @@ pub struct Control {
     /// Which countdown slots are in use: `slot_index` masks its hash with it. `SLOTS - 1`
     /// normally; 0 puts every thread on slot 0.
     pub slot_mask: u64,
-    pub _reserved0: [u64; 2],
+    /// The ptrace fallback: address of a [`RingHeader`] in the process, where every sampled
+    /// event also goes with a copy of the stack (the tracer reads it from its own mapping of
+    /// the same memory). 0: no ring, events only reach the probe sites.
+    pub ring: u64,
+    pub _reserved0: u64,
     /// What each hook calls as the real function, by [`Hook`]: the allocator's function, or a
     /// trampoline holding its displaced entry instructions once the entry is patched.
     pub real: [u64; HOOKS],
@@ -293,7 +370,8 @@ impl Control {
         mean: 0,
         rng: 0,
         slot_mask: (SLOTS - 1) as u64,
-        _reserved0: [0; 2],
+        ring: 0,
+        _reserved0: 0,
         real: [0; HOOKS],
         entry: [0; HOOKS],
         internal: [CodeRange { start: 0, end: 0 }; RANGES],

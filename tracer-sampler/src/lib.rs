@@ -48,14 +48,17 @@
 use core::{
     cell::UnsafeCell,
     ffi::{c_int, c_void},
-    sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
+    sync::atomic::{
+        AtomicU8, AtomicU64,
+        Ordering::{Acquire, Relaxed, Release},
+    },
 };
 
 use tracer_common::{
     AllocKind,
     sampler::{
-        BUCKET_SLOTS, Control, Hook, KIND_FREE, RANGES, SampledCall, bucket_of, counter, flags,
-        slot_index,
+        BUCKET_SLOTS, Control, Hook, KIND_FREE, RANGES, RING_HEADER_BYTES, RING_STACK_OFFSET,
+        RingHeader, RingSlot, SampledCall, bucket_of, counter, flags, slot_index,
     },
     sampling,
 };
@@ -69,6 +72,11 @@ unsafe impl Sync for Shared {}
 
 #[unsafe(no_mangle)]
 pub static TRACER_SAMPLER: Shared = Shared(UnsafeCell::new(Control::INITIAL));
+
+/// The ring's memfd name, NUL-terminated, for the tracer's `memfd_create` run in the process
+/// (it needs the name in the process's memory, and this page never changes).
+#[unsafe(no_mangle)]
+pub static TRACER_RING_NAME: [u8; 12] = *b"tracer-ring\0";
 
 /// The address of a symbol of this object, taken relative to the instruction pointer: the
 /// compiler would load an exported symbol's address from the GOT (it may be preempted by
@@ -357,6 +365,11 @@ struct Caller {
 /// (not inlined, cloned or specialised: the uprobe sits on that address).
 #[inline(always)]
 fn report(site: u64, ev: &SampledCall) {
+    // SAFETY: a word of the control block.
+    let ring = load(unsafe { &raw mut (*ctl()).ring });
+    if ring != 0 {
+        ring_push(ring, ev);
+    }
     // SAFETY: `site` is the address of one of the two probe sites, which have this type and
     // read the event it is given.
     unsafe {
@@ -431,6 +444,176 @@ fn sampled_free(c: *mut Control, hook: Hook, caller: Caller, addr: u64, extra_fl
     report(here!(tracer_free_site), &ev);
 }
 
+/// Puts `ev` in the ring at `ring` with a copy of the stack above the caller's return address,
+/// or counts it as dropped when the ring is full (see `RingHeader` for the protocol). Nothing
+/// here waits for the tracer.
+#[cold]
+#[inline(never)]
+fn ring_push(ring: u64, ev: &SampledCall) {
+    let head = ring as *mut RingHeader;
+    // SAFETY: the tracer mapped the ring, shared with itself, before it stored its address;
+    // the header's words are 8-aligned and only ever read or changed atomically here.
+    let (slots, slot_bytes, tail, full) = unsafe {
+        (
+            load(&raw mut (*head).slots),
+            load(&raw mut (*head).slot_bytes),
+            word(&raw mut (*head).tail),
+            word(&raw mut (*head).full),
+        )
+    };
+    if !slots.is_power_of_two() || slot_bytes <= RING_STACK_OFFSET as u64 || slot_bytes % 64 != 0 {
+        return;
+    }
+    let mut pos = tail.load(Relaxed);
+    let mut waits = 0;
+    let slot = loop {
+        let slot = ring + RING_HEADER_BYTES as u64 + (pos & (slots - 1)) * slot_bytes;
+        let seq = word(slot as *mut u64).load(Acquire);
+        let ahead = seq.wrapping_sub(pos) as i64;
+        if ahead == 0 {
+            match tail.compare_exchange_weak(pos, pos.wrapping_add(1), Relaxed, Relaxed) {
+                Ok(_) => break slot,
+                Err(now) => pos = now,
+            }
+        } else if ahead < 0 {
+            // Not read yet: the ring is full. A burst can outrun the reader for a moment:
+            // wake it and give it a little time, as long as it is there to read.
+            if waits < RING_FULL_WAITS && consumer_alive(head) {
+                waits += 1;
+                wake_consumer(head);
+                syscall6(SYS_NANOSLEEP, [&raw const RING_FULL_PAUSE as u64, 0, 0, 0, 0, 0]);
+                pos = tail.load(Relaxed);
+                continue;
+            }
+            full.fetch_add(1, Relaxed);
+            return;
+        } else {
+            // Another thread claimed this position first.
+            pos = tail.load(Relaxed);
+        }
+    };
+    let s = slot as *mut RingSlot;
+    let stack = slot + RING_STACK_OFFSET as u64;
+    let copied = copy_stack(ev.entry_sp, stack, slot_bytes - RING_STACK_OFFSET as u64);
+    // SAFETY: the slot is ours until its sequence word says it is filled.
+    unsafe {
+        (*s).thread = thread_pointer();
+        (*s).pid = syscall6(SYS_GETPID, [0; 6]) as u64;
+        (*s).stack_len = copied;
+        copy_event(ev, &raw mut (*s).event);
+    }
+    word(slot as *mut u64).store(pos.wrapping_add(1), Release);
+    // SAFETY: a header word, as above.
+    let read = unsafe { word(&raw mut (*head).head) }.load(Relaxed);
+    if pos.wrapping_add(1).wrapping_sub(read) >= slots / 16 {
+        wake_consumer(head);
+    }
+}
+
+/// Wakes the tracer's reader if it sleeps on the ring (one system call, made by one thread).
+#[inline(always)]
+fn wake_consumer(head: *mut RingHeader) {
+    // SAFETY: a header word, as in ring_push.
+    let waiting = word(unsafe { &raw mut (*head).waiting });
+    if waiting.load(Relaxed) != 0 && waiting.compare_exchange(1, 0, Relaxed, Relaxed).is_ok() {
+        syscall6(SYS_FUTEX, [waiting.as_ptr() as u64, FUTEX_WAKE, 1, 0, 0, 0]);
+    }
+}
+
+/// Whether the tracer that reads the ring is still running: its pid is in the header while it
+/// reads, and a signal 0 to it says whether it exists. A tracer that was killed leaves the
+/// ring to fill, and the events then go as soon as they find it full.
+#[inline(always)]
+fn consumer_alive(head: *mut RingHeader) -> bool {
+    // SAFETY: a header word, as in ring_push.
+    let pid = word(unsafe { &raw mut (*head).consumer }).load(Relaxed);
+    pid != 0 && syscall6(SYS_KILL, [pid, 0, 0, 0, 0, 0]) == 0
+}
+
+const SYS_NANOSLEEP: u64 = 35;
+const SYS_KILL: u64 = 62;
+/// A full ring makes a sampled call wait at most this many pauses (about a millisecond in
+/// all with the kernel's default timer slack) for the reader to make room.
+const RING_FULL_WAITS: u32 = 16;
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+static RING_FULL_PAUSE: Timespec = Timespec { sec: 0, nsec: 20_000 };
+
+const SYS_FUTEX: u64 = 202;
+/// Not `FUTEX_PRIVATE_FLAG`: the sleeper is another process.
+const FUTEX_WAKE: u64 = 1;
+
+const SYS_GETPID: u64 = 39;
+const SYS_PROCESS_VM_READV: u64 = 310;
+const PAGE: u64 = 4096;
+/// Pages of stack a slot can hold, plus the partial first one.
+const MAX_IOV: usize = 18;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// A raw system call (no errno, no libc): returns the kernel's result, negative on error.
+#[inline(always)]
+fn syscall6(nr: u64, args: [u64; 6]) -> i64 {
+    let ret: i64;
+    // SAFETY: the calls made with it (getpid, process_vm_readv) touch only memory given to
+    // them, which the kernel checks.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as i64 => ret,
+            in("rdi") args[0],
+            in("rsi") args[1],
+            in("rdx") args[2],
+            in("r10") args[3],
+            in("r8") args[4],
+            in("r9") args[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+/// Copies up to `max` bytes from `from` (a stack pointer) to `to`, stopping at the first page
+/// that cannot be read (the top of the stack): the kernel copies for us and reports a fault
+/// as a short count instead of a signal. One iovec per page, so that the copy ends on the last
+/// readable one (a short transfer never splits an iovec). Returns the bytes copied.
+fn copy_stack(from: u64, to: u64, max: u64) -> u64 {
+    // Left uninitialised beyond `n` (zeroing it would call memset, which this object has not).
+    let mut remote = [const { core::mem::MaybeUninit::<Iovec>::uninit() }; MAX_IOV];
+    let end = from.saturating_add(max);
+    let (mut at, mut n) = (from, 0);
+    while at < end && n < MAX_IOV {
+        let stop = ((at / PAGE + 1) * PAGE).min(end);
+        remote[n].write(Iovec { base: at, len: stop - at });
+        n += 1;
+        at = stop;
+    }
+    let local = Iovec { base: to, len: at - from };
+    let pid = syscall6(SYS_GETPID, [0; 6]) as u64;
+    let got = syscall6(
+        SYS_PROCESS_VM_READV,
+        [
+            pid,
+            &raw const local as u64,
+            1,
+            remote.as_ptr() as u64,
+            n as u64,
+            0,
+        ],
+    );
+    if got < 0 { 0 } else { got as u64 }
+}
+
 /// The alloc probe site. A uprobe on its first instruction reads the event at `rdi`. Without
 /// one it only counts its calls and keeps a copy of the last event (for tests and
 /// post-mortems).
@@ -462,7 +645,7 @@ pub unsafe extern "C" fn tracer_free_site(ev: *const SampledCall) {
 /// Copies an event word by word with atomic stores: threads may write the copy at once.
 ///
 /// # Safety
-/// `from` must be readable and `to` inside the control block.
+/// `from` must be readable and `to` 8-aligned and writable (the control block, a ring slot).
 #[inline(always)]
 unsafe fn copy_event(from: *const SampledCall, to: *mut SampledCall) {
     const WORDS: usize = core::mem::size_of::<SampledCall>() / 8;

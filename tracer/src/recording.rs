@@ -20,6 +20,7 @@ use crate::{
         Backend, Snapshot,
         ebpf::{EbpfProbes, SamplerSites, SyscallTarget},
         ptrace::{PtraceOptions, PtraceProbes},
+        sampled::SampledProbes,
     },
     regions::Regions,
     report::{self, Meta, Ranking, Report},
@@ -668,10 +669,7 @@ fn attach_backend(
         }
     };
     if limits.sample_bytes.is_some() {
-        bail!(
-            "--sample-bytes needs the eBPF backend{}",
-            why_not_bpf.map(|w| format!(", which is unavailable: {w}")).unwrap_or_default()
-        );
+        return sampled_without_bpf(pid, limits, launched, why_not_bpf);
     }
     let ptrace = || -> anyhow::Result<PtraceProbes> {
         if task != pid {
@@ -700,6 +698,27 @@ fn attach_backend(
         (Err(e), Some(why)) => Err(e.context(format!("eBPF unavailable ({why}), and the ptrace backend failed too"))),
         (Err(e), None) => Err(e),
     }
+}
+
+/// `--sample-bytes` without eBPF: the in-process sampler with its events read from a ring
+/// shared with it (no trap per call, see `probe::sampled`). A running process only: a
+/// launched command would have to be stopped once its C library is loaded.
+fn sampled_without_bpf(
+    pid: NonZeroU32,
+    limits: &crate::probe::ebpf::Limits,
+    launched: Option<&Launched>,
+    why_not_bpf: Option<String>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let why = why_not_bpf.map(|w| format!("eBPF unavailable ({w}); ")).unwrap_or_default();
+    if launched.is_some() {
+        bail!("{why}--sample-bytes with the ptrace backend samples a running process: start the command, then attach with --pid");
+    }
+    let probes = SampledProbes::attach(pid.get(), limits.clone())
+        .map_err(|e| anyhow::anyhow!("{why}the in-process sampler could not be put in: {e}"))?;
+    diag::warn(format_args!(
+        "{why}sampling with the in-process sampler, its sampled events read through memory shared with pid {pid} (no BPF, no trap per call)"
+    ));
+    Ok(Box::new(probes))
 }
 
 /// `--sample-bytes` on a running process with the default backend: the in-process sampler

@@ -10,7 +10,8 @@ use object::{
     read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, Rela},
 };
 use tracer_common::sampler::{
-    ALLOC_SITE_SYMBOL, CONTROL_SYMBOL, Control, FREE_SITE_SYMBOL, HOOKS, Hook, MAGIC, VERSION,
+    ALLOC_SITE_SYMBOL, CONTROL_SYMBOL, Control, FREE_SITE_SYMBOL, HOOKS, Hook, MAGIC,
+    RING_MEMFD_NAME, RING_NAME_SYMBOL, VERSION,
 };
 
 /// Why the sampler's object cannot be loaded as it is.
@@ -51,6 +52,8 @@ pub struct SamplerImage {
     pub hooks: [u64; HOOKS],
     pub alloc_site: u64,
     pub free_site: u64,
+    /// The ring's memfd name, NUL-terminated ([`RING_NAME_SYMBOL`]).
+    pub ring_name: u64,
     /// `R_X86_64_RELATIVE` relocations, (offset, addend): the word at `offset` becomes base +
     /// addend. The only kind allowed; today's build has none.
     pub relative: Vec<(u64, u64)>,
@@ -182,6 +185,13 @@ impl SamplerImage {
             hooks[h as usize] = f.0;
             functions.push((h.symbol(), f));
         }
+        let (ring_name, ring_name_size) = find(RING_NAME_SYMBOL, SymbolKind::Data, "data object")?;
+        if ring_name_size != RING_MEMFD_NAME.len() as u64 + 1 {
+            return Err(ImageError::Forbidden(format!(
+                "{RING_NAME_SYMBOL} has {ring_name_size} bytes, want {}",
+                RING_MEMFD_NAME.len() + 1
+            )));
+        }
         let alloc = find(ALLOC_SITE_SYMBOL, SymbolKind::Text, "function")?;
         let free = find(FREE_SITE_SYMBOL, SymbolKind::Text, "function")?;
         // The probe sites are where uprobes go: each must be its own code, shared with nothing.
@@ -237,6 +247,7 @@ impl SamplerImage {
             hooks,
             alloc_site: alloc.0,
             free_site: free.0,
+            ring_name,
             relative,
         })
     }

@@ -58,6 +58,7 @@ use tracer_common::sampler::{
 use super::{
     entry::{self, EntryError, Jump, Plan},
     image::{ImageError, PAGE, SamplerImage},
+    ring::{self, SharedRing},
     sampler,
 };
 use crate::{
@@ -70,6 +71,8 @@ use crate::{
 
 /// The memfd's name: /proc/PID/maps shows the sampler as `/memfd:tracer-sampler (deleted)`.
 pub const MEMFD_NAME: &str = "tracer-sampler";
+/// How /proc/PID/maps names the ring's memfd.
+const RING_MAPS_PATH: &str = "/memfd:tracer-ring";
 const MAPS_PATH: &str = "/memfd:tracer-sampler";
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const MFD_CLOEXEC: u64 = 1;
@@ -148,6 +151,12 @@ pub enum InjectError {
     },
     #[error("pid {pid}: write the sampler into the target's memfd")]
     Memfd {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pid {pid}: share the sampler's ring with the tracer")]
+    Ring {
         pid: i32,
         #[source]
         source: std::io::Error,
@@ -810,6 +819,80 @@ fn map_sampler(
     Ok(base)
 }
 
+/// Refuses a process under a seccomp filter for the ring: the sampler's stack copy is a
+/// `process_vm_readv` of itself, which a filter may forbid, or answer by killing the process.
+fn refuse_seccomp(pid: i32) -> Result<(), InjectError> {
+    let step = "read the target's status";
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| InjectError::Gone { pid, step })?;
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    if mode == Some("2") {
+        return Err(InjectError::Refused {
+            pid,
+            step: "check the target's system call filter",
+            message: "it runs under a seccomp filter, which may refuse (or kill it for) the \
+                      sampler's copy of its own stack (process_vm_readv)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// The ring the sampler hands sampled events to, shared with this process: one of ours left in
+/// the target and read to the end, or a new memfd mapped shared in the target (3 system calls
+/// run in it) and here.
+fn open_ring(
+    s: &mut Session,
+    image: &SamplerImage,
+    base: u64,
+    maps: &ProcMaps,
+) -> Result<SharedRing, InjectError> {
+    let pid = s.pid;
+    let len = ring::ring_bytes(ring::SLOTS, ring::SLOT_BYTES);
+    let open = |path: &Path| OpenOptions::new().read(true).write(true).open(path);
+    for m in maps
+        .mappings()
+        .iter()
+        .filter(|m| m.offset == 0 && m.path.as_deref() == Some(RING_MAPS_PATH) && m.end - m.start == len)
+    {
+        let reused = open(&m.file().map_files_path(pid as u32))
+            .and_then(|f| SharedRing::map(&f, len, m.start));
+        if let Ok(r) = reused
+            && r.reusable()
+        {
+            r.claim();
+            return Ok(r);
+        }
+    }
+    let fd = s.syscall(
+        "create the ring's memfd",
+        libc::SYS_memfd_create,
+        [base + image.ring_name, MFD_CLOEXEC, 0, 0, 0, 0],
+    )?;
+    let sized = open(Path::new(&format!("/proc/{pid}/fd/{fd}"))).and_then(|f| f.set_len(len).map(|()| f));
+    let file = match sized {
+        Ok(f) => f,
+        Err(source) => {
+            let _ = s.syscall("close the ring's memfd", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+            return Err(InjectError::Ring { pid, source });
+        }
+    };
+    let shared = libc::MAP_SHARED as u64;
+    let mapped = s.syscall(
+        "map the ring",
+        libc::SYS_mmap,
+        [0, len, prot(true, true, false), shared, fd, 0],
+    );
+    s.syscall("close the ring's memfd", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+    let mut ring = SharedRing::map(&file, len, mapped?).map_err(|source| InjectError::Ring { pid, source })?;
+    ring.reset(ring::SLOTS, ring::SLOT_BYTES);
+    ring.claim();
+    Ok(ring)
+}
+
 fn map_segments(
     s: &mut Session,
     image: &SamplerImage,
@@ -965,7 +1048,26 @@ impl Injected {
     /// Maps the sampler into process `pid` (or reuses one of ours left there), redirects the
     /// allocator's entries to it and starts it sampling every `mean_bytes` bytes on average.
     pub fn install(pid: i32, mean_bytes: u64) -> Result<Injected, InjectError> {
+        Self::install_with(pid, mean_bytes, false).map(|(injected, _)| injected)
+    }
+
+    /// [`Self::install`], with every sampled event also put in a ring shared with this process
+    /// (the ptrace fallback: no probe sites needed). The ring is one left by an earlier attach
+    /// that read it to the end, or a new one.
+    pub fn install_ring(pid: i32, mean_bytes: u64) -> Result<(Injected, SharedRing), InjectError> {
+        let (injected, ring) = Self::install_with(pid, mean_bytes, true)?;
+        Ok((injected, ring.expect("asked for a ring")))
+    }
+
+    fn install_with(
+        pid: i32,
+        mean_bytes: u64,
+        want_ring: bool,
+    ) -> Result<(Injected, Option<SharedRing>), InjectError> {
         let started = Instant::now();
+        if want_ring {
+            refuse_seccomp(pid)?;
+        }
         if mean_bytes == 0 || mean_bytes > tracer_common::sampling::MAX_MEAN {
             return Err(InjectError::Refused {
                 pid,
@@ -1148,6 +1250,17 @@ impl Injected {
             mean_bytes,
         )?;
 
+        let ring = if want_ring {
+            Some(open_ring(&mut s, &image, base, &maps)?)
+        } else {
+            None
+        };
+        s.write_u64(
+            "point the sampler at its ring",
+            field(offset_of!(Control, ring)),
+            ring.as_ref().map_or(0, SharedRing::target),
+        )?;
+
         // The entries, each whole while every thread is stopped.
         let mut patched = Vec::new();
         for (p, write) in plans.iter().zip(to_write) {
@@ -1170,7 +1283,7 @@ impl Injected {
         s.write_u64("start the sampler", field(offset_of!(Control, active)), 1)?;
         let threads = s.threads.stopped.len();
         s.threads.release();
-        Ok(Injected {
+        let injected = Injected {
             pid,
             base,
             image,
@@ -1185,7 +1298,8 @@ impl Injected {
                 elapsed: started.elapsed(),
                 stopped: stopped_at.elapsed(),
             },
-        })
+        };
+        Ok((injected, ring))
     }
 
     /// The sampler of ours left in process `pid` with the entries patched to it, taken over
@@ -1304,6 +1418,12 @@ impl Injected {
         s.write_u64(
             "stop the sampler",
             control_field(self.control(), offset_of!(Control, active)),
+            0,
+        )?;
+        // A ring stays mapped (a thread may be filling a slot) and is no longer fed.
+        s.write_u64(
+            "detach the sampler's ring",
+            control_field(self.control(), offset_of!(Control, ring)),
             0,
         )?;
         for p in &self.patched {

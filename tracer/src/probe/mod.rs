@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod libc;
 pub mod placement;
 pub mod ptrace;
+pub mod sampled;
 pub mod session;
 pub mod syscalls;
 
@@ -77,6 +78,8 @@ pub fn allocator_losses(c: impl Fn(u32) -> u64) -> Vec<(&'static str, u64)> {
         // Sampled by the in-process sampler, whose set of sampled addresses was full: counted
         // as allocated, never as live (its free would not be seen).
         ("sampler_untracked", c(counter::SAMPLER_UNTRACKED)),
+        // The ptrace fallback's ring in the target was full: sampled events not seen.
+        ("sampler_ring_full", c(counter::SAMPLER_RING_FULL)),
     ]
 }
 

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_common::{AllocKind, STACK_LOST, StackStats, counter};
+use tracer_common::{
+    AllocKind, STACK_LOST, StackStats, counter,
+    sampler::{KIND_FREE, SampledCall, flags},
+};
 
 use crate::probe::{Counters, Snapshot, StackSample, ebpf::Limits};
 
@@ -46,6 +49,9 @@ pub struct Book {
     /// Live bytes of all stacks, and the most of it since [`Book::take_total_peak`].
     live_total: i64,
     total_peak: i64,
+    /// In-process sampler events: per thread, the block its realloc in flight took out of the
+    /// live table (None: the block was not live here).
+    held: HashMap<u64, Option<(u64, Live)>>,
 }
 
 /// FNV-1a over the frames, as the BPF side keys its stacks.
@@ -88,6 +94,7 @@ impl Book {
             counters: [0; counter::COUNT as usize],
             live_total: 0,
             total_peak: 0,
+            held: HashMap::new(),
         }
     }
 
@@ -182,7 +189,7 @@ impl Book {
                 (false, Some(old)) => self.restore_old(pending.ptr_arg, old),
                 (false, None) => {}
                 (true, Some(old)) => {
-                    self.add_stats(old.stack, -(old.size as i64), -1, 0, 0);
+                    self.retire(old);
                     self.count(counter::FREES);
                 }
                 (true, None) => self.count(counter::UNMATCHED_FREES),
@@ -204,7 +211,7 @@ impl Book {
         }
         match self.live.remove(&ptr) {
             Some(live) => {
-                self.add_stats(live.stack, -(live.size as i64), -1, 0, 0);
+                self.retire(live);
                 self.count(counter::FREES);
             }
             None => self.count(counter::UNMATCHED_FREES),
@@ -222,17 +229,41 @@ impl Book {
     fn restore_old(&mut self, ptr: u64, old: Live) {
         if self.live.len() >= self.limits.max_live as usize {
             self.count(counter::DROP_LIVE_FULL);
-            self.add_stats(old.stack, -(old.size as i64), -1, 0, 0);
+            self.retire(old);
         } else {
             self.live.insert(ptr, old);
         }
     }
 
+    /// What a block of `size` bytes stands for in the totals: itself, or in sampling mode the
+    /// sampler's unbiased estimate at the mean (bytes, and allocations in units of
+    /// 2^-`COUNT_SHIFT`), as the BPF side retires a sampled block.
+    fn weight(&self, size: u64) -> (u64, u64) {
+        match self.limits.sample_bytes {
+            Some(mean) if mean > 0 => {
+                let e = tracer_common::sampling::estimate(size, mean);
+                (e.bytes, e.count)
+            }
+            _ => (size, 1),
+        }
+    }
+
+    /// A block is no longer live.
+    fn retire(&mut self, live: Live) {
+        let (bytes, allocs) = self.weight(live.size);
+        self.add_stats(live.stack, -(bytes as i64), -(allocs as i64), 0, 0);
+    }
+
     fn record_alloc(&mut self, addr: u64, size: u64, stack: u64) {
+        let (bytes, allocs) = self.weight(size);
+        self.record_weighted(addr, size, stack, bytes, allocs);
+    }
+
+    fn record_weighted(&mut self, addr: u64, size: u64, stack: u64, bytes: u64, allocs: u64) {
         if let Some(stale) = self.live.remove(&addr) {
             // We hold this address as live, yet the allocator handed it out again: its free
             // went by unseen. Retire it from its stack before reusing the slot.
-            self.add_stats(stale.stack, -(stale.size as i64), -1, 0, 0);
+            self.retire(stale);
             self.count(counter::STALE_LIVE);
         }
         let stack = self.stats_key(stack);
@@ -245,12 +276,84 @@ impl Book {
                     born: Instant::now(),
                 },
             );
-            self.add(stack, size as i64, 1, size, 1);
+            self.add(stack, bytes as i64, allocs as i64, bytes, allocs);
         } else {
             // Not tracked as live (its free could not be matched), but still allocated.
             self.count(counter::DROP_LIVE_FULL);
-            self.add(stack, 0, 0, size, 1);
+            self.add(stack, 0, 0, bytes, allocs);
         }
+    }
+
+    /// An event of the in-process sampler (the ptrace fallback), by the rules of its BPF probe
+    /// sites (tracer-ebpf/src/sampler.rs): `thread` tells whose realloc a held block belongs
+    /// to, `stack` is the walked stack's key for an allocation that was sampled.
+    pub fn sampled(&mut self, thread: u64, ev: &SampledCall, stack: Option<u64>) {
+        if ev.kind == KIND_FREE {
+            if ev.addr == 0 {
+                return;
+            }
+            if ev.flags & flags::HOLD != 0 {
+                // realloc of a sampled block, before the real call: out of the live table now
+                // (once released, another thread may be handed the address), settled by the
+                // thread's next alloc event.
+                if let Some(stale) = self.held.remove(&thread) {
+                    self.count(counter::STALE_PENDING);
+                    if let Some((addr, old)) = stale {
+                        self.restore_old(addr, old);
+                    }
+                }
+                let old = self.live.remove(&ev.addr);
+                self.held.insert(thread, old.map(|o| (ev.addr, o)));
+                return;
+            }
+            self.free(ev.addr);
+            return;
+        }
+        if ev.flags & (flags::OLD_RELEASED | flags::OLD_KEPT) != 0
+            && let Some(Some((addr, old))) = self.held.remove(&thread)
+        {
+            if ev.flags & flags::OLD_RELEASED != 0 {
+                self.retire(old);
+                self.count(counter::FREES);
+            } else if ev.flags & flags::OLD_UNTRACKED != 0 {
+                // Still allocated, but out of the sampler's set: its free will not be seen.
+                self.retire(old);
+                self.count(counter::SAMPLER_UNTRACKED);
+            } else {
+                self.restore_old(addr, old);
+            }
+        }
+        if ev.flags & flags::NOT_SAMPLED != 0 {
+            return;
+        }
+        let stack = stack.unwrap_or(STACK_LOST);
+        if ev.flags & flags::UNTRACKED != 0 {
+            // Allocated, and its free will not be reported: never live.
+            self.count(counter::SAMPLER_UNTRACKED);
+            self.add_stats(stack, 0, 0, ev.weight_bytes, ev.weight_count);
+        } else {
+            self.record_weighted(ev.addr, ev.size, stack, ev.weight_bytes, ev.weight_count);
+        }
+    }
+
+    /// Counts why a walk ended, when it ended short of the stack's end (the BPF walker's
+    /// `stack_cut_*` reasons).
+    pub fn walk_stopped(&mut self, stop: crate::unwind::Stop) {
+        use crate::unwind::Stop;
+        match stop {
+            Stop::End => {}
+            Stop::NoRows => self.count(counter::UNWIND_NO_ROWS),
+            Stop::BadFrame => self.count(counter::UNWIND_BAD_FRAME),
+            Stop::OutsideMappings => self.count(counter::UNWIND_OUTSIDE_MAPPINGS),
+            Stop::Unsupported => self.count(counter::UNWIND_UNSUPPORTED),
+            Stop::DepthCap => self.count(counter::UNWIND_DEPTH_CAP),
+        }
+    }
+
+    /// Sets a counter the backend keeps elsewhere (the ring's dropped events, counted in the
+    /// target).
+    pub fn set_counter(&mut self, index: u32, value: u64) {
+        self.counters[index as usize] = value;
     }
 
     /// The key `stack`'s totals are kept under: the lost-stack key when the table is full.
@@ -299,6 +402,9 @@ impl Book {
 
     pub fn snapshot(&self) -> Snapshot {
         let c = |i: u32| self.counters[i as usize];
+        // Sampling keeps estimated counts in fixed point, as the BPF side does.
+        let sampling = self.limits.sample_bytes.is_some();
+        let count = |v: i64| if sampling { crate::probe::session::whole_count(v) } else { v };
         let mut stacks: Vec<StackSample> = self
             .stats
             .iter()
@@ -306,17 +412,24 @@ impl Book {
                 id,
                 frames: self.stacks.get(&id).cloned().unwrap_or_default(),
                 live_bytes: s.live_bytes,
-                live_allocs: s.live_allocs,
+                live_allocs: count(s.live_allocs),
                 alloc_bytes: s.alloc_bytes,
-                allocs: s.allocs,
+                allocs: count(s.allocs as i64) as u64,
                 peak_bytes: s.peak_bytes,
             })
             .collect();
         stacks.sort_by_key(|s| s.id);
+        // Sampling: a free of a sampled block stands for many; the estimate is what was
+        // allocated and is no longer live (as the eBPF backend reports it).
+        let frees = if sampling {
+            stacks.iter().map(|s| s.allocs as i64 - s.live_allocs).sum::<i64>().max(0) as u64
+        } else {
+            c(counter::FREES)
+        };
         Snapshot {
             stacks,
             counters: Counters {
-                frees: c(counter::FREES),
+                frees,
                 unmatched_frees: c(counter::UNMATCHED_FREES),
                 failed_allocs: c(counter::FAILED_ALLOCS),
                 dropped: crate::probe::allocator_losses(c),
@@ -335,9 +448,16 @@ impl Book {
         let mut by_stack: HashMap<u64, (u64, u64)> = HashMap::new();
         for live in self.live.values() {
             if at.saturating_duration_since(live.born) >= min_age {
+                // A sampled block stands for more: its estimate (count in fixed point).
+                let (bytes, allocs) = self.weight(live.size);
                 let e = by_stack.entry(live.stack).or_default();
-                e.0 += live.size;
-                e.1 += 1;
+                e.0 += bytes;
+                e.1 += allocs;
+            }
+        }
+        if self.limits.sample_bytes.is_some() {
+            for v in by_stack.values_mut() {
+                v.1 = crate::probe::session::whole_count(v.1 as i64) as u64;
             }
         }
         by_stack
@@ -366,6 +486,62 @@ mod tests {
     fn totals(book: &Book, stack: u64) -> (i64, i64, u64, u64) {
         let s = &book.stats[&stack];
         (s.live_bytes, s.live_allocs, s.alloc_bytes, s.allocs)
+    }
+
+    /// An event of the in-process sampler at mean 4096: an allocation of `size` at `addr`
+    /// weighs its estimate; a free (`size` 0) carries the block.
+    fn ev(addr: u64, size: u64, kind: u32, flag_bits: u32) -> SampledCall {
+        let w = tracer_common::sampling::estimate(size, 4096);
+        SampledCall { addr, size, weight_bytes: w.bytes, weight_count: w.count, kind, flags: flag_bits, ..SampledCall::ZERO }
+    }
+
+    #[test]
+    fn sampler_events_follow_the_probe_sites_rules_for_realloc_and_untracked_blocks() {
+        let mut book = Book::new(Limits { sample_bytes: Some(4096), ..BIG });
+        let malloc = AllocKind::Malloc as u32;
+        let realloc = AllocKind::Realloc as u32;
+        let w = |size| tracer_common::sampling::estimate(size, 4096);
+        let (a, b) = (w(1000), w(3000));
+        // A sampled block is live with its estimate; its free takes the same estimate out.
+        book.sampled(1, &ev(0x10, 1000, malloc, 0), Some(7));
+        assert_eq!(totals(&book, 7), (a.bytes as i64, a.count as i64, a.bytes, a.count));
+        book.sampled(1, &ev(0x10, 0, KIND_FREE, 0), None);
+        assert_eq!(totals(&book, 7).0, 0);
+        assert_eq!(totals(&book, 7).1, 0);
+
+        // realloc of a sampled block that succeeds: held, then released when it returns.
+        book.sampled(1, &ev(0x20, 1000, malloc, 0), Some(7));
+        book.sampled(1, &ev(0x20, 0, KIND_FREE, flags::HOLD), None);
+        assert_eq!(totals(&book, 7).0, a.bytes as i64, "a held block counts until it is settled");
+        book.sampled(1, &ev(0x30, 3000, realloc, flags::OLD_RELEASED), Some(8));
+        assert_eq!(totals(&book, 7).0, 0);
+        assert_eq!(totals(&book, 8).0, b.bytes as i64);
+
+        // realloc that fails: the held block goes back, and stays freeable.
+        book.sampled(2, &ev(0x40, 1000, malloc, 0), Some(7));
+        book.sampled(2, &ev(0x40, 0, KIND_FREE, flags::HOLD), None);
+        book.sampled(2, &ev(0, 0, realloc, flags::OLD_KEPT | flags::NOT_SAMPLED), None);
+        assert_eq!(totals(&book, 7).0, a.bytes as i64);
+        book.sampled(2, &ev(0x40, 0, KIND_FREE, 0), None);
+        assert_eq!(totals(&book, 7).0, 0);
+
+        // Held blocks belong to their thread: another thread's settling leaves them alone.
+        book.sampled(3, &ev(0x50, 1000, malloc, 0), Some(7));
+        book.sampled(3, &ev(0x50, 0, KIND_FREE, flags::HOLD), None);
+        book.sampled(4, &ev(0x60, 3000, realloc, flags::OLD_RELEASED), Some(8));
+        book.sampled(3, &ev(0, 0, realloc, flags::OLD_KEPT | flags::NOT_SAMPLED), None);
+        assert_eq!(totals(&book, 7).0, a.bytes as i64, "thread 3's block came back");
+
+        // A block the set could not keep: allocated, never live, counted.
+        book.sampled(5, &ev(0x70, 3000, malloc, flags::UNTRACKED), Some(9));
+        assert_eq!(totals(&book, 9), (0, 0, b.bytes, b.count));
+        assert_eq!(book.counters[counter::SAMPLER_UNTRACKED as usize], 1);
+
+        // Counts come out whole in snapshots, frees as estimated.
+        let snap = book.snapshot();
+        let s8 = snap.stacks.iter().find(|s| s.id == 8).expect("stack 8");
+        assert_eq!(s8.allocs, crate::probe::session::whole_count(2 * b.count as i64) as u64);
+        assert_eq!(book.counters[counter::STALE_PENDING as usize], 0);
     }
 
     fn call(book: &mut Book, kind: AllocKind, args: [u64; 3], stack: u64, ret: u64) {
