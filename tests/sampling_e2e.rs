@@ -249,20 +249,34 @@ fn record_sampled(dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
 
 /// A running fixture, attached by pid: sampled by the in-process sampler, which the tracer
 /// must say it used.
-fn record_attached_sampled(_dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
+fn record_attached_sampled(dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
+    record_attached_with(dir, fixture, &[], "in-process")
+}
+
+/// As [`record_attached_sampled`] without BPF: `--backend ptrace`, where the sampler's events
+/// reach the tracer through memory shared with it.
+fn record_attached_sampled_ptrace(dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
+    record_attached_with(dir, fixture, &["--backend", "ptrace"], "memory shared with pid")
+}
+
+fn record_attached_with(
+    _dir: &TempDir,
+    fixture: &std::path::Path,
+    backend: &[&str],
+    said: &str,
+) -> (String, Value) {
     let mut proc = Proc::spawn("sampled --wait", Command::new(fixture).arg("--wait"));
     proc.expect_stdout_line("ready", LINE_TIMEOUT);
-    let mut tracer = start_recording(
-        proc.pid(),
-        &["--sample-bytes", "512KiB", "--format", "json", "--top", "0"],
-    );
+    let mut args = vec!["--sample-bytes", "512KiB", "--format", "json", "--top", "0"];
+    args.extend(backend);
+    let mut tracer = start_recording(proc.pid(), &args);
     proc.signal(libc::SIGUSR1);
     proc.expect_stdout_line("done", Duration::from_secs(120));
     let (finished, report) = stop_recording(&mut tracer);
     assert!(
-        finished.stderr.contains("in-process"),
-        "attached with --sample-bytes and the default backend, the tracer should sample \
-         in-process and say so\n{}",
+        finished.stderr.contains(said),
+        "attached with --sample-bytes and {backend:?}, the tracer should sample in-process and \
+         say so ({said:?})\n{}",
         finished.describe()
     );
     let stdout = proc.stdout.text();
@@ -280,6 +294,11 @@ fn sampled_estimates_of_live_bytes_are_within_ten_percent_for_every_large_caller
 #[test]
 fn in_process_sampler_estimates_are_within_the_same_bounds() {
     sampled_estimates_within_bounds("sampling-in-process", record_attached_sampled);
+}
+
+#[test]
+fn in_process_sampler_without_bpf_estimates_are_within_the_same_bounds() {
+    sampled_estimates_within_bounds("sampling-ptrace", record_attached_sampled_ptrace);
 }
 
 fn sampled_estimates_within_bounds(
@@ -442,6 +461,12 @@ fn in_process_sampler_detaches_and_leaves_the_target_working() {
     // The default on a running process: the allocators' entries jump to the sampler, and only
     // its probe sites have uprobes.
     sampling_detaches_and_leaves_the_target_working(&[], JMP_REL32, "a jump to the sampler");
+}
+
+#[test]
+fn in_process_sampler_without_bpf_detaches_and_leaves_the_target_working() {
+    // `--backend ptrace`: the same jumps, and events through a ring shared with the tracer.
+    sampling_detaches_and_leaves_the_target_working(&["--backend", "ptrace"], JMP_REL32, "a jump to the sampler");
 }
 
 fn sampling_detaches_and_leaves_the_target_working(backend: &[&str], entry: u8, what: &str) {

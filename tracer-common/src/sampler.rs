@@ -213,7 +213,7 @@ pub const RING_NAME_SYMBOL: &str = "TRACER_RING_NAME";
 /// with `seq == i`. A producer reads `tail`, and finding `seq == tail` in the slot at `tail %
 /// slots` claims it by moving `tail` on with a compare-and-swap, fills it and stores `seq =
 /// tail + 1`. A slot whose `seq` is behind `tail` has not been read yet: the ring is full; the
-/// producer waits about a millisecond at most for a reader that is running (see `consumer`),
+/// producer waits a few milliseconds at most for a reader that is running (see `heartbeat`),
 /// then drops the event and counts it in `full`. The consumer reads the slot at its
 /// own position `pos` once `seq == pos + 1`, then hands the slot back with `seq = pos + slots`.
 #[repr(C, align(64))]
@@ -232,10 +232,11 @@ pub struct RingHeader {
     /// the ring a quarter full or more wakes it (`FUTEX_WAKE`, shared) and clears it, so that a
     /// burst does not outrun a consumer that polls slowly while the ring stays quiet.
     pub waiting: u64,
-    /// The reading tracer's pid while it reads (0 once it let go). A producer that finds the
-    /// ring full waits a little for a reader that exists (a burst that outruns it), and not
-    /// at all for one that is gone.
-    pub consumer: u64,
+    /// When the reader last looked at the ring (CLOCK_MONOTONIC, ns; it looks at least every
+    /// 10 ms while it reads, and sets 0 when it lets go). A producer that finds the ring full
+    /// waits a little for a reader seen lately (a burst that outran it), and not at all for
+    /// one that is gone, stopped or stuck.
+    pub heartbeat: u64,
     pub _reserved: [u64; 2],
     /// The next position a producer claims (its own cache line).
     pub tail: u64,

@@ -520,21 +520,30 @@ fn wake_consumer(head: *mut RingHeader) {
     }
 }
 
-/// Whether the tracer that reads the ring is still running: its pid is in the header while it
-/// reads, and a signal 0 to it says whether it exists. A tracer that was killed leaves the
-/// ring to fill, and the events then go as soon as they find it full.
+/// Whether the tracer that reads the ring is still at it: it beat within [`HEARTBEAT_AGE`].
+/// A tracer that was killed or stopped leaves the ring to fill, and events then go as soon
+/// as they find it full.
 #[inline(always)]
 fn consumer_alive(head: *mut RingHeader) -> bool {
     // SAFETY: a header word, as in ring_push.
-    let pid = word(unsafe { &raw mut (*head).consumer }).load(Relaxed);
-    pid != 0 && syscall6(SYS_KILL, [pid, 0, 0, 0, 0, 0]) == 0
+    let beat = word(unsafe { &raw mut (*head).heartbeat }).load(Relaxed);
+    let mut now = Timespec { sec: 0, nsec: 0 };
+    if beat == 0 || syscall6(SYS_CLOCK_GETTIME, [CLOCK_MONOTONIC, &raw mut now as u64, 0, 0, 0, 0]) != 0 {
+        return false;
+    }
+    let now = (now.sec as u64).wrapping_mul(1_000_000_000).wrapping_add(now.nsec as u64);
+    now.wrapping_sub(beat) < HEARTBEAT_AGE
 }
 
 const SYS_NANOSLEEP: u64 = 35;
-const SYS_KILL: u64 = 62;
-/// A full ring makes a sampled call wait at most this many pauses (about a millisecond in
-/// all with the kernel's default timer slack) for the reader to make room.
-const RING_FULL_WAITS: u32 = 16;
+const SYS_CLOCK_GETTIME: u64 = 228;
+const CLOCK_MONOTONIC: u64 = 1;
+/// A reader that looked at the ring within this long (ns) is taken to be reading it.
+const HEARTBEAT_AGE: u64 = 100_000_000;
+/// A full ring makes a sampled call wait at most this many pauses (about 15 ms in all with the
+/// kernel's default timer slack) for a live reader to make room: a reader the scheduler keeps
+/// off the CPU for a few milliseconds on a busy machine must not cost events.
+const RING_FULL_WAITS: u32 = 200;
 #[repr(C)]
 struct Timespec {
     sec: i64,

@@ -863,7 +863,7 @@ fn open_ring(
         if let Ok(r) = reused
             && r.reusable()
         {
-            r.claim();
+            r.beat();
             return Ok(r);
         }
     }
@@ -889,7 +889,7 @@ fn open_ring(
     s.syscall("close the ring's memfd", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     let mut ring = SharedRing::map(&file, len, mapped?).map_err(|source| InjectError::Ring { pid, source })?;
     ring.reset(ring::SLOTS, ring::SLOT_BYTES);
-    ring.claim();
+    ring.beat();
     Ok(ring)
 }
 

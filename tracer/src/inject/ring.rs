@@ -145,11 +145,14 @@ impl SharedRing {
         Self::fits(self.len, self.slots, self.slot_bytes) && head == tail
     }
 
-    /// Says in the ring that this process reads it (a producer that finds it full then waits
-    /// a little for us).
-    pub fn claim(&self) {
-        self.header_word(std::mem::offset_of!(RingHeader, consumer))
-            .store(u64::from(std::process::id()), Ordering::Release);
+    /// Says in the ring that its reader is at it (see `RingHeader::heartbeat`): when it is
+    /// mapped, and at every look at it.
+    pub fn beat(&self) {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: writes the struct it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+        let ns = (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64;
+        self.header_word(std::mem::offset_of!(RingHeader, heartbeat)).store(ns, Ordering::Release);
     }
 
     /// The ring's address in the target.
@@ -199,6 +202,7 @@ impl SharedRing {
         if self.slots == 0 {
             return 0;
         }
+        self.beat();
         let mut n = 0;
         while n < max {
             let slot = self.pos & (self.slots - 1);
@@ -233,7 +237,7 @@ impl SharedRing {
 
 impl Drop for SharedRing {
     fn drop(&mut self) {
-        self.header_word(std::mem::offset_of!(RingHeader, consumer))
+        self.header_word(std::mem::offset_of!(RingHeader, heartbeat))
             .store(0, Ordering::Release);
         // SAFETY: our own mapping, made in `map`.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
