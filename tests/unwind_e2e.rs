@@ -4,8 +4,9 @@
 //! library that uses rbp as a general register, a signal handler, a dlopen'ed library and
 //! inlined functions. The tracer records it and gdb stops at the same calls; each path is
 //! checked in launch mode, attach mode, launch mode with the ptrace backend, and attach mode
-//! sampling every allocation (`path::{launch,attach,ptrace,sampling}`). The comparison rule is
-//! in support/gdb.rs.
+//! sampling every allocation, with BPF and without
+//! (`path::{launch,attach,ptrace,sampling,sampling_ptrace}`). The comparison rule is in
+//! support/gdb.rs.
 //!
 //! The eBPF modes walk the stack in the kernel from the unwind rows (`--unwind auto`, the
 //! default), the ptrace backend walks the same rows in user space. A failure prints both stacks
@@ -233,6 +234,18 @@ fn attached_sampling() -> &'static Observed {
     })
 }
 
+/// The same without BPF (`--backend ptrace`): the sampler's events come through a ring shared
+/// with the tracer, each with a copy of the stack, walked in user space.
+fn attached_sampling_ptrace() -> &'static Observed {
+    static ATTACH: OnceLock<Observed> = OnceLock::new();
+    ATTACH.get_or_init(|| {
+        record_attached(
+            "attach mode, sampling without BPF (--backend ptrace --sample-bytes 1)",
+            &["--backend", "ptrace", "--sample-bytes", "1"],
+        )
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The check
 
@@ -290,7 +303,7 @@ fn names_from_gdb_and_from_symbol_tables_compare_equal() {
 }
 
 /// For each path: a test in launch mode, one in attach mode (eBPF), one in launch mode with
-/// the ptrace backend, one in attach mode sampling every allocation.
+/// the ptrace backend, one in attach mode sampling every allocation, with BPF and without.
 macro_rules! path_tests {
     ($( $name:ident, $path:literal );* $(;)?) => {$(
         mod $name {
@@ -315,6 +328,11 @@ macro_rules! path_tests {
             #[test]
             fn sampling() {
                 check_path(attached_sampling(), $path);
+            }
+
+            #[test]
+            fn sampling_ptrace() {
+                check_path(attached_sampling_ptrace(), $path);
             }
         }
     )*};
