@@ -223,3 +223,122 @@ fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
     check_traffic(&traffic, "after the tracer was killed");
     check_left_as_found(service, &code_before);
 }
+
+/// Mappings of the sampler's ring in process `pid`.
+fn rings_mapped(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("/memfd:tracer-ring"))
+        .count()
+}
+
+/// What each cycle without BPF must show: the ring used and said, allocations seen, nothing
+/// dropped (the ring full included).
+fn check_ptrace_cycle(cycle: &support::live::Cycle, i: usize, failures: &mut Vec<String>) {
+    if !cycle.stderr.contains("memory shared with pid") {
+        failures.push(format!(
+            "cycle {i}: the tracer did not say it reads the sampler's ring:\n{}",
+            cycle.stderr
+        ));
+    }
+    if num(&cycle.report["totals"], "allocs") == 0 {
+        failures.push(format!(
+            "cycle {i}: no allocation seen in {HOLD:?}: {}",
+            cycle.report["totals"]
+        ));
+    }
+    let lost: Vec<String> = cycle.report["totals"]["dropped"]
+        .as_object()
+        .expect("totals.dropped is an object")
+        .iter()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !lost.is_empty() {
+        failures.push(format!("cycle {i}: dropped {}", lost.join(", ")));
+    }
+}
+
+#[test]
+fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tracer() {
+    const PTRACE_CYCLES: usize = 20;
+    const AFTER_RING_KILL: Duration = Duration::from_secs(20);
+    let ptrace_sample = ["--backend", "ptrace", "--sample-bytes", "512KiB"];
+    setup();
+    let _serial = serial();
+    let (mut service, paths, reference) = warm_service(CONNECTIONS);
+    let pid = service.pid();
+    let code_before = code_snapshot(pid);
+    let load = endless_load(&service, &paths, &reference, CONNECTIONS);
+
+    let mut failures = Vec::new();
+    for i in 0..PTRACE_CYCLES {
+        let answered_before = load.answered();
+        match attach_cycle(pid, &ptrace_sample, HOLD) {
+            Ok(cycle) => check_ptrace_cycle(&cycle, i, &mut failures),
+            Err(e) => failures.push(format!("cycle {i}: {e}")),
+        }
+        if load.answered() == answered_before {
+            failures.push(format!("cycle {i}: the service answered no request while it ran"));
+        }
+        if !service.proc.running() {
+            failures.push(format!("the service died during cycle {i}"));
+            break;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {PTRACE_CYCLES} attach/detach cycles without BPF failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    // A ring read to the end is used again: twenty clean attaches leave one.
+    assert_eq!(
+        rings_mapped(pid),
+        1,
+        "after {PTRACE_CYCLES} clean attaches the service should map one ring"
+    );
+
+    // A tracer killed while it reads: the ring fills, and the sampler drops its events
+    // without waiting for a reader that is gone.
+    let mut cmd = Command::new(tracer_bin());
+    cmd.args(["record", "--pid", &pid.to_string(), "--format", "json"])
+        .args(ptrace_sample);
+    let mut tracer = Proc::spawn(
+        &format!("tracer record --pid {pid} --backend ptrace --sample-bytes 512KiB"),
+        &mut cmd,
+    );
+    let wanted = format!("tracer: recording pid {pid}");
+    tracer
+        .stderr
+        .wait_for(RECORDING_TIMEOUT, |l| l.contains(&wanted))
+        .unwrap_or_else(|e| panic!("the tracer never said {wanted:?}: {e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    tracer.signal(libc::SIGKILL);
+    let _ = tracer.finish(EXIT_TIMEOUT);
+    let killed_at = load.answered();
+    std::thread::sleep(AFTER_RING_KILL);
+    assert!(service.proc.running(), "the service died after its ring's reader was killed");
+    let answered = load.answered() - killed_at;
+    assert!(answered > 0, "the service answered nothing in the {AFTER_RING_KILL:?} after the kill");
+
+    // The next tracer takes the sampler over; the ring left full is not reused.
+    let mut failures = Vec::new();
+    match attach_cycle(pid, &ptrace_sample, HOLD) {
+        Ok(cycle) => check_ptrace_cycle(&cycle, PTRACE_CYCLES, &mut failures),
+        Err(e) => failures.push(format!("attaching again after the kill: {e}")),
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(rings_mapped(pid), 2, "the killed tracer's ring stays, unused; one new ring");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let traffic = load.stop();
+    eprintln!(
+        "sampler_live_e2e: without BPF, {PTRACE_CYCLES} cycles, then {answered} requests answered \
+         in the {AFTER_RING_KILL:?} after a kill; load: {}",
+        traffic.summary()
+    );
+    check_traffic(&traffic, "through attaches without BPF and a killed tracer");
+    check_left_as_found(service, &code_before);
+}

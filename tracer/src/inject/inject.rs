@@ -863,6 +863,7 @@ fn open_ring(
         if let Ok(r) = reused
             && r.reusable()
         {
+            r.clear_full();
             r.beat();
             return Ok(r);
         }

@@ -145,6 +145,12 @@ impl SharedRing {
         Self::fits(self.len, self.slots, self.slot_bytes) && head == tail
     }
 
+    /// Starts the count of events dropped on a full ring again, for a ring used again (with
+    /// every thread of the target stopped, or before it is published).
+    pub fn clear_full(&self) {
+        self.header_word(std::mem::offset_of!(RingHeader, full)).store(0, Ordering::Release);
+    }
+
     /// Says in the ring that its reader is at it (see `RingHeader::heartbeat`): when it is
     /// mapped, and at every look at it.
     pub fn beat(&self) {

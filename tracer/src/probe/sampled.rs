@@ -53,6 +53,9 @@ impl SampledProbes {
         let mean = limits
             .sample_bytes
             .ok_or("the in-process sampler needs --sample-bytes")?;
+        // The unwind rows first (a node binary's take a good part of a second): once the
+        // sampler is in, events come and must be read.
+        let tables = ProcessTables::new(pid, limits.unwind);
         let (injected, ring) = Injected::install_ring(pid as i32, mean)?;
         let sites = injected
             .patched()
@@ -69,10 +72,9 @@ impl SampledProbes {
             stop: AtomicBool::new(false),
         });
         let reader_shared = shared.clone();
-        let mode = limits.unwind;
         let reader = std::thread::Builder::new()
             .name("sampler-ring".into())
-            .spawn(move || read_ring(pid, ring, mode, &reader_shared));
+            .spawn(move || read_ring(pid, ring, tables, &reader_shared));
         let reader = match reader {
             Ok(r) => r,
             Err(e) => {
@@ -105,8 +107,7 @@ fn static_name(function: &str) -> &'static str {
 
 /// The reading thread: drains the ring until told to stop, then once more until it is empty
 /// (the sampler was taken out first, so nothing new comes, bar a call already under way).
-fn read_ring(pid: u32, mut ring: SharedRing, mode: UnwindMode, shared: &Shared) {
-    let mut tables = ProcessTables::new(pid, mode);
+fn read_ring(pid: u32, mut ring: SharedRing, mut tables: ProcessTables, shared: &Shared) {
     let own_pid = pid_in_own_namespace(pid);
     let mut stopping_since: Option<Instant> = None;
     loop {
