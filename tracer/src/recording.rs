@@ -246,16 +246,25 @@ impl Recording {
             }
             _ => libc.clone(),
         };
-        diag::warn(format_args!(
-            "recording pid {pid} ({}): {} probes on {on}{}",
-            info.command,
-            probes.sites().len(),
-            if slow.is_empty() {
-                String::new()
-            } else {
-                format!("; single-stepped (slower): {}", slow.join(", "))
-            }
-        ));
+        if probes.name() == "ptrace" && limits.sample_bytes.is_some() {
+            // Sampling without BPF (probe::sampled): no probe at all, the entries jump.
+            diag::warn(format_args!(
+                "recording pid {pid} ({}): {} allocator entries jump to the sampler it runs                  in-process (sampled calls only; unsampled ones go straight to {libc}), its                  events read from memory shared with the tracer",
+                info.command,
+                probes.sites().len(),
+            ));
+        } else {
+            diag::warn(format_args!(
+                "recording pid {pid} ({}): {} probes on {on}{}",
+                info.command,
+                probes.sites().len(),
+                if slow.is_empty() {
+                    String::new()
+                } else {
+                    format!("; single-stepped (slower): {}", slow.join(", "))
+                }
+            ));
+        }
         // The mappings that exist now are shown as such; the ones made from here on get stacks.
         // A launched command is still held here, so this is exactly the state the probes met.
         let mut regions = Regions::from_maps(&maps);

@@ -10,8 +10,8 @@
 //!   BENCH_RUNS [5]              runs of each contender on each workload
 //!   BENCH_PAIRS [2000000]       malloc+free pairs per C run (`cargo xtask bench PAIRS` too)
 //!   BENCH_NODE_ROUNDS [6000]    rounds of bench/node_workload.js (about a second untraced)
-//!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-kernel,sampled-fp,bt-memleak,
-//!                               bt-count,floor,heaptrack,massif
+//!   BENCH_TOOLS [all]           comma list of: full,full-fp,sampled,sampled-kernel,sampled-ptrace,
+//!                               sampled-fp,bt-memleak,bt-count,floor,heaptrack,massif
 //!   BENCH_WORKLOADS [all]       comma list of: malloc_free,malloc_keep10,cxx_deep,node,live,
 //!                               latency
 //!   BENCH_LIVE_REQUESTS [10000] timed requests per live run (2-4 s untraced here)
@@ -27,7 +27,7 @@
 //! service's CPU (utime+stime, where uprobe traps and BPF programs are charged) plus the
 //! tracer's own CPU over the same window, and the wall time of the requests, each against an
 //! untraced run of its own right before. Its contenders are full, full-fp, sampled,
-//! sampled-fp and floor; tools that must start the process, or whose attach mode crashes node
+//! sampled-kernel, sampled-ptrace, sampled-fp and floor; tools that must start the process, or whose attach mode crashes node
 //! (heaptrack -p), do not run on it, nor do the bpftrace scripts.
 //! The slowest contenders run a fraction of those sizes (see `contenders`); the tables say
 //! which size each ran, and per-call figures and ratios do not depend on it.
@@ -123,7 +123,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         Contender {
             key: "full",
             name: "tracer, full (every call, stacks)",
-            tool: Tool::Tracer { sample_bytes: None, unwind: None, kernel_sampling: false },
+            tool: Tool::Tracer { sample_bytes: None, unwind: None, backend: None },
             c_divisor: 1,
             node_divisor: 1,
             live: true,
@@ -132,7 +132,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
         Contender {
             key: "full-fp",
             name: "tracer, full, --unwind fp (frame pointers only)",
-            tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp"), kernel_sampling: false },
+            tool: Tool::Tracer { sample_bytes: None, unwind: Some("fp"), backend: None },
             c_divisor: 1,
             node_divisor: 1,
             live: true,
@@ -144,7 +144,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
                 unwind: None,
-                kernel_sampling: false,
+                backend: None,
             },
             c_divisor: 1,
             node_divisor: 1,
@@ -157,7 +157,20 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
                 unwind: None,
-                kernel_sampling: true,
+                backend: Some("ebpf"),
+            },
+            c_divisor: 1,
+            node_divisor: 1,
+            live: true,
+            package: None,
+        },
+        Contender {
+            key: "sampled-ptrace",
+            name: "tracer, --sample-bytes 512KiB --backend ptrace (in-process sampler, no BPF)",
+            tool: Tool::Tracer {
+                sample_bytes: Some(SAMPLE_BYTES),
+                unwind: None,
+                backend: Some("ptrace"),
             },
             c_divisor: 1,
             node_divisor: 1,
@@ -170,7 +183,7 @@ fn contenders(bench_dir: &Path) -> Vec<Contender> {
             tool: Tool::Tracer {
                 sample_bytes: Some(SAMPLE_BYTES),
                 unwind: Some("fp"),
-                kernel_sampling: false,
+                backend: None,
             },
             c_divisor: 1,
             node_divisor: 1,

@@ -66,14 +66,14 @@ pub fn run_once(env: &Env, tool: &Tool, settings: &Settings) -> Result<Run> {
         Tool::Tracer {
             sample_bytes,
             unwind,
-            kernel_sampling,
+            backend,
         } => {
             let mut args = Vec::new();
             if let Some(n) = sample_bytes {
                 args.extend(["--sample-bytes", n]);
             }
-            if *kernel_sampling {
-                args.extend(["--backend", "ebpf"]);
+            if let Some(b) = backend {
+                args.extend(["--backend", b]);
             }
             if let Some(u) = unwind {
                 args.extend(["--unwind", u]);

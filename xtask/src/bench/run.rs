@@ -33,9 +33,11 @@ pub enum Tool {
         sample_bytes: Option<&'static str>,
         /// `--unwind`; None leaves the default (auto).
         unwind: Option<&'static str>,
-        /// `--backend ebpf`: sampling decided in the kernel at every call, rather than by the
-        /// in-process sampler the tracer injects into a running process by default.
-        kernel_sampling: bool,
+        /// `--backend`: None leaves the default. With sampling, `ebpf` decides in the kernel
+        /// at every call rather than by the in-process sampler the tracer injects into a
+        /// running process by default, and `ptrace` reads the in-process sampler's events
+        /// from a ring instead of BPF probe sites.
+        backend: Option<&'static str>,
     },
     /// A bpftrace script, run with `-p PID`; it gets the pid as `$1`. `probes` are the libc
     /// functions it puts uprobes on (to see when they are in place).
@@ -348,7 +350,7 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
     let mut bpftrace = None;
     let mut floor = None;
     match tool {
-        Tool::Tracer { sample_bytes, unwind, kernel_sampling } => {
+        Tool::Tracer { sample_bytes, unwind, backend } => {
             let report = env.scratch.join("report.json");
             let mut c = util::command(&env.tracer);
             c.args(["record", "--format", "json", "-o"])
@@ -357,8 +359,8 @@ pub fn run_once(env: &Env, tool: &Tool, workload: &Workload, size: u64) -> Resul
             if let Some(n) = sample_bytes {
                 c.args(["--sample-bytes", n]);
             }
-            if *kernel_sampling {
-                c.args(["--backend", "ebpf"]);
+            if let Some(b) = backend {
+                c.args(["--backend", b]);
             }
             if let Some(u) = unwind {
                 c.args(["--unwind", u]);
