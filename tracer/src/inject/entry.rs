@@ -197,87 +197,116 @@ fn target_text(target: Option<u64>) -> String {
     target.map(|t| format!(" to {t:#x}")).unwrap_or_default()
 }
 
-/// Reads `name` from the library at `library`: its address (the file's virtual address), its
-/// bytes over its symbol's size, its aliases and the symbols starting inside it. Local symbols
-/// come from the library's `.symtab`, else from its debug file under
-/// `/usr/lib/debug/.build-id`, else only `.dynsym` is known ([`Function::symbols_from`]).
-pub fn function(library: &Path, name: &str) -> Result<Function, EntryError> {
-    let data = std::fs::read(library).map_err(|source| EntryError::Read {
-        path: library.to_owned(),
-        source,
-    })?;
-    let file = object::File::parse(&*data).map_err(|e| EntryError::Parse {
-        path: library.to_owned(),
-        message: e.to_string(),
-    })?;
-    let symbol = file
-        .dynamic_symbols()
-        .chain(file.symbols())
-        .find(|s| s.name() == Ok(name) && s.kind() == SymbolKind::Text && !s.is_undefined())
-        .ok_or_else(|| EntryError::NoSymbol {
+/// A library read once for planning: its bytes, and the symbols that mark places in it (from
+/// its `.symtab`, else its debug file under `/usr/lib/debug/.build-id`, else `.dynsym` only),
+/// so that planning several of its functions reads the files once, not once per function.
+pub struct Library {
+    path: PathBuf,
+    data: Vec<u8>,
+    symbols: Vec<Symbol>,
+    symbols_from: SymbolSource,
+}
+
+impl Library {
+    pub fn open(library: &Path) -> Result<Library, EntryError> {
+        let data = std::fs::read(library).map_err(|source| EntryError::Read {
             path: library.to_owned(),
-            name: name.to_owned(),
+            source,
         })?;
-    if let object::SymbolFlags::Elf { st_info, .. } = symbol.flags()
-        && st_info & 0xf == object::elf::STT_GNU_IFUNC
-    {
-        return Err(EntryError::Ifunc {
+        let file = object::File::parse(&*data).map_err(|e| EntryError::Parse {
             path: library.to_owned(),
-            name: name.to_owned(),
-        });
+            message: e.to_string(),
+        })?;
+        let mut symbols = Vec::new();
+        collect_symbols(file.dynamic_symbols(), &mut symbols);
+        let symbols_from = if file.symbols().next().is_some() {
+            collect_symbols(file.symbols(), &mut symbols);
+            SymbolSource::Symtab
+        } else if let Some(path) = debug_file(&file)
+            && let Ok(debug_data) = std::fs::read(&path)
+            && let Ok(debug) = object::File::parse(&*debug_data)
+        {
+            collect_symbols(debug.symbols(), &mut symbols);
+            SymbolSource::DebugFile(path)
+        } else {
+            SymbolSource::Dynsym
+        };
+        Ok(Library {
+            path: library.to_owned(),
+            data,
+            symbols,
+            symbols_from,
+        })
     }
-    let (address, size) = (symbol.address(), symbol.size());
-    if size == 0 {
-        return Err(EntryError::NoSize {
+
+    /// Reads function `name`: its address (the file's virtual address), its bytes over its
+    /// symbol's size, its aliases and the symbols starting inside it
+    /// ([`Function::symbols_from`] says where local symbols came from).
+    pub fn function(&self, name: &str) -> Result<Function, EntryError> {
+        let library = &self.path;
+        let file = object::File::parse(&*self.data).map_err(|e| EntryError::Parse {
             path: library.to_owned(),
-            name: name.to_owned(),
-        });
-    }
-    let bytes = symbol
-        .section_index()
-        .and_then(|i| file.section_by_index(i).ok())
-        .and_then(|s| s.data_range(address, size).ok().flatten())
-        .ok_or_else(|| EntryError::NoBytes {
-            path: library.to_owned(),
+            message: e.to_string(),
+        })?;
+        let symbol = file
+            .dynamic_symbols()
+            .chain(file.symbols())
+            .find(|s| s.name() == Ok(name) && s.kind() == SymbolKind::Text && !s.is_undefined())
+            .ok_or_else(|| EntryError::NoSymbol {
+                path: library.to_owned(),
+                name: name.to_owned(),
+            })?;
+        if let object::SymbolFlags::Elf { st_info, .. } = symbol.flags()
+            && st_info & 0xf == object::elf::STT_GNU_IFUNC
+        {
+            return Err(EntryError::Ifunc {
+                path: library.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        let (address, size) = (symbol.address(), symbol.size());
+        if size == 0 {
+            return Err(EntryError::NoSize {
+                path: library.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        let bytes = symbol
+            .section_index()
+            .and_then(|i| file.section_by_index(i).ok())
+            .and_then(|s| s.data_range(address, size).ok().flatten())
+            .ok_or_else(|| EntryError::NoBytes {
+                path: library.to_owned(),
+                name: name.to_owned(),
+                address,
+            })?
+            .to_vec();
+
+        let mut aliases: Vec<String> = Vec::new();
+        let mut inner_symbols: Vec<Symbol> = Vec::new();
+        for s in &self.symbols {
+            if s.address == address {
+                if s.name != name && !aliases.contains(&s.name) {
+                    aliases.push(s.name.clone());
+                }
+            } else if s.address > address && s.address < address + size && !inner_symbols.contains(s) {
+                inner_symbols.push(s.clone());
+            }
+        }
+        Ok(Function {
             name: name.to_owned(),
             address,
-        })?
-        .to_vec();
-
-    let mut symbols = Vec::new();
-    collect_symbols(file.dynamic_symbols(), &mut symbols);
-    let symbols_from = if file.symbols().next().is_some() {
-        collect_symbols(file.symbols(), &mut symbols);
-        SymbolSource::Symtab
-    } else if let Some(path) = debug_file(&file)
-        && let Ok(debug_data) = std::fs::read(&path)
-        && let Ok(debug) = object::File::parse(&*debug_data)
-    {
-        collect_symbols(debug.symbols(), &mut symbols);
-        SymbolSource::DebugFile(path)
-    } else {
-        SymbolSource::Dynsym
-    };
-
-    let mut aliases: Vec<String> = Vec::new();
-    let mut inner_symbols: Vec<Symbol> = Vec::new();
-    for s in symbols {
-        if s.address == address {
-            if s.name != name && !aliases.contains(&s.name) {
-                aliases.push(s.name);
-            }
-        } else if s.address > address && s.address < address + size && !inner_symbols.contains(&s) {
-            inner_symbols.push(s);
-        }
+            bytes,
+            aliases,
+            inner_symbols,
+            symbols_from: self.symbols_from.clone(),
+        })
     }
-    Ok(Function {
-        name: name.to_owned(),
-        address,
-        bytes,
-        aliases,
-        inner_symbols,
-        symbols_from,
-    })
+}
+
+/// [`Library::function`] of the library at `library`, read for this one function.
+pub fn function(library: &Path, name: &str) -> Result<Function, EntryError> {
+    Library::open(library)?.function(name)
 }
 
 /// Symbols that mark a place in the address space: not sections, files, thread-local offsets

@@ -509,9 +509,14 @@ fn plan_entries(
 ) -> Result<(Vec<EntryPlan>, [Option<usize>; HOOKS]), InjectError> {
     let mut plans: Vec<EntryPlan> = Vec::new();
     let mut of_hook = [None; HOOKS];
+    let library = entry::Library::open(Path::new(&libc.path)).map_err(|source| InjectError::Plan {
+        pid,
+        function: "malloc".into(),
+        source,
+    })?;
     for hook in Hook::ALL {
         let name = hook.libc_name();
-        let f = match entry::function(Path::new(&libc.path), name) {
+        let f = match library.function(name) {
             Ok(f) => f,
             Err(EntryError::NoSymbol { .. })
                 if !libc_file::REQUIRED.contains(&name) && hook != Hook::Free =>
