@@ -71,7 +71,9 @@ pub fn service_dir() -> PathBuf {
 /// 1024 never repeats), so bodies of every size, deflated ones included, are asked for.
 pub fn item_paths(n: u32) -> Vec<String> {
     assert!(n <= 1024, "the service has 1024 items");
-    (0..n).map(|i| format!("/item/{}", (i * 257 + 3) % 1024)).collect()
+    (0..n)
+        .map(|i| format!("/item/{}", (i * 257 + 3) % 1024))
+        .collect()
 }
 
 /// The resident memory of `pid` now (VmRSS), in KiB; None once it is gone.
@@ -691,7 +693,11 @@ mod tests {
         let load = warmed.load(4, Duration::from_secs(60));
         thread::sleep(Duration::from_millis(500));
         let seen = load.stop();
-        assert!(seen.count(Outcome::Same) > 0 && seen.errors.is_empty(), "{}", seen.summary());
+        assert!(
+            seen.count(Outcome::Same) > 0 && seen.errors.is_empty(),
+            "{}",
+            seen.summary()
+        );
         warmed.service.stop(Duration::from_secs(10)).unwrap();
     }
 }
