@@ -8,9 +8,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::live::{HeldBpf, attach_cycle, code_snapshot, endless_load, leftovers, warm_service};
+use support::live::{
+    HeldBpf, attach_cycle, code_snapshot, endless_load, leftovers, stop_service, warm_service,
+};
 use support::load::Outcome;
-use support::{EXIT_TIMEOUT, eventually, num, setup};
+use support::{eventually, num, setup};
 
 /// Cycles with the eBPF backend: full, kernel sampling (`--backend ebpf --sample-bytes`), full,
 /// and the in-process sampler (`--sample-bytes` alone), in turn; then ptrace ones.
@@ -27,7 +29,7 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
     setup();
     // Warmed up untraced (V8 compiles the handler), then the code pages as they are.
     let (mut service, paths, reference) = warm_service(CONNECTIONS);
-    let pid = service.pid();
+    let pid = service.pid() as i32;
     let code_before = code_snapshot(pid);
     let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
@@ -110,7 +112,7 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
                 args.join(" ")
             ));
         }
-        if !service.proc.running() {
+        if !service.running() {
             failures.push(format!(
                 "the service died during cycle {i} ({})",
                 args.join(" ")
@@ -188,11 +190,5 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
         support::tracer_pids(pid)
     );
 
-    service.proc.signal(libc::SIGTERM);
-    let status = service.proc.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "the service should end on SIGTERM with status 0, as it does untraced: {status}"
-    );
+    stop_service(service);
 }

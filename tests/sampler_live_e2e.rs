@@ -12,7 +12,9 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use support::live::{Service, attach_cycle, code_snapshot, endless_load, warm_service};
+use support::live::{
+    Service, attach_cycle, code_snapshot, endless_load, stop_service, warm_service,
+};
 use support::load::{LoadReport, Outcome};
 use support::{EXIT_TIMEOUT, Proc, RECORDING_TIMEOUT, num, setup, tracer_bin};
 
@@ -49,8 +51,8 @@ fn check_traffic(traffic: &LoadReport, when: &str) {
 
 /// The service's code reads back as before, no thread is traced, and it ends as it does
 /// untraced.
-fn check_left_as_found(mut service: Service, code_before: &support::live::CodeSnapshot) {
-    let pid = service.pid();
+fn check_left_as_found(service: Service, code_before: &support::live::CodeSnapshot) {
+    let pid = service.pid() as i32;
     let changed = code_before.differences(&code_snapshot(pid));
     assert!(
         changed.is_empty(),
@@ -65,13 +67,7 @@ fn check_left_as_found(mut service: Service, code_before: &support::live::CodeSn
         "no thread of the service may stay traced: {:?}",
         support::tracer_pids(pid)
     );
-    service.proc.signal(libc::SIGTERM);
-    let status = service.proc.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "the service should end on SIGTERM with status 0, as it does untraced: {status}"
-    );
+    stop_service(service);
 }
 
 #[test]
@@ -79,7 +75,7 @@ fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unch
     setup();
     let _serial = serial();
     let (mut service, paths, reference) = warm_service(CONNECTIONS);
-    let pid = service.pid();
+    let pid = service.pid() as i32;
     let code_before = code_snapshot(pid);
     let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
@@ -123,7 +119,7 @@ fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unch
                 "cycle {i}: the service answered no request while it ran"
             ));
         }
-        if !service.proc.running() {
+        if !service.running() {
             failures.push(format!("the service died during cycle {i}"));
             break;
         }
@@ -151,7 +147,7 @@ fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
     setup();
     let _serial = serial();
     let (mut service, paths, reference) = warm_service(CONNECTIONS);
-    let pid = service.pid();
+    let pid = service.pid() as i32;
     let code_before = code_snapshot(pid);
     let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
@@ -179,7 +175,7 @@ fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
     // A minute of load with the sampler left in the service, active, and nobody listening.
     std::thread::sleep(AFTER_KILL);
     assert!(
-        service.proc.running(),
+        service.running(),
         "the service died after its tracer was killed"
     );
     let answered = load.answered() - killed_at;
@@ -199,7 +195,7 @@ fn a_tracer_killed_while_sampling_in_process_leaves_the_service_healthy() {
         full.report["totals"]
     );
     assert!(
-        service.proc.running(),
+        service.running(),
         "the service died at the full-mode attach after the kill"
     );
 
@@ -268,7 +264,7 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
     setup();
     let _serial = serial();
     let (mut service, paths, reference) = warm_service(CONNECTIONS);
-    let pid = service.pid();
+    let pid = service.pid() as i32;
     let code_before = code_snapshot(pid);
     let load = endless_load(&service, &paths, &reference, CONNECTIONS);
 
@@ -282,7 +278,7 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
         if load.answered() == answered_before {
             failures.push(format!("cycle {i}: the service answered no request while it ran"));
         }
-        if !service.proc.running() {
+        if !service.running() {
             failures.push(format!("the service died during cycle {i}"));
             break;
         }
@@ -319,7 +315,7 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
     let _ = tracer.finish(EXIT_TIMEOUT);
     let killed_at = load.answered();
     std::thread::sleep(AFTER_RING_KILL);
-    assert!(service.proc.running(), "the service died after its ring's reader was killed");
+    assert!(service.running(), "the service died after its ring's reader was killed");
     let answered = load.answered() - killed_at;
     assert!(answered > 0, "the service answered nothing in the {AFTER_RING_KILL:?} after the kill");
 

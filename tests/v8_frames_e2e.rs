@@ -820,23 +820,10 @@ fn v8_frames_of_an_http_server_under_load_are_named() {
         .unwrap_or_else(|e| panic!("{NODE}: {e}; this test needs node 20 there"));
     let layout = V8Layout::from_elf(&elf_bytes).unwrap_or_else(|e| panic!("{e}"));
     let elf = object::File::parse(&*elf_bytes).unwrap();
-    // The live-service fixture, started the way a service is: no flags at all.
-    let mut server = Killed(
-        Command::new(NODE)
-            .arg(fixtures_dir().join("http_server.js"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {NODE}: {e}")),
-    );
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("the server printed {line:?}, not its port"))
-        .to_string();
+    // The live service (bench/live_service/server.js, shared with the bench and the
+    // live-service tests), started the way a service is: no flags at all.
+    let service = live_harness::Service::start().unwrap_or_else(|e| panic!("{e}"));
+    let port = service.port().to_string();
     let _client = Killed(
         Command::new(NODE)
             .arg(fixtures_dir().join("v8_http_client.js"))
@@ -845,7 +832,7 @@ fn v8_frames_of_an_http_server_under_load_are_named() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = server.0.id() as i32;
+    let pid = service.pid() as i32;
     let mem = ProcessMemory::new(pid);
     let trampoline = Trampoline::find(pid, &elf);
 
@@ -947,7 +934,7 @@ fn v8_frames_of_an_http_server_under_load_are_named() {
         "only {total} frames in V8 code in {samples} stops\n{errs}"
     );
     assert!(
-        functions.keys().any(|f| f.contains("http_server.js")),
+        functions.keys().any(|f| f.contains("live_service/server.js")),
         "no frame of the server's own file named\n{top}"
     );
     assert!(

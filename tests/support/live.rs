@@ -1,69 +1,22 @@
-//! A live service to trace: the node HTTP server of fixtures/http_server.js, the code pages of
-//! a process read back byte for byte, the tracer's BPF programs and links as bpftool lists
-//! them, and attach/detach cycles with given tracer arguments. Used by tests/live_e2e.rs; the
-//! load itself is in `load.rs`.
+//! The live service under test: the harness shared with `cargo xtask bench` (the
+//! live-harness crate: node bench/live_service/server.js, its byte-for-byte load client, the
+//! tracer's attach cycles), here with the tests' timeouts and panics; and the checks only the
+//! tests make: the code pages of a process read back byte for byte, the tracer's BPF programs
+//! and links as bpftool lists them. Used by tests/live_e2e.rs and tests/sampler_live_e2e.rs.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
-use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::load::{Load, LoadConfig, Outcome, RawResponse, fetch_reference};
-use super::{
-    EXIT_TIMEOUT, LINE_TIMEOUT, Proc, RECORDING_TIMEOUT, bpf_programs, describe_status,
-    fixtures_dir, tracer_bin,
-};
+pub use live_harness::{Cycle, HeldBpf, Service, item_paths};
 
-pub const NODE: &str = "/usr/bin/node";
-
-/// The node HTTP server, killed when dropped.
-pub struct Service {
-    pub proc: Proc,
-    pub addr: SocketAddr,
-}
-
-impl Service {
-    /// Starts `node fixtures/http_server.js` and waits for its port.
-    pub fn start() -> Service {
-        assert!(
-            std::path::Path::new(NODE).is_file(),
-            "{NODE} is missing; the live-service tests expect node 20 there"
-        );
-        let script = fixtures_dir().join("http_server.js");
-        let mut proc = Proc::spawn("node http_server.js", Command::new(NODE).arg(script));
-        let line = proc
-            .stdout
-            .wait_for(LINE_TIMEOUT, |l| l.starts_with("listening "))
-            .unwrap_or_else(|why| {
-                panic!(
-                    "the HTTP server fixture never said `listening PORT`: {why}\n--- stderr ---\n{}",
-                    proc.stderr.read_to_end(Duration::from_millis(200)).join("\n")
-                )
-            });
-        let port: u16 = line["listening ".len()..]
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("bad port in {line:?}: {e}"));
-        Service {
-            proc,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.proc.pid()
-    }
-}
-
-/// `n` item paths spread over the item numbers, so bodies of every size are asked for.
-pub fn item_paths(n: u32) -> Vec<String> {
-    (0..n).map(|i| format!("/item/{}", i * 257 + 3)).collect()
-}
+use super::load::{Load, RawResponse};
+use super::{EXIT_TIMEOUT, RECORDING_TIMEOUT, bpf_programs, tracer_bin};
 
 // ---------------------------------------------------------------------------------------------
 // Code pages
@@ -198,47 +151,6 @@ pub fn bpf_links() -> Vec<BpfLink> {
         .collect()
 }
 
-/// The BPF programs and links a process holds, by id, from its file descriptors' fdinfo
-/// (bpftool here cannot tell which process holds what).
-#[derive(Clone, Debug, Default)]
-pub struct HeldBpf {
-    pub programs: Vec<u64>,
-    pub links: Vec<u64>,
-}
-
-pub fn bpf_held_by(holder: i32) -> HeldBpf {
-    let mut held = HeldBpf::default();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{holder}/fd")) else {
-        return held;
-    };
-    for fd in fds.filter_map(Result::ok) {
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy();
-        let key = match &*target {
-            "anon_inode:bpf-prog" => "prog_id:",
-            "anon_inode:bpf_link" => "link_id:",
-            _ => continue,
-        };
-        let info = format!("/proc/{holder}/fdinfo/{}", fd.file_name().to_string_lossy());
-        let id = std::fs::read_to_string(&info).ok().and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        });
-        match (key, id) {
-            ("prog_id:", Some(id)) => held.programs.push(id),
-            (_, Some(id)) => held.links.push(id),
-            _ => {}
-        }
-    }
-    held.programs.sort_unstable();
-    held.programs.dedup();
-    held.links.sort_unstable();
-    held
-}
-
 /// Of the programs and links the tracers held, those still loaded, and any link still
 /// pointing at one of those programs.
 pub fn leftovers(held: &HeldBpf) -> (Vec<String>, Vec<String>) {
@@ -256,125 +168,35 @@ pub fn leftovers(held: &HeldBpf) -> (Vec<String>, Vec<String>) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attach/detach cycles
+// Attach/detach cycles and the service under load
 
-/// One `tracer record --pid PID --duration D ARGS...` run that went as it should.
-#[derive(Debug)]
-pub struct Cycle {
-    pub args: Vec<String>,
-    /// From the tracer's start to its exit.
-    pub wall: Duration,
-    /// From the tracer's start to its "recording" line.
-    pub attach: Duration,
-    pub report: Value,
-    /// BPF programs and links it held while recording (none for the ptrace backend).
-    pub held: HeldBpf,
-    /// What the tracer said on stderr.
-    pub stderr: String,
-}
-
-/// Attaches to `pid` with `args` for `hold`, lets the tracer detach by itself at the end of
-/// `--duration`, and checks what every cycle must hold: the "recording" line, exit status 0,
-/// a JSON report of this pid on stdout. Err says what went wrong, with the tracer's output.
+/// [`live_harness::attach_cycle`] with this build's tracer and the tests' timeouts: attaches
+/// to `pid` with `args` for `hold`, lets the tracer detach by itself at the end of
+/// `--duration`, and checks the "recording" line, exit status 0 and a JSON report of this pid.
 pub fn attach_cycle(pid: i32, args: &[&str], hold: Duration) -> Result<Cycle, String> {
-    let started = Instant::now();
-    let mut cmd = Command::new(tracer_bin());
-    cmd.args([
-        "record",
-        "--pid",
-        &pid.to_string(),
-        "--format",
-        "json",
-        "--top",
-        "5",
-    ])
-    .arg("--duration")
-    .arg(format!("{}ms", hold.as_millis()))
-    .args(args);
-    let label = format!("tracer record --pid {pid} {}", args.join(" "));
-    let mut tracer = Proc::spawn(&label, &mut cmd);
-    let wanted = format!("tracer: recording pid {pid}");
-    let recording = tracer
-        .stderr
-        .wait_for(RECORDING_TIMEOUT, |l| l.contains(&wanted));
-    let attach = started.elapsed();
-    let held = if recording.is_ok() {
-        bpf_held_by(tracer.pid())
-    } else {
-        HeldBpf::default()
-    };
-    let finished = tracer.finish(EXIT_TIMEOUT);
-    let wall = started.elapsed();
-    if let Err(why) = recording {
-        return Err(format!(
-            "`{label}` never said {wanted:?} ({why})\n{}",
-            finished.describe()
-        ));
-    }
-    if !finished.status.success() {
-        return Err(format!(
-            "`{label}` ended with {}\n{}",
-            describe_status(finished.status),
-            finished.describe()
-        ));
-    }
-    let report: Value = serde_json::from_str(&finished.stdout).map_err(|e| {
-        format!(
-            "`{label}` printed no JSON report ({e})\n{}",
-            finished.describe()
-        )
-    })?;
-    if report["pid"].as_u64() != Some(pid as u64) {
-        return Err(format!("`{label}`: the report is of pid {}", report["pid"]));
-    }
-    Ok(Cycle {
-        args: args.iter().map(|s| (*s).to_owned()).collect(),
-        wall,
-        attach,
-        report,
-        held,
-        stderr: finished.stderr,
-    })
+    live_harness::attach_cycle(
+        &tracer_bin(),
+        pid as u32,
+        args,
+        hold,
+        RECORDING_TIMEOUT,
+        EXIT_TIMEOUT,
+    )
+    .map_err(|e| e.0)
 }
 
-// ---------------------------------------------------------------------------------------------
-// The service under load
-
-/// The service, warmed up untraced with 2,000 requests (V8 compiles the handler), with the
-/// paths asked for and its answers to compare.
+/// The service, warmed up untraced with [`live_harness::WARM_UP_REQUESTS`] requests over 64
+/// items (V8 compiles the handler), with the paths asked for and its answers to compare.
 pub fn warm_service(
     connections: usize,
 ) -> (Service, Vec<String>, Arc<HashMap<String, RawResponse>>) {
-    let service = Service::start();
-    let paths = item_paths(64);
-    let reference = Arc::new(
-        fetch_reference(service.addr, &paths)
-            .unwrap_or_else(|e| panic!("reference answers from the service: {e}")),
-    );
-    let warm = Load::start(
-        LoadConfig {
-            addr: service.addr,
-            connections,
-            paths: paths.clone(),
-            max_requests: 2_000,
-            max_duration: Duration::from_secs(20),
-        },
-        reference.clone(),
-    );
-    while !warm.finished() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let warm = warm.stop();
-    assert!(
-        warm.errors.is_empty() && warm.count(Outcome::Same) == warm.requests.len(),
-        "the service misbehaves untraced: {}\n{}",
-        warm.summary(),
-        warm.errors.join("\n")
-    );
-    eprintln!("untraced warm-up: {}", warm.summary());
-    (service, paths, reference)
+    let warmed = live_harness::warm_service(item_paths(64), connections)
+        .unwrap_or_else(|e| panic!("the live service: {e}"));
+    eprintln!("untraced warm-up: {}", warmed.warm_up);
+    (warmed.service, warmed.paths, warmed.reference)
 }
 
+/// Load on the warmed service until stopped (20 minutes at most).
 pub fn endless_load(
     service: &Service,
     paths: &[String],
@@ -382,8 +204,8 @@ pub fn endless_load(
     connections: usize,
 ) -> Load {
     Load::start(
-        LoadConfig {
-            addr: service.addr,
+        super::load::LoadConfig {
+            addr: service.addr(),
             connections,
             paths: paths.to_vec(),
             max_requests: 10_000_000,
@@ -391,4 +213,11 @@ pub fn endless_load(
         },
         reference.clone(),
     )
+}
+
+/// SIGTERM ends the service with status 0, as it does untraced.
+pub fn stop_service(service: Service) {
+    service.stop(EXIT_TIMEOUT).unwrap_or_else(|e| {
+        panic!("the service should end on SIGTERM with status 0, as it does untraced: {e}")
+    });
 }

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 pub mod gdb;
 pub mod live;
-pub mod load;
+pub use live_harness::load;
 
 /// How long the tracer may take to print its "recording" line after it was started.
 pub const RECORDING_TIMEOUT: Duration = Duration::from_secs(30);

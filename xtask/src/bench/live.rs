@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result, bail};
 
 use super::{
-    live_service::{Load, Service, Tracer},
+    live_service::{self, Load, STOP_TIMEOUT, Service, Tracer},
     probes::EmptyUprobes,
     run::{ATTACH_TIMEOUT, Env, Tool},
     table::{Paired, Series, median, min_max, num},
@@ -53,12 +53,14 @@ enum Attached {
 /// One run of `tool` on a fresh service. A request answered wrongly or not at all fails it.
 pub fn run_once(env: &Env, tool: &Tool, settings: &Settings) -> Result<Run> {
     let service = Service::start()?;
-    service
-        .load(Load {
+    live_service::load(
+        &service,
+        Load {
             requests: settings.warmup,
             ..settings.load
-        })
-        .context("warm-up requests")?;
+        },
+    )
+    .context("warm-up requests")?;
     let rss_warm_kib = service.rss_kib()?;
     let pid = service.pid();
     let attached = match tool {
@@ -78,8 +80,7 @@ pub fn run_once(env: &Env, tool: &Tool, settings: &Settings) -> Result<Run> {
             if let Some(u) = unwind {
                 args.extend(["--unwind", u]);
             }
-            let report = env.scratch.join("live-report.json");
-            let tracer = Tracer::attach(&env.tracer, pid, &args, &report)
+            let tracer = Tracer::attach(&env.tracer, pid, &args)
                 .context("attach the tracer to the service")?;
             Attached::Tracer(Box::new(tracer))
         }
@@ -96,8 +97,7 @@ pub fn run_once(env: &Env, tool: &Tool, settings: &Settings) -> Result<Run> {
         Attached::Tracer(t) => Some(t.pid()),
         _ => None,
     };
-    let window = service
-        .measure(settings.load, tracer_pid)
+    let window = live_service::measure(&service, settings.load, tracer_pid)
         .context("the timed requests")?;
     let rss_end_kib = service.rss_kib()?;
     let note = match attached {
@@ -112,7 +112,7 @@ pub fn run_once(env: &Env, tool: &Tool, settings: &Settings) -> Result<Run> {
             Some(format!("empty program on malloc and {free}"))
         }
     };
-    service.stop()?;
+    service.stop(STOP_TIMEOUT)?;
     let answered = &window.answered;
     answered.check()?;
     let per_request = |seconds: f64| seconds * 1e6 / answered.requests as f64;

@@ -1,20 +1,21 @@
-//! The live-service harness: the node HTTP service of bench/live_service (server.js), runs of
-//! its closed-loop client (client.js), a measured window of requests (the service's CPU, a
-//! tracer's CPU, wall time), and this tracer attached to the running service and detached.
-//! The bench's live workload is built on it; anything that needs a service under load and
-//! attach cycles can use it too. Every process it starts is killed when its handle is dropped,
-//! and with SIGKILL when xtask itself dies.
+//! The bench's side of the live-service harness. The service itself (`node
+//! bench/live_service/server.js`: start, port, warm state, stop, killed on drop) and the tracer
+//! attached to it by pid are the live-harness crate's, shared with the live-service tests;
+//! here are what only the bench needs: runs of the closed-loop node client (client.js), a
+//! measured window of requests (the service's CPU, a tracer's CPU, wall time), and the tracer
+//! attached until its breakpoints and symbol tables are in place, then detached with a check
+//! that none of its breakpoints is left.
 
 use std::{
     fs,
-    os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+pub use live_harness::Service;
+use live_harness::{Detached, NODE, START_TIMEOUT, die_with_parent};
 
 use super::{
     probes::{self, LibcFunction},
@@ -22,37 +23,9 @@ use super::{
 };
 use crate::util;
 
-const NODE: &str = "/usr/bin/node";
-/// How long node may take to start the service or the client (the client renders every item
-/// once first).
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the service may take to exit after SIGTERM, and the target to lose its probes
 /// after the tracer exits.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn script(name: &str) -> PathBuf {
-    util::workspace_root().join("bench/live_service").join(name)
-}
-
-/// Makes the child get SIGKILL when the thread that spawns it ends (xtask exiting, or killed),
-/// so that no service or tracer outlives the bench. Spawn from a thread that outlives it.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (prctl, getppid, _exit); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before the signal was asked for.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        })
-    }
-}
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How much load a client run puts on the service.
 #[derive(Clone, Copy, Debug)]
@@ -113,192 +86,98 @@ pub struct Window {
     pub tracer_cpu: f64,
 }
 
-/// The running service (`node bench/live_service/server.js`), killed when dropped.
-pub struct Service {
-    proc: Proc,
-    port: u16,
+fn client(service: &Service, load: Load, wait: bool) -> Result<Proc> {
+    let mut cmd = util::command(NODE);
+    cmd.arg(live_harness::service_dir().join("client.js")).args([
+        service.port().to_string(),
+        load.requests.to_string(),
+        load.concurrency.to_string(),
+    ]);
+    if wait {
+        cmd.arg("--wait");
+    }
+    Proc::spawn("the load client", die_with_parent(&mut cmd))
 }
 
-impl Service {
-    /// Starts the service and waits for its port.
-    pub fn start() -> Result<Service> {
-        let mut cmd = util::command(NODE);
-        cmd.arg(script("server.js"));
-        let mut proc = Proc::spawn("the live service", die_with_parent(&mut cmd))?;
-        let port =
-            proc.stdout
-                .wait_for("`listening PORT` from the service", START_TIMEOUT, |l| {
-                    l.trim().strip_prefix("listening ")?.parse::<u16>().ok()
-                })?;
-        Ok(Service { proc, port })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    #[expect(
-        dead_code,
-        reason = "for tests that talk to the service themselves; the bench does not"
-    )]
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The service's resident memory now (VmRSS), in KiB.
-    pub fn rss_kib(&self) -> Result<u64> {
-        let pid = self.pid();
-        fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("read /proc/{pid}/status"))?
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc/PID/status")
-    }
-
-    fn client(&self, load: Load, wait: bool) -> Result<Proc> {
-        let mut cmd = util::command(NODE);
-        cmd.arg(script("client.js")).args([
-            self.port.to_string(),
-            load.requests.to_string(),
-            load.concurrency.to_string(),
-        ]);
-        if wait {
-            cmd.arg("--wait");
-        }
-        Proc::spawn("the load client", die_with_parent(&mut cmd))
-    }
-
-    /// Runs the client to the end, unmeasured (a warm-up, or load next to something else).
-    /// Fails if any request failed.
-    pub fn load(&self, load: Load) -> Result<Answered> {
-        let mut client = self.client(load, false)?;
-        let answered = client
-            .stdout
-            .wait_for("the client's result", TIMEOUT, Answered::parse)?;
-        client.finish()?;
-        answered.check()?;
-        Ok(answered)
-    }
-
-    /// Runs the client and measures the window of its requests: the service's CPU and, with
-    /// `tracer` (a pid), that process's CPU too. Failed requests are counted in the result,
-    /// not turned into an error: see [`Answered::check`].
-    pub fn measure(&self, load: Load, tracer: Option<u32>) -> Result<Window> {
-        let mut client = self.client(load, true)?;
-        client
-            .stdout
-            .wait_for("\"ready\" from the client", START_TIMEOUT, |l| {
-                (l.trim() == "ready").then_some(())
-            })?;
-        let service_from = run::cpu_seconds(self.pid())?;
-        let tracer_from = tracer.map(run::cpu_seconds).transpose()?;
-        client.go()?;
-        let answered = client
-            .stdout
-            .wait_for("the client's result", TIMEOUT, Answered::parse)?;
-        let service_cpu = run::cpu_seconds(self.pid())? - service_from;
-        let tracer_cpu = match (tracer, tracer_from) {
-            (Some(pid), Some(from)) => run::cpu_seconds(pid)? - from,
-            _ => 0.0,
-        };
-        client.finish()?;
-        Ok(Window {
-            answered,
-            service_cpu,
-            tracer_cpu,
-        })
-    }
-
-    /// SIGTERM, and waits for a clean exit.
-    pub fn stop(mut self) -> Result<()> {
-        let pid = self.pid();
-        // SAFETY: kill(2) on our own unreaped child.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("send SIGTERM to the service");
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = self.proc.child.try_wait()? {
-                if !status.success() {
-                    let err = self.proc.stderr.rest(Duration::from_millis(200));
-                    bail!("the live service ended with {status} after SIGTERM\n{err}");
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the live service was still running {STOP_TIMEOUT:?} after SIGTERM");
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
+/// Runs the client to the end, unmeasured (a warm-up, or load next to something else).
+/// Fails if any request failed.
+pub fn load(service: &Service, load: Load) -> Result<Answered> {
+    let mut client = client(service, load, false)?;
+    let answered = client
+        .stdout
+        .wait_for("the client's result", TIMEOUT, Answered::parse)?;
+    client.finish()?;
+    answered.check()?;
+    Ok(answered)
 }
 
-/// This tracer recording a running process by pid (`tracer record --pid`), killed when
-/// dropped.
+/// Runs the client and measures the window of its requests: the service's CPU and, with
+/// `tracer` (a pid), that process's CPU too. Failed requests are counted in the result,
+/// not turned into an error: see [`Answered::check`].
+pub fn measure(service: &Service, load: Load, tracer: Option<u32>) -> Result<Window> {
+    let mut client = client(service, load, true)?;
+    client
+        .stdout
+        .wait_for("\"ready\" from the client", START_TIMEOUT, |l| {
+            (l.trim() == "ready").then_some(())
+        })?;
+    let service_from = run::cpu_seconds(service.pid())?;
+    let tracer_from = tracer.map(run::cpu_seconds).transpose()?;
+    client.go()?;
+    let answered = client
+        .stdout
+        .wait_for("the client's result", TIMEOUT, Answered::parse)?;
+    let service_cpu = run::cpu_seconds(service.pid())? - service_from;
+    let tracer_cpu = match (tracer, tracer_from) {
+        (Some(pid), Some(from)) => run::cpu_seconds(pid)? - from,
+        _ => 0.0,
+    };
+    client.finish()?;
+    Ok(Window {
+        answered,
+        service_cpu,
+        tracer_cpu,
+    })
+}
+
+/// This tracer recording a running process by pid ([`live_harness::Tracer`]), settled before
+/// anything is measured. Killed when dropped.
 pub struct Tracer {
-    proc: Proc,
+    tracer: live_harness::Tracer,
     target: u32,
-    report: PathBuf,
     sites: [LibcFunction; 2],
 }
 
-/// What a detached tracer left: its JSON report and what it said on stderr.
-pub struct Detached {
-    pub report: serde_json::Value,
-    #[expect(
-        dead_code,
-        reason = "for attach-cycle tests that check what the tracer said; the bench does not"
-    )]
-    pub stderr: String,
-}
-
 impl Tracer {
-    /// Starts `tracer record --format json -o REPORT --pid TARGET ARGS..` and returns once it
-    /// is attached and settled: it has said "recording pid TARGET" (it does once its probes
-    /// are attached), the probes' breakpoints are in the target's malloc and free, and its
-    /// thread that loads symbol tables right after attaching (a one-time cost) is done.
-    pub fn attach(tracer: &Path, target: u32, args: &[&str], report: &Path) -> Result<Tracer> {
+    /// Starts `tracer record --pid TARGET --format json ARGS..` and returns once it is
+    /// attached and settled: it has said "recording pid TARGET" (it does once its probes are
+    /// attached), the probes' breakpoints are in the target's malloc and free, and its thread
+    /// that loads symbol tables right after attaching (a one-time cost) is done.
+    pub fn attach(tracer: &Path, target: u32, args: &[&str]) -> Result<Tracer> {
         let (_, sites) = probes::cheap_sites(target)?;
-        let mut cmd = util::command(tracer);
-        cmd.args(["record", "--format", "json", "-o"])
-            .arg(report)
-            .args(["--pid", &target.to_string()])
-            .args(args);
-        let mut proc = Proc::spawn("the tracer", die_with_parent(&mut cmd))?;
-        let wanted = format!("tracer: recording pid {target}");
-        let line = proc
-            .stderr
-            .wait_for("the tracer's \"recording\" line", ATTACH_TIMEOUT, |l| {
-                l.starts_with(&wanted).then(|| l.to_owned())
-            })?;
+        let tracer = live_harness::Tracer::attach(tracer, target, args, ATTACH_TIMEOUT)?;
         // The in-process sampler puts jumps, not breakpoints, on the allocators' entries, and
         // its uprobes on its own probe sites; the tracer says so on the recording line, once
         // both are in place.
-        if !line.contains("in-process") {
+        if !tracer.recording_line().contains("in-process") {
             probes::wait_for_breakpoints(target, &[&sites[0], &sites[1]], ATTACH_TIMEOUT)?;
         }
-        run::wait_for_thread_exit(proc.pid(), "tracer-symbols", ATTACH_TIMEOUT)?;
+        run::wait_for_thread_exit(tracer.pid(), "tracer-symbols", ATTACH_TIMEOUT)?;
         Ok(Tracer {
-            proc,
+            tracer,
             target,
-            report: report.to_owned(),
             sites,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.proc.pid()
+        self.tracer.pid()
     }
 
-    /// SIGINT, as a user stops it: waits for a clean exit, checks that no breakpoint is left
-    /// where the probes were, and reads the report.
-    pub fn detach(mut self) -> Result<Detached> {
-        // SAFETY: kill(2) on our own unreaped child.
-        if unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGINT) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("send SIGINT to the tracer");
-        }
-        let (_, stderr) = self.proc.finish()?;
+    /// SIGINT, as a user stops it: waits for a clean exit with a report, and checks that no
+    /// breakpoint is left where the probes were.
+    pub fn detach(self) -> Result<Detached> {
+        let detached = self.tracer.detach(TIMEOUT)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         while self.sites.iter().any(|f| has_breakpoint(self.target, f)) {
             if Instant::now() >= deadline {
@@ -310,10 +189,7 @@ impl Tracer {
             }
             thread::sleep(Duration::from_millis(5));
         }
-        let text = fs::read_to_string(&self.report)
-            .with_context(|| format!("read the tracer's report {}", self.report.display()))?;
-        let report = serde_json::from_str(&text).context("parse the tracer's report")?;
-        Ok(Detached { report, stderr })
+        Ok(detached)
     }
 }
 
@@ -357,19 +233,19 @@ mod tests {
     fn live_service_answers_everything_and_its_memory_levels_off() {
         assert!(Path::new(NODE).is_file(), "{NODE} is missing");
         let service = Service::start().unwrap();
-        let load = Load {
+        let requests = Load {
             requests: 4000,
             concurrency: 8,
         };
         let mut rss = Vec::new();
         for _ in 0..20 {
-            service.load(load).unwrap();
+            load(&service, requests).unwrap();
             rss.push(service.rss_kib().unwrap());
         }
-        let window = service.measure(load, None).unwrap();
+        let window = measure(&service, requests, None).unwrap();
         window.answered.check().unwrap();
         assert!(window.service_cpu > 0.0, "no CPU time measured: {window:?}");
-        service.stop().unwrap();
+        service.stop(STOP_TIMEOUT).unwrap();
         // V8's heap and glibc's arenas grow over the first ~50,000 requests (measured here:
         // 83 MiB after 8,000, 139 MiB after 48,000, then within 1%).
         let settled = rss[11];

@@ -1,5 +1,6 @@
 //! `cargo xtask bench soak`: the tracer attached with sampling to a node HTTP service under
-//! continuous load (the service and load client of the live-service tests) for a long while,
+//! continuous load for a long while (the live-harness crate's: bench/live_service/server.js,
+//! warmed up and loaded by the byte-for-byte client the live-service tests use),
 //! sampling the tracer's RSS every few seconds and its loss counters at every `--interval`
 //! snapshot. It fails if the tracer's RSS grows by 10% or more after the first minute, if a
 //! loss counter grows, or if the service answers a request late (5 s), wrongly or not at all.
@@ -11,20 +12,12 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    fs,
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    thread,
+    fs, thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-
-#[path = "../../../tests/support/load.rs"]
-#[expect(dead_code, reason = "the test suite uses more of the load client than the soak does")]
-mod load;
+use live_harness::{load, rss_kib};
 
 use crate::{build, util};
 
@@ -39,44 +32,6 @@ const MAX_GROWTH: f64 = 0.10;
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 const CONNECTIONS: usize = 8;
 
-/// A child killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Reads a child's stream line by line into a shared list, with the time each line came.
-fn collect_lines(
-    stream: impl std::io::Read + Send + 'static,
-    started: Instant,
-) -> Arc<Mutex<Vec<(Duration, String)>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("lines lock").push((started.elapsed(), line));
-        }
-    });
-    lines
-}
-
 pub fn soak() -> Result<()> {
     let seconds: u64 = match std::env::var("SOAK_SECONDS") {
         Ok(v) => v
@@ -89,79 +44,36 @@ pub fn soak() -> Result<()> {
     };
     let duration = Duration::from_secs(seconds);
     let tracer = build::build()?;
-    let root = util::workspace_root();
 
-    // The service.
-    let mut server = Guard(
-        util::command("/usr/bin/node")
-            .arg(root.join("tests/fixtures/http_server.js"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("start node tests/fixtures/http_server.js")?,
-    );
-    let server_pid = server.0.id();
-    let mut first = String::new();
-    BufReader::new(server.0.stdout.take().expect("piped"))
-        .read_line(&mut first)
-        .context("read the service's port")?;
-    let port: u16 = first
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("the service said {first:?}, not `listening PORT`"))?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let paths: Vec<String> = (0..64).map(|i| format!("/item/{}", i * 257 + 3)).collect();
-    let reference = Arc::new(
-        load::fetch_reference(addr, &paths).map_err(|e| anyhow::anyhow!("reference answers: {e}"))?,
-    );
-    let load = load::Load::start(
-        load::LoadConfig {
-            addr,
-            connections: CONNECTIONS,
-            paths,
-            max_requests: u64::MAX,
-            max_duration: duration + Duration::from_secs(300),
-        },
-        reference,
-    );
+    // The service, warmed up untraced and under load.
+    let warmed = live_harness::warm_service(live_harness::item_paths(64), CONNECTIONS)?;
+    let server_pid = warmed.service.pid();
+    let load = warmed.load(CONNECTIONS, duration + Duration::from_secs(300));
     thread::sleep(Duration::from_secs(2));
 
     // The tracer.
     let report_path = util::target_dir().join("bench/soak-report.json");
     fs::create_dir_all(report_path.parent().expect("a parent"))?;
     let started = Instant::now();
-    let mut child = Command::new(&tracer)
-        .args(["record", "--pid", &server_pid.to_string(), "--sample-bytes", SAMPLE_BYTES])
-        .args(["--interval", &format!("{INTERVAL_S}s"), "--top", "10", "--format", "json", "-o"])
-        .arg(&report_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {}", tracer.display()))?;
-    let stderr = collect_lines(child.stderr.take().expect("piped"), started);
-    let tracer_pid = child.id();
-    let mut tracer_proc = Guard(child);
-    let recording = format!("recording pid {server_pid}");
-    while !stderr.lock().expect("lock").iter().any(|(_, l)| l.contains(&recording)) {
-        if started.elapsed() > Duration::from_secs(60) || tracer_proc.0.try_wait()?.is_some() {
-            bail!(
-                "the tracer did not start recording:\n{}",
-                stderr.lock().expect("lock").iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let interval = format!("{INTERVAL_S}s");
+    let mut tracer_proc = live_harness::Tracer::attach(
+        &tracer,
+        server_pid,
+        &["--sample-bytes", SAMPLE_BYTES, "--interval", &interval, "--top", "10"],
+        Duration::from_secs(60),
+    )?;
+    let tracer_pid = tracer_proc.pid();
     let attached = started.elapsed();
-    eprintln!("xtask: soak: tracer {tracer_pid} attached to node {server_pid} after {attached:?}; {seconds} s to go");
+    eprintln!(
+        "xtask: soak: tracer {tracer_pid} attached to node {server_pid} after {attached:?}; \
+         {seconds} s to go"
+    );
 
     let mut rss: Vec<(Duration, u64)> = Vec::new();
     let until = Instant::now() + duration;
     let mut next_note = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
-        if tracer_proc.0.try_wait()?.is_some() {
+        if !tracer_proc.running() {
             bail!("the tracer exited while attached");
         }
         if let Some(kib) = rss_kib(tracer_pid) {
@@ -178,17 +90,22 @@ pub fn soak() -> Result<()> {
         }
         thread::sleep(RSS_EVERY.min(until.saturating_duration_since(Instant::now())));
     }
-    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-    unsafe { libc::kill(tracer_pid as i32, libc::SIGINT) };
-    let status = tracer_proc.0.wait()?;
+    let detached = tracer_proc.detach(Duration::from_secs(120));
     let traffic = load.stop();
-    drop(server);
+    drop(warmed);
+    let (report, stderr, detach_problem) = match detached {
+        Ok(d) => (d.report, d.stderr, None),
+        Err(e) => (serde_json::Value::Null, String::new(), Some(e.to_string())),
+    };
+    if !report.is_null() {
+        fs::write(&report_path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("write {}", report_path.display()))?;
+    }
 
     // Loss counters at each snapshot: the text snapshots' "dropped:" lines.
-    let lines = stderr.lock().expect("lock").clone();
-    let snapshots: Vec<(Duration, BTreeMap<String, u64>)> = lines
-        .iter()
-        .filter_map(|(t, l)| {
+    let snapshots: Vec<BTreeMap<String, u64>> = stderr
+        .lines()
+        .filter_map(|l| {
             let rest = l.trim_start().strip_prefix("dropped:")?.trim();
             let counters = if rest == "none" {
                 BTreeMap::new()
@@ -200,25 +117,21 @@ pub fn soak() -> Result<()> {
                     })
                     .collect()
             };
-            Some((*t, counters))
+            Some(counters)
         })
         .collect();
-    let report: serde_json::Value = fs::read_to_string(&report_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .with_context(|| format!("the tracer wrote no report to {}", report_path.display()))?;
 
     let at = |t: Duration| rss.iter().find(|(s, _)| *s >= t).or(rss.last()).map_or(0, |r| r.1);
     let (warm_kib, end_kib) = (at(WARM), rss.last().map_or(0, |r| r.1));
     let peak_kib = rss.iter().map(|r| r.1).max().unwrap_or(0);
     let growth = end_kib as f64 / warm_kib.max(1) as f64 - 1.0;
-    let first_losses = snapshots.first().map(|s| s.1.clone()).unwrap_or_default();
-    let last_losses = snapshots.last().map(|s| s.1.clone()).unwrap_or_default();
+    let first_losses = snapshots.first().cloned().unwrap_or_default();
+    let last_losses = snapshots.last().cloned().unwrap_or_default();
     let final_dropped = report["totals"]["dropped"].clone();
 
     let mut problems = Vec::new();
-    if !status.success() {
-        problems.push(format!("the tracer ended with {status}"));
+    if let Some(why) = detach_problem {
+        problems.push(format!("the tracer did not detach cleanly: {why}"));
     }
     if growth >= MAX_GROWTH {
         problems.push(format!(
@@ -246,7 +159,7 @@ pub fn soak() -> Result<()> {
 
     let mut md = format!(
         "# Soak (cargo xtask bench soak)\n\n\
-         `tracer record --pid <node http_server.js> --sample-bytes {SAMPLE_BYTES} --interval {INTERVAL_S}s` \
+         `tracer record --pid <node bench/live_service/server.js> --sample-bytes {SAMPLE_BYTES} --interval {INTERVAL_S}s` \
          for {seconds} s, {CONNECTIONS} keep-alive connections of load.\n\n\
          | figure | value |\n|---|---|\n\
          | tracer RSS at minute 1 | {warm_kib} KiB |\n\

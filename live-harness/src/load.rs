@@ -1,9 +1,9 @@
-//! A load client for the live-service tests and benches: N keep-alive HTTP/1.1 connections to
-//! a loopback service, each sending GETs one after another for as long as it is told to
-//! (bounded in time and in count), recording every response's latency and whether it was
-//! byte for byte the reference answer for its path (taken before any tracer attached).
-//!
-//! Only std: `cargo xtask bench` includes this file too (`#[path]`), so both run the same client.
+//! The load client of the live-service tests and of `cargo xtask bench soak`: N keep-alive
+//! HTTP/1.1 connections to a loopback service, each sending GETs one after another for as long
+//! as it is told to (bounded in time and in count), recording every response's latency and
+//! whether it was byte for byte the reference answer for its path (taken before any tracer
+//! attached). It judges answers; the bench's node client (bench/live_service/client.js)
+//! measures CPU and wall time instead.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
