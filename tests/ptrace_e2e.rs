@@ -514,3 +514,74 @@ fn sigkill_of_an_unprivileged_tracer_leaves_a_target_it_may_no_longer_open_worki
         panic!("the fixture should exit on SIGTERM: {state}");
     }
 }
+
+/// Without BPF privileges, `--sample-bytes` on a running process samples with the in-process
+/// sampler read through shared memory, says so once, and detaches leaving the target as it
+/// was.
+#[test]
+fn auto_without_bpf_samples_a_running_process_through_the_sampler_ring() {
+    setup();
+    let setpriv = Path::new("/usr/bin/setpriv");
+    assert!(setpriv.exists(), "this test drops BPF capabilities with setpriv (util-linux)");
+    let dir = TempDir::new("ptrace-auto-sampled");
+    let alloc = build_fixture(&dir, "alloc");
+    let mut fixture = Proc::spawn("alloc --wait", Command::new(&alloc).arg("--wait"));
+    fixture.expect_stdout_line("ready", LINE_TIMEOUT);
+    let pid = fixture.pid();
+    let malloc = libc_symbol(pid, "malloc");
+    let tracer_path = support::tracer_bin();
+    let pid_arg = pid.to_string();
+    let mut cmd = Command::new(setpriv);
+    cmd.args(["--bounding-set=-bpf,-perfmon,-sys_admin", "--inh-caps=-all", "--"])
+        .arg(&tracer_path)
+        .args(["record", "--pid", &pid_arg, "--sample-bytes", "4KiB", "--format", "json", "--top", "0"]);
+    let mut tracer = Proc::spawn("setpriv tracer record --sample-bytes 4KiB", &mut cmd);
+    let wanted = format!("tracer: recording pid {pid}");
+    if let Err(why) = tracer.stderr.wait_for(support::RECORDING_TIMEOUT, |l| l.contains(&wanted)) {
+        panic!("the tracer never said {wanted:?}: {why}\n{}", tracer.stderr.text());
+    }
+    assert_eq!(
+        malloc.process_bytes(pid, 1)[0],
+        0xe9,
+        "while sampling without BPF, malloc should start with a jump to the sampler"
+    );
+    fixture.signal(libc::SIGUSR1);
+    fixture.expect_stdout_line("allocated", LINE_TIMEOUT);
+    let (finished, report) = stop_recording(&mut tracer);
+    let notes: Vec<&str> = finished.stderr.lines().filter(|l| l.contains("eBPF unavailable")).collect();
+    assert!(
+        notes.len() == 1 && notes[0].contains("in-process sampler"),
+        "auto without BPF privileges should say once that it samples through the in-process \
+         sampler\n{}",
+        finished.describe()
+    );
+    assert!(
+        finished.stderr.contains("memory shared with the tracer"),
+        "the recording line should say how events reach the tracer\n{}",
+        finished.describe()
+    );
+    // As in sampling_e2e's detach tests: realloc_grow's 70000-byte block is sampled almost
+    // surely at 4 KiB and weighs exactly itself.
+    let grown = usage_by_caller(&report, "realloc_grow");
+    assert_eq!(
+        (grown.live_bytes, grown.live_allocs),
+        (70000, 1),
+        "realloc_grow holds one block of 70000 bytes\n{}",
+        describe_stacks(&report, |s| frame_function(s, 1) == Some("realloc_grow"))
+    );
+    let dropped = &report["totals"]["dropped"];
+    assert!(
+        dropped.as_object().is_some_and(|d| d.values().all(|v| v.as_u64() == Some(0))),
+        "nothing should be dropped: {dropped}"
+    );
+    if let Err(e) = eventually(Duration::from_secs(5), || {
+        let (mem, file) = (malloc.process_bytes(pid, 16), malloc.file_bytes(16));
+        if mem == file { Ok(()) } else { Err(format!("{} vs file {}", hex(&mem), hex(&file))) }
+    }) {
+        panic!("after detach malloc should read as libc's file: {e}");
+    }
+    fixture.signal(libc::SIGUSR2);
+    fixture.expect_stdout_line("ok", LINE_TIMEOUT);
+    let status = fixture.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "the fixture should exit 0 after the tracer detached");
+}

@@ -232,7 +232,7 @@ fn rings_mapped(pid: i32) -> usize {
 /// What each cycle without BPF must show: the ring used and said, allocations seen, nothing
 /// dropped (the ring full included).
 fn check_ptrace_cycle(cycle: &support::live::Cycle, i: usize, failures: &mut Vec<String>) {
-    if !cycle.stderr.contains("memory shared with pid") {
+    if !cycle.stderr.contains("memory shared with the tracer") {
         failures.push(format!(
             "cycle {i}: the tracer did not say it reads the sampler's ring:\n{}",
             cycle.stderr

@@ -256,7 +256,7 @@ fn record_attached_sampled(dir: &TempDir, fixture: &std::path::Path) -> (String,
 /// As [`record_attached_sampled`] without BPF: `--backend ptrace`, where the sampler's events
 /// reach the tracer through memory shared with it.
 fn record_attached_sampled_ptrace(dir: &TempDir, fixture: &std::path::Path) -> (String, Value) {
-    record_attached_with(dir, fixture, &["--backend", "ptrace"], "memory shared with pid")
+    record_attached_with(dir, fixture, &["--backend", "ptrace"], "memory shared with the tracer")
 }
 
 fn record_attached_with(

@@ -249,7 +249,9 @@ impl Recording {
         if probes.name() == "ptrace" && limits.sample_bytes.is_some() {
             // Sampling without BPF (probe::sampled): no probe at all, the entries jump.
             diag::warn(format_args!(
-                "recording pid {pid} ({}): {} allocator entries jump to the sampler it runs                  in-process (sampled calls only; unsampled ones go straight to {libc}), its                  events read from memory shared with the tracer",
+                "recording pid {pid} ({}): {} allocator entries jump to the sampler it runs \
+                 in-process (sampled calls only; unsampled ones go straight to {libc}), its \
+                 events read from memory shared with the tracer",
                 info.command,
                 probes.sites().len(),
             ));
@@ -724,9 +726,10 @@ fn sampled_without_bpf(
     }
     let probes = SampledProbes::attach(pid.get(), limits.clone())
         .map_err(|e| anyhow::anyhow!("{why}the in-process sampler could not be put in: {e}"))?;
-    diag::warn(format_args!(
-        "{why}sampling with the in-process sampler, its sampled events read through memory shared with pid {pid} (no BPF, no trap per call)"
-    ));
+    if !why.is_empty() {
+        // Asked for by `auto`: say why, once; the recording line says how it samples.
+        diag::warn(format_args!("{why}sampling through the in-process sampler's shared memory instead"));
+    }
     Ok(Box::new(probes))
 }
 

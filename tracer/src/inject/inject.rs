@@ -1404,7 +1404,17 @@ impl Injected {
 
     /// Stops every thread, makes the sampler inert, puts libc's bytes back at every entry and
     /// lets the threads go. The sampler stays mapped (see the module's comment).
+    ///
+    /// A process that has exited has nothing to give back: that is Ok.
     pub fn remove(self) -> Result<Duration, InjectError> {
+        let started = Instant::now();
+        match self.remove_from_live() {
+            Err(InjectError::Gone { .. }) => Ok(started.elapsed()),
+            other => other.map(|_| started.elapsed()),
+        }
+    }
+
+    fn remove_from_live(self) -> Result<Duration, InjectError> {
         let started = Instant::now();
         let pid = self.pid;
         let step = "stop the threads to remove";
