@@ -102,7 +102,7 @@ impl SharedRing {
 
     fn fits(len: usize, slots: u64, slot_bytes: u64) -> bool {
         slots.is_power_of_two()
-            && slot_bytes % 64 == 0
+            && slot_bytes.is_multiple_of(64)
             && slot_bytes > RING_STACK_OFFSET as u64
             && (RING_HEADER_BYTES as u64).saturating_add(slots.saturating_mul(slot_bytes))
                 <= len as u64
