@@ -313,6 +313,57 @@ fn a_tracer_killed_after_install_leaves_the_target_sampling_and_healthy() {
     assert!(last.contains("bad=0"), "fixture's last line: {last:?}");
 }
 
+/// A sampler left by another build of the tracer (here: ours, killed, with its control block's
+/// version changed, so that this build can neither read nor reuse it) still leaves jumps on
+/// the allocators, which would hide a full-mode attach's uprobes: the attach gives the entries
+/// back first, says so, and records.
+#[test]
+fn a_sampler_left_by_another_build_is_given_back_before_a_full_mode_attach() {
+    require_root();
+    let dir = TempDir::new("inject-foreign");
+    let exe = build_target(&dir);
+    let mut t = Target::start("inject_target", &mut Command::new(&exe), "ready");
+    let pid = t.pid();
+    let mut tracer = Proc::spawn(
+        "tracer inject-test",
+        Command::new(tracer_bin()).args(["inject-test", "--pid", &pid.to_string(), "--hold", "600"]),
+    );
+    if let Err(why) = tracer.stdout.wait_for(LINE_TIMEOUT, |l| l.starts_with("installed")) {
+        panic!("tracer inject-test did not install: {why}\n{}{}", tracer.stdout.text(), tracer.stderr.text());
+    }
+    tracer.signal(libc::SIGKILL);
+    tracer.wait_exit(Duration::from_secs(10));
+    let left = find_leftover(pid).expect("find").expect("the killed tracer's sampler is there");
+    // "Another build": the version word after the magic.
+    let version_at = left.control + 8;
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open the target's memory");
+    std::os::unix::fs::FileExt::write_all_at(&mem, &(tracer_common::sampler::VERSION + 1).to_le_bytes(), version_at)
+        .expect("write the version");
+    assert!(find_leftover(pid).expect("find").is_none(), "the sampler should no longer read as this build's");
+    t.runs_healthy("progress", 0.5);
+
+    let finished = support::run_tracer(
+        &["record", "--pid", &pid.to_string(), "--backend", "ebpf", "--duration", "1", "--format", "json", "--top", "0"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(finished.status.code(), Some(0), "{}", finished.describe());
+    assert!(
+        finished.stderr.contains("gave back 9 allocator entries"),
+        "the full-mode attach should give the other build's entries back and say so\n{}",
+        finished.describe()
+    );
+    let report: serde_json::Value = serde_json::from_str(&finished.stdout).expect("JSON report");
+    let allocs = report["totals"]["allocs"].as_u64().unwrap_or(0);
+    assert!(allocs > 0, "with the entries given back the uprobes see the fixture's calls: {}", report["totals"]);
+    assert_libc_text_pristine(pid, "after the full-mode attach gave the entries back");
+    t.runs_healthy("progress", 0.5);
+    let last = t.quit();
+    assert!(last.contains("bad=0"), "fixture's last line: {last:?}");
+}
+
 #[test]
 fn node_serving_http_stays_healthy_through_install_and_remove() {
     require_root();

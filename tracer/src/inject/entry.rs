@@ -35,6 +35,8 @@ const DEBUG_ROOT: &str = "/usr/lib/debug/.build-id";
 
 /// `int3`: what fills the displaced bytes after the jump. See [`Plan::patch`].
 pub const INT3: u8 = 0xcc;
+/// The first byte of `jmp rel32`, the patch an entry gets.
+pub const JMP_REL32: u8 = 0xe9;
 
 /// The jump written at the entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -209,6 +209,9 @@ pub struct Injected {
     image: SamplerImage,
     trampolines: u64,
     patched: Vec<Patched>,
+    /// Taken over from another build of the tracer: its control block is not ours to write,
+    /// only the entries are given back.
+    foreign: bool,
     pub report: InstallReport,
 }
 
@@ -1295,6 +1298,7 @@ impl Injected {
             image,
             trampolines,
             patched,
+            foreign: false,
             report: InstallReport {
                 reused,
                 threads,
@@ -1309,45 +1313,58 @@ impl Injected {
     }
 
     /// The sampler of ours left in process `pid` with the entries patched to it, taken over
-    /// so that it can be removed (or read). None if there is none, or its entries are not
-    /// (all) ours.
+    /// so that it can be removed (or read). None if there is none. An entry counts as patched
+    /// when it starts with a `jmp rel32` into a mapping of a sampler's memfd, whichever build
+    /// of the tracer left it: a sampler of another build (its control block laid out
+    /// otherwise) is taken over only to give the entries back ([`Self::remove`] then writes
+    /// nothing else), since uprobes placed over such a jump never fire.
     pub fn take_over(pid: i32) -> Result<Option<Injected>, InjectError> {
         let step = "take over a sampler left behind";
-        let Some(left) = find_leftover(pid)?.filter(|l| l.same_build) else {
-            return Ok(None);
-        };
         let image = sampler::image().map_err(|source| InjectError::Image { pid, source })?;
         let maps = ProcMaps::read(pid as u32).map_err(|_| InjectError::Gone { pid, step })?;
+        let bases = memfd_bases(&maps);
+        let Some(&first) = bases.first() else {
+            return Ok(None);
+        };
+        let mem = Mem::open(pid).map_err(|_| InjectError::Gone { pid, step })?;
+        let ours = find_in(&mem, &image, &maps).filter(|l| l.same_build);
+        let samplers: Vec<(u64, u64)> = maps
+            .mappings()
+            .iter()
+            .filter(|m| m.path.as_deref() == Some(MAPS_PATH))
+            .map(|m| (m.start, m.end))
+            .collect();
         let libc = TargetLibc::find(pid, &maps)?;
         let (plans, _) = plan_entries(pid, &libc)?;
-        let mem = Mem::open(pid).map_err(|_| InjectError::Gone { pid, step })?;
         let mut patched = Vec::new();
         for p in &plans {
-            let patch = p
-                .plan
-                .patch(left.base + image.hooks[p.hook as usize])
-                .map_err(|source| InjectError::Plan {
-                    pid,
-                    function: p.plan.function.clone(),
-                    source,
-                })?;
-            let mut live = vec![0u8; patch.len()];
-            if !mem.read(p.plan.start, &mut live) || live != patch {
+            let mut live = vec![0u8; p.plan.displaced_len];
+            if !mem.read(p.plan.start, &mut live) || live == p.plan.original || live.len() < 5 {
+                continue;
+            }
+            let rel = i32::from_le_bytes(live[1..5].try_into().expect("4 bytes"));
+            let target = (p.plan.start + 5).wrapping_add_signed(i64::from(rel));
+            if live[0] != entry::JMP_REL32 || !samplers.iter().any(|&(s, e)| (s..e).contains(&target)) {
                 continue;
             }
             patched.push(Patched {
                 function: p.plan.function.clone(),
                 start: p.plan.start,
                 original: p.plan.original.clone(),
-                patch,
+                patch: live,
             });
         }
+        let (base, foreign) = match ours {
+            Some(l) => (l.base, false),
+            None => (first, true),
+        };
         Ok(Some(Injected {
             pid,
-            base: left.base,
-            trampolines: left.base + image.span,
+            base,
+            trampolines: base + image.span,
             image,
             patched,
+            foreign,
             report: InstallReport {
                 reused: true,
                 ..InstallReport::default()
@@ -1431,17 +1448,19 @@ impl Injected {
             threads,
             syscall_insn: 0,
         };
-        s.write_u64(
-            "stop the sampler",
-            control_field(self.control(), offset_of!(Control, active)),
-            0,
-        )?;
-        // A ring stays mapped (a thread may be filling a slot) and is no longer fed.
-        s.write_u64(
-            "detach the sampler's ring",
-            control_field(self.control(), offset_of!(Control, ring)),
-            0,
-        )?;
+        if !self.foreign {
+            s.write_u64(
+                "stop the sampler",
+                control_field(self.control(), offset_of!(Control, active)),
+                0,
+            )?;
+            // A ring stays mapped (a thread may be filling a slot) and is no longer fed.
+            s.write_u64(
+                "detach the sampler's ring",
+                control_field(self.control(), offset_of!(Control, ring)),
+                0,
+            )?;
+        }
         for p in &self.patched {
             let live = s.read("read an allocator entry", p.start, p.patch.len())?;
             if live == p.original {
