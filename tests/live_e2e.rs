@@ -178,7 +178,7 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
     let changed = code_before.differences(&code_after);
     assert!(
         changed.is_empty(),
-        "the service's code and read-only data, its GOT included ({} bytes in {} mappings), must read back exactly as before the \
+        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
          first attach:\n{}",
         code_before.bytes(),
         code_before.mappings.len(),

@@ -56,7 +56,7 @@ fn check_left_as_found(service: Service, code_before: &support::live::CodeSnapsh
     let changed = code_before.differences(&code_snapshot(pid));
     assert!(
         changed.is_empty(),
-        "the service's code and read-only data, its GOT included ({} bytes in {} mappings), must read back exactly as before the \
+        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
          first attach:\n{}",
         code_before.bytes(),
         code_before.mappings.len(),

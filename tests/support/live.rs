@@ -21,12 +21,8 @@ use super::{EXIT_TIMEOUT, RECORDING_TIMEOUT, bpf_programs, tracer_bin};
 // ---------------------------------------------------------------------------------------------
 // Code pages
 
-/// The executable and read-only file mappings of a process (its program's text, libc's,
-/// every shared object's, and their read-only data: with full RELRO, as node and glibc are
-/// built here, that includes the GOT, made read-only once the loader has filled it), read
-/// through /proc/PID/mem and kept as one hash per 4 KiB page. A lazily bound GOT
-/// (`.got.plt` without BIND_NOW) is writable and changes as functions are first called: it is
-/// not in here.
+/// The executable file mappings of a process (its program's text, libc's, every shared
+/// object's), read through /proc/PID/mem and kept as one hash per 4 KiB page.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeSnapshot {
     /// (path, start, end, page hashes), sorted by start.
@@ -78,7 +74,7 @@ impl CodeSnapshot {
     }
 }
 
-/// Reads every r-xp and r--p file mapping of `pid` (path starting with '/').
+/// Reads every r-xp file mapping of `pid` (path starting with '/').
 pub fn code_snapshot(pid: i32) -> CodeSnapshot {
     let maps_path = format!("/proc/{pid}/maps");
     let maps =
@@ -89,7 +85,7 @@ pub fn code_snapshot(pid: i32) -> CodeSnapshot {
     let mut buf = vec![0u8; 4096];
     for line in maps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 6 || !matches!(fields[1], "r-xp" | "r--p") || !fields[5].starts_with('/') {
+        if fields.len() < 6 || fields[1] != "r-xp" || !fields[5].starts_with('/') {
             continue;
         }
         let (s, e) = fields[0].split_once('-').expect("start-end");
