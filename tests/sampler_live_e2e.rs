@@ -84,34 +84,7 @@ fn fifty_in_process_sampler_attaches_on_a_live_service_answer_every_request_unch
     for i in 0..CYCLES {
         let answered_before = load.answered();
         match attach_cycle(pid, &SAMPLE, HOLD) {
-            Ok(cycle) => {
-                if !cycle.stderr.contains("in-process") {
-                    failures.push(format!(
-                        "cycle {i}: the tracer did not sample in-process:\n{}",
-                        cycle.stderr
-                    ));
-                }
-                if num(&cycle.report["totals"], "allocs") == 0 {
-                    failures.push(format!(
-                        "cycle {i}: a service answering requests made no allocation the tracer \
-                         saw in {HOLD:?}: {}",
-                        cycle.report["totals"]
-                    ));
-                }
-                // Nothing may be lost; the kernel sampler's counters and the sampler's own
-                // (its set of sampled blocks full) alike.
-                let dropped = &cycle.report["totals"]["dropped"];
-                let lost: Vec<String> = dropped
-                    .as_object()
-                    .expect("totals.dropped is an object")
-                    .iter()
-                    .filter(|(_, v)| v.as_u64() != Some(0))
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                if !lost.is_empty() {
-                    failures.push(format!("cycle {i}: dropped {}", lost.join(", ")));
-                }
-            }
+            Ok(cycle) => check_sampled_cycle(&cycle, i, "in-process", &mut failures),
             Err(e) => failures.push(format!("cycle {i}: {e}")),
         }
         if load.answered() == answered_before {
@@ -229,14 +202,11 @@ fn rings_mapped(pid: i32) -> usize {
         .count()
 }
 
-/// What each cycle without BPF must show: the ring used and said, allocations seen, nothing
-/// dropped (the ring full included).
-fn check_ptrace_cycle(cycle: &support::live::Cycle, i: usize, failures: &mut Vec<String>) {
-    if !cycle.stderr.contains("memory shared with the tracer") {
-        failures.push(format!(
-            "cycle {i}: the tracer did not say it reads the sampler's ring:\n{}",
-            cycle.stderr
-        ));
+/// What each sampling cycle must show: the stderr saying how it sampled (`said`), allocations
+/// seen, nothing dropped (the kernel sampler's counters, the sampler's own and its ring's).
+fn check_sampled_cycle(cycle: &support::live::Cycle, i: usize, said: &str, failures: &mut Vec<String>) {
+    if !cycle.stderr.contains(said) {
+        failures.push(format!("cycle {i}: the tracer did not say {said:?}:\n{}", cycle.stderr));
     }
     if num(&cycle.report["totals"], "allocs") == 0 {
         failures.push(format!(
@@ -272,7 +242,7 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
     for i in 0..PTRACE_CYCLES {
         let answered_before = load.answered();
         match attach_cycle(pid, &ptrace_sample, HOLD) {
-            Ok(cycle) => check_ptrace_cycle(&cycle, i, &mut failures),
+            Ok(cycle) => check_sampled_cycle(&cycle, i, "memory shared with the tracer", &mut failures),
             Err(e) => failures.push(format!("cycle {i}: {e}")),
         }
         if load.answered() == answered_before {
@@ -322,7 +292,7 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
     // The next tracer takes the sampler over; the ring left full is not reused.
     let mut failures = Vec::new();
     match attach_cycle(pid, &ptrace_sample, HOLD) {
-        Ok(cycle) => check_ptrace_cycle(&cycle, PTRACE_CYCLES, &mut failures),
+        Ok(cycle) => check_sampled_cycle(&cycle, PTRACE_CYCLES, "memory shared with the tracer", &mut failures),
         Err(e) => failures.push(format!("attaching again after the kill: {e}")),
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
