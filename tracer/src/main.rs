@@ -55,6 +55,9 @@ struct InjectTestArgs {
     /// Seconds to keep the sampler in before removing it.
     #[arg(long, default_value_t = 1.0)]
     hold: f64,
+    /// Also open the ring shared with the tracer (the ptrace fallback's install).
+    #[arg(long)]
+    ring: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -388,7 +391,24 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 /// `tracer inject-test`: install, hold, remove, saying each step on stdout.
 fn inject_test(args: &InjectTestArgs) -> ExitCode {
     use tracer::inject::inject::Injected;
-    let injected = match Injected::install(args.pid, args.mean) {
+    // Test only: TRACER_INJECT_PAUSE_AT=N (or N:entry) stops the Nth system call run in the
+    // target at its exit (entry) and waits there, for a test to kill this tracer.
+    if let Ok(at) = std::env::var("TRACER_INJECT_PAUSE_AT") {
+        let (n, entry) = match at.strip_suffix(":entry") {
+            Some(n) => (n, true),
+            None => (at.as_str(), false),
+        };
+        match n.parse() {
+            Ok(n) => tracer::inject::stub::pause_at(n, entry),
+            Err(_) => return fail(format!("TRACER_INJECT_PAUSE_AT={at}: not N or N:entry")),
+        }
+    }
+    let installed = if args.ring {
+        Injected::install_ring(args.pid, args.mean).map(|(i, ring)| (i, Some(ring)))
+    } else {
+        Injected::install(args.pid, args.mean).map(|i| (i, None))
+    };
+    let (injected, _ring) = match installed {
         Ok(i) => i,
         Err(e) => return fail(format!("{:#}", anyhow::Error::from(e))),
     };

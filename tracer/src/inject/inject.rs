@@ -13,10 +13,12 @@
 //!    threads run a little and the stop is tried again.
 //! 3. The live bytes of every entry must equal libc's file (or, for a sampler of ours left
 //!    behind, our own patch to it). Nothing has been written yet when this refuses.
-//! 4. A region within ±2 GiB of libc is reserved (the sampler's PT_LOAD segments at one base,
-//!    then one page of trampolines); a memfd named [`MEMFD_NAME`] is made in the target, filled
+//! 4. A region within ±2 GiB of libc is reserved, readable and executable (the sampler's
+//!    PT_LOAD segments at one base, then one page of trampolines, whose tail holds the system
+//!    call stub of [`super::stub`]); a memfd named [`MEMFD_NAME`] is made in the target, filled
 //!    by the tracer through /proc/PID/fd, and its segments mapped `MAP_PRIVATE|MAP_FIXED`.
-//!    Unreferenced memory: dying here leaks it, nothing else.
+//!    Unreferenced memory: dying here leaks it (and the memfd's descriptor, until its close),
+//!    nothing else.
 //! 5. The control block (inert) and the trampolines are written; then each entry's patch is
 //!    written whole, with every thread stopped, so no thread ever runs half a jump. A patched
 //!    entry leads to a hook that, inert, calls the trampoline: dying between two patches
@@ -24,9 +26,22 @@
 //! 6. `active = 1` last, then every thread is detached. Dying after that leaves the sampler
 //!    sampling into probe sites without probes: counting, calling the real allocator.
 //!
-//! The one window that is not safe: while a system call of step 4 runs in the chosen thread,
-//! its registers are the call's; a tracer killed in those microseconds leaves that thread
-//! running with them (see the report of issue 13).
+//! System calls run in one stopped thread, whose registers are the call's meanwhile. Once the
+//! region exists they run through the stub in its trampoline page (also for a reused sampler,
+//! and for the ring's three calls): a tracer killed at any moment of one leaves the thread to
+//! finish the call, put its own registers back and go on where it was, restarting a system
+//! call it was stopped in as the kernel would have (see [`super::stub`]). Every stop the thread
+//! is held in delivers nothing of ours if the tracer dies there.
+//!
+//! The windows that are not safe: the `mmap` that reserves the region (there is no stub yet;
+//! more than one when a candidate place is taken, plus a `munmap` on a kernel without
+//! `MAP_FIXED_NOREPLACE`), and a call in a thread whose interrupted system call was not made by
+//! a `syscall` instruction (`int 0x80`): both run through libc's `syscall` instruction, and a
+//! tracer killed while one runs leaves the thread running with the call's registers. A signal
+//! that arrives for the thread during a call, or that it was stopped with, is held by the
+//! tracer and sent again when the call ends: a tracer killed in between loses it, and a thread
+//! that had a signal to take when the tracer died mid-call restarts its interrupted system
+//! call after the handler where the kernel might have failed it with EINTR.
 //!
 //! The control block is mapped `MAP_PRIVATE` like the rest: the memfd keeps the pristine image
 //! (what uprobes attach to, and what a reuse compares against), and the tracer reads the live
@@ -60,6 +75,7 @@ use super::{
     image::{ImageError, PAGE, SamplerImage},
     ring::{self, SharedRing},
     sampler,
+    stub::{self, STUB_LEN, STUB_OFFSET, Stub},
 };
 use crate::{
     probe::{
@@ -78,6 +94,7 @@ const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const MFD_CLOEXEC: u64 = 1;
 /// Bytes per trampoline in the trampoline page.
 const TRAMPOLINE_SLOT: u64 = 64;
+const _: () = assert!(TRAMPOLINE_SLOT * HOOKS as u64 <= STUB_OFFSET);
 /// Stops tried before a thread inside bytes to patch refuses the install or removal.
 const TRIES: u32 = 20;
 /// Bytes above a thread's stack pointer searched for a signal frame's interrupted pc.
@@ -674,36 +691,40 @@ struct Session {
     mem: Mem,
     threads: Threads,
     syscall_insn: u64,
+    /// Where system calls run once the region exists.
+    stub: Option<Stub>,
 }
 
 impl Session {
+    /// Runs a system call in the worker thread: through our stub once the region exists
+    /// (see [`stub`]), else through libc's `syscall` instruction.
     fn syscall(&mut self, step: &'static str, nr: i64, args: [u64; 6]) -> Result<u64, InjectError> {
         let pid = self.pid;
         let worker = self.threads.worker();
         let tid = worker.tid;
         // A signal-delivery-stop's signal would be lost on the run: keep its siginfo.
         let info = (worker.sig != 0).then(|| sys::siginfo(tid).ok()).flatten();
-        let (ret, extra) = sys::inject_syscall(tid, self.syscall_insn, nr, args).map_err(|e| {
-            InjectError::Syscall {
-                pid,
-                step,
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
-        let mut sig = extra;
-        if let Some(info) = info {
-            if extra != 0 {
-                sys::tgkill(pid, tid, extra);
-            }
-            sig = if sys::set_siginfo(tid, &info).is_ok() {
-                worker.sig
-            } else {
-                0
-            };
-        }
+        let failed = |e: stub::RunError| InjectError::Syscall {
+            pid,
+            step,
+            source: std::io::Error::other(e.to_string()),
+        };
+        let ran = stub::run(
+            &self.mem,
+            tid,
+            pid,
+            self.syscall_insn,
+            self.stub,
+            nr,
+            args,
+            (worker.sig, info),
+            step,
+        )
+        .map_err(failed)?;
         if let Some(s) = self.threads.stopped.iter_mut().find(|s| s.tid == tid) {
-            s.sig = sig;
+            s.sig = ran.stop_sig;
         }
+        let ret = ran.result.map_err(failed)?;
         if (-4095..0).contains(&ret) {
             return Err(InjectError::SyscallFailed {
                 pid,
@@ -712,6 +733,19 @@ impl Session {
             });
         }
         Ok(ret as u64)
+    }
+
+    /// Puts the system call stub into the trampoline page at `page` (ours, executable) and
+    /// runs every later system call through it.
+    fn use_stub(&mut self, page: u64) -> Result<(), InjectError> {
+        let at = Stub::in_page(page);
+        self.write(
+            "write the system call stub",
+            at.code,
+            &stub::code(at.code, at.context),
+        )?;
+        self.stub = Some(at);
+        Ok(())
     }
 
     fn write(&self, step: &'static str, addr: u64, bytes: &[u8]) -> Result<(), InjectError> {
@@ -750,7 +784,7 @@ fn prot(read: bool, write: bool, exec: bool) -> u64 {
 }
 
 /// Maps the sampler in the target, within reach of libc: returns its base. The trampoline page
-/// follows the image at `base + span`, read-write until the trampolines are in.
+/// follows the image at `base + span`; every later system call runs through its stub.
 fn map_sampler(
     s: &mut Session,
     image: &SamplerImage,
@@ -760,7 +794,9 @@ fn map_sampler(
     let pid = s.pid;
     let size = image.span + PAGE;
     let used: Vec<(u64, u64)> = maps.mappings().iter().map(|m| (m.start, m.end)).collect();
-    let rw = prot(true, true, false);
+    // Executable from the start, for the stub in the trampoline page; the tracer writes it
+    // through /proc/PID/mem.
+    let rx = prot(true, false, true);
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let mut base = None;
     for hint in sys::region_candidates(&used, libc.span, size)
@@ -770,7 +806,7 @@ fn map_sampler(
         match s.syscall(
             "reserve the sampler's region",
             libc::SYS_mmap,
-            [hint, size, rw, anon | MAP_FIXED_NOREPLACE, u64::MAX, 0],
+            [hint, size, rx, anon | MAP_FIXED_NOREPLACE, u64::MAX, 0],
         ) {
             Ok(got) if got == hint => {
                 base = Some(got);
@@ -801,6 +837,7 @@ fn map_sampler(
         ),
     })?;
     let trampolines = base + image.span;
+    s.use_stub(trampolines)?;
     let name = CString::new(MEMFD_NAME).expect("no NUL");
     s.write(
         "write the memfd's name",
@@ -1094,10 +1131,15 @@ impl Injected {
         let (plans, of_hook) = plan_entries(pid, &libc)?;
         let (internal, missing_internal) = internal_ranges(&libc);
         let mem = Mem::open(pid).map_err(|_| InjectError::Gone { pid, step })?;
-        let ranges: Vec<(u64, usize)> = plans
+        let mut ranges: Vec<(u64, usize)> = plans
             .iter()
             .map(|p| (p.plan.start, p.plan.displaced_len))
             .collect();
+        // A sampler left behind by a tracer that died while a thread was in its stub: that
+        // thread must be out of the stub before the context block is written again.
+        if let Some(l) = find_in(&mem, &image, &maps).filter(|l| l.same_build) {
+            ranges.push((Stub::in_page(l.base + image.span).code - 1, STUB_LEN + 1));
+        }
 
         let (threads, retries) = stop_clear_of(pid, &mem, &ranges, "stop the threads to install")?;
         let stopped_at = Instant::now();
@@ -1106,6 +1148,7 @@ impl Injected {
             mem,
             threads,
             syscall_insn: libc.syscall_insn,
+            stub: None,
         };
         // Re-read: a thread may have mapped or unmapped before it stopped.
         let maps = ProcMaps::read(pid as u32).map_err(|_| InjectError::Gone { pid, step })?;
@@ -1158,6 +1201,7 @@ impl Injected {
                         message: format!("its trampoline page at {tramp:#x} is not mapped"),
                     });
                 }
+                s.use_stub(tramp)?;
                 l.base
             }
             None => map_sampler(&mut s, &image, &maps, &libc)?,
@@ -1219,14 +1263,12 @@ impl Injected {
                 entries[hook as usize] = plans[i].plan.start;
             }
         }
-        s.write("write the trampolines", trampolines, &code_page)?;
-        if !reused {
-            s.syscall(
-                "make the trampolines executable",
-                libc::SYS_mprotect,
-                [trampolines, PAGE, prot(true, false, true), 0, 0, 0],
-            )?;
-        }
+        // Not the stub and its context block at the end of the page.
+        s.write(
+            "write the trampolines",
+            trampolines,
+            &code_page[..STUB_OFFSET as usize],
+        )?;
         let words = |a: &[u64]| a.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
         s.write(
             "fill the sampler's real functions",
@@ -1447,6 +1489,7 @@ impl Injected {
             mem,
             threads,
             syscall_insn: 0,
+            stub: None,
         };
         if !self.foreign {
             s.write_u64(

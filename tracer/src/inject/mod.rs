@@ -12,3 +12,4 @@ pub mod image;
 pub mod inject;
 pub mod ring;
 pub mod sampler;
+pub mod stub;

@@ -267,7 +267,7 @@ pub enum InjectError {
 
 /// Whether signal `sig`, with `info`, stopping task `tid` of process `tgid` while it runs the
 /// tracer's code, was brought on by that code.
-fn is_own_fault(sig: i32, info: &libc::siginfo_t, tgid: i32) -> bool {
+pub(crate) fn is_own_fault(sig: i32, info: &libc::siginfo_t, tgid: i32) -> bool {
     const SI_TKILL: i32 = -6;
     let raised_by_cpu = matches!(
         sig,

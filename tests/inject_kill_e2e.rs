@@ -1,0 +1,278 @@
+//! A tracer SIGKILLed while a system call it runs in the target is in flight leaves the target
+//! healthy: every call after the first `mmap` (which reserves the sampler's region, and which
+//! is known to stay unsafe) runs through the stub in that region, which finishes the call,
+//! puts the thread's registers back and resumes it where it was, restarting the system call it
+//! was stopped in.
+//!
+//! `tracer inject-test` with `TRACER_INJECT_PAUSE_AT=N` (or `N:entry`) stops the Nth call it
+//! runs at its syscall-exit-stop (entry-stop), says `paused in syscall N ...` on stderr and
+//! waits; the test kills it there. The thread the calls run in is the target's main thread,
+//! blocked in a system call: in read() (`main-reads`, restarted after -ERESTARTSYS) or in the
+//! sleep between its progress lines (restarted through restart_syscall after
+//! -ERESTART_RESTARTBLOCK). Each case takes a fresh target, which must then go on checking its
+//! blocks with none damaged, and quit when told (through that same read, in `main-reads`).
+
+mod support;
+
+use std::{
+    io::Write as _,
+    process::{ChildStdin, Command},
+    time::{Duration, Instant},
+};
+
+use support::{LINE_TIMEOUT, Proc, TempDir, build_fixture, require_root, tracer_bin};
+
+/// A started fixture and the pipe that tells it to quit.
+struct Target {
+    proc: Proc,
+    stdin: Option<ChildStdin>,
+}
+
+impl Target {
+    fn start(exe: &std::path::Path, mode: Option<&str>) -> Target {
+        let label = format!("inject_target {}", mode.unwrap_or(""));
+        let mut cmd = Command::new(exe);
+        cmd.args(mode);
+        let (mut proc, stdin) = Proc::spawn_with_stdin(&label, &mut cmd);
+        if let Err(why) = proc.stdout.wait_for(LINE_TIMEOUT, |l| l == "ready") {
+            panic!("{label}: no ready line: {why}\n{}", proc.stderr.text());
+        }
+        let mut t = Target {
+            proc,
+            stdin: Some(stdin),
+        };
+        t.progress();
+        t
+    }
+
+    fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// The next "progress N bad=B" line: (N, line).
+    fn progress(&mut self) -> (u64, String) {
+        let line = self
+            .proc
+            .stdout
+            .wait_for(Duration::from_secs(10), |l| l.starts_with("progress"))
+            .unwrap_or_else(|why| {
+                let running = self.proc.running();
+                panic!(
+                    "{}: no progress line: {why} (running: {running})\n--- stdout ---\n{}\
+                     --- stderr ---\n{}",
+                    self.proc.label,
+                    self.proc.stdout.text(),
+                    self.proc.stderr.text()
+                )
+            });
+        let n = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad progress line {line:?}"));
+        (n, line)
+    }
+
+    /// Progress over `secs` seconds, with no block found damaged.
+    fn runs_healthy(&mut self, secs: f64, case: &str) {
+        let (first, _) = self.progress();
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        let mut last = (first, String::new());
+        while Instant::now() < until {
+            last = self.progress();
+        }
+        assert!(last.0 > first, "{case}: no progress in {secs} s");
+        assert!(last.1.contains("bad=0"), "{case}: damage: {:?}", last.1);
+    }
+
+    /// Tells the fixture to quit; it must exit 0 with no block damaged.
+    fn quit(mut self, case: &str) {
+        let mut stdin = self.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"quit\n");
+        drop(stdin);
+        let status = self.proc.wait_exit(Duration::from_secs(30));
+        let out = self.proc.stdout.read_to_end(Duration::from_secs(2));
+        let last = out.last().cloned().unwrap_or_default();
+        assert!(
+            status.success() && last.contains("bad=0"),
+            "{case}: the target exited with {status:?}, last line {last:?}\n--- stderr ---\n{}",
+            self.proc.stderr.text()
+        );
+    }
+}
+
+/// What the tracer said where it paused.
+struct Paused {
+    line: String,
+    /// The thread the call ran in.
+    task: i32,
+}
+
+impl Paused {
+    /// A number after `key` in the saved registers' part of the line.
+    fn field(&self, key: &str) -> i64 {
+        let saved = self.line.split_once("saved rip").map_or("", |s| s.1);
+        let after = saved
+            .split_once(key)
+            .unwrap_or_else(|| panic!("no {key:?} in {:?}", self.line))
+            .1;
+        let word: String = after
+            .trim_start()
+            .chars()
+            .take_while(|c| *c == '-' || c.is_ascii_digit())
+            .collect();
+        word.parse()
+            .unwrap_or_else(|_| panic!("bad {key:?} in {:?}", self.line))
+    }
+}
+
+/// Starts `tracer inject-test` on `pid` paused at its `n`th call (`:entry` if `at_entry`).
+/// None if the install finished in fewer calls.
+fn pause_tracer(pid: i32, n: u32, at_entry: bool, ring: bool) -> (Proc, Option<Paused>) {
+    let at = format!("{n}{}", if at_entry { ":entry" } else { "" });
+    let pid_arg = pid.to_string();
+    let mut args = vec!["inject-test", "--pid", &pid_arg, "--hold", "600"];
+    if ring {
+        args.push("--ring");
+    }
+    let mut tracer = Proc::spawn(
+        "tracer inject-test",
+        Command::new(tracer_bin())
+            .args(&args)
+            .env("TRACER_INJECT_PAUSE_AT", &at),
+    );
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while Instant::now() < deadline {
+        let step = Duration::from_millis(50);
+        if let Ok(line) = tracer
+            .stderr
+            .wait_for(step, |l| l.starts_with("paused in syscall"))
+        {
+            let task = line
+                .split_once("task ")
+                .and_then(|(_, t)| t.split(',').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no task in {line:?}"));
+            return (tracer, Some(Paused { line, task }));
+        }
+        if tracer
+            .stdout
+            .wait_for(Duration::from_millis(1), |l| l.starts_with("installed"))
+            .is_ok()
+        {
+            return (tracer, None);
+        }
+        if !tracer.running() {
+            break;
+        }
+    }
+    panic!(
+        "tracer inject-test (pause at {at}) neither paused nor installed\n--- stdout ---\n{}\
+         --- stderr ---\n{}",
+        tracer.stdout.text(),
+        tracer.stderr.text()
+    );
+}
+
+/// The system call task `tid` of `pid` is blocked in (from /proc), if any.
+fn blocked_in(pid: i32, tid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// One case: a fresh target, the tracer paused in its `n`th call and killed there. None when
+/// the install had fewer calls; else whether the paused thread was in an interrupted system
+/// call (its restart code).
+fn kill_in_call(
+    exe: &std::path::Path,
+    mode: Option<&str>,
+    n: u32,
+    at_entry: bool,
+    ring: bool,
+) -> Option<i64> {
+    let mut t = Target::start(exe, mode);
+    let pid = t.pid();
+    let (mut tracer, paused) = pause_tracer(pid, n, at_entry, ring);
+    let Some(paused) = paused else {
+        tracer.signal(libc::SIGKILL);
+        tracer.wait_exit(Duration::from_secs(10));
+        t.quit("after a whole install");
+        return None;
+    };
+    let case = format!(
+        "{} with the tracer killed in: {}",
+        t.proc.label, paused.line
+    );
+    eprintln!("{case}");
+    assert!(
+        paused.line.contains("via the stub"),
+        "{case}: a call after the region's mmap ran without the stub"
+    );
+    assert_eq!(
+        paused.task, pid,
+        "{case}: the calls were expected in the main thread"
+    );
+    let (orig_rax, rax) = (paused.field("orig_rax"), paused.field(" rax"));
+    if mode == Some("main-reads") {
+        assert_eq!(
+            (orig_rax, rax),
+            (0, -512),
+            "{case}: the main thread was expected stopped in read() (-ERESTARTSYS)"
+        );
+    }
+    tracer.signal(libc::SIGKILL);
+    tracer.wait_exit(Duration::from_secs(10));
+    t.runs_healthy(2.0, &case);
+    if mode == Some("main-reads") {
+        assert_eq!(
+            blocked_in(pid, pid),
+            Some(libc::SYS_read),
+            "{case}: the main thread is no longer blocked in read()"
+        );
+    }
+    t.quit(&case);
+    Some(if orig_rax >= 0 { rax } else { 0 })
+}
+
+#[test]
+fn a_tracer_killed_in_any_system_call_after_the_first_leaves_the_target_healthy() {
+    require_root();
+    let dir = TempDir::new("inject-kill-calls");
+    let exe = build_fixture(&dir, "inject_target");
+    let mut restarts = Vec::new();
+    // Every call of an install without a ring, at its exit, with the main thread in read()
+    // and in its sleep; the first and the last at their entry too.
+    let mut calls = 0;
+    for n in 2..40 {
+        let Some(a) = kill_in_call(&exe, Some("main-reads"), n, false, false) else {
+            break;
+        };
+        let b = kill_in_call(&exe, None, n, false, false).expect("the same number of calls");
+        restarts.extend([a, b]);
+        calls = n;
+    }
+    assert!(
+        calls >= 4,
+        "an install ran only {calls} system calls in the target"
+    );
+    for n in [2, calls] {
+        restarts.push(kill_in_call(&exe, Some("main-reads"), n, true, false).expect("a call"));
+    }
+    // The ring's calls, which come after the sampler's.
+    let mut ring_calls = 0;
+    for n in calls + 1..calls + 20 {
+        let Some(a) = kill_in_call(&exe, Some("main-reads"), n, false, true) else {
+            break;
+        };
+        restarts.push(a);
+        ring_calls += 1;
+    }
+    assert!(ring_calls >= 1, "an install with a ring ran no more calls");
+    restarts.push(kill_in_call(&exe, None, calls + 1, false, true).expect("a ring call"));
+    eprintln!(
+        "{calls} calls without a ring, {ring_calls} more with one; restart codes seen {restarts:?}"
+    );
+    assert!(
+        restarts.contains(&-516),
+        "no case had the main thread in its sleep (-ERESTART_RESTARTBLOCK): {restarts:?}"
+    );
+}
