@@ -266,17 +266,7 @@ pub fn run(
         None => libc_insn,
     };
     let after = entry + 2;
-    let mut regs = saved;
-    regs.rax = nr as u64;
-    regs.rdi = args[0];
-    regs.rsi = args[1];
-    regs.rdx = args[2];
-    regs.r10 = args[3];
-    regs.r8 = args[4];
-    regs.r9 = args[5];
-    regs.rip = entry;
-    // Not inside a system call: the kernel must not restart anything when it resumes.
-    regs.orig_rax = u64::MAX;
+    let regs = sys::syscall_regs(&saved, entry, nr, args);
     if let Err(source) = sys::setregs(tid, &regs) {
         return unrun(pt(source));
     }

@@ -380,6 +380,22 @@ pub fn tid_tgid(tid: i32) -> i32 {
         .unwrap_or(tid)
 }
 
+/// `saved` set up to run system call `nr` with `args` from a `syscall` instruction at `rip`.
+pub fn syscall_regs(saved: &Regs, rip: u64, nr: i64, args: [u64; 6]) -> Regs {
+    let mut regs = *saved;
+    regs.rax = nr as u64;
+    regs.rdi = args[0];
+    regs.rsi = args[1];
+    regs.rdx = args[2];
+    regs.r10 = args[3];
+    regs.r8 = args[4];
+    regs.r9 = args[5];
+    regs.rip = rip;
+    // Not inside a system call: the kernel must not restart anything when it resumes.
+    regs.orig_rax = u64::MAX;
+    regs
+}
+
 /// Runs one system call in stopped task `tid`, through a `syscall` instruction at
 /// `syscall_insn`, and restores its registers. Returns the call's result and the signal the
 /// task must be resumed with.
@@ -390,17 +406,7 @@ pub fn inject_syscall(
     args: [u64; 6],
 ) -> Result<(i64, i32), InjectError> {
     let saved = getregs(tid).map_err(|source| InjectError::Ptrace { tid, source })?;
-    let mut regs = saved;
-    regs.rax = nr as u64;
-    regs.rdi = args[0];
-    regs.rsi = args[1];
-    regs.rdx = args[2];
-    regs.r10 = args[3];
-    regs.r8 = args[4];
-    regs.r9 = args[5];
-    regs.rip = syscall_insn;
-    // Not inside a system call: the kernel must not restart anything when it resumes.
-    regs.orig_rax = u64::MAX;
+    let regs = syscall_regs(&saved, syscall_insn, nr, args);
     let after = syscall_insn + 2;
     let run = run_in(tid, &saved, &regs, true, None, |stop, r| {
         stop == Stop::Signal(libc::SIGTRAP) && r.rip == after
