@@ -26,18 +26,22 @@
 //! 6. `active = 1` last, then every thread is detached. Dying after that leaves the sampler
 //!    sampling into probe sites without probes: counting, calling the real allocator.
 //!
-//! System calls run in one stopped thread, whose registers are the call's meanwhile. Once the
-//! region exists they run through the stub in its trampoline page (also for a reused sampler,
-//! and for the ring's three calls): a tracer killed at any moment of one leaves the thread to
-//! finish the call, put its own registers back and go on where it was, restarting a system
-//! call it was stopped in as the kernel would have (see [`super::stub`]). Every stop the thread
-//! is held in delivers nothing of ours if the tracer dies there.
+//! System calls run in one stopped thread, whose registers are the call's meanwhile. They run
+//! through a stub: until the region exists, a bootstrap stub written into the tail of libc's
+//! executable mapping (past its code segment's last byte, where nothing runs; its bytes are put
+//! back once the region's stub takes over), then the stub in the region's trampoline page
+//! (also for a reused sampler, and for the ring's three calls). A tracer killed at any moment
+//! of one leaves the thread to finish the call, put its own registers back and go on where it
+//! was, restarting a system call it was stopped in as the kernel would have (see
+//! [`super::stub`]). Every stop the thread is held in delivers nothing of ours if the tracer
+//! dies there.
 //!
-//! The windows that are not safe: the `mmap` that reserves the region (there is no stub yet;
-//! more than one when a candidate place is taken, plus a `munmap` on a kernel without
-//! `MAP_FIXED_NOREPLACE`), and a call in a thread whose interrupted system call was not made by
-//! a `syscall` instruction (`int 0x80`): both run through libc's `syscall` instruction, and a
-//! tracer killed while one runs leaves the thread running with the call's registers. A signal
+//! The windows that are not safe: a libc whose executable mapping has no room left after its
+//! code (the first calls then run through libc's own `syscall` instruction), and a call in a
+//! thread whose interrupted system call was not made by a `syscall` instruction (`int 0x80`):
+//! a tracer killed while one of those runs leaves the thread running with the call's
+//! registers. A tracer killed during the bootstrap leaves the stub's bytes in libc's code
+//! tail (run by nothing) and, once the `mmap` is done, an empty region. A signal
 //! that arrives for the thread during a call, or that it was stopped with, is held by the
 //! tracer and sent again when the call ends: a tracer killed in between loses it, and a thread
 //! that had a signal to take when the tracer died mid-call restarts its interrupted system
@@ -446,6 +450,9 @@ struct TargetLibc {
     maps: Vec<(u64, u64, u64)>,
     /// A `syscall` instruction in it.
     syscall_insn: u64,
+    /// Where the bootstrap stub can go: the tail of libc's executable mapping past the end of
+    /// its code segment's bytes, which nothing runs or reads there (see [`boot_stub`]).
+    code_tail: Option<u64>,
 }
 
 impl TargetLibc {
@@ -459,7 +466,7 @@ impl TargetLibc {
             .ok_or_else(|| refuse("it maps no C library (a static binary?)".into()))?;
         let data = std::fs::read(&path).map_err(|e| refuse(format!("read {path}: {e}")))?;
         let file = object::File::parse(&*data).map_err(|e| refuse(format!("parse {path}: {e}")))?;
-        let segments = file
+        let segments: Vec<(u64, u64, u64)> = file
             .segments()
             .map(|s| {
                 let (offset, size) = s.file_range();
@@ -475,12 +482,17 @@ impl TargetLibc {
             own.iter().map(|m| m.start).min().unwrap_or(0),
             own.iter().map(|m| m.end).max().unwrap_or(0),
         );
+        let code_tail = own
+            .iter()
+            .filter(|m| m.perms.contains('x'))
+            .find_map(|m| code_tail(&segments, m.start, m.end, m.offset));
         let mut libc = TargetLibc {
             maps: own.iter().map(|m| (m.start, m.end, m.offset)).collect(),
             path,
             span,
             segments,
             syscall_insn: 0,
+            code_tail,
         };
         let functions = libc_file::functions(Path::new(&libc.path), &["syscall"], &[])
             .map_err(|source| InjectError::Libc { pid, source })?;
@@ -510,6 +522,31 @@ impl TargetLibc {
             (within < size).then_some(off + within)
         })?;
         self.at_offset(offset)
+    }
+}
+
+/// Where the bootstrap stub fits in the executable mapping `start..end` at file `offset`: past
+/// the last byte of the PT_LOAD segment (`segments`: vaddr, file offset, file size) it maps,
+/// when [`BOOT_LEN`] bytes remain before the mapping ends. Those bytes are the segment's page
+/// padding (or the next segment's first bytes, which the program reads through that
+/// segment's own mapping): mapped executable, never run.
+fn code_tail(segments: &[(u64, u64, u64)], start: u64, end: u64, offset: u64) -> Option<u64> {
+    let (_, seg_off, seg_size) = segments
+        .iter()
+        .find(|&&(_, off, size)| off <= offset && offset < off + size)?;
+    let past = start + (seg_off + seg_size - offset);
+    let at = past.next_multiple_of(16);
+    (at + BOOT_LEN as u64 <= end).then_some(at)
+}
+
+/// Bytes the bootstrap stub and its context block take.
+const BOOT_LEN: usize = STUB_LEN.next_multiple_of(8) + 8 * stub::CONTEXT_WORDS;
+
+/// The bootstrap stub at `at` (see [`code_tail`]): the stub's code, its context block after it.
+fn boot_stub(at: u64) -> Stub {
+    Stub {
+        code: at,
+        context: at + STUB_LEN.next_multiple_of(8) as u64,
     }
 }
 
@@ -738,7 +775,10 @@ impl Session {
     /// Puts the system call stub into the trampoline page at `page` (ours, executable) and
     /// runs every later system call through it.
     fn use_stub(&mut self, page: u64) -> Result<(), InjectError> {
-        let at = Stub::in_page(page);
+        self.use_stub_at(Stub::in_page(page))
+    }
+
+    fn use_stub_at(&mut self, at: Stub) -> Result<(), InjectError> {
         self.write(
             "write the system call stub",
             at.code,
@@ -786,6 +826,33 @@ fn prot(read: bool, write: bool, exec: bool) -> u64 {
 /// Maps the sampler in the target, within reach of libc: returns its base. The trampoline page
 /// follows the image at `base + span`; every later system call runs through its stub.
 fn map_sampler(
+    s: &mut Session,
+    image: &SamplerImage,
+    maps: &ProcMaps,
+    libc: &TargetLibc,
+) -> Result<u64, InjectError> {
+    // Until the region exists, system calls run through a stub in libc's code tail, whose
+    // bytes are put back once the region's own stub takes over.
+    let boot = match libc.code_tail {
+        Some(at) => {
+            let saved = s.read("read libc's code tail", at, BOOT_LEN)?;
+            s.use_stub_at(boot_stub(at))?;
+            Some((at, saved))
+        }
+        None => None,
+    };
+    let mapped = map_region(s, image, maps, libc);
+    if let Some((at, saved)) = boot {
+        if mapped.is_err() {
+            s.stub = None;
+        }
+        s.write("put back libc's code tail", at, &saved)?;
+    }
+    mapped
+}
+
+/// [`map_sampler`] once system calls can run.
+fn map_region(
     s: &mut Session,
     image: &SamplerImage,
     maps: &ProcMaps,
@@ -1139,6 +1206,10 @@ impl Injected {
         // thread must be out of the stub before the context block is written again.
         if let Some(l) = find_in(&mem, &image, &maps).filter(|l| l.same_build) {
             ranges.push((Stub::in_page(l.base + image.span).code - 1, STUB_LEN + 1));
+        }
+        // The same for the bootstrap stub, written again over a thread still inside it.
+        if let Some(at) = libc.code_tail {
+            ranges.push((at - 1, STUB_LEN + 1));
         }
 
         let (threads, retries) = stop_clear_of(pid, &mem, &ranges, "stop the threads to install")?;
@@ -1558,6 +1629,24 @@ mod tests {
             let far = (p + 0x10_0000).max(libc.1) - p.min(libc.0);
             assert!(far <= sys::REACH, "{p:#x} is {far:#x} from libc");
         }
+    }
+
+    #[test]
+    fn bootstrap_stub_goes_past_the_code_segment_in_its_last_page() {
+        // glibc 2.41 here: code at vaddr/offset 0x26000, 0x1550fc bytes; its mapping ends on
+        // the page boundary 0x17c000.
+        let segments = [(0, 0, 0x25388), (0x26000, 0x26000, 0x1550fc), (0x17c000, 0x17c000, 0x52c31)];
+        let base = 0x7f00_0000_0000;
+        let at = code_tail(&segments, base + 0x26000, base + 0x17c000, 0x26000);
+        assert_eq!(at, Some(base + 0x17b100), "16-aligned, right after the last code byte");
+        let stub = boot_stub(base + 0x17b100);
+        assert!(stub.context >= stub.code + STUB_LEN as u64 && stub.context % 8 == 0);
+        assert!(stub.context + 8 * stub::CONTEXT_WORDS as u64 <= base + 0x17c000);
+        // Code that ends less than BOOT_LEN bytes before the page does: no room.
+        let full = [(0x1000, 0x1000, 0x1000 - 0x20)];
+        assert_eq!(code_tail(&full, base + 0x1000, base + 0x2000, 0x1000), None);
+        // A mapping of no segment's bytes: none.
+        assert_eq!(code_tail(&segments, base, base + 0x1000, 0x300000), None);
     }
 
     #[test]

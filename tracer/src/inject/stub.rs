@@ -2,7 +2,8 @@
 //! dying (SIGKILL) at any moment of it.
 //!
 //! The call runs through a small stub of ours in the target (in the tail of the sampler's
-//! trampoline page, never a trampoline slot): `syscall`, then every register the injection
+//! trampoline page, never a trampoline slot; before that page exists, in the unused tail of
+//! libc's executable mapping): `syscall`, then every register the injection
 //! changed loaded back from a context block next to it, then `jmp [resume]`. The tracer
 //! catches the thread at its syscall-exit-stop, right after the `syscall` instruction, reads
 //! the result and puts the thread's own registers back itself, so the stub's restore runs
