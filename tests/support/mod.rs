@@ -375,22 +375,45 @@ impl Proc {
 
     /// Waits for the stdout line `want` (exactly), panicking with everything the process said.
     pub fn expect_stdout_line(&mut self, want: &str, timeout: Duration) {
-        if let Err(why) = self.stdout.wait_for(timeout, |line| line == want) {
-            let state = if self.running() {
-                "still running".to_owned()
-            } else {
-                describe_status(self.exited.expect("exited"))
-            };
-            let stderr = self
-                .stderr
-                .read_to_end(Duration::from_millis(200))
-                .join("\n");
-            panic!(
-                "{}: expected the line {want:?} on stdout, but {why} (process {state})\n\
-                 --- stdout so far ---\n{}--- stderr so far ---\n{stderr}",
-                self.label,
-                self.stdout.text(),
-            );
+        self.expect_stdout(&format!("the line {want:?}"), timeout, |line| line == want);
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns it, panicking with everything
+    /// the process said.
+    pub fn expect_stdout_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.expect_stdout(
+            &format!("a line starting with {prefix:?}"),
+            timeout,
+            |line| line.starts_with(prefix),
+        )
+    }
+
+    /// Waits for the stdout line `pred` accepts; `what` names it in the panic.
+    fn expect_stdout(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        match self.stdout.wait_for(timeout, pred) {
+            Ok(line) => line,
+            Err(why) => {
+                let state = if self.running() {
+                    "still running".to_owned()
+                } else {
+                    describe_status(self.exited.expect("exited"))
+                };
+                let stderr = self
+                    .stderr
+                    .read_to_end(Duration::from_millis(200))
+                    .join("\n");
+                panic!(
+                    "{}: expected {what} on stdout, but {why} (process {state})\n\
+                     --- stdout so far ---\n{}--- stderr so far ---\n{stderr}",
+                    self.label,
+                    self.stdout.text(),
+                );
+            }
         }
     }
 
