@@ -1111,6 +1111,8 @@ impl LibcSymbol {
 struct Mapping {
     start: u64,
     end: u64,
+    /// "r-xp" and the like.
+    perms: String,
     offset: u64,
     path: String,
 }
@@ -1123,7 +1125,7 @@ fn maps(pid: i32) -> Vec<Mapping> {
             // start-end perms offset dev inode [path]
             let mut fields = line.splitn(6, ' ');
             let range = fields.next()?;
-            let _perms = fields.next()?;
+            let perms = fields.next()?.to_owned();
             let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
             let _dev = fields.next()?;
             let _inode = fields.next()?;
@@ -1132,6 +1134,7 @@ fn maps(pid: i32) -> Vec<Mapping> {
             Some(Mapping {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
+                perms,
                 offset,
                 path,
             })
@@ -1189,6 +1192,44 @@ pub fn libc_symbol(pid: i32, name: &str) -> LibcSymbol {
         path: PathBuf::from(libc),
         file_offset,
     }
+}
+
+/// The executable mapping of libc in process `pid`.
+fn libc_text(pid: i32) -> Mapping {
+    maps(pid)
+        .into_iter()
+        .find(|m| is_libc(&m.path) && m.perms.contains('x'))
+        .unwrap_or_else(|| panic!("pid {pid} maps no executable libc"))
+}
+
+/// libc's whole executable mapping as process `pid` has it now.
+pub fn live_libc_text(pid: i32) -> Vec<u8> {
+    let text = libc_text(pid);
+    read_mem(pid, text.start, (text.end - text.start) as usize)
+}
+
+/// Panics at the first byte where `live` (libc's code in `pid`) differs from `want`.
+pub fn assert_same_code(pid: i32, live: &[u8], want: &[u8], against: &str, when: &str) {
+    let start = libc_text(pid).start;
+    assert_eq!(live.len(), want.len(), "{when}: libc's code changed size");
+    if let Some(i) = live.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{when}: libc's code in pid {pid} differs from {against} at {:#x} (byte {i:#x} of \
+             the mapping): live {:02x?}, want {:02x?}",
+            start + i as u64,
+            &live[i..(i + 16).min(live.len())],
+            &want[i..(i + 16).min(want.len())]
+        );
+    }
+}
+
+/// libc's whole executable mapping in process `pid` reads back as the file, byte for byte.
+pub fn assert_libc_text_pristine(pid: i32, when: &str) {
+    let text = libc_text(pid);
+    let file = fs::read(&text.path).unwrap_or_else(|e| panic!("read {}: {e}", text.path));
+    let want = &file[text.offset as usize..][..(text.end - text.start) as usize];
+    let against = format!("{} (mapped from file offset {:#x})", text.path, text.offset);
+    assert_same_code(pid, &live_libc_text(pid), want, &against, when);
 }
 
 // ---------------------------------------------------------------------------------------------
