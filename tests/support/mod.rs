@@ -22,6 +22,7 @@ use serde_json::Value;
 
 pub mod gdb;
 pub mod live;
+pub mod target;
 pub use live_harness::load;
 
 /// How long the tracer may take to print its "recording" line after it was started.
