@@ -5,165 +5,41 @@
 
 mod support;
 
-use std::{
-    io::Write as _,
-    process::{ChildStdin, Command},
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
-use support::{LINE_TIMEOUT, Proc, TempDir, build_fixture, read_mem, require_root, tracer_bin};
+use support::target::Target;
+use support::{
+    LINE_TIMEOUT, Proc, TempDir, assert_libc_text_pristine, build_fixture, read_mem, require_root,
+    tracer_bin,
+};
 use tracer::inject::inject::{Injected, find_leftover};
 use tracer_common::sampler::counter;
 
-/// A started fixture and the pipe that tells it to quit.
-struct Target {
-    proc: Proc,
-    stdin: Option<ChildStdin>,
-}
-
-impl Target {
-    fn start(label: &str, cmd: &mut Command, ready: &str) -> Target {
-        let (mut proc, stdin) = Proc::spawn_with_stdin(label, cmd);
-        if let Err(why) = proc.stdout.wait_for(LINE_TIMEOUT, |l| l.starts_with(ready)) {
-            panic!(
-                "{label}: no {ready:?} line: {why}\n{}{}",
-                proc.stdout.text(),
-                proc.stderr.text()
-            );
-        }
-        Target {
-            proc,
-            stdin: Some(stdin),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.proc.pid()
-    }
-
-    /// The next progress line's first number after `key` (fixture: "progress N", node: "ok N"),
-    /// and the whole line; panics with the fixture's output if it stopped making progress.
-    fn progress(&mut self, key: &str) -> (u64, String) {
-        let line = self
-            .proc
-            .stdout
-            .wait_for(Duration::from_secs(10), |l| l.starts_with(key))
-            .unwrap_or_else(|why| {
-                let running = self.proc.running();
-                panic!(
-                    "{}: no {key:?} line: {why} (running: {})\n--- stdout ---\n{}--- stderr ---\n{}",
-                    self.proc.label,
-                    running,
-                    tail(&self.proc.stdout.text()),
-                    self.proc.stderr.text()
-                )
-            });
-        let n = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad progress line {line:?}"));
-        (n, line)
-    }
-
-    /// Progress over `secs` seconds: (first, last) counts; the last line must show no damage.
-    fn runs_healthy(&mut self, key: &str, secs: f64) -> (u64, u64) {
-        let (first, _) = self.progress(key);
-        let until = Instant::now() + Duration::from_secs_f64(secs);
-        let mut last = (first, String::new());
-        while Instant::now() < until {
-            last = self.progress(key);
-        }
-        assert!(
-            last.0 > first,
-            "{}: no progress in {secs} s ({first} -> {})",
-            self.proc.label,
-            last.0
-        );
-        assert!(
-            last.1.contains("bad=0") || last.1.contains("failed 0"),
-            "{}: damage reported: {:?}",
-            self.proc.label,
-            last.1
-        );
-        (first, last.0)
-    }
-
-    /// Tells the fixture to finish and checks that it exits 0 with its final line.
-    fn quit(mut self) -> String {
-        let mut stdin = self.stdin.take().expect("stdin");
-        let _ = stdin.write_all(b"quit\n");
-        drop(stdin);
-        let status = self.proc.wait_exit(Duration::from_secs(30));
-        let out = self.proc.stdout.read_to_end(Duration::from_secs(2));
-        assert!(
-            status.success(),
-            "{} exited with {status:?}\n--- stdout (tail) ---\n{}--- stderr ---\n{}",
-            self.proc.label,
-            tail(&out.join("\n")),
-            self.proc.stderr.text()
-        );
-        out.last().cloned().unwrap_or_default()
-    }
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let from = lines.len().saturating_sub(15);
-    lines[from..].join("\n") + "\n"
-}
-
-/// The target's libc executable mapping: (start, end, file offset, path).
-fn libc_text(pid: i32) -> (u64, u64, u64, String) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    maps.lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let path = *f.get(5)?;
-            if !path.rsplit('/').next()?.starts_with("libc.so") || !f[1].contains('x') {
-                return None;
-            }
-            let (s, e) = f[0].split_once('-')?;
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-                u64::from_str_radix(f[2], 16).ok()?,
-                path.to_owned(),
-            ))
-        })
-        .unwrap_or_else(|| panic!("pid {pid} maps no executable libc"))
-}
-
-/// libc's whole executable mapping in the target reads back as the file, byte for byte.
-fn assert_libc_text_pristine(pid: i32, when: &str) {
-    let (start, end, offset, path) = libc_text(pid);
-    let live = read_mem(pid, start, (end - start) as usize);
-    let file = std::fs::read(&path).expect("read libc");
-    let want = &file[offset as usize..][..live.len().min(file.len() - offset as usize)];
-    if let Some(i) = live.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{when}: libc's code in pid {pid} differs from {path} at {:#x} (file offset {:#x}): \
-             live {:02x?}, file {:02x?}",
-            start + i as u64,
-            offset + i as u64,
-            &live[i..(i + 16).min(live.len())],
-            &want[i..(i + 16).min(want.len())]
-        );
-    }
-}
-
-fn build_target(dir: &TempDir) -> std::path::PathBuf {
-    build_fixture(dir, "inject_target")
+/// Starts `tracer inject-test --hold 600` on `pid`, waits until it installed the sampler, and
+/// SIGKILLs it, leaving the sampler in the target with no tracer.
+fn install_and_kill_tracer(pid: i32) {
+    let mut tracer = Proc::spawn(
+        "tracer inject-test",
+        Command::new(tracer_bin()).args([
+            "inject-test",
+            "--pid",
+            &pid.to_string(),
+            "--hold",
+            "600",
+        ]),
+    );
+    tracer.expect_stdout_prefix("installed", LINE_TIMEOUT);
+    tracer.signal(libc::SIGKILL);
+    tracer.wait_exit(Duration::from_secs(10));
 }
 
 #[test]
 fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler() {
     require_root();
     let dir = TempDir::new("inject-cycles");
-    let exe = build_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe), "ready");
+    let mut t = Target::inject_target(&build_fixture(&dir, "inject_target"), None);
     let pid = t.pid();
-    t.runs_healthy("progress", 0.5);
+    t.runs_healthy(0.5);
 
     let injected = Injected::install(pid, 4096).unwrap_or_else(|e| panic!("install: {e:#?}"));
     eprintln!(
@@ -185,7 +61,7 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
         9,
         "glibc 2.36: ten hooks, aligned_alloc and memalign one entry: {patched_fns:?}"
     );
-    t.runs_healthy("progress", 1.0);
+    t.runs_healthy(1.0);
     let c = injected.counters().expect("counters");
     assert!(
         c[counter::ALLOC_SITE] > 0 && c[counter::FREE_SITE] > 0,
@@ -213,7 +89,7 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
         .expect("find")
         .expect("the sampler stays mapped");
     assert_eq!(left.active, 0, "the sampler left behind must be inert");
-    t.runs_healthy("progress", 0.5);
+    t.runs_healthy(0.5);
 
     let (mut installs, mut stops, mut removes) = (Vec::new(), Vec::new(), Vec::new());
     for cycle in 0..20 {
@@ -250,46 +126,23 @@ fn install_samples_and_remove_restores_libc_then_twenty_cycles_reuse_the_sampler
          remove median {:?} max {:?}",
         installs[10], installs[19], stops[10], stops[19], removes[10], removes[19]
     );
-    t.runs_healthy("progress", 0.5);
-    let last = t.quit();
-    assert!(last.contains("bad=0"), "fixture's last line: {last:?}");
+    t.runs_healthy(0.5);
+    t.quit();
 }
 
 #[test]
 fn a_tracer_killed_after_install_leaves_the_target_sampling_and_healthy() {
     require_root();
     let dir = TempDir::new("inject-kill");
-    let exe = build_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe), "ready");
+    let mut t = Target::inject_target(&build_fixture(&dir, "inject_target"), None);
     let pid = t.pid();
-    let mut tracer = Proc::spawn(
-        "tracer inject-test",
-        Command::new(tracer_bin()).args([
-            "inject-test",
-            "--pid",
-            &pid.to_string(),
-            "--hold",
-            "600",
-        ]),
-    );
-    if let Err(why) = tracer
-        .stdout
-        .wait_for(LINE_TIMEOUT, |l| l.starts_with("installed"))
-    {
-        panic!(
-            "tracer inject-test did not install: {why}\n{}{}",
-            tracer.stdout.text(),
-            tracer.stderr.text()
-        );
-    }
-    tracer.signal(libc::SIGKILL);
-    tracer.wait_exit(Duration::from_secs(10));
+    install_and_kill_tracer(pid);
     let before = Injected::take_over(pid)
         .expect("take over")
         .expect("the killed tracer's sampler is there")
         .counters()
         .expect("counters");
-    t.runs_healthy("progress", 3.0);
+    t.runs_healthy(3.0);
     let left = find_leftover(pid).expect("find").expect("mapped");
     assert_eq!(
         left.active, 1,
@@ -308,9 +161,8 @@ fn a_tracer_killed_after_install_leaves_the_target_sampling_and_healthy() {
     );
     i.remove().expect("remove the orphaned sampler");
     assert_libc_text_pristine(pid, "after removing the orphaned sampler");
-    t.runs_healthy("progress", 0.5);
-    let last = t.quit();
-    assert!(last.contains("bad=0"), "fixture's last line: {last:?}");
+    t.runs_healthy(0.5);
+    t.quit();
 }
 
 /// A sampler left by another build of the tracer (here: ours, killed, with its control block's
@@ -321,18 +173,9 @@ fn a_tracer_killed_after_install_leaves_the_target_sampling_and_healthy() {
 fn a_sampler_left_by_another_build_is_given_back_before_a_full_mode_attach() {
     require_root();
     let dir = TempDir::new("inject-foreign");
-    let exe = build_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe), "ready");
+    let mut t = Target::inject_target(&build_fixture(&dir, "inject_target"), None);
     let pid = t.pid();
-    let mut tracer = Proc::spawn(
-        "tracer inject-test",
-        Command::new(tracer_bin()).args(["inject-test", "--pid", &pid.to_string(), "--hold", "600"]),
-    );
-    if let Err(why) = tracer.stdout.wait_for(LINE_TIMEOUT, |l| l.starts_with("installed")) {
-        panic!("tracer inject-test did not install: {why}\n{}{}", tracer.stdout.text(), tracer.stderr.text());
-    }
-    tracer.signal(libc::SIGKILL);
-    tracer.wait_exit(Duration::from_secs(10));
+    install_and_kill_tracer(pid);
     let left = find_leftover(pid).expect("find").expect("the killed tracer's sampler is there");
     // "Another build": the version word after the magic.
     let version_at = left.control + 8;
@@ -343,7 +186,7 @@ fn a_sampler_left_by_another_build_is_given_back_before_a_full_mode_attach() {
     std::os::unix::fs::FileExt::write_all_at(&mem, &(tracer_common::sampler::VERSION + 1).to_le_bytes(), version_at)
         .expect("write the version");
     assert!(find_leftover(pid).expect("find").is_none(), "the sampler should no longer read as this build's");
-    t.runs_healthy("progress", 0.5);
+    t.runs_healthy(0.5);
 
     let finished = support::run_tracer(
         &["record", "--pid", &pid.to_string(), "--backend", "ebpf", "--duration", "1", "--format", "json", "--top", "0"],
@@ -359,9 +202,8 @@ fn a_sampler_left_by_another_build_is_given_back_before_a_full_mode_attach() {
     let allocs = report["totals"]["allocs"].as_u64().unwrap_or(0);
     assert!(allocs > 0, "with the entries given back the uprobes see the fixture's calls: {}", report["totals"]);
     assert_libc_text_pristine(pid, "after the full-mode attach gave the entries back");
-    t.runs_healthy("progress", 0.5);
-    let last = t.quit();
-    assert!(last.contains("bad=0"), "fixture's last line: {last:?}");
+    t.runs_healthy(0.5);
+    t.quit();
 }
 
 #[test]
@@ -371,16 +213,16 @@ fn node_serving_http_stays_healthy_through_install_and_remove() {
     let mut t = Target::start(
         "node inject_http.js",
         Command::new("/usr/bin/node").arg(&script),
-        "ready",
-    );
+    )
+    .counting("ok");
     let pid = t.pid();
-    t.runs_healthy("ok", 1.0);
+    t.runs_healthy(1.0);
     let i = Injected::install(pid, 4096).unwrap_or_else(|e| panic!("install into node: {e:#?}"));
     eprintln!(
         "node: install {:?} (threads stopped {:?}) with {} threads",
         i.report.elapsed, i.report.stopped, i.report.threads
     );
-    let (a, b) = t.runs_healthy("ok", 2.5);
+    let (a, b) = t.runs_healthy(2.5);
     let c = i.counters().expect("counters");
     assert!(
         c[counter::ALLOC_SITE] > 0 && c[counter::FREE_SITE] > 0,
@@ -394,9 +236,8 @@ fn node_serving_http_stays_healthy_through_install_and_remove() {
         b - a
     );
     assert_libc_text_pristine(pid, "node after remove");
-    t.runs_healthy("ok", 2.5);
-    let last = t.quit();
-    assert!(last.contains("failed 0"), "node's last line: {last:?}");
+    t.runs_healthy(2.5);
+    t.quit();
 }
 
 /// Median of the fixture's next `n` "pair_ns X" lines.
@@ -419,12 +260,7 @@ fn pair_ns(t: &mut Target, n: usize) -> f64 {
 fn unsampled_malloc_free_pair_cost_at_512_kib() {
     require_root();
     let dir = TempDir::new("inject-bench");
-    let exe = build_target(&dir);
-    let mut t = Target::start(
-        "inject_target bench",
-        Command::new(&exe).arg("bench"),
-        "ready",
-    );
+    let mut t = Target::inject_target(&build_fixture(&dir, "inject_target"), Some("bench"));
     let pid = t.pid();
     let before = pair_ns(&mut t, 5);
     let i = Injected::install(pid, 512 << 10).unwrap_or_else(|e| panic!("install: {e:#?}"));

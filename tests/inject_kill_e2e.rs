@@ -16,90 +16,18 @@
 mod support;
 
 use std::{
-    io::Write as _,
-    process::{ChildStdin, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use support::target::Target;
 use support::{LINE_TIMEOUT, Proc, TempDir, build_fixture, require_root, tracer_bin};
 
-/// A started fixture and the pipe that tells it to quit.
-struct Target {
-    proc: Proc,
-    stdin: Option<ChildStdin>,
-}
-
-impl Target {
-    fn start(exe: &std::path::Path, mode: Option<&str>) -> Target {
-        let label = format!("inject_target {}", mode.unwrap_or(""));
-        let mut cmd = Command::new(exe);
-        cmd.args(mode);
-        let (mut proc, stdin) = Proc::spawn_with_stdin(&label, &mut cmd);
-        if let Err(why) = proc.stdout.wait_for(LINE_TIMEOUT, |l| l == "ready") {
-            panic!("{label}: no ready line: {why}\n{}", proc.stderr.text());
-        }
-        let mut t = Target {
-            proc,
-            stdin: Some(stdin),
-        };
-        t.progress();
-        t
-    }
-
-    fn pid(&self) -> i32 {
-        self.proc.pid()
-    }
-
-    /// The next "progress N bad=B" line: (N, line).
-    fn progress(&mut self) -> (u64, String) {
-        let line = self
-            .proc
-            .stdout
-            .wait_for(Duration::from_secs(10), |l| l.starts_with("progress"))
-            .unwrap_or_else(|why| {
-                let running = self.proc.running();
-                panic!(
-                    "{}: no progress line: {why} (running: {running})\n--- stdout ---\n{}\
-                     --- stderr ---\n{}",
-                    self.proc.label,
-                    self.proc.stdout.text(),
-                    self.proc.stderr.text()
-                )
-            });
-        let n = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad progress line {line:?}"));
-        (n, line)
-    }
-
-    /// Progress over `secs` seconds, with no block found damaged.
-    fn runs_healthy(&mut self, secs: f64, case: &str) {
-        let (first, _) = self.progress();
-        let until = Instant::now() + Duration::from_secs_f64(secs);
-        let mut last = (first, String::new());
-        while Instant::now() < until {
-            last = self.progress();
-        }
-        assert!(last.0 > first, "{case}: no progress in {secs} s");
-        assert!(last.1.contains("bad=0"), "{case}: damage: {:?}", last.1);
-    }
-
-    /// Tells the fixture to quit; it must exit 0 with no block damaged.
-    fn quit(mut self, case: &str) {
-        let mut stdin = self.stdin.take().expect("stdin");
-        let _ = stdin.write_all(b"quit\n");
-        drop(stdin);
-        let status = self.proc.wait_exit(Duration::from_secs(30));
-        let out = self.proc.stdout.read_to_end(Duration::from_secs(2));
-        let last = out.last().cloned().unwrap_or_default();
-        assert!(
-            status.success() && last.contains("bad=0"),
-            "{case}: the target exited with {status:?}, last line {last:?}\n--- stderr ---\n{}",
-            self.proc.stderr.text()
-        );
-    }
+/// A fresh target in `mode`, seen printing its first progress line.
+fn start_target(exe: &std::path::Path, mode: Option<&str>) -> Target {
+    let mut t = Target::inject_target(exe, mode);
+    t.progress();
+    t
 }
 
 /// What the tracer said where it paused.
@@ -190,13 +118,14 @@ fn kill_in_call(
     at_entry: bool,
     ring: bool,
 ) -> Option<i64> {
-    let mut t = Target::start(exe, mode);
+    let mut t = start_target(exe, mode);
     let pid = t.pid();
     let (mut tracer, paused) = pause_tracer(pid, n, at_entry, ring);
     let Some(paused) = paused else {
         tracer.signal(libc::SIGKILL);
         tracer.wait_exit(Duration::from_secs(10));
-        t.quit("after a whole install");
+        t.proc.label = format!("{} after a whole install", t.proc.label);
+        t.quit();
         return None;
     };
     let case = format!(
@@ -204,6 +133,8 @@ fn kill_in_call(
         t.proc.label, paused.line
     );
     eprintln!("{case}");
+    // Every failure from here on names the case.
+    t.proc.label = case.clone();
     assert!(
         paused.line.contains("via the stub"),
         "{case}: the call ran without a stub"
@@ -222,7 +153,7 @@ fn kill_in_call(
     }
     tracer.signal(libc::SIGKILL);
     tracer.wait_exit(Duration::from_secs(10));
-    t.runs_healthy(2.0, &case);
+    t.runs_healthy(2.0);
     if mode == Some("main-reads") {
         assert_eq!(
             blocked_in(pid, pid),
@@ -230,7 +161,7 @@ fn kill_in_call(
             "{case}: the main thread is no longer blocked in read()"
         );
     }
-    t.quit(&case);
+    t.quit();
     Some(if orig_rax >= 0 { rax } else { 0 })
 }
 

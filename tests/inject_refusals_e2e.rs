@@ -14,15 +14,16 @@ mod support;
 
 use std::{
     fs::OpenOptions,
-    io::Write as _,
     os::unix::fs::FileExt as _,
-    process::{ChildStdin, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use support::target::Target;
 use support::{
-    Finished, LINE_TIMEOUT, Proc, TempDir, build_fixture, libc_symbol, read_mem, require_root,
-    run_tracer, setup, start_recording, stop_recording,
+    Finished, LibcSymbol, TempDir, assert_libc_text_pristine, assert_same_code, build_fixture,
+    libc_symbol, live_libc_text, read_mem, require_root, run_tracer, setup, start_recording,
+    stop_recording,
 };
 use tracer::inject::inject::{Injected, MEMFD_NAME, find_leftover};
 use tracer_common::sampler::counter;
@@ -30,178 +31,24 @@ use tracer_common::sampler::counter;
 /// The CLI's exit status for bad input and failures, refusals included (main.rs's EXIT_ERROR).
 const EXIT_ERROR: i32 = 2;
 
-/// A started fixture and the pipe that tells it to quit.
-struct Target {
-    proc: Proc,
-    stdin: Option<ChildStdin>,
+/// A fresh fixtures/inject_target.c in `dir`, started and seen running healthy for 0.5 s.
+fn healthy_target(dir: &TempDir) -> Target {
+    let mut t = Target::inject_target(&build_fixture(dir, "inject_target"), None);
+    t.runs_healthy(0.5);
+    t
 }
 
-impl Target {
-    fn start(label: &str, cmd: &mut Command) -> Target {
-        let (mut proc, stdin) = Proc::spawn_with_stdin(label, cmd);
-        if let Err(why) = proc.stdout.wait_for(LINE_TIMEOUT, |l| l == "ready") {
-            panic!(
-                "{label}: no \"ready\" line: {why}\n{}{}",
-                proc.stdout.text(),
-                proc.stderr.text()
-            );
-        }
-        Target {
-            proc,
-            stdin: Some(stdin),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.proc.pid()
-    }
-
-    /// The next "progress N bad=B" line's N and the line; panics if none comes within 10 s.
-    fn progress(&mut self) -> (u64, String) {
-        let line = self
-            .proc
-            .stdout
-            .wait_for(Duration::from_secs(10), |l| l.starts_with("progress"))
-            .unwrap_or_else(|why| {
-                let running = self.proc.running();
-                panic!(
-                    "{}: no progress line: {why} (running: {running})\n--- stdout ---\n{}--- stderr ---\n{}",
-                    self.proc.label,
-                    tail(&self.proc.stdout.text()),
-                    self.proc.stderr.text()
-                )
-            });
-        let n = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad progress line {line:?}"));
-        (n, line)
-    }
-
-    /// Progress over `secs` seconds, and the last line shows no damage.
-    fn runs_healthy(&mut self, secs: f64) {
-        let (first, _) = self.progress();
-        let until = Instant::now() + Duration::from_secs_f64(secs);
-        let mut last = (first, String::new());
-        while Instant::now() < until {
-            last = self.progress();
-        }
-        assert!(
-            last.0 > first,
-            "{}: no progress in {secs} s ({first} -> {})",
-            self.proc.label,
-            last.0
-        );
-        assert!(
-            last.1.contains("bad=0"),
-            "{}: damage reported: {:?}",
-            self.proc.label,
-            last.1
-        );
-    }
-
-    /// Reads what the fixture printed so far, then checks it prints nothing for `quiet`: a
-    /// stopped process makes no progress.
-    fn prints_nothing(&mut self, quiet: Duration, when: &str) {
-        let _ = self
-            .proc
-            .stdout
-            .wait_for(Duration::from_millis(300), |_| false);
-        if let Ok(line) = self.proc.stdout.wait_for(quiet, |_| true) {
-            panic!(
-                "{when}: the stopped {} printed {line:?}: it was resumed",
-                self.proc.label
-            );
-        }
-    }
-
-    /// Whether the fixture still runs, and what it said: for a failure's message.
-    fn describe(&mut self) -> String {
-        let state = if self.proc.running() {
-            "still running".to_owned()
-        } else {
-            format!("{:?}", self.proc.wait_exit(Duration::from_secs(1)))
-        };
-        format!(
-            "\n{} {state}\n--- stdout (tail) ---\n{}--- stderr ---\n{}",
-            self.proc.label,
-            tail(&self.proc.stdout.text()),
-            self.proc.stderr.text()
-        )
-    }
-
-    /// Tells the fixture to finish; it must exit 0 (nothing damaged) with a "done" line.
-    fn quit(mut self) {
-        let mut stdin = self.stdin.take().expect("stdin");
-        let _ = stdin.write_all(b"quit\n");
-        drop(stdin);
-        let status = self.proc.wait_exit(Duration::from_secs(30));
-        let out = self.proc.stdout.read_to_end(Duration::from_secs(2));
-        let last = out.last().cloned().unwrap_or_default();
-        assert!(
-            status.success() && last.starts_with("done") && last.contains("bad=0"),
-            "{} exited with {status:?}, last line {last:?}\n--- stdout (tail) ---\n{}--- stderr ---\n{}",
-            self.proc.label,
-            tail(&out.join("\n")),
-            self.proc.stderr.text()
-        );
-    }
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let from = lines.len().saturating_sub(15);
-    lines[from..].join("\n") + "\n"
-}
-
-/// The target's libc executable mapping: (start, end, file offset, path).
-fn libc_text(pid: i32) -> (u64, u64, u64, String) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    maps.lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let path = *f.get(5)?;
-            if !path.rsplit('/').next()?.starts_with("libc.so") || !f[1].contains('x') {
-                return None;
-            }
-            let (s, e) = f[0].split_once('-')?;
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-                u64::from_str_radix(f[2], 16).ok()?,
-                path.to_owned(),
-            ))
-        })
-        .unwrap_or_else(|| panic!("pid {pid} maps no executable libc"))
-}
-
-/// libc's whole executable mapping as the target has it now.
-fn live_libc_text(pid: i32) -> Vec<u8> {
-    let (start, end, _, _) = libc_text(pid);
-    read_mem(pid, start, (end - start) as usize)
-}
-
-/// Panics at the first byte where `live` (libc's code in `pid`) differs from `want`.
-fn assert_same_code(pid: i32, live: &[u8], want: &[u8], against: &str, when: &str) {
-    let (start, _, _, _) = libc_text(pid);
-    assert_eq!(live.len(), want.len(), "{when}: libc's code changed size");
-    if let Some(i) = live.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{when}: libc's code in pid {pid} differs from {against} at {:#x}: live {:02x?}, want {:02x?}",
-            start + i as u64,
-            &live[i..(i + 16).min(live.len())],
-            &want[i..(i + 16).min(want.len())]
-        );
-    }
-}
-
-/// libc's whole executable mapping in the target reads back as the file, byte for byte.
-fn assert_libc_text_pristine(pid: i32, when: &str) {
-    let (start, end, offset, path) = libc_text(pid);
-    let file = std::fs::read(&path).expect("read libc");
-    let want = &file[offset as usize..][..(end - start) as usize];
-    assert_same_code(pid, &live_libc_text(pid), want, &path, when);
+/// malloc's entry in `pid` and its first 8 bytes, which must be libc's before a test plants
+/// anything there.
+fn malloc_entry(pid: i32) -> (LibcSymbol, Vec<u8>) {
+    let malloc = libc_symbol(pid, "malloc");
+    let original = malloc.process_bytes(pid, 8);
+    assert_eq!(
+        original,
+        malloc.file_bytes(8),
+        "malloc's entry is not libc's before the test"
+    );
+    (malloc, original)
 }
 
 /// Whether `pid` maps a sampler of ours (the memfd's name in /proc/PID/maps).
@@ -255,18 +102,10 @@ fn write_mem(pid: i32, addr: u64, bytes: &[u8]) {
         .unwrap_or_else(|e| panic!("write {bytes:02x?} at {addr:#x} in pid {pid}: {e}"));
 }
 
-/// `tracer inject-test --pid PID --hold 0`.
-fn inject_test(pid: i32) -> Finished {
-    run_tracer(
-        &["inject-test", "--pid", &pid.to_string(), "--hold", "0"],
-        Duration::from_secs(60),
-    )
-}
-
 /// The tracer refused malloc's entry with exactly one stderr line and exit status
 /// [`EXIT_ERROR`], naming malloc's address, its live bytes (an int3, then libc's) and libc's,
 /// and never said it installed.
-fn assert_refused_malloc(done: &Finished, pid: i32, malloc: &support::LibcSymbol) {
+fn assert_refused_malloc(done: &Finished, pid: i32, malloc: &LibcSymbol) {
     let lines: Vec<&str> = done.stderr.lines().collect();
     assert_eq!(
         (done.status.code(), lines.len()),
@@ -309,30 +148,36 @@ fn assert_refused_malloc(done: &Finished, pid: i32, malloc: &support::LibcSymbol
     );
 }
 
-fn build_inject_target(dir: &TempDir) -> std::path::PathBuf {
-    build_fixture(dir, "inject_target")
+/// `tracer inject-test --pid PID --hold 0` is refused (see [`assert_refused_malloc`]) and
+/// leaves libc's code in `pid` as it was.
+fn assert_install_refused(pid: i32, malloc: &LibcSymbol) {
+    let code_before = live_libc_text(pid);
+    let done = run_tracer(
+        &["inject-test", "--pid", &pid.to_string(), "--hold", "0"],
+        Duration::from_secs(60),
+    );
+    assert_refused_malloc(&done, pid, malloc);
+    assert_same_code(
+        pid,
+        &live_libc_text(pid),
+        &code_before,
+        "its code before the attempt",
+        "after the refusal",
+    );
 }
 
 #[test]
 fn a_debugger_breakpoint_on_malloc_is_refused_and_nothing_is_written() {
     setup();
     let dir = TempDir::new("inject-refuse-int3");
-    let exe = build_inject_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe));
+    let mut t = healthy_target(&dir);
     let pid = t.pid();
-    t.runs_healthy(0.5);
 
     // Stopped, the process cannot run into the int3 (it would die of SIGTRAP with no
     // debugger attached); a debugger holds it the same way while its breakpoint is planted.
     signal(pid, libc::SIGSTOP);
     wait_all_stopped(pid, "after SIGSTOP");
-    let malloc = libc_symbol(pid, "malloc");
-    let original = malloc.process_bytes(pid, 8);
-    assert_eq!(
-        original,
-        malloc.file_bytes(8),
-        "malloc's entry is not libc's before the test"
-    );
+    let (malloc, original) = malloc_entry(pid);
     assert_ne!(original[0], 0xcc);
     write_mem(pid, malloc.address, &[0xcc]);
     let mut planted = original.clone();
@@ -343,18 +188,9 @@ fn a_debugger_breakpoint_on_malloc_is_refused_and_nothing_is_written() {
         "the int3 did not land"
     );
     let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let code_before = live_libc_text(pid);
 
-    let done = inject_test(pid);
-    assert_refused_malloc(&done, pid, &malloc);
+    assert_install_refused(pid, &malloc);
 
-    assert_same_code(
-        pid,
-        &live_libc_text(pid),
-        &code_before,
-        "its code before the attempt",
-        "after the refusal",
-    );
     let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     assert_eq!(
         maps_after, maps_before,
@@ -413,13 +249,9 @@ fn open_uprobe(pid: i32, path: &std::path::Path, offset: u64) -> std::os::fd::Ow
 fn a_uprobe_on_malloc_is_refused_and_nothing_is_written() {
     setup();
     let dir = TempDir::new("inject-refuse-uprobe");
-    let exe = build_inject_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe));
+    let mut t = healthy_target(&dir);
     let pid = t.pid();
-    t.runs_healthy(0.5);
-    let malloc = libc_symbol(pid, "malloc");
-    let original = malloc.process_bytes(pid, 8);
-    assert_eq!(original, malloc.file_bytes(8));
+    let (malloc, original) = malloc_entry(pid);
 
     let probe = open_uprobe(pid, &malloc.path, malloc.file_offset);
     let live = malloc.process_bytes(pid, 8);
@@ -432,18 +264,9 @@ fn a_uprobe_on_malloc_is_refused_and_nothing_is_written() {
     );
     // The target keeps running (each malloc now traps into the kernel and back).
     t.runs_healthy(0.5);
-    let code_before = live_libc_text(pid);
 
-    let done = inject_test(pid);
-    assert_refused_malloc(&done, pid, &malloc);
+    assert_install_refused(pid, &malloc);
 
-    assert_same_code(
-        pid,
-        &live_libc_text(pid),
-        &code_before,
-        "its code before the attempt",
-        "after the refusal",
-    );
     assert!(!maps_sampler(pid), "the refused install mapped the sampler");
     t.runs_healthy(1.0);
 
@@ -460,7 +283,7 @@ fn a_uprobe_on_malloc_is_refused_and_nothing_is_written() {
 
 /// Waits up to 5 s for malloc's entry in `pid` to read as libc's file again (a uprobe goes when
 /// the kernel releases its last reference, which may come a little after its holder exits).
-fn wait_malloc_restored(pid: i32, malloc: &support::LibcSymbol, when: &str) {
+fn wait_malloc_restored(pid: i32, malloc: &LibcSymbol, when: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while malloc.process_bytes(pid, 8) != malloc.file_bytes(8) {
         if Instant::now() > deadline {
@@ -480,13 +303,9 @@ fn wait_malloc_restored(pid: i32, malloc: &support::LibcSymbol, when: &str) {
 fn an_ebpf_recording_of_the_target_makes_the_install_refuse() {
     setup();
     let dir = TempDir::new("inject-refuse-recording");
-    let exe = build_inject_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe));
+    let mut t = healthy_target(&dir);
     let pid = t.pid();
-    t.runs_healthy(0.5);
-    let malloc = libc_symbol(pid, "malloc");
-    let original = malloc.process_bytes(pid, 8);
-    assert_eq!(original, malloc.file_bytes(8));
+    let (malloc, _) = malloc_entry(pid);
 
     let mut recording = start_recording(
         pid,
@@ -497,16 +316,7 @@ fn an_ebpf_recording_of_the_target_makes_the_install_refuse() {
         [0xcc],
         "the eBPF recording's uprobe on malloc is not visible in /proc/PID/mem"
     );
-    let code_before = live_libc_text(pid);
-    let done = inject_test(pid);
-    assert_refused_malloc(&done, pid, &malloc);
-    assert_same_code(
-        pid,
-        &live_libc_text(pid),
-        &code_before,
-        "its code before the attempt",
-        "after the refusal",
-    );
+    assert_install_refused(pid, &malloc);
     assert!(!maps_sampler(pid), "the refused install mapped the sampler");
     t.runs_healthy(1.0);
 
@@ -587,10 +397,8 @@ fn threads_inside_malloc_make_the_stop_retry_and_thirty_cycles_succeed() {
 fn a_stopped_process_is_patched_and_restored_and_stays_stopped() {
     require_root();
     let dir = TempDir::new("inject-group-stop");
-    let exe = build_inject_target(&dir);
-    let mut t = Target::start("inject_target", &mut Command::new(&exe));
+    let mut t = healthy_target(&dir);
     let pid = t.pid();
-    t.runs_healthy(0.5);
     signal(pid, libc::SIGSTOP);
     wait_all_stopped(pid, "after SIGSTOP");
     t.prints_nothing(Duration::from_millis(500), "after SIGSTOP");

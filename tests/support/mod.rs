@@ -22,6 +22,7 @@ use serde_json::Value;
 
 pub mod gdb;
 pub mod live;
+pub mod target;
 pub use live_harness::load;
 
 /// How long the tracer may take to print its "recording" line after it was started.
@@ -375,22 +376,45 @@ impl Proc {
 
     /// Waits for the stdout line `want` (exactly), panicking with everything the process said.
     pub fn expect_stdout_line(&mut self, want: &str, timeout: Duration) {
-        if let Err(why) = self.stdout.wait_for(timeout, |line| line == want) {
-            let state = if self.running() {
-                "still running".to_owned()
-            } else {
-                describe_status(self.exited.expect("exited"))
-            };
-            let stderr = self
-                .stderr
-                .read_to_end(Duration::from_millis(200))
-                .join("\n");
-            panic!(
-                "{}: expected the line {want:?} on stdout, but {why} (process {state})\n\
-                 --- stdout so far ---\n{}--- stderr so far ---\n{stderr}",
-                self.label,
-                self.stdout.text(),
-            );
+        self.expect_stdout(&format!("the line {want:?}"), timeout, |line| line == want);
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns it, panicking with everything
+    /// the process said.
+    pub fn expect_stdout_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.expect_stdout(
+            &format!("a line starting with {prefix:?}"),
+            timeout,
+            |line| line.starts_with(prefix),
+        )
+    }
+
+    /// Waits for the stdout line `pred` accepts; `what` names it in the panic.
+    fn expect_stdout(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        match self.stdout.wait_for(timeout, pred) {
+            Ok(line) => line,
+            Err(why) => {
+                let state = if self.running() {
+                    "still running".to_owned()
+                } else {
+                    describe_status(self.exited.expect("exited"))
+                };
+                let stderr = self
+                    .stderr
+                    .read_to_end(Duration::from_millis(200))
+                    .join("\n");
+                panic!(
+                    "{}: expected {what} on stdout, but {why} (process {state})\n\
+                     --- stdout so far ---\n{}--- stderr so far ---\n{stderr}",
+                    self.label,
+                    self.stdout.text(),
+                );
+            }
         }
     }
 
@@ -1088,6 +1112,8 @@ impl LibcSymbol {
 struct Mapping {
     start: u64,
     end: u64,
+    /// "r-xp" and the like.
+    perms: String,
     offset: u64,
     path: String,
 }
@@ -1100,7 +1126,7 @@ fn maps(pid: i32) -> Vec<Mapping> {
             // start-end perms offset dev inode [path]
             let mut fields = line.splitn(6, ' ');
             let range = fields.next()?;
-            let _perms = fields.next()?;
+            let perms = fields.next()?.to_owned();
             let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
             let _dev = fields.next()?;
             let _inode = fields.next()?;
@@ -1109,6 +1135,7 @@ fn maps(pid: i32) -> Vec<Mapping> {
             Some(Mapping {
                 start: u64::from_str_radix(start, 16).ok()?,
                 end: u64::from_str_radix(end, 16).ok()?,
+                perms,
                 offset,
                 path,
             })
@@ -1166,6 +1193,44 @@ pub fn libc_symbol(pid: i32, name: &str) -> LibcSymbol {
         path: PathBuf::from(libc),
         file_offset,
     }
+}
+
+/// The executable mapping of libc in process `pid`.
+fn libc_text(pid: i32) -> Mapping {
+    maps(pid)
+        .into_iter()
+        .find(|m| is_libc(&m.path) && m.perms.contains('x'))
+        .unwrap_or_else(|| panic!("pid {pid} maps no executable libc"))
+}
+
+/// libc's whole executable mapping as process `pid` has it now.
+pub fn live_libc_text(pid: i32) -> Vec<u8> {
+    let text = libc_text(pid);
+    read_mem(pid, text.start, (text.end - text.start) as usize)
+}
+
+/// Panics at the first byte where `live` (libc's code in `pid`) differs from `want`.
+pub fn assert_same_code(pid: i32, live: &[u8], want: &[u8], against: &str, when: &str) {
+    let start = libc_text(pid).start;
+    assert_eq!(live.len(), want.len(), "{when}: libc's code changed size");
+    if let Some(i) = live.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{when}: libc's code in pid {pid} differs from {against} at {:#x} (byte {i:#x} of \
+             the mapping): live {:02x?}, want {:02x?}",
+            start + i as u64,
+            &live[i..(i + 16).min(live.len())],
+            &want[i..(i + 16).min(want.len())]
+        );
+    }
+}
+
+/// libc's whole executable mapping in process `pid` reads back as the file, byte for byte.
+pub fn assert_libc_text_pristine(pid: i32, when: &str) {
+    let text = libc_text(pid);
+    let file = fs::read(&text.path).unwrap_or_else(|e| panic!("read {}: {e}", text.path));
+    let want = &file[text.offset as usize..][..(text.end - text.start) as usize];
+    let against = format!("{} (mapped from file offset {:#x})", text.path, text.offset);
+    assert_same_code(pid, &live_libc_text(pid), want, &against, when);
 }
 
 // ---------------------------------------------------------------------------------------------
