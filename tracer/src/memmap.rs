@@ -71,6 +71,11 @@ pub enum SmapsError {
     },
     #[error("smaps line {line}: {text:?}")]
     Parse { line: usize, text: String },
+    /// smaps listed no mapping at all: a live process always has some (its stack, at least),
+    /// so the memory is gone, the task having exited between its check and the read (a
+    /// process's main thread reads empty from its exit on, before it shows as a zombie).
+    #[error("smaps lists no mapping: the memory is gone (the task has exited)")]
+    NoMemory,
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
 }
@@ -128,7 +133,17 @@ pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>, SmapsError> {
 pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, SmapsError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|source| SmapsError::Read { pid, source })?;
-    parse_smaps(&text)
+    mappings_of(&text)
+}
+
+/// The mappings of smaps read from a process: none at all is no reading (see
+/// [`SmapsError::NoMemory`]), never a process whose memory is all zero.
+fn mappings_of(text: &str) -> Result<Vec<SmapsEntry>, SmapsError> {
+    let entries = parse_smaps(text)?;
+    if entries.is_empty() {
+        return Err(SmapsError::NoMemory);
+    }
+    Ok(entries)
 }
 
 /// Stack pointers of the threads of `pid` that are blocked in a system call (running
@@ -271,7 +286,7 @@ pub fn memory_map_of(
     stack_pointers: Vec<u64>,
     before: Option<&[ClassTotals]>,
 ) -> Result<Vec<ClassTotals>, SmapsError> {
-    let entries = parse_smaps(smaps)?;
+    let entries = mappings_of(smaps)?;
     let classes = classify(&entries, &Hints::from_regions(regions, stack_pointers));
     Ok(totals(&entries, &classes, before))
 }
@@ -298,7 +313,7 @@ impl StackMemory {
     /// From smaps and pagemap read at a process's exit stop (see [`present_at_exit`]); the
     /// thread stack pointers are gone by then.
     pub fn at_exit(smaps: &str, present: &Present, regions: &Regions) -> Result<StackMemory, SmapsError> {
-        let entries = parse_smaps(smaps)?;
+        let entries = mappings_of(smaps)?;
         let classes = classify(&entries, &Hints::from_regions(regions, Vec::new()));
         Ok(StackMemory::of(&entries, &classes, regions, present))
     }
@@ -418,6 +433,22 @@ VmFlags: rd wr mr mw me gd ac
         let map = memory_map_of(twice, &Regions::default(), vec![], Some(&map)).unwrap();
         let anon = map.iter().find(|c| c.class == "anon-other").unwrap();
         assert_eq!((anon.reserved_bytes, anon.rss_bytes), (u64::MAX, 8192));
+    }
+
+    /// Regression (mmap_e2e flaked: every class of a launched node's map read 0): smaps of a
+    /// task that has exited reads empty, and that became a map of zeros which replaced the one
+    /// read at the exit stop. No mapping at all is no reading.
+    #[test]
+    fn smaps_without_mappings_is_no_reading() {
+        let before = memory_map_of(SAMPLE, &Regions::default(), vec![], None).unwrap();
+        assert!(matches!(
+            memory_map_of("", &Regions::default(), vec![], Some(&before)),
+            Err(SmapsError::NoMemory)
+        ));
+        assert!(matches!(
+            StackMemory::at_exit("", &Present::default(), &Regions::default()),
+            Err(SmapsError::NoMemory)
+        ));
     }
 
     #[test]

@@ -109,8 +109,7 @@ pub struct Recording {
     /// The in-process sampler, while its entries are patched into the target (see `inject`).
     sampler: Option<Injected>,
     regions: Regions,
-    memory_start: Option<Vec<ClassTotals>>,
-    memory_last: Option<Vec<ClassTotals>>,
+    memory: MemoryView,
     history: History,
     sampling: Option<report::Sampling>,
     launched: Option<Launched>,
@@ -273,8 +272,7 @@ impl Recording {
         if let Some(brk) = target::start_brk(task) {
             regions.set_initial_break(brk);
         }
-        let memory_start = memmap::memory_map(task, &regions, None).ok();
-        let memory_last = memory_start.clone();
+        let memory = MemoryView::new(memmap::memory_map(task, &regions, None).ok());
         let sampling = opts.limits.sample_bytes.map(|sample_bytes| report::Sampling { sample_bytes });
         if let Some(l) = &launched {
             l.release();
@@ -290,8 +288,7 @@ impl Recording {
             probes: Some(probes),
             sampler,
             regions,
-            memory_start,
-            memory_last,
+            memory,
             history: History::default(),
             sampling,
             launched,
@@ -327,7 +324,7 @@ impl Recording {
     /// The memory map by owner class as last read (at most a second old; at a
     /// launched command's exit, its very end), with changes since the start.
     pub fn memory_map(&self) -> Option<&[ClassTotals]> {
-        self.memory_last.as_deref()
+        self.memory.last()
     }
 
     /// Whether JavaScript frames are named from V8's memory: (functions named, functions left
@@ -377,16 +374,9 @@ impl Recording {
                         }
                         self.at_exit = Some((smaps.clone(), present));
                         // The last view of the process, at its very end.
-                        if !smaps.is_empty() {
-                            if let Ok(m) = memmap::memory_map_of(
-                                &smaps,
-                                &self.regions,
-                                Vec::new(),
-                                self.memory_start.as_deref(),
-                            ) {
-                                self.memory_last = Some(m);
-                            }
-                        }
+                        let reading =
+                            memmap::memory_map_of(&smaps, &self.regions, Vec::new(), self.memory.start());
+                        self.memory.at_exit(reading);
                     }
                     LaunchEvent::Exited(code) => {
                         self.exit_code = Some(code);
@@ -451,8 +441,8 @@ impl Recording {
             warm(&mut self.symbolizer, &self.maps, self.in_other_mount_ns);
         }
         // Kept fresh in case the process exits: its smaps go with it.
-        if let Ok(m) = memmap::memory_map(pid, &self.regions, self.memory_start.as_deref()) {
-            self.memory_last = Some(m);
+        if !self.memory.is_final() {
+            self.memory.refreshed(memmap::memory_map(pid, &self.regions, self.memory.start()));
         }
     }
 
@@ -502,9 +492,16 @@ impl Recording {
             if let Ok(m) = ProcMaps::read(pid) {
                 self.maps.update(m);
             }
-            if let Ok(m) = memmap::memory_map(pid, &self.regions, self.memory_start.as_deref()) {
-                self.memory_last = Some(m);
+            if !self.memory.is_final() {
+                self.memory.refreshed(memmap::memory_map(pid, &self.regions, self.memory.start()));
             }
+        } else if self.launched.is_some() && !self.memory.is_final() {
+            // Its memory could not be read at its exit stop: the map is the last good reading.
+            diag::warn(format_args!(
+                "memory map: {} could not be read at its exit stop; the map shown was read {:.1} s before its exit was seen",
+                self.info.command,
+                self.memory.age(ended_at).as_secs_f64()
+            ));
         }
         // What the mmap/brk stacks hold in RAM: now, or at the launched command's exit stop.
         let held = match &self.at_exit {
@@ -601,6 +598,66 @@ fn warm(symbolizer: &mut Symbolizer, maps: &ProcMaps, in_other_mount_ns: bool) {
             if let (Some(path), true) = (&m.path, m.perms.contains('x')) {
                 let _ = symbolizer.function(path, m.offset);
             }
+        }
+    }
+}
+
+/// The memory map by owner class: as read when the probes went on, and the last good
+/// reading since. A reading that failed (the process gone, its smaps empty) leaves the last
+/// one in place: the report shows that one rather than zeros. A launched command's reading at
+/// its exit stop is its very end: nothing read after it (a process going away) replaces it.
+struct MemoryView {
+    start: Option<Vec<ClassTotals>>,
+    last: Option<Vec<ClassTotals>>,
+    /// When `last` was read.
+    read_at: Instant,
+    /// `last` was read at the exit stop.
+    at_exit: bool,
+}
+
+impl MemoryView {
+    fn new(start: Option<Vec<ClassTotals>>) -> MemoryView {
+        MemoryView {
+            last: start.clone(),
+            start,
+            read_at: Instant::now(),
+            at_exit: false,
+        }
+    }
+
+    /// The first view, which changes are measured against.
+    fn start(&self) -> Option<&[ClassTotals]> {
+        self.start.as_deref()
+    }
+
+    fn last(&self) -> Option<&[ClassTotals]> {
+        self.last.as_deref()
+    }
+
+    /// Whether the map is the one read at the exit stop.
+    fn is_final(&self) -> bool {
+        self.at_exit
+    }
+
+    /// How long before `then` the map shown was read.
+    fn age(&self, then: Instant) -> Duration {
+        then.saturating_duration_since(self.read_at)
+    }
+
+    /// A reading taken while the process runs.
+    fn refreshed(&mut self, reading: Result<Vec<ClassTotals>, memmap::SmapsError>) {
+        if let (Ok(map), false) = (reading, self.at_exit) {
+            self.last = Some(map);
+            self.read_at = Instant::now();
+        }
+    }
+
+    /// The reading taken at a launched command's exit stop.
+    fn at_exit(&mut self, reading: Result<Vec<ClassTotals>, memmap::SmapsError>) {
+        if let Ok(map) = reading {
+            self.last = Some(map);
+            self.read_at = Instant::now();
+            self.at_exit = true;
         }
     }
 }
@@ -877,5 +934,45 @@ fn v8_walker(task: u32, maps: &ProcMaps) -> Option<(crate::probe::ebpf::V8Walker
             diag::warn(format_args!("JavaScript frames stay unnamed: {why}"));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(rss: u64) -> Vec<ClassTotals> {
+        vec![ClassTotals { class: "malloc".into(), mappings: 1, reserved_bytes: rss, rss_bytes: rss, rss_delta_bytes: 0 }]
+    }
+
+    fn gone() -> Result<Vec<ClassTotals>, memmap::SmapsError> {
+        Err(memmap::SmapsError::NoMemory)
+    }
+
+    /// Regression (mmap_e2e flaked): the once-a-second refresh came after the exit stop's
+    /// reading and before the exit status, read the exited main thread's empty smaps, and the
+    /// report showed every class at 0.
+    #[test]
+    fn nothing_read_after_the_exit_stop_replaces_its_map() {
+        let mut view = MemoryView::new(Some(map(1)));
+        view.refreshed(Ok(map(2)));
+        view.at_exit(Ok(map(3)));
+        assert!(view.is_final());
+        view.refreshed(gone());
+        view.refreshed(Ok(map(0)));
+        assert_eq!(view.last(), Some(&map(3)[..]));
+        assert_eq!(view.start(), Some(&map(1)[..]));
+    }
+
+    /// A reading that fails, at the exit stop or before, leaves the last good one in place.
+    #[test]
+    fn a_failed_reading_keeps_the_last_good_one() {
+        let mut view = MemoryView::new(Some(map(1)));
+        view.refreshed(Ok(map(2)));
+        view.refreshed(gone());
+        assert_eq!(view.last(), Some(&map(2)[..]));
+        view.at_exit(gone());
+        assert!(!view.is_final());
+        assert_eq!(view.last(), Some(&map(2)[..]));
     }
 }
