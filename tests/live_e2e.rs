@@ -174,16 +174,7 @@ fn a_node_service_under_load_is_attached_fifty_times_and_answers_unchanged() {
         );
     }
 
-    let code_after = code_snapshot(pid);
-    let changed = code_before.differences(&code_after);
-    assert!(
-        changed.is_empty(),
-        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
-         first attach:\n{}",
-        code_before.bytes(),
-        code_before.mappings.len(),
-        changed.join("\n")
-    );
+    code_before.reads_back_in(pid);
     assert!(
         support::tracer_pids(pid).iter().all(|(_, t)| t == "0"),
         "no thread of the service may stay traced: {:?}",

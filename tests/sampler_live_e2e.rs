@@ -53,15 +53,7 @@ fn check_traffic(traffic: &LoadReport, when: &str) {
 /// untraced.
 fn check_left_as_found(service: Service, code_before: &support::live::CodeSnapshot) {
     let pid = service.pid() as i32;
-    let changed = code_before.differences(&code_snapshot(pid));
-    assert!(
-        changed.is_empty(),
-        "the service's code pages ({} bytes in {} mappings) must read back exactly as before the \
-         first attach:\n{}",
-        code_before.bytes(),
-        code_before.mappings.len(),
-        changed.join("\n")
-    );
+    code_before.reads_back_in(pid);
     assert!(
         support::tracer_pids(pid).iter().all(|(_, t)| t == "0"),
         "no thread of the service may stay traced: {:?}",
@@ -307,4 +299,46 @@ fn without_bpf_the_sampler_ring_serves_twenty_attaches_and_outlives_a_killed_tra
     );
     check_traffic(&traffic, "through attaches without BPF and a killed tracer");
     check_left_as_found(service, &code_before);
+}
+
+/// The check the tests above end with sees a GOT slot changed: a bound `.got.plt` slot of a
+/// sleeping process (not the service) rewritten through /proc/PID/mem is reported, and one
+/// written back is not.
+#[test]
+fn the_left_as_found_check_sees_a_rebound_got_slot() {
+    use std::os::unix::fs::FileExt as _;
+    setup();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    let sleeper = Proc::spawn("sleep 60", &mut cmd);
+    let pid = sleeper.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = code_snapshot(pid);
+    let (got, i, value) = before
+        .gots
+        .iter()
+        .find_map(|g| {
+            // The last bound one: the first three are the loader's, at the end of RELRO.
+            let i = g.slots.iter().rposition(|&v| !g.stubs.iter().any(|&(s, e)| (s..e).contains(&v)))?;
+            (i >= 3).then_some(())?;
+            Some((g, i, g.slots[i]))
+        })
+        .unwrap_or_else(|| panic!("sleep has no bound writable GOT slot: {:?}", before.gots));
+    let at = got.addr + 8 * i as u64;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open the sleeper's memory");
+    mem.write_all_at(&(value ^ 0x10).to_le_bytes(), at).expect("rewrite a GOT slot");
+    let seen = before.differences(&code_snapshot(pid));
+    mem.write_all_at(&value.to_le_bytes(), at).expect("put the GOT slot back");
+    assert!(
+        seen.len() == 1 && seen[0].contains(".got.plt slot") && seen[0].contains(&format!("{at:#x}")),
+        "a rebound slot of {} at {at:#x} should be the one difference, found {seen:?}",
+        got.path
+    );
+    let after = before.differences(&code_snapshot(pid));
+    assert!(after.is_empty(), "with the slot put back nothing should differ: {after:?}");
+    before.reads_back_in(pid);
 }

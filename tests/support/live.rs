@@ -21,12 +21,35 @@ use super::{EXIT_TIMEOUT, RECORDING_TIMEOUT, bpf_programs, tracer_bin};
 // ---------------------------------------------------------------------------------------------
 // Code pages
 
-/// The executable file mappings of a process (its program's text, libc's, every shared
-/// object's), read through /proc/PID/mem and kept as one hash per 4 KiB page.
+/// The executable and read-only file mappings of a process (its program's text, libc's,
+/// every shared object's, and their read-only data, which holds the GOT where the loader made
+/// it read-only: all of it under full RELRO, as node is built here, the `.got` part under
+/// partial RELRO, as glibc is), read through /proc/PID/mem and kept as one hash per 4 KiB
+/// page; and the slots of each module's writable `.got.plt` (partial RELRO, bound lazily), one
+/// by one, so that a slot already bound must read back the same while one still pointing at
+/// its lazy-binding stub in `.plt` may be bound meanwhile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeSnapshot {
     /// (path, start, end, page hashes), sorted by start.
     pub mappings: Vec<(String, u64, u64, Vec<u64>)>,
+    /// Writable GOTs, one per module that has one.
+    pub gots: Vec<WritableGot>,
+}
+
+/// A module's `.got.plt` in a writable mapping: where it is, and its slots as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WritableGot {
+    pub path: String,
+    pub addr: u64,
+    /// The module's `.plt` (and `.plt.sec`) at run time: a slot pointing there is not bound yet.
+    pub stubs: Vec<(u64, u64)>,
+    pub slots: Vec<u64>,
+}
+
+impl WritableGot {
+    fn unbound(&self, value: u64) -> bool {
+        self.stubs.iter().any(|&(s, e)| (s..e).contains(&value))
+    }
 }
 
 impl CodeSnapshot {
@@ -70,11 +93,57 @@ impl CodeSnapshot {
                 }
             }
         }
+        let later_gots: HashMap<(u64, &str), &WritableGot> =
+            later.gots.iter().map(|g| ((g.addr, g.path.as_str()), g)).collect();
+        for got in &self.gots {
+            let Some(after) = later_gots.get(&(got.addr, got.path.as_str())) else {
+                out.push(format!("{}: its .got.plt at {:#x} is no longer there", got.path, got.addr));
+                continue;
+            };
+            for (i, (&a, &b)) in got.slots.iter().zip(after.slots.iter()).enumerate() {
+                if a != b && !got.unbound(a) {
+                    out.push(format!(
+                        "{}: .got.plt slot {i} at {:#x} was bound to {a:#x}, now reads {b:#x}",
+                        got.path,
+                        got.addr + 8 * i as u64
+                    ));
+                }
+            }
+        }
         out
+    }
+
+    /// Panics unless `pid`'s code, read-only data and bound GOT slots read back as in this
+    /// snapshot, which must have found at least one bound writable GOT slot (libc's), so that
+    /// the GOT part cannot pass by finding nothing to compare.
+    pub fn reads_back_in(&self, pid: i32) {
+        let (slots, bound) = self.got_slots();
+        assert!(
+            bound > 0,
+            "no bound .got.plt slot found in {pid} ({} writable GOTs, {slots} slots): the GOT check \
+             would compare nothing",
+            self.gots.len()
+        );
+        let changed = self.differences(&code_snapshot(pid));
+        assert!(
+            changed.is_empty(),
+            "the service's code and read-only data ({} bytes in {} mappings) and its {bound} bound \
+             writable GOT slots must read back exactly as before the first attach:\n{}",
+            self.bytes(),
+            self.mappings.len(),
+            changed.join("\n")
+        );
+    }
+
+    /// Writable GOT slots, and how many of them were bound before.
+    pub fn got_slots(&self) -> (usize, usize) {
+        let all = self.gots.iter().map(|g| g.slots.len()).sum();
+        let bound = self.gots.iter().flat_map(|g| g.slots.iter().map(move |&v| !g.unbound(v))).filter(|&b| b).count();
+        (all, bound)
     }
 }
 
-/// Reads every r-xp file mapping of `pid` (path starting with '/').
+/// Reads every r-xp and r--p file mapping of `pid` (path starting with '/').
 pub fn code_snapshot(pid: i32) -> CodeSnapshot {
     let maps_path = format!("/proc/{pid}/maps");
     let maps =
@@ -85,7 +154,7 @@ pub fn code_snapshot(pid: i32) -> CodeSnapshot {
     let mut buf = vec![0u8; 4096];
     for line in maps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 6 || fields[1] != "r-xp" || !fields[5].starts_with('/') {
+        if fields.len() < 6 || !matches!(fields[1], "r-xp" | "r--p") || !fields[5].starts_with('/') {
             continue;
         }
         let (s, e) = fields[0].split_once('-').expect("start-end");
@@ -107,7 +176,65 @@ pub fn code_snapshot(pid: i32) -> CodeSnapshot {
         !mappings.is_empty(),
         "process {pid} has no executable file mappings"
     );
-    CodeSnapshot { mappings }
+    let gots = writable_gots(pid, &maps, &mem);
+    CodeSnapshot { mappings, gots }
+}
+
+/// The `.got.plt` of every module mapped by `pid` whose GOT lies in a writable mapping, read
+/// through `mem`. A module's load bias is its offset-0 mapping's start less its first
+/// PT_LOAD's page-aligned address.
+fn writable_gots(pid: i32, maps: &str, mem: &std::fs::File) -> Vec<WritableGot> {
+    use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+    // (start, end, perms, offset, path) of each file mapping.
+    let lines: Vec<(u64, u64, &str, u64, &str)> = maps
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 || !f[5].starts_with('/') || f.len() > 6 {
+                return None;
+            }
+            let (s, e) = f[0].split_once('-')?;
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+                f[1],
+                u64::from_str_radix(f[2], 16).ok()?,
+                f[5],
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for &(start, _, _, offset, path) in &lines {
+        if offset != 0 || !seen.insert(path) {
+            continue;
+        }
+        let Ok(data) = std::fs::read(format!("/proc/{pid}/root{path}")) else { continue };
+        let Ok(file) = object::File::parse(&*data) else { continue };
+        let Some(first) = file.segments().map(|s| s.address()).min() else { continue };
+        let bias = start.wrapping_sub(first & !0xfff);
+        let Some(got) = file.section_by_name(".got.plt") else { continue };
+        let addr = got.address().wrapping_add(bias);
+        // Its first slots may end the RELRO part (read-only, compared with the pages above).
+        let last = addr + got.size().saturating_sub(8);
+        let writable = lines
+            .iter()
+            .any(|&(s, e, perms, _, p)| p == path && perms.starts_with("rw") && s <= last && last < e);
+        if !writable {
+            continue;
+        }
+        let stubs = [".plt", ".plt.sec"]
+            .iter()
+            .filter_map(|n| file.section_by_name(n))
+            .map(|s| (s.address().wrapping_add(bias), s.address().wrapping_add(bias) + s.size()))
+            .collect();
+        let mut raw = vec![0u8; got.size() as usize];
+        mem.read_exact_at(&mut raw, addr)
+            .unwrap_or_else(|e| panic!("read {path}'s .got.plt at {addr:#x} in {pid}: {e}"));
+        let slots = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        out.push(WritableGot { path: path.to_owned(), addr, stubs, slots });
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
