@@ -223,7 +223,17 @@ impl Recording {
             }
             (Err(e), None) => return Err(e.context(format!("attach to pid {pid} ({})", info.command))),
         };
-        let sampler = sampler.map(|(injected, _)| injected);
+        // Sampling starts once both sites have their probes (see `Injected::install_idle`).
+        let sampler = match sampler.map(|(injected, _)| injected) {
+            Some(injected) => match injected.start() {
+                Ok(()) => Some(injected),
+                Err(e) => {
+                    remove_sampler(injected);
+                    bail!("{e}: the in-process sampler could not be started in pid {pid}");
+                }
+            },
+            None => None,
+        };
         let js = v8.filter(|_| probes.name() == "ebpf").map(|(_, layout)| JsNamer::new(layout, task as i32));
         // The tables every report names frames in load on another thread while recording, not
         // when the report needs them.
@@ -469,6 +479,12 @@ impl Recording {
     pub fn finish(&mut self, min_age: Option<Duration>) -> anyhow::Result<Profile> {
         let ended_at = *self.ended_at.get_or_insert_with(Instant::now);
         // Let the target go first; the final numbers stay readable, and naming comes last.
+        // The in-process sampler's entries before the probes: its sampled calls would
+        // otherwise go on while the two sites' links close, and a block whose allocation was
+        // seen and whose free was not would count as a missed free when its address came back.
+        if let Some(injected) = self.sampler.take() {
+            remove_sampler(injected);
+        }
         if let Some(probes) = &mut self.probes {
             probes.detach();
         }
@@ -799,7 +815,7 @@ fn in_process_sampler(opts: &RecordOptions, pid: u32) -> Option<(Injected, Sampl
     if opts.backend != BackendChoice::Auto || opts.limits.sampler_sites.is_some() {
         return None;
     }
-    let injected = match Injected::install(pid as i32, mean) {
+    let injected = match Injected::install_idle(pid as i32, mean) {
         Ok(injected) => injected,
         Err(e) => {
             diag::warn(format_args!("in-process sampler not used ({e}); sampling in the kernel"));

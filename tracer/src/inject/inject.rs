@@ -23,7 +23,8 @@
 //!    written whole, with every thread stopped, so no thread ever runs half a jump. A patched
 //!    entry leads to a hook that, inert, calls the trampoline: dying between two patches
 //!    leaves a working allocator.
-//! 6. `active = 1` last, then every thread is detached. Dying after that leaves the sampler
+//! 6. `active = 1` last (for a recording, once its probes are on the sites:
+//!    [`Injected::start`]), then every thread is detached. Dying after that leaves the sampler
 //!    sampling into probe sites without probes: counting, calling the real allocator.
 //!
 //! System calls run in one stopped thread, whose registers are the call's meanwhile. They run
@@ -1161,14 +1162,33 @@ impl Injected {
     /// Maps the sampler into process `pid` (or reuses one of ours left there), redirects the
     /// allocator's entries to it and starts it sampling every `mean_bytes` bytes on average.
     pub fn install(pid: i32, mean_bytes: u64) -> Result<Injected, InjectError> {
-        Self::install_with(pid, mean_bytes, false).map(|(injected, _)| injected)
+        Self::install_with(pid, mean_bytes, false, true).map(|(injected, _)| injected)
+    }
+
+    /// [`Self::install`], with the sampler left inert (every call goes to the real allocator)
+    /// until [`Self::start`]: a recording attaches its probes to both sites first, so that no
+    /// sampled block's allocation is seen without its free (which would later be counted as
+    /// a missed free when the address comes back).
+    pub fn install_idle(pid: i32, mean_bytes: u64) -> Result<Injected, InjectError> {
+        Self::install_with(pid, mean_bytes, false, false).map(|(injected, _)| injected)
+    }
+
+    /// Starts an inert sampler sampling: one word of its control block, written while the
+    /// threads run (a hook reads it once per call, and sees 0 or 1).
+    pub fn start(&self) -> Result<(), InjectError> {
+        let step = "start the sampler";
+        let pid = self.pid;
+        let mem = Mem::open(pid).map_err(|_| InjectError::Gone { pid, step })?;
+        let addr = control_field(self.control(), offset_of!(Control, active));
+        mem.write_code(addr, &1u64.to_le_bytes())
+            .map_err(|source| InjectError::Mem { pid, step, addr, source })
     }
 
     /// [`Self::install`], with every sampled event also put in a ring shared with this process
     /// (the ptrace fallback: no probe sites needed). The ring is one left by an earlier attach
     /// that read it to the end, or a new one.
     pub fn install_ring(pid: i32, mean_bytes: u64) -> Result<(Injected, SharedRing), InjectError> {
-        let (injected, ring) = Self::install_with(pid, mean_bytes, true)?;
+        let (injected, ring) = Self::install_with(pid, mean_bytes, true, true)?;
         Ok((injected, ring.expect("asked for a ring")))
     }
 
@@ -1176,6 +1196,7 @@ impl Injected {
         pid: i32,
         mean_bytes: u64,
         want_ring: bool,
+        start: bool,
     ) -> Result<(Injected, Option<SharedRing>), InjectError> {
         let started = Instant::now();
         if want_ring {
@@ -1402,7 +1423,9 @@ impl Injected {
                 patch: bytes,
             });
         }
-        s.write_u64("start the sampler", field(offset_of!(Control, active)), 1)?;
+        if start {
+            s.write_u64("start the sampler", field(offset_of!(Control, active)), 1)?;
+        }
         let threads = s.threads.stopped.len();
         s.threads.release();
         let injected = Injected {
