@@ -562,13 +562,7 @@ fn auto_without_bpf_samples_a_running_process_through_the_sampler_ring() {
     );
     // As in sampling_e2e's detach tests: realloc_grow's 70000-byte block is sampled almost
     // surely at 4 KiB and weighs exactly itself.
-    let grown = usage_by_caller(&report, "realloc_grow");
-    assert_eq!(
-        (grown.live_bytes, grown.live_allocs),
-        (70000, 1),
-        "realloc_grow holds one block of 70000 bytes\n{}",
-        describe_stacks(&report, |s| frame_function(s, 1) == Some("realloc_grow"))
-    );
+    support::assert_realloc_grow_holds_its_block(&report);
     let dropped = &report["totals"]["dropped"];
     assert!(
         dropped.as_object().is_some_and(|d| d.values().all(|v| v.as_u64() == Some(0))),

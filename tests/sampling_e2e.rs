@@ -505,13 +505,7 @@ fn sampling_detaches_and_leaves_the_target_working(backend: &[&str], entry: u8, 
     // realloc_grow's block of 70000 bytes holds a sample point but with probability
     // exp(-70000/4096) = 4e-8, and then weighs 1/p: 70000 bytes to the byte. Its first block
     // (malloc(100)) was released by the realloc, whether or not it was sampled.
-    let grown = usage_by_caller(&report, "realloc_grow");
-    assert_eq!(
-        (grown.live_bytes, grown.live_allocs),
-        (70000, 1),
-        "realloc_grow holds one block of 70000 bytes\n{}",
-        describe_stacks(&report, |s| frame_function(s, 1) == Some("realloc_grow"))
-    );
+    support::assert_realloc_grow_holds_its_block(&report);
 
     for sym in [&malloc, &free] {
         let restored = eventually(Duration::from_secs(5), || {

@@ -781,6 +781,19 @@ pub fn describe_stacks(report: &Value, pred: impl Fn(&Value) -> bool) -> String 
     describe_list(&chosen)
 }
 
+/// The fixture's `realloc_grow` (malloc(100) grown to 70000 bytes by realloc) holds exactly
+/// one block of 70000 bytes: sampled at 4 KiB, its block is sampled almost surely and weighs
+/// exactly itself, and the first block was released by the realloc.
+pub fn assert_realloc_grow_holds_its_block(report: &Value) {
+    let grown = usage_by_caller(report, "realloc_grow");
+    assert_eq!(
+        (grown.live_bytes, grown.live_allocs),
+        (70000, 1),
+        "realloc_grow holds one block of 70000 bytes\n{}",
+        describe_stacks(report, |s| frame_function(s, 1) == Some("realloc_grow"))
+    );
+}
+
 /// The largest stacks of the report by live bytes, with the totals, for failure messages.
 pub fn describe_top(report: &Value, n: usize) -> String {
     let mut by_live: Vec<&Value> = stacks(report).iter().collect();
